@@ -1,0 +1,39 @@
+# Two commands on a fresh machine: `make demo` and `make test` (both run `make setup` first).
+PYTHON     ?= python3
+VENV       ?= .venv
+# CPU build by default (a plain `pip install torch` can pull a multi-GB CUDA build).
+# GPU machines: make setup TORCH_SPEC='torch==2.13.0' PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cu128
+TORCH_SPEC ?= torch==2.13.0
+WORK       ?= work
+BIN        := $(VENV)/bin
+STAMP      := $(VENV)/.metarec-installed
+
+.PHONY: setup demo test test-all lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	{ cat constraints.txt; echo "$(TORCH_SPEC)"; } > $(VENV)/constraints.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check -c $(VENV)/constraints.txt "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet --disable-pip-version-check -c $(VENV)/constraints.txt -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(BIN)/metarec prepare --config configs/demo.yaml --source synthetic --out $(WORK)/demo-data
+
+test: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: setup
+	$(BIN)/python benchmarks/prepare.py
+
+clean:
+	rm -rf $(VENV) $(WORK) .pytest_cache

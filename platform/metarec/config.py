@@ -1,0 +1,225 @@
+"""Typed configuration: one frozen dataclass tree, resolved once, logged whole.
+
+Resolution order: dataclass defaults, then a YAML file, then ``--set dotted.key=value``
+overrides and explicit CLI flags. Unknown keys and mistyped values fail at load, naming the
+key and the file, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+from metarec.errors import ConfigError
+
+__all__ = [
+    "SCENARIOS",
+    "SOURCES",
+    "DataConfig",
+    "MetarecConfig",
+    "SyntheticConfig",
+    "apply_overrides",
+    "load_config",
+]
+
+Scenario = Literal["user_cold", "warm", "item_cold", "user_item_cold", "temporal"]
+Source = Literal["synthetic", "ml-100k", "ml-1m", "ml-latest", "ratings"]
+SCENARIOS: tuple[str, ...] = get_args(Scenario)
+SOURCES: tuple[str, ...] = get_args(Source)
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Planted-preference generator; see ``metarec.data.synthetic``."""
+
+    n_users: int = 2000  # users to generate (before the rating-count filter)
+    n_items: int = 1000  # catalogue size
+    min_ratings_per_user: int = 15  # each user's rating count is uniform in [min, max]
+    max_ratings_per_user: int = 80
+    latent_dim: int = 8  # rank of the planted user x item preference
+    noise: float = 0.35  # std of rating noise, in stars
+    drift: float = 0.6  # how far a user's taste moves between first and last rating
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How raw ratings become meta-learning tasks (`metarec prepare`)."""
+
+    source: Source = "synthetic"
+    input: str | None = None  # local directory (MovieLens) or file (generic ratings)
+    items: str | None = None  # generic source only: optional item feature table
+    users: str | None = None  # generic source only: optional user feature table
+    download: bool = False  # fetch the MovieLens zip from GroupLens when input is missing
+    scenarios: tuple[Scenario, ...] = SCENARIOS
+    query_size: int = 10  # ratings to predict per task (MeLU and RecBole-MetaRec use 10)
+    min_ratings: int = 13  # users outside [min_ratings, max_ratings] are dropped (MeLU)
+    max_ratings: int = 100
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train/valid/test share of users
+    item_cut_year: int | None = None  # items released after this year are "new"; None: auto
+    new_item_share: float = 0.2  # auto cut: the year leaving about this share of ratings new
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass(frozen=True)
+class MetarecConfig:
+    """Everything a run needs. Later stages add their sections here."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists) for YAML, MLflow params and Ray boundaries."""
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, where: str = "config") -> MetarecConfig:
+        return _build(cls, data, where)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def validate(self) -> MetarecConfig:
+        """Check cross-field constraints that types alone cannot express."""
+        d = self.data
+        _require(d.query_size >= 1, "data.query_size", d.query_size, "an int >= 1")
+        _require(d.min_ratings > d.query_size, "data.min_ratings", d.min_ratings,
+                 f"an int > data.query_size ({d.query_size}) so every task keeps a support set")
+        _require(d.max_ratings >= d.min_ratings, "data.max_ratings", d.max_ratings,
+                 f"an int >= data.min_ratings ({d.min_ratings})")
+        _require(len(d.split) == 3 and all(s >= 0 for s in d.split)
+                 and abs(sum(d.split) - 1) < 1e-6 and d.split[0] > 0,
+                 "data.split", list(d.split), "three non-negative shares summing to 1, train > 0")
+        _require(0 < d.new_item_share < 1, "data.new_item_share", d.new_item_share,
+                 "a float in (0, 1)")
+        _require(len(d.scenarios) > 0, "data.scenarios", list(d.scenarios),
+                 f"a non-empty subset of {list(SCENARIOS)}")
+        s = d.synthetic
+        _require(s.n_users >= 10, "data.synthetic.n_users", s.n_users, "an int >= 10")
+        _require(s.n_items >= 20, "data.synthetic.n_items", s.n_items, "an int >= 20")
+        _require(1 <= s.min_ratings_per_user <= s.max_ratings_per_user <= s.n_items,
+                 "data.synthetic.min/max_ratings_per_user",
+                 [s.min_ratings_per_user, s.max_ratings_per_user],
+                 f"1 <= min <= max <= n_items ({s.n_items})")
+        _require(s.latent_dim >= 1, "data.synthetic.latent_dim", s.latent_dim, "an int >= 1")
+        _require(s.noise >= 0, "data.synthetic.noise", s.noise, "a float >= 0")
+        return self
+
+
+def load_config(path: str | Path | None = None, *, overrides: list[str] | None = None,
+                **flags: Any) -> MetarecConfig:
+    """Defaults <- YAML file <- ``--set`` overrides <- explicit flags (dotted keys, None = unset)."""
+    data: dict[str, Any] = {}
+    where = "config"
+    if path is not None:
+        where = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from e
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: got a {type(data).__name__}; expected a mapping of sections")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. data.query_size=5")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    for key, value in flags.items():
+        if value is not None:
+            _set_dotted(data, key, value)
+    return MetarecConfig.from_dict(data, where=where).validate()
+
+
+def apply_overrides(cfg: MetarecConfig, **dotted: Any) -> MetarecConfig:
+    """Return a copy of ``cfg`` with dotted keys replaced (Tune and tests use this)."""
+    data = cfg.to_dict()
+    for key, value in dotted.items():
+        _set_dotted(data, key.replace("__", "."), value)
+    return MetarecConfig.from_dict(data).validate()
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {part!r} is a value, not a section")
+    node[parts[-1]] = value
+
+
+def _require(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: got {value!r}; expected {expected}")
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _build(cls: type, data: Any, where: str, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: got {data!r}; expected a mapping ({where})")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown config key; expected one of {sorted(names)} ({where})")
+    kwargs = {k: _coerce(hints[k], v, f"{prefix}{k}", where) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, name: str, where: str) -> Any:
+    """Check ``value`` against a type hint; the only implicit conversions are int->float and
+    list->tuple, the ones YAML and JSON force on us."""
+    origin = get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where, prefix=f"{name}.")
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, name, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in get_args(hint):
+            raise ConfigError(
+                f"{name}: got {value!r}; expected one of {list(get_args(hint))} ({where})")
+        return value
+    if origin is tuple:
+        args = get_args(hint)
+        if isinstance(value, str) and args[-1] is Ellipsis:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{name}: got {value!r}; expected a list ({where})")
+        if args[-1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{name}[{i}]", where) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{name}: got {list(value)!r}; expected {len(args)} values ({where})")
+        return tuple(_coerce(a, v, f"{name}[{i}]", where) for i, (a, v) in
+                     enumerate(zip(args, value, strict=True)))
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    expected = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{name}: got {value!r}; expected {expected} ({where})")
