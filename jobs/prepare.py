@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # no install needed
 
-from metarec.cli import main  # noqa: E402
+from metarec.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["prepare", *sys.argv[1:]]))

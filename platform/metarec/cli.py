@@ -20,35 +20,60 @@ __all__ = ["main"]
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="YAML", help="experiment config (configs/*.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set data.query_size=5 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set data.query_size=5 (repeatable)",
+    )
     p.add_argument("--seed", type=int, help="random seed (config: seed)")
 
 
 def _prepare_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "prepare", help="raw ratings -> prepared task dataset",
+        "prepare",
+        help="raw ratings -> prepared task dataset",
         description="Read raw ratings (MovieLens, a generic CSV/Parquet, or the built-in "
-                    "synthetic generator), validate them, build per-user tasks for every "
-                    "scenario, and write a prepared dataset directory atomically.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "synthetic generator), validate them, build per-user tasks for every "
+        "scenario, and write a prepared dataset directory atomically.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--source", choices=SOURCES, help="where ratings come from (data.source)")
-    p.add_argument("--input", metavar="PATH",
-                   help="MovieLens: unpacked directory; ratings: CSV/TSV/Parquet file")
-    p.add_argument("--download", action="store_true", default=None,
-                   help="download the MovieLens zip from GroupLens if --input is missing")
-    p.add_argument("--item-features", metavar="PATH",
-                   help="ratings source: item table (item[,title,genres,year])")
-    p.add_argument("--user-features", metavar="PATH",
-                   help="ratings source: user table (user[,age,gender,occupation,zip])")
+    p.add_argument(
+        "--input",
+        metavar="PATH",
+        help="MovieLens: unpacked directory; ratings: CSV/TSV/Parquet file",
+    )
+    p.add_argument(
+        "--download",
+        action="store_true",
+        default=None,
+        help="download the MovieLens zip from GroupLens if --input is missing",
+    )
+    p.add_argument(
+        "--item-features",
+        metavar="PATH",
+        help="ratings source: item table (item[,title,genres,year])",
+    )
+    p.add_argument(
+        "--user-features",
+        metavar="PATH",
+        help="ratings source: user table (user[,age,gender,occupation,zip])",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="prepared dataset directory")
-    p.add_argument("--scenarios", metavar="LIST",
-                   help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)")
+    p.add_argument(
+        "--scenarios",
+        metavar="LIST",
+        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)",
+    )
     p.add_argument("--query-size", type=int, help="query ratings per task (default 10)")
     p.add_argument("--min-ratings", type=int, help="drop users with fewer ratings (default 13)")
     p.add_argument("--max-ratings", type=int, help="drop users with more ratings (default 100)")
-    p.add_argument("--item-cut-year", type=int,
-                   help="items released after this year are new (default: auto)")
+    p.add_argument(
+        "--item-cut-year", type=int, help="items released after this year are new (default: auto)"
+    )
     p.add_argument("--users", type=int, help="synthetic: number of users")
     p.add_argument("--items", type=int, help="synthetic: number of items")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -60,14 +85,25 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from metarec.data.prepare import prepare
     from metarec.data.prepared import summarize
 
-    cfg = load_config(args.config, overrides=args.overrides, **{
-        "seed": args.seed, "data.source": args.source, "data.input": args.input,
-        "data.download": args.download, "data.items": args.item_features,
-        "data.users": args.user_features, "data.scenarios": args.scenarios,
-        "data.query_size": args.query_size, "data.min_ratings": args.min_ratings,
-        "data.max_ratings": args.max_ratings, "data.item_cut_year": args.item_cut_year,
-        "data.synthetic.n_users": args.users, "data.synthetic.n_items": args.items,
-    })
+    cfg = load_config(
+        args.config,
+        overrides=args.overrides,
+        **{
+            "seed": args.seed,
+            "data.source": args.source,
+            "data.input": args.input,
+            "data.download": args.download,
+            "data.items": args.item_features,
+            "data.users": args.user_features,
+            "data.scenarios": args.scenarios,
+            "data.query_size": args.query_size,
+            "data.min_ratings": args.min_ratings,
+            "data.max_ratings": args.max_ratings,
+            "data.item_cut_year": args.item_cut_year,
+            "data.synthetic.n_users": args.users,
+            "data.synthetic.n_items": args.items,
+        },
+    )
     ds = prepare(cfg, args.out, progress=not args.no_progress)
     print(summarize(ds.manifest))
     print(f"wrote {ds.root}")
@@ -75,8 +111,11 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _info_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="print a prepared dataset's manifest summary",
-                       description="Print the manifest summary of a prepared dataset directory.")
+    p = sub.add_parser(
+        "info",
+        help="print a prepared dataset's manifest summary",
+        description="Print the manifest summary of a prepared dataset directory.",
+    )
     p.add_argument("--data", required=True, metavar="DIR", help="prepared dataset directory")
     p.set_defaults(func=_cmd_info)
 
@@ -90,7 +129,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="metarec", description="Meta-learned personalization on Ray: users as tasks.")
+        prog="metarec", description="Meta-learned personalization on Ray: users as tasks."
+    )
     parser.add_argument("--version", action="version", version=f"metarec {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -101,8 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         return args.func(args)
     except MetarecError as e:

@@ -44,7 +44,7 @@ class SyntheticConfig:
     max_ratings_per_user: int = 80
     latent_dim: int = 8  # rank of the planted user x item preference
     noise: float = 0.35  # std of rating noise, in stars
-    drift: float = 0.6  # how far a user's taste moves between first and last rating
+    drift: float = 1.0  # how far a user's taste moves between first and last rating
 
 
 @dataclass(frozen=True)
@@ -88,32 +88,54 @@ class MetarecConfig:
         """Check cross-field constraints that types alone cannot express."""
         d = self.data
         _require(d.query_size >= 1, "data.query_size", d.query_size, "an int >= 1")
-        _require(d.min_ratings > d.query_size, "data.min_ratings", d.min_ratings,
-                 f"an int > data.query_size ({d.query_size}) so every task keeps a support set")
-        _require(d.max_ratings >= d.min_ratings, "data.max_ratings", d.max_ratings,
-                 f"an int >= data.min_ratings ({d.min_ratings})")
-        _require(len(d.split) == 3 and all(s >= 0 for s in d.split)
-                 and abs(sum(d.split) - 1) < 1e-6 and d.split[0] > 0,
-                 "data.split", list(d.split), "three non-negative shares summing to 1, train > 0")
-        _require(0 < d.new_item_share < 1, "data.new_item_share", d.new_item_share,
-                 "a float in (0, 1)")
-        _require(len(d.scenarios) > 0, "data.scenarios", list(d.scenarios),
-                 f"a non-empty subset of {list(SCENARIOS)}")
+        _require(
+            d.min_ratings > d.query_size,
+            "data.min_ratings",
+            d.min_ratings,
+            f"an int > data.query_size ({d.query_size}) so every task keeps a support set",
+        )
+        _require(
+            d.max_ratings >= d.min_ratings,
+            "data.max_ratings",
+            d.max_ratings,
+            f"an int >= data.min_ratings ({d.min_ratings})",
+        )
+        _require(
+            len(d.split) == 3
+            and all(s >= 0 for s in d.split)
+            and abs(sum(d.split) - 1) < 1e-6
+            and d.split[0] > 0,
+            "data.split",
+            list(d.split),
+            "three non-negative shares summing to 1, train > 0",
+        )
+        _require(
+            0 < d.new_item_share < 1, "data.new_item_share", d.new_item_share, "a float in (0, 1)"
+        )
+        _require(
+            len(d.scenarios) > 0,
+            "data.scenarios",
+            list(d.scenarios),
+            f"a non-empty subset of {list(SCENARIOS)}",
+        )
         s = d.synthetic
         _require(s.n_users >= 10, "data.synthetic.n_users", s.n_users, "an int >= 10")
         _require(s.n_items >= 20, "data.synthetic.n_items", s.n_items, "an int >= 20")
-        _require(1 <= s.min_ratings_per_user <= s.max_ratings_per_user <= s.n_items,
-                 "data.synthetic.min/max_ratings_per_user",
-                 [s.min_ratings_per_user, s.max_ratings_per_user],
-                 f"1 <= min <= max <= n_items ({s.n_items})")
+        _require(
+            1 <= s.min_ratings_per_user <= s.max_ratings_per_user <= s.n_items,
+            "data.synthetic.min/max_ratings_per_user",
+            [s.min_ratings_per_user, s.max_ratings_per_user],
+            f"1 <= min <= max <= n_items ({s.n_items})",
+        )
         _require(s.latent_dim >= 1, "data.synthetic.latent_dim", s.latent_dim, "an int >= 1")
         _require(s.noise >= 0, "data.synthetic.noise", s.noise, "a float >= 0")
         return self
 
 
-def load_config(path: str | Path | None = None, *, overrides: list[str] | None = None,
-                **flags: Any) -> MetarecConfig:
-    """Defaults <- YAML file <- ``--set`` overrides <- explicit flags (dotted keys, None = unset)."""
+def load_config(
+    path: str | Path | None = None, *, overrides: list[str] | None = None, **flags: Any
+) -> MetarecConfig:
+    """Defaults <- YAML <- ``--set`` overrides <- explicit flags (dotted keys; None = unset)."""
     data: dict[str, Any] = {}
     where = "config"
     if path is not None:
@@ -127,7 +149,9 @@ def load_config(path: str | Path | None = None, *, overrides: list[str] | None =
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from e
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: got a {type(data).__name__}; expected a mapping of sections")
+            raise ConfigError(
+                f"{path}: got a {type(data).__name__}; expected a mapping of sections"
+            )
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -178,7 +202,8 @@ def _build(cls: type, data: Any, where: str, prefix: str = "") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(
-            f"{prefix}{unknown[0]}: unknown config key; expected one of {sorted(names)} ({where})")
+            f"{prefix}{unknown[0]}: unknown config key; expected one of {sorted(names)} ({where})"
+        )
     kwargs = {k: _coerce(hints[k], v, f"{prefix}{k}", where) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -203,7 +228,8 @@ def _coerce(hint: Any, value: Any, name: str, where: str) -> Any:
     if origin is Literal:
         if value not in get_args(hint):
             raise ConfigError(
-                f"{name}: got {value!r}; expected one of {list(get_args(hint))} ({where})")
+                f"{name}: got {value!r}; expected one of {list(get_args(hint))} ({where})"
+            )
         return value
     if origin is tuple:
         args = get_args(hint)
@@ -215,8 +241,10 @@ def _coerce(hint: Any, value: Any, name: str, where: str) -> Any:
             return tuple(_coerce(args[0], v, f"{name}[{i}]", where) for i, v in enumerate(value))
         if len(value) != len(args):
             raise ConfigError(f"{name}: got {list(value)!r}; expected {len(args)} values ({where})")
-        return tuple(_coerce(a, v, f"{name}[{i}]", where) for i, (a, v) in
-                     enumerate(zip(args, value, strict=True)))
+        return tuple(
+            _coerce(a, v, f"{name}[{i}]", where)
+            for i, (a, v) in enumerate(zip(args, value, strict=True))
+        )
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if hint in (int, str, bool) and type(value) is hint:

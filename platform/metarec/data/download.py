@@ -45,8 +45,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("METAREC_CACHE", Path.home() / ".cache" / "metarec"))
 
 
-def resolve_movielens_dir(source: str, input_dir: str | None, *, download: bool,
-                          cache_dir: Path | None = None) -> Path:
+def resolve_movielens_dir(
+    source: str, input_dir: str | None, *, download: bool, cache_dir: Path | None = None
+) -> Path:
     """Return a directory holding the ``source`` files: ``input_dir``, the cache, or a download."""
     archive = ARCHIVES[source]
     if input_dir is not None:
@@ -56,15 +57,19 @@ def resolve_movielens_dir(source: str, input_dir: str | None, *, download: bool,
         if (path / archive.folder / archive.marker).is_file():
             return path / archive.folder
         if not download:
-            raise DataError(f"--input {path}: no {archive.marker} found there; expected an "
-                            f"unpacked {archive.zip_name}. Pass --download to fetch it.")
+            raise DataError(
+                f"--input {path}: no {archive.marker} found there; expected an "
+                f"unpacked {archive.zip_name}. Pass --download to fetch it."
+            )
     cache = cache_dir or default_cache_dir()
     cached = cache / archive.folder
     if (cached / archive.marker).is_file():
         return cached
     if not download:
-        raise DataError(f"{source}: no local copy (give --input DIR, or --download to fetch "
-                        f"{archive.zip_name} from GroupLens into {cache})")
+        raise DataError(
+            f"{source}: no local copy (give --input DIR, or --download to fetch "
+            f"{archive.zip_name} from GroupLens into {cache})"
+        )
     return fetch_movielens(source, cache)
 
 
@@ -81,8 +86,10 @@ def fetch_movielens(source: str, cache: Path) -> Path:
         expected = archive.md5 or _get_text(f"{url}.md5").split()[0]
         actual = _md5(zip_path)
         if actual != expected.lower():
-            raise DataError(f"{url}: MD5 {actual} does not match the published {expected}; the "
-                            "download is corrupt or the mirror changed. Nothing was unpacked.")
+            raise DataError(
+                f"{url}: MD5 {actual} does not match the published {expected}; the "
+                "download is corrupt or the mirror changed. Nothing was unpacked."
+            )
         try:
             with zipfile.ZipFile(zip_path) as zf:
                 zf.extractall(tmp)
@@ -103,8 +110,10 @@ def _get(url: str, dest: Path) -> None:
         with urllib.request.urlopen(url, timeout=60) as resp, open(dest, "wb") as f:
             shutil.copyfileobj(resp, f)
     except (urllib.error.URLError, OSError) as e:
-        raise DataError(f"{url}: download failed ({getattr(e, 'reason', e)}). Are you offline? "
-                        "Download the zip by hand, unpack it and pass --input DIR.") from e
+        raise DataError(
+            f"{url}: download failed ({getattr(e, 'reason', e)}). Are you offline? "
+            "Download the zip by hand, unpack it and pass --input DIR."
+        ) from e
 
 
 def _get_text(url: str) -> str:
@@ -112,8 +121,9 @@ def _get_text(url: str) -> str:
         with urllib.request.urlopen(url, timeout=60) as resp:
             return resp.read().decode()
     except (urllib.error.URLError, OSError) as e:
-        raise DataError(f"{url}: could not fetch the published checksum "
-                        f"({getattr(e, 'reason', e)})") from e
+        raise DataError(
+            f"{url}: could not fetch the published checksum ({getattr(e, 'reason', e)})"
+        ) from e
 
 
 def _md5(path: Path) -> str:

@@ -46,19 +46,28 @@ def encode(raw: RawData) -> Encoded:
         raise DataError(f"{raw.rating_file}: no ratings; expected at least one")
     item_ids = _sorted_ids(ratings["item"], None if raw.items is None else raw.items["item"])
     user_ids = _sorted_ids(ratings["user"], None)
-    enc = pd.DataFrame({
-        "user": pd.Index(user_ids).get_indexer(ratings["user"]).astype(np.int32),
-        "item": pd.Index(item_ids).get_indexer(ratings["item"]).astype(np.int32),
-        "rating": ratings["rating"].to_numpy(dtype=np.float32),
-    })
+    enc = pd.DataFrame(
+        {
+            "user": pd.Index(user_ids).get_indexer(ratings["user"]).astype(np.int32),
+            "item": pd.Index(item_ids).get_indexer(ratings["item"]).astype(np.int32),
+            "rating": ratings["rating"].to_numpy(dtype=np.float32),
+        }
+    )
     if "timestamp" in ratings:
         enc["timestamp"] = ratings["timestamp"].to_numpy(dtype=np.int64)
     enc, n_dup = _drop_duplicates(enc, ratings["line"].to_numpy(), n_items=len(item_ids))
     items, item_year, genre_vocab = _encode_items(item_ids, raw.items)
     users, user_vocab = _encode_users(user_ids, raw.users)
     vocab = {"genre": genre_vocab, "year_bucket": _year_names(), **user_vocab}
-    return Encoded(enc, items, users, vocab, item_year, {"duplicates": n_dup},
-                   has_user_features=raw.users is not None)
+    return Encoded(
+        enc,
+        items,
+        users,
+        vocab,
+        item_year,
+        {"duplicates": n_dup},
+        has_user_features=raw.users is not None,
+    )
 
 
 def _sorted_ids(values: pd.Series, extra: pd.Series | None) -> np.ndarray:
@@ -68,8 +77,9 @@ def _sorted_ids(values: pd.Series, extra: pd.Series | None) -> np.ndarray:
     return np.sort(ids)
 
 
-def _drop_duplicates(df: pd.DataFrame, line: np.ndarray, *, n_items: int
-                     ) -> tuple[pd.DataFrame, int]:
+def _drop_duplicates(
+    df: pd.DataFrame, line: np.ndarray, *, n_items: int
+) -> tuple[pd.DataFrame, int]:
     """Policy: a repeated (user, item) keeps its latest rating (by timestamp, then by line)."""
     key = df["user"].to_numpy(np.int64) * n_items + df["item"].to_numpy(np.int64)
     ts = df["timestamp"].to_numpy() if "timestamp" in df else np.zeros(len(df), np.int64)
@@ -85,12 +95,15 @@ def _unique_check(table: pd.DataFrame, key: str, what: str) -> None:
     dup = table[key].duplicated().to_numpy()
     if dup.any():
         row = int(np.argmax(dup))
-        raise DataError(f"{what} row {row + 1}: {key} {table[key].iloc[row]!r} appears twice; "
-                        "expected one row per id")
+        raise DataError(
+            f"{what} row {row + 1}: {key} {table[key].iloc[row]!r} appears twice; "
+            "expected one row per id"
+        )
 
 
-def _encode_items(item_ids: np.ndarray, items: pd.DataFrame | None
-                  ) -> tuple[pa.Table, np.ndarray, list[str]]:
+def _encode_items(
+    item_ids: np.ndarray, items: pd.DataFrame | None
+) -> tuple[pa.Table, np.ndarray, list[str]]:
     n = len(item_ids)
     titles = np.full(n, "", dtype=object)
     year = np.full(n, np.nan)
@@ -111,14 +124,16 @@ def _encode_items(item_ids: np.ndarray, items: pd.DataFrame | None
     known = np.isfinite(year)
     lo, hi = YEAR_RANGE
     bucket = np.where(known, np.clip(np.nan_to_num(year), lo, hi) - lo + 1, 0).astype(np.int16)
-    table = pa.table({
-        "item": pa.array(np.arange(n, dtype=np.int32)),
-        "raw_id": pa.array([str(x) for x in item_ids]),
-        "title": pa.array(titles.tolist(), type=pa.string()),
-        "genres": genres,
-        "year": pa.array(np.where(known, np.nan_to_num(year), 0).astype(np.int16)),
-        "year_bucket": pa.array(bucket),
-    })
+    table = pa.table(
+        {
+            "item": pa.array(np.arange(n, dtype=np.int32)),
+            "raw_id": pa.array([str(x) for x in item_ids]),
+            "title": pa.array(titles.tolist(), type=pa.string()),
+            "genres": genres,
+            "year": pa.array(np.where(known, np.nan_to_num(year), 0).astype(np.int16)),
+            "year_bucket": pa.array(bucket),
+        }
+    )
     return table, year, genre_vocab
 
 
@@ -135,8 +150,9 @@ def _categorical(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
     return codes.astype(np.int16), [UNK, *names]
 
 
-def _encode_users(user_ids: np.ndarray, users: pd.DataFrame | None
-                  ) -> tuple[pa.Table, dict[str, list[str]]]:
+def _encode_users(
+    user_ids: np.ndarray, users: pd.DataFrame | None
+) -> tuple[pa.Table, dict[str, list[str]]]:
     n = len(user_ids)
     age = np.full(n, np.nan)
     gender = np.full(n, "", dtype=object)
@@ -150,20 +166,27 @@ def _encode_users(user_ids: np.ndarray, users: pd.DataFrame | None
         gender[pos[ok]] = users["gender"].astype(str).str.upper().to_numpy()[ok]
         occupation[pos[ok]] = users["occupation"].astype(str).str.lower().to_numpy()[ok]
         zips[pos[ok]] = users["zip"].astype(str).to_numpy()[ok]
-    age_bucket = np.where(np.isfinite(age),
-                          1 + np.searchsorted(AGE_EDGES, np.nan_to_num(age), side="right"), 0)
+    age_bucket = np.where(
+        np.isfinite(age), 1 + np.searchsorted(AGE_EDGES, np.nan_to_num(age), side="right"), 0
+    )
     first = np.array([z[:1] for z in zips], dtype=object)
     zip_prefix = np.array([int(c) + 1 if c.isdigit() else 0 for c in first], dtype=np.int16)
     gender_codes, gender_vocab = _categorical(gender)
     occ_codes, occ_vocab = _categorical(occupation)
-    table = pa.table({
-        "user": pa.array(np.arange(n, dtype=np.int32)),
-        "raw_id": pa.array([str(x) for x in user_ids]),
-        "age_bucket": pa.array(age_bucket.astype(np.int16)),
-        "gender": pa.array(gender_codes),
-        "occupation": pa.array(occ_codes),
-        "zip_prefix": pa.array(zip_prefix),
-    })
-    vocab = {"age_bucket": list(AGE_NAMES), "gender": gender_vocab,
-             "occupation": occ_vocab, "zip_prefix": list(ZIP_NAMES)}
+    table = pa.table(
+        {
+            "user": pa.array(np.arange(n, dtype=np.int32)),
+            "raw_id": pa.array([str(x) for x in user_ids]),
+            "age_bucket": pa.array(age_bucket.astype(np.int16)),
+            "gender": pa.array(gender_codes),
+            "occupation": pa.array(occ_codes),
+            "zip_prefix": pa.array(zip_prefix),
+        }
+    )
+    vocab = {
+        "age_bucket": list(AGE_NAMES),
+        "gender": gender_vocab,
+        "occupation": occ_vocab,
+        "zip_prefix": list(ZIP_NAMES),
+    }
     return table, vocab

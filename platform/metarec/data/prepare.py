@@ -28,46 +28,68 @@ log = logging.getLogger(__name__)
 def prepare(cfg: MetarecConfig, out: str | Path, *, progress: bool = True) -> PreparedDataset:
     """Build the prepared dataset for ``cfg.data`` into ``out`` (atomically) and open it."""
     d = cfg.data
-    bar = tqdm(total=5, desc="prepare", disable=not progress, unit="stage")
+    # disable=None: a bar on terminals only, so logs and CI output stay clean.
+    with tqdm(total=5, desc="prepare", disable=None if progress else True, unit="stage") as bar:
 
-    def step(done: str, upcoming: str) -> None:
-        bar.update(1)
-        bar.set_postfix_str(upcoming if upcoming else done)
+        def step(upcoming: str) -> None:
+            bar.update(1)
+            bar.set_postfix_str(upcoming)
 
-    bar.set_postfix_str("read")
-    raw = (synthetic.generate(d.synthetic, seed=cfg.seed) if d.source == "synthetic"
-           else load_source(d.source, input=d.input, download=d.download, items=d.items,
-                            users=d.users))
-    step("read", "encode")
-    enc = encode(raw)
-    ratings, dropped_users = filter_users(enc.ratings, min_ratings=d.min_ratings,
-                                          max_ratings=d.max_ratings)
-    if len(ratings) == 0:
-        raise DataError(f"{raw.rating_file}: no user has {d.min_ratings}-{d.max_ratings} "
-                        "ratings; expected at least one. Lower --min-ratings or raise "
-                        "--max-ratings.")
-    step("encode", "tasks")
-    scenarios, skipped = _available(d.scenarios, ratings, enc.item_year)
-    cut = d.item_cut_year
-    if cut is None and {"warm", "item_cold", "user_item_cold"} & set(scenarios):
-        cut = auto_cut_year(ratings, enc.item_year, d.new_item_share)
-    protocol = Protocol(query_size=d.query_size, min_ratings=d.min_ratings,
-                        max_ratings=d.max_ratings, split=d.split,
-                        cut_year=cut if cut is not None else 0, seed=cfg.seed)
-    tasks = build_scenarios(ratings, enc.item_year, protocol, scenarios)
-    step("tasks", "write")
-    manifest = _manifest(cfg, raw, enc.cleaning | dropped_users, ratings, enc, protocol,
-                         tasks, skipped, cut_auto=d.item_cut_year is None)
-    write_prepared(Path(out), items=enc.items, users=enc.users, tasks=tasks, manifest=manifest)
-    step("write", "verify")
-    ds = open_prepared(out)
-    step("verify", "")
-    bar.close()
+        bar.set_postfix_str("read")
+        raw = (
+            synthetic.generate(d.synthetic, seed=cfg.seed)
+            if d.source == "synthetic"
+            else load_source(
+                d.source, input=d.input, download=d.download, items=d.items, users=d.users
+            )
+        )
+        step("encode")
+        enc = encode(raw)
+        ratings, dropped_users = filter_users(
+            enc.ratings, min_ratings=d.min_ratings, max_ratings=d.max_ratings
+        )
+        if len(ratings) == 0:
+            raise DataError(
+                f"{raw.rating_file}: no user has {d.min_ratings}-{d.max_ratings} "
+                "ratings; expected at least one. Lower --min-ratings or raise "
+                "--max-ratings."
+            )
+        step("tasks")
+        scenarios, skipped = _available(d.scenarios, ratings, enc.item_year)
+        cut = d.item_cut_year
+        if cut is None and {"warm", "item_cold", "user_item_cold"} & set(scenarios):
+            cut = auto_cut_year(ratings, enc.item_year, d.new_item_share)
+        protocol = Protocol(
+            query_size=d.query_size,
+            min_ratings=d.min_ratings,
+            max_ratings=d.max_ratings,
+            split=d.split,
+            cut_year=cut if cut is not None else 0,
+            seed=cfg.seed,
+        )
+        tasks = build_scenarios(ratings, enc.item_year, protocol, scenarios)
+        step("write")
+        manifest = _manifest(
+            cfg,
+            raw,
+            enc.cleaning | dropped_users,
+            ratings,
+            enc,
+            protocol,
+            tasks,
+            skipped,
+            cut_auto=d.item_cut_year is None,
+        )
+        write_prepared(Path(out), items=enc.items, users=enc.users, tasks=tasks, manifest=manifest)
+        step("verify")
+        ds = open_prepared(out)
+        step("done")
     return ds
 
 
-def _available(requested: tuple[str, ...], ratings: Any, item_year: np.ndarray
-               ) -> tuple[tuple[str, ...], dict[str, str]]:
+def _available(
+    requested: tuple[str, ...], ratings: Any, item_year: np.ndarray
+) -> tuple[tuple[str, ...], dict[str, str]]:
     """Drop scenarios the data cannot support, but only when the user asked for the default
     (all of them); an explicit request for an impossible scenario is an error."""
     explicit = tuple(requested) != SCENARIOS
@@ -81,8 +103,9 @@ def _available(requested: tuple[str, ...], ratings: Any, item_year: np.ndarray
                 skipped[s] = "no item has a known release year"
     if skipped and explicit:
         name, why = next(iter(skipped.items()))
-        raise DataError(f"--scenarios {name}: cannot be built because {why}; drop it from "
-                        "--scenarios")
+        raise DataError(
+            f"--scenarios {name}: cannot be built because {why}; drop it from --scenarios"
+        )
     return tuple(s for s in requested if s not in skipped), skipped
 
 
@@ -94,12 +117,20 @@ def _file_info(path: Path) -> dict[str, Any]:
     return {"sha256": h.hexdigest(), "bytes": path.stat().st_size}
 
 
-def _manifest(cfg: MetarecConfig, raw: RawData, dropped: dict[str, int], ratings: Any, enc: Any,
-              protocol: Protocol, tasks: dict, skipped: dict[str, str], *, cut_auto: bool
-              ) -> dict[str, Any]:
+def _manifest(
+    cfg: MetarecConfig,
+    raw: RawData,
+    dropped: dict[str, int],
+    ratings: Any,
+    enc: Any,
+    protocol: Protocol,
+    tasks: dict,
+    skipped: dict[str, str],
+    *,
+    cut_auto: bool,
+) -> dict[str, Any]:
     d = cfg.data
-    source: dict[str, Any] = {"name": d.source,
-                              "files": {p.name: _file_info(p) for p in raw.files}}
+    source: dict[str, Any] = {"name": d.source, "files": {p.name: _file_info(p) for p in raw.files}}
     if d.source == "synthetic":
         source["generator"] = cfg.to_dict()["data"]["synthetic"]
     r = ratings["rating"].to_numpy()
@@ -107,32 +138,51 @@ def _manifest(cfg: MetarecConfig, raw: RawData, dropped: dict[str, int], ratings
         "metarec_version": __version__,
         "source": source,
         "protocol": {
-            "query_size": protocol.query_size, "min_ratings": protocol.min_ratings,
-            "max_ratings": protocol.max_ratings, "min_support": protocol.min_support,
-            "split": list(protocol.split), "item_cut_year": protocol.cut_year,
-            "item_cut_auto": cut_auto, "seed": protocol.seed,
+            "query_size": protocol.query_size,
+            "min_ratings": protocol.min_ratings,
+            "max_ratings": protocol.max_ratings,
+            "min_support": protocol.min_support,
+            "split": list(protocol.split),
+            "item_cut_year": protocol.cut_year,
+            "item_cut_auto": cut_auto,
+            "seed": protocol.seed,
             "duplicates": "a repeated (user, item) keeps its latest rating",
         },
         "counts": {
-            "ratings_raw": len(raw.ratings), "ratings_kept": len(ratings),
-            "users_kept": int(ratings["user"].nunique()), "users": enc.users.num_rows,
-            "items": enc.items.num_rows, "items_rated": int(ratings["item"].nunique()),
+            "ratings_raw": len(raw.ratings),
+            "ratings_kept": len(ratings),
+            "users_kept": int(ratings["user"].nunique()),
+            "users": enc.users.num_rows,
+            "items": enc.items.num_rows,
+            "items_rated": int(ratings["item"].nunique()),
         },
         "dropped": dropped,
-        "ratings": {"min": float(r.min()), "max": float(r.max()), "mean": float(r.mean()),
-                    "has_timestamps": "timestamp" in ratings},
-        "features": {"item": ["genre", "year_bucket"],
-                     "user": ["age_bucket", "gender", "occupation", "zip_prefix"]
-                     if enc.has_user_features else [],
-                     "has_user_features": enc.has_user_features},
+        "ratings": {
+            "min": float(r.min()),
+            "max": float(r.max()),
+            "mean": float(r.mean()),
+            "has_timestamps": "timestamp" in ratings,
+        },
+        "features": {
+            "item": ["genre", "year_bucket"],
+            "user": ["age_bucket", "gender", "occupation", "zip_prefix"]
+            if enc.has_user_features
+            else [],
+            "has_user_features": enc.has_user_features,
+        },
         "vocab_sizes": {k: len(v) for k, v in enc.vocab.items()},
         "vocab": enc.vocab,
         "scenarios": {
-            name: {split: {"tasks": t.num_rows,
-                           "support_ratings": int(_list_len(t, "support_items")),
-                           "query_ratings": int(_list_len(t, "query_items"))}
-                   for split, t in splits.items()}
-            for name, splits in tasks.items()},
+            name: {
+                split: {
+                    "tasks": t.num_rows,
+                    "support_ratings": int(_list_len(t, "support_items")),
+                    "query_ratings": int(_list_len(t, "query_items")),
+                }
+                for split, t in splits.items()
+            }
+            for name, splits in tasks.items()
+        },
         "skipped_scenarios": skipped,
     }
 

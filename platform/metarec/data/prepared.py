@@ -26,23 +26,37 @@ import pyarrow.parquet as pq
 
 from metarec.errors import DataError
 
-__all__ = ["MANIFEST", "SCHEMA_VERSION", "PreparedDataset", "open_prepared", "summarize",
-           "write_prepared"]
+__all__ = [
+    "MANIFEST",
+    "SCHEMA_VERSION",
+    "PreparedDataset",
+    "open_prepared",
+    "summarize",
+    "write_prepared",
+]
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 
 
-def write_prepared(out: Path, *, items: pa.Table, users: pa.Table,
-                   tasks: dict[str, dict[str, pa.Table]], manifest: dict[str, Any]) -> Path:
+def write_prepared(
+    out: Path,
+    *,
+    items: pa.Table,
+    users: pa.Table,
+    tasks: dict[str, dict[str, pa.Table]],
+    manifest: dict[str, Any],
+) -> Path:
     """Write everything into a temp dir beside ``out``, then swap it in with renames.
 
     A crash or bad input leaves ``out`` exactly as it was: either the old dataset or nothing.
     """
     out = Path(out)
     if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
-        raise DataError(f"--out {out}: exists and is not a metarec dataset (no {MANIFEST}); "
-                        "refusing to replace it. Choose a new or empty directory.")
+        raise DataError(
+            f"--out {out}: exists and is not a metarec dataset (no {MANIFEST}); "
+            "refusing to replace it. Choose a new or empty directory."
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
@@ -56,9 +70,14 @@ def write_prepared(out: Path, *, items: pa.Table, users: pa.Table,
             path.parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(table, path, compression="zstd")
             files[rel] = _sha256(path)
-        manifest = {**manifest, "schema_version": SCHEMA_VERSION, "files": files,
-                    "dataset_hash": hashlib.sha256(
-                        json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]}
+        manifest = {
+            **manifest,
+            "schema_version": SCHEMA_VERSION,
+            "files": files,
+            "dataset_hash": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[
+                :16
+            ],
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
         _swap(tmp, out)
     except BaseException:
@@ -98,11 +117,15 @@ class PreparedDataset:
 
     def task_path(self, scenario: str, split: str) -> Path:
         if scenario not in self.manifest["scenarios"]:
-            raise DataError(f"scenario: got {scenario!r}; expected one of {self.scenarios} "
-                            f"(prepared in {self.root})")
+            raise DataError(
+                f"scenario: got {scenario!r}; expected one of {self.scenarios} "
+                f"(prepared in {self.root})"
+            )
         if split not in self.manifest["scenarios"][scenario]:
-            raise DataError(f"split: got {split!r}; expected one of "
-                            f"{list(self.manifest['scenarios'][scenario])}")
+            raise DataError(
+                f"split: got {split!r}; expected one of "
+                f"{list(self.manifest['scenarios'][scenario])}"
+            )
         return self.root / "tasks" / scenario / f"{split}.parquet"
 
     def tasks(self, scenario: str, split: str) -> pa.Table:
@@ -120,17 +143,20 @@ def open_prepared(root: str | Path) -> PreparedDataset:
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():
-        raise DataError(f"{root}: no {MANIFEST}; expected a directory written by "
-                        "`metarec prepare --out DIR`")
+        raise DataError(
+            f"{root}: no {MANIFEST}; expected a directory written by `metarec prepare --out DIR`"
+        )
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from e
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise DataError(f"{path}: schema_version {version!r}; expected {SCHEMA_VERSION}. It was "
-                        "written by another metarec version: re-run `metarec prepare` to "
-                        "rebuild it.")
+        raise DataError(
+            f"{path}: schema_version {version!r}; expected {SCHEMA_VERSION}. It was "
+            "written by another metarec version: re-run `metarec prepare` to "
+            "rebuild it."
+        )
     return PreparedDataset(root, manifest)
 
 
@@ -142,15 +168,20 @@ def summarize(manifest: dict[str, Any]) -> str:
         f"dataset {manifest['source']['name']}  hash {manifest['dataset_hash']}  "
         f"schema v{manifest['schema_version']}",
         f"ratings {c['ratings_kept']:,} of {c['ratings_raw']:,}  users {c['users_kept']:,}  "
-        f"items {c['items']:,}  (dropped: " + ", ".join(
-            f"{k} {v:,}" for k, v in manifest["dropped"].items()) + ")",
+        f"items {c['items']:,}  (dropped: "
+        + ", ".join(f"{k} {v:,}" for k, v in manifest["dropped"].items())
+        + ")",
         f"protocol: query {p['query_size']}, users with {p['min_ratings']}-{p['max_ratings']} "
         f"ratings, split {p['split']}, new items = year > {p['item_cut_year']}, seed {p['seed']}",
         f"{'scenario':<16}{'train':>10}{'valid':>10}{'test':>10}   (tasks)",
     ]
     for name, splits in manifest["scenarios"].items():
-        lines.append(f"{name:<16}" + "".join(
-            f"{splits.get(s, {}).get('tasks', 0):>10,}" for s in ("train", "valid", "test")))
+        lines.append(
+            f"{name:<16}"
+            + "".join(
+                f"{splits.get(s, {}).get('tasks', 0):>10,}" for s in ("train", "valid", "test")
+            )
+        )
     for name, why in manifest.get("skipped_scenarios", {}).items():
         lines.append(f"{name:<16}skipped: {why}")
     return "\n".join(lines)

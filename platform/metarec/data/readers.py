@@ -22,8 +22,14 @@ import pyarrow.parquet as pq
 
 from metarec.errors import DataError
 
-__all__ = ["ColumnSpec", "check_finite", "read_delimited", "read_table_file", "row_location",
-           "sniff_delimiter"]
+__all__ = [
+    "ColumnSpec",
+    "check_finite",
+    "read_delimited",
+    "read_table_file",
+    "row_location",
+    "sniff_delimiter",
+]
 
 _SEP_SUBSTITUTE = "\x1f"  # ASCII unit separator: stands in for multi-char separators like '::'
 _NAMES = {pa.int64(): "an integer", pa.float64(): "a number", pa.string(): "text"}
@@ -38,9 +44,16 @@ class ColumnSpec:
     required: bool = True
 
 
-def read_delimited(path: Path, columns: list[ColumnSpec], *, sep: str, header: bool,
-                   names: list[str] | None = None, encoding: str = "utf8",
-                   quoted: bool = False) -> pa.Table:
+def read_delimited(
+    path: Path,
+    columns: list[ColumnSpec],
+    *,
+    sep: str,
+    header: bool,
+    names: list[str] | None = None,
+    encoding: str = "utf8",
+    quoted: bool = False,
+) -> pa.Table:
     """Read ``path`` into a table holding ``columns`` (in that order).
 
     Args:
@@ -53,8 +66,10 @@ def read_delimited(path: Path, columns: list[ColumnSpec], *, sep: str, header: b
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     if path.stat().st_size == 0:
-        raise DataError(f"{path}: file is empty; expected {'a header and ' if header else ''}"
-                        "at least one data line")
+        raise DataError(
+            f"{path}: file is empty; expected {'a header and ' if header else ''}"
+            "at least one data line"
+        )
     if header:
         names = _header_names(path, sep=sep, encoding=encoding, columns=columns)
     assert names is not None
@@ -67,19 +82,27 @@ def read_delimited(path: Path, columns: list[ColumnSpec], *, sep: str, header: b
     try:
         table = pacsv.read_csv(
             source,
-            read_options=pacsv.ReadOptions(column_names=names, skip_rows=1 if header else 0,
-                                           encoding=encoding, block_size=1 << 24),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoted else False,
-                                             ignore_empty_lines=True),
+            read_options=pacsv.ReadOptions(
+                column_names=names,
+                skip_rows=1 if header else 0,
+                encoding=encoding,
+                block_size=1 << 24,
+            ),
+            parse_options=pacsv.ParseOptions(
+                delimiter=delimiter, quote_char='"' if quoted else False, ignore_empty_lines=True
+            ),
             convert_options=pacsv.ConvertOptions(
                 column_types={c.name: c.type for c in present},
                 include_columns=[c.name for c in present],
-                null_values=[], strings_can_be_null=False, quoted_strings_can_be_null=False,
+                null_values=[],
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
             ),
         )
     except (pa.ArrowInvalid, UnicodeDecodeError) as e:
-        raise _locate(path, present, names, sep=sep, header=header, encoding=encoding,
-                      quoted=quoted, cause=e) from e
+        raise _locate(
+            path, present, names, sep=sep, header=header, encoding=encoding, quoted=quoted, cause=e
+        ) from e
     if table.num_rows == 0:
         raise DataError(f"{path}: has a header but no data lines; expected at least one")
     return table
@@ -91,8 +114,10 @@ def check_finite(table: pa.Table, column: str, *, path: Path, header: bool) -> N
     bad = ~np.isfinite(values)
     if bad.any():
         row = int(np.argmax(bad))
-        raise DataError(f"{path} {row_location(path, row, header=header)}: {column} "
-                        f"{values[row]!r} is not a finite number; fix or remove the line")
+        raise DataError(
+            f"{path} {row_location(path, row, header=header)}: {column} "
+            f"{float(values[row])} is not a finite number; fix or remove the line"
+        )
 
 
 def row_location(path: Path, row: int, *, header: bool) -> str:
@@ -129,10 +154,13 @@ def read_table_file(path: Path, columns: list[ColumnSpec]) -> tuple[pa.Table, bo
         keep = [c for c in columns if c.name in table.column_names]
         try:
             table = table.select([c.name for c in keep]).cast(
-                pa.schema([pa.field(c.name, c.type) for c in keep]))
+                pa.schema([pa.field(c.name, c.type) for c in keep])
+            )
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-            raise DataError(f"{path}: a column has the wrong type ({e}); expected "
-                            + ", ".join(f"{c.name}: {_NAMES.get(c.type, c.type)}" for c in keep))
+            raise DataError(
+                f"{path}: a column has the wrong type ({e}); expected "
+                + ", ".join(f"{c.name}: {_NAMES.get(c.type, c.type)}" for c in keep)
+            ) from e
         return table, False
     sep = sniff_delimiter(path)
     return read_delimited(path, columns, sep=sep, header=True), True
@@ -160,36 +188,48 @@ def _header_names(path: Path, *, sep: str, encoding: str, columns: list[ColumnSp
         other = sniff_delimiter(path)
         if other != sep:
             hint = f" The header looks {other!r}-separated; expected {sep!r}."
-        raise DataError(f"{path} line 1: header has columns {names}; expected {missing} "
-                        f"(and optionally {[c.name for c in columns if not c.required]}).{hint}")
+        raise DataError(
+            f"{path} line 1: header has columns {names}; expected {missing} "
+            f"(and optionally {[c.name for c in columns if not c.required]}).{hint}"
+        )
     return names
 
 
-def _locate(path: Path, columns: list[ColumnSpec], names: list[str], *, sep: str, header: bool,
-            encoding: str, quoted: bool, cause: Exception) -> DataError:
+def _locate(
+    path: Path,
+    columns: list[ColumnSpec],
+    names: list[str],
+    *,
+    sep: str,
+    header: bool,
+    encoding: str,
+    quoted: bool,
+    cause: Exception,
+) -> DataError:
     """Find the first bad line by a slow scan; called only after the fast reader failed."""
     index = {c.name: names.index(c.name) for c in columns}
-    with open(path, encoding=encoding, errors="strict", newline="") as f:
-        lines = enumerate(f, start=1)
-        try:
-            for lineno, raw in lines:
-                if header and lineno == 1:
-                    continue
-                text = raw.rstrip("\r\n")
-                if not text.strip():
-                    continue
-                fields = (next(csv.reader(io.StringIO(text), delimiter=sep)) if quoted
-                          else text.split(sep))
-                if len(fields) != len(names):
-                    return DataError(
-                        f"{path} line {lineno}: got {len(fields)} fields; expected {len(names)} "
-                        f"separated by {sep!r}: {text[:120]!r}")
-                for c in columns:
-                    problem = _field_problem(fields[index[c.name]], c.type)
-                    if problem:
-                        return DataError(f"{path} line {lineno}: {c.name} {problem}")
-        except UnicodeDecodeError as e:
-            return DataError(f"{path} line {lineno + 1}: not valid {encoding} text ({e.reason})")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if header and lineno == 1:
+                continue
+            try:
+                text = raw.decode(encoding).rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                return DataError(f"{path} line {lineno}: not valid {encoding} text ({e.reason})")
+            if not text.strip():
+                continue
+            fields = (
+                next(csv.reader(io.StringIO(text), delimiter=sep)) if quoted else text.split(sep)
+            )
+            if len(fields) != len(names):
+                return DataError(
+                    f"{path} line {lineno}: got {len(fields)} fields; expected {len(names)} "
+                    f"separated by {sep!r}: {text[:120]!r}"
+                )
+            for c in columns:
+                problem = _field_problem(fields[index[c.name]], c.type)
+                if problem:
+                    return DataError(f"{path} line {lineno}: {c.name} {problem}")
     return DataError(f"{path}: could not be parsed ({cause})")
 
 

@@ -35,10 +35,27 @@ INT, FLOAT, STR = pa.int64(), pa.float64(), pa.string()
 
 # MovieLens 1M codes its occupations (README of ml-1m); names make them comparable to 100K's.
 ML1M_OCCUPATIONS = [
-    "other", "academic/educator", "artist", "clerical/admin", "college/grad student",
-    "customer service", "doctor/health care", "executive/managerial", "farmer", "homemaker",
-    "K-12 student", "lawyer", "programmer", "retired", "sales/marketing", "scientist",
-    "self-employed", "technician/engineer", "tradesman/craftsman", "unemployed", "writer",
+    "other",
+    "academic/educator",
+    "artist",
+    "clerical/admin",
+    "college/grad student",
+    "customer service",
+    "doctor/health care",
+    "executive/managerial",
+    "farmer",
+    "homemaker",
+    "K-12 student",
+    "lawyer",
+    "programmer",
+    "retired",
+    "sales/marketing",
+    "scientist",
+    "self-employed",
+    "technician/engineer",
+    "tradesman/craftsman",
+    "unemployed",
+    "writer",
 ]
 NO_GENRE = {"", "unknown", "(no genres listed)"}
 
@@ -54,21 +71,33 @@ class RawData:
     rating_file: str = ""  # for "file line N" messages in later validation
 
 
-def load_source(source: str, *, input: str | None, download: bool = False,
-                items: str | None = None, users: str | None = None) -> RawData:
-    """Load any non-synthetic source by name (``ml-100k``, ``ml-1m``, ``ml-latest``, ``ratings``)."""
+def load_source(
+    source: str,
+    *,
+    input: str | None,
+    download: bool = False,
+    items: str | None = None,
+    users: str | None = None,
+) -> RawData:
+    """Load a non-synthetic source by name (``ml-100k``, ``ml-1m``, ``ml-latest``, ``ratings``)."""
     if source == "ratings":
         if input is None:
-            raise DataError("--input: required for --source ratings; expected a CSV/TSV/Parquet "
-                            "file with columns user, item, rating[, timestamp]")
+            raise DataError(
+                "--input: required for --source ratings; expected a CSV/TSV/Parquet "
+                "file with columns user, item, rating[, timestamp]"
+            )
         return load_ratings_file(Path(input), items=items, users=users)
     return LOADERS[source](resolve_movielens_dir(source, input, download=download))
 
 
 def _ratings(path: Path, sep: str, names: list[str], *, header: bool) -> pd.DataFrame:
     """Read a ratings file and check ratings are finite numbers."""
-    cols = [ColumnSpec("user", INT), ColumnSpec("item", INT), ColumnSpec("rating", FLOAT),
-            ColumnSpec("timestamp", INT)]
+    cols = [
+        ColumnSpec("user", INT),
+        ColumnSpec("item", INT),
+        ColumnSpec("rating", FLOAT),
+        ColumnSpec("timestamp", INT),
+    ]
     table = read_delimited(path, cols, sep=sep, header=header, names=None if header else names)
     check_finite(table, "rating", path=path, header=header)
     df = table.to_pandas()
@@ -85,96 +114,175 @@ def _split_genres(genres: pd.Series) -> pd.Series:
 
 
 def load_ml100k(root: Path) -> RawData:
-    ratings = _ratings(root / "u.data", "\t", ["user", "item", "rating", "timestamp"],
-                       header=False)
+    ratings = _ratings(root / "u.data", "\t", ["user", "item", "rating", "timestamp"], header=False)
     genre_path = root / "u.genre"
-    genre_tab = read_delimited(genre_path, [ColumnSpec("name", STR), ColumnSpec("idx", INT)],
-                               sep="|", header=False, names=["name", "idx"], encoding="latin-1")
-    genre_names = [n for n, _ in sorted(zip(genre_tab["name"].to_pylist(),
-                                            genre_tab["idx"].to_pylist(), strict=True),
-                                        key=lambda t: t[1])]
+    genre_tab = read_delimited(
+        genre_path,
+        [ColumnSpec("name", STR), ColumnSpec("idx", INT)],
+        sep="|",
+        header=False,
+        names=["name", "idx"],
+        encoding="latin-1",
+    )
+    genre_names = [
+        n
+        for n, _ in sorted(
+            zip(genre_tab["name"].to_pylist(), genre_tab["idx"].to_pylist(), strict=True),
+            key=lambda t: t[1],
+        )
+    ]
     flag_names = [f"g{i}" for i in range(len(genre_names))]
     item_path = root / "u.item"
     names = ["item", "title", "release", "video_release", "url", *flag_names]
-    tab = read_delimited(item_path, [ColumnSpec("item", INT), ColumnSpec("title", STR),
-                                     ColumnSpec("release", STR),
-                                     *(ColumnSpec(f, INT) for f in flag_names)],
-                         sep="|", header=False, names=names, encoding="latin-1")
+    tab = read_delimited(
+        item_path,
+        [
+            ColumnSpec("item", INT),
+            ColumnSpec("title", STR),
+            ColumnSpec("release", STR),
+            *(ColumnSpec(f, INT) for f in flag_names),
+        ],
+        sep="|",
+        header=False,
+        names=names,
+        encoding="latin-1",
+    )
     it = tab.to_pandas()
     flags = it[flag_names].to_numpy(dtype=bool)
     vocab = np.array(genre_names, dtype=object)
     genres = [[g for g in vocab[row] if g not in NO_GENRE] for row in flags]
     year = pd.to_numeric(it["release"].str[-4:], errors="coerce")
     year = year.fillna(_year_from_title(it["title"]))
-    items = pd.DataFrame({"item": it["item"], "title": it["title"], "genres": genres,
-                          "year": year.astype(float)})
+    items = pd.DataFrame(
+        {"item": it["item"], "title": it["title"], "genres": genres, "year": year.astype(float)}
+    )
     user_path = root / "u.user"
-    ut = read_delimited(user_path, [ColumnSpec("user", INT), ColumnSpec("age", INT),
-                                    ColumnSpec("gender", STR), ColumnSpec("occupation", STR),
-                                    ColumnSpec("zip", STR)],
-                        sep="|", header=False,
-                        names=["user", "age", "gender", "occupation", "zip"]).to_pandas()
+    ut = read_delimited(
+        user_path,
+        [
+            ColumnSpec("user", INT),
+            ColumnSpec("age", INT),
+            ColumnSpec("gender", STR),
+            ColumnSpec("occupation", STR),
+            ColumnSpec("zip", STR),
+        ],
+        sep="|",
+        header=False,
+        names=["user", "age", "gender", "occupation", "zip"],
+    ).to_pandas()
     ut["age"] = ut["age"].astype(float)
-    return RawData(ratings, items, ut, [root / "u.data", genre_path, item_path, user_path],
-                   str(root / "u.data"))
+    return RawData(
+        ratings,
+        items,
+        ut,
+        [root / "u.data", genre_path, item_path, user_path],
+        str(root / "u.data"),
+    )
 
 
 def load_ml1m(root: Path) -> RawData:
-    ratings = _ratings(root / "ratings.dat", "::", ["user", "item", "rating", "timestamp"],
-                       header=False)
+    ratings = _ratings(
+        root / "ratings.dat", "::", ["user", "item", "rating", "timestamp"], header=False
+    )
     movie_path = root / "movies.dat"
-    mv = read_delimited(movie_path, [ColumnSpec("item", INT), ColumnSpec("title", STR),
-                                     ColumnSpec("genres", STR)],
-                        sep="::", header=False, names=["item", "title", "genres"],
-                        encoding="latin-1").to_pandas()
-    items = pd.DataFrame({"item": mv["item"], "title": mv["title"],
-                          "genres": _split_genres(mv["genres"]),
-                          "year": _year_from_title(mv["title"]).astype(float)})
+    mv = read_delimited(
+        movie_path,
+        [ColumnSpec("item", INT), ColumnSpec("title", STR), ColumnSpec("genres", STR)],
+        sep="::",
+        header=False,
+        names=["item", "title", "genres"],
+        encoding="latin-1",
+    ).to_pandas()
+    items = pd.DataFrame(
+        {
+            "item": mv["item"],
+            "title": mv["title"],
+            "genres": _split_genres(mv["genres"]),
+            "year": _year_from_title(mv["title"]).astype(float),
+        }
+    )
     user_path = root / "users.dat"
-    us = read_delimited(user_path, [ColumnSpec("user", INT), ColumnSpec("gender", STR),
-                                    ColumnSpec("age", INT), ColumnSpec("occupation", INT),
-                                    ColumnSpec("zip", STR)],
-                        sep="::", header=False,
-                        names=["user", "gender", "age", "occupation", "zip"]).to_pandas()
+    us = read_delimited(
+        user_path,
+        [
+            ColumnSpec("user", INT),
+            ColumnSpec("gender", STR),
+            ColumnSpec("age", INT),
+            ColumnSpec("occupation", INT),
+            ColumnSpec("zip", STR),
+        ],
+        sep="::",
+        header=False,
+        names=["user", "gender", "age", "occupation", "zip"],
+    ).to_pandas()
     occ = np.array(ML1M_OCCUPATIONS, dtype=object)
     codes = us["occupation"].to_numpy()
-    users = pd.DataFrame({
-        "user": us["user"], "age": us["age"].astype(float), "gender": us["gender"],
-        "occupation": np.where((codes >= 0) & (codes < len(occ)),
-                               occ[np.clip(codes, 0, len(occ) - 1)], ""),
-        "zip": us["zip"]})
-    return RawData(ratings, items, users, [root / "ratings.dat", movie_path, user_path],
-                   str(root / "ratings.dat"))
+    users = pd.DataFrame(
+        {
+            "user": us["user"],
+            "age": us["age"].astype(float),
+            "gender": us["gender"],
+            "occupation": np.where(
+                (codes >= 0) & (codes < len(occ)), occ[np.clip(codes, 0, len(occ) - 1)], ""
+            ),
+            "zip": us["zip"],
+        }
+    )
+    return RawData(
+        ratings,
+        items,
+        users,
+        [root / "ratings.dat", movie_path, user_path],
+        str(root / "ratings.dat"),
+    )
 
 
 def load_mllatest(root: Path) -> RawData:
     """MovieLens latest / latest-small / 20M / 25M (same CSV layout; no user features)."""
     path = root / "ratings.csv"
-    cols = [ColumnSpec("userId", INT), ColumnSpec("movieId", INT), ColumnSpec("rating", FLOAT),
-            ColumnSpec("timestamp", INT)]
+    cols = [
+        ColumnSpec("userId", INT),
+        ColumnSpec("movieId", INT),
+        ColumnSpec("rating", FLOAT),
+        ColumnSpec("timestamp", INT),
+    ]
     table = read_delimited(path, cols, sep=",", header=True)
     check_finite(table, "rating", path=path, header=True)
     ratings = table.rename_columns(["user", "item", "rating", "timestamp"]).to_pandas()
     ratings["line"] = np.arange(len(ratings), dtype=np.int64)
     movie_path = root / "movies.csv"
-    mv = read_delimited(movie_path, [ColumnSpec("movieId", INT), ColumnSpec("title", STR),
-                                     ColumnSpec("genres", STR)],
-                        sep=",", header=True, quoted=True).to_pandas()
-    items = pd.DataFrame({"item": mv["movieId"], "title": mv["title"].str.strip(),
-                          "genres": _split_genres(mv["genres"]),
-                          "year": _year_from_title(mv["title"].str.strip()).astype(float)})
+    mv = read_delimited(
+        movie_path,
+        [ColumnSpec("movieId", INT), ColumnSpec("title", STR), ColumnSpec("genres", STR)],
+        sep=",",
+        header=True,
+        quoted=True,
+    ).to_pandas()
+    items = pd.DataFrame(
+        {
+            "item": mv["movieId"],
+            "title": mv["title"].str.strip(),
+            "genres": _split_genres(mv["genres"]),
+            "year": _year_from_title(mv["title"].str.strip()).astype(float),
+        }
+    )
     return RawData(ratings, items, None, [path, movie_path], str(path))
 
 
-def load_ratings_file(path: Path, *, items: str | None = None,
-                      users: str | None = None) -> RawData:
+def load_ratings_file(path: Path, *, items: str | None = None, users: str | None = None) -> RawData:
     """Generic source: ratings (user, item, rating[, timestamp]) + optional feature tables.
 
     Ids are read as text so that any id scheme works; feature tables join on the same text.
     """
-    table, header = read_table_file(path, [
-        ColumnSpec("user", STR), ColumnSpec("item", STR), ColumnSpec("rating", FLOAT),
-        ColumnSpec("timestamp", STR, required=False)])
+    table, header = read_table_file(
+        path,
+        [
+            ColumnSpec("user", STR),
+            ColumnSpec("item", STR),
+            ColumnSpec("rating", FLOAT),
+            ColumnSpec("timestamp", STR, required=False),
+        ],
+    )
     check_finite(table, "rating", path=path, header=header)
     ratings = table.to_pandas()
     ratings["line"] = np.arange(len(ratings), dtype=np.int64)
@@ -194,42 +302,66 @@ def load_ratings_file(path: Path, *, items: str | None = None,
 def _parse_timestamps(raw: pd.Series, path: Path, header: bool) -> pd.Series:
     """Unix seconds or ISO-8601 datetimes -> int64 seconds; anything else is an error."""
     numeric = pd.to_numeric(raw, errors="coerce")
-    if numeric.notna().all():
-        return numeric.astype(np.int64)
-    parsed = pd.to_datetime(raw, errors="coerce", utc=True, format="ISO8601")
-    bad = parsed.isna().to_numpy()
+    out = numeric.to_numpy(dtype=np.float64, copy=True)
+    text = numeric.isna().to_numpy()
+    if text.any():
+        parsed = pd.to_datetime(raw[text], errors="coerce", utc=True, format="ISO8601")
+        seconds = (parsed - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
+        out[text] = seconds.to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~np.isfinite(out)
     if bad.any():
         row = int(np.argmax(bad))
-        raise DataError(f"{path} {row_location(path, row, header=header)}: timestamp "
-                        f"{raw.iloc[row]!r} is neither "
-                        "unix seconds nor an ISO-8601 datetime")
-    return (parsed.astype("int64") // 1_000_000_000).astype(np.int64)
+        raise DataError(
+            f"{path} {row_location(path, row, header=header)}: timestamp "
+            f"{raw.iloc[row]!r} is neither unix seconds nor an ISO-8601 datetime"
+        )
+    return pd.Series(out.astype(np.int64), index=raw.index)
 
 
 def _generic_items(path: Path) -> pd.DataFrame:
-    table, _ = read_table_file(path, [ColumnSpec("item", STR), ColumnSpec("title", STR, False),
-                                      ColumnSpec("genres", STR, False),
-                                      ColumnSpec("year", STR, False)])
+    table, _ = read_table_file(
+        path,
+        [
+            ColumnSpec("item", STR),
+            ColumnSpec("title", STR, False),
+            ColumnSpec("genres", STR, False),
+            ColumnSpec("year", STR, False),
+        ],
+    )
     df = table.to_pandas()
-    return pd.DataFrame({
-        "item": df["item"],
-        "title": df["title"] if "title" in df else "",
-        "genres": _split_genres(df["genres"]) if "genres" in df else [[] for _ in range(len(df))],
-        "year": pd.to_numeric(df["year"], errors="coerce").astype(float) if "year" in df
-        else (_year_from_title(df["title"]).astype(float) if "title" in df else np.nan),
-    })
+    year = pd.Series(np.nan, index=df.index)
+    if "year" in df:
+        year = pd.to_numeric(df["year"], errors="coerce")
+    if "title" in df:  # an empty year falls back to a "(1995)" suffix of the title
+        year = year.fillna(_year_from_title(df["title"]))
+    return pd.DataFrame(
+        {
+            "item": df["item"],
+            "title": df.get("title", ""),
+            "genres": _split_genres(df["genres"])
+            if "genres" in df
+            else [[] for _ in range(len(df))],
+            "year": year.astype(float),
+        }
+    )
 
 
 def _generic_users(path: Path) -> pd.DataFrame:
-    table, _ = read_table_file(path, [ColumnSpec("user", STR), ColumnSpec("age", STR, False),
-                                      ColumnSpec("gender", STR, False),
-                                      ColumnSpec("occupation", STR, False),
-                                      ColumnSpec("zip", STR, False)])
+    table, _ = read_table_file(
+        path,
+        [
+            ColumnSpec("user", STR),
+            ColumnSpec("age", STR, False),
+            ColumnSpec("gender", STR, False),
+            ColumnSpec("occupation", STR, False),
+            ColumnSpec("zip", STR, False),
+        ],
+    )
     df = table.to_pandas()
     out = pd.DataFrame({"user": df["user"]})
     out["age"] = pd.to_numeric(df["age"], errors="coerce") if "age" in df else np.nan
     for col in ("gender", "occupation", "zip"):
-        out[col] = df[col] if col in df else ""
+        out[col] = df.get(col, "")
     return out
 
 

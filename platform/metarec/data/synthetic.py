@@ -18,11 +18,41 @@ from metarec.data.sources import RawData
 
 __all__ = ["GENRES", "generate"]
 
-GENRES = ("Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-          "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
-          "Thriller", "War", "Western")
-OCCUPATIONS = ("artist", "educator", "engineer", "healthcare", "homemaker", "lawyer",
-               "programmer", "retired", "sales", "scientist", "student", "writer", "other")
+GENRES = (
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+)
+OCCUPATIONS = (
+    "artist",
+    "educator",
+    "engineer",
+    "healthcare",
+    "homemaker",
+    "lawyer",
+    "programmer",
+    "retired",
+    "sales",
+    "scientist",
+    "student",
+    "writer",
+    "other",
+)
 _CHUNK = 1 << 20  # rows per vectorized chunk: bounds peak memory at 10M+ ratings
 _T0, _T1 = 946_684_800, 1_609_459_200  # 2000-01-01 .. 2021-01-01, unix seconds
 
@@ -43,7 +73,9 @@ def generate(cfg: SyntheticConfig, *, seed: int) -> RawData:
     popularity = rng.normal(size=n_i)
     item_bias = (0.25 * popularity + 0.3 * rng.normal(size=n_i)).astype(np.float32)
     # Users: personal taste (u0 -> u1 drift), bias, and demographic features with an effect.
-    age = rng.choice([16, 21, 30, 40, 47, 53, 60], size=n_u, p=[.05, .2, .3, .2, .1, .08, .07])
+    age = rng.choice(
+        [16, 21, 30, 40, 47, 53, 60], size=n_u, p=[0.05, 0.2, 0.3, 0.2, 0.1, 0.08, 0.07]
+    )
     u0 = rng.normal(size=(n_u, d)).astype(np.float32)  # (U, D)
     u1 = (u0 + cfg.drift * rng.normal(size=(n_u, d))).astype(np.float32)
     user_bias = (0.45 * rng.normal(size=n_u)).astype(np.float32)
@@ -60,31 +92,48 @@ def generate(cfg: SyntheticConfig, *, seed: int) -> RawData:
         s = slice(lo, lo + _CHUNK)
         uu, ii, t = user[s], item[s], tau[s, None]
         taste = (1 - t) * u0[uu] + t * u1[uu]  # (N, D): taste drifts along the timeline
-        score[s] = (3.55 + user_bias[uu] + item_bias[ii]
-                    + 1.1 * np.einsum("nd,nd->n", taste, v[ii])
-                    - 0.25 * age_z[uu] * year_z[ii]  # older users prefer older films
-                    + cfg.noise * rng.normal(size=len(uu)).astype(np.float32))
+        score[s] = (
+            3.55
+            + user_bias[uu]
+            + item_bias[ii]
+            + 1.1 * np.einsum("nd,nd->n", taste, v[ii])
+            - 0.25 * age_z[uu] * year_z[ii]  # older users prefer older films
+            + cfg.noise * rng.normal(size=len(uu)).astype(np.float32)
+        )
     rating = np.clip(np.rint(score), 1, 5).astype(np.float64)
-    ratings = pd.DataFrame({"user": user + 1, "item": item + 1, "rating": rating,
-                            "timestamp": ts, "line": np.arange(1, len(user) + 1)})
+    ratings = pd.DataFrame(
+        {
+            "user": user + 1,
+            "item": item + 1,
+            "rating": rating,
+            "timestamp": ts,
+            "line": np.arange(1, len(user) + 1),
+        }
+    )
     genre_names = np.array(GENRES, dtype=object)
-    items = pd.DataFrame({
-        "item": np.arange(1, n_i + 1),
-        "title": [f"Synthetic item {i + 1} ({int(y)})" for i, y in enumerate(year)],
-        "genres": [list(genre_names[row > 0]) for row in multi_hot],
-        "year": year.astype(float),
-    })
-    users = pd.DataFrame({
-        "user": np.arange(1, n_u + 1), "age": age.astype(float),
-        "gender": rng.choice(["F", "M"], size=n_u),
-        "occupation": rng.choice(OCCUPATIONS, size=n_u),
-        "zip": [f"{z:05d}" for z in rng.integers(0, 100_000, size=n_u)],
-    })
+    items = pd.DataFrame(
+        {
+            "item": np.arange(1, n_i + 1),
+            "title": [f"Synthetic item {i + 1} ({int(y)})" for i, y in enumerate(year)],
+            "genres": [list(genre_names[row > 0]) for row in multi_hot],
+            "year": year.astype(float),
+        }
+    )
+    users = pd.DataFrame(
+        {
+            "user": np.arange(1, n_u + 1),
+            "age": age.astype(float),
+            "gender": rng.choice(["F", "M"], size=n_u),
+            "occupation": rng.choice(OCCUPATIONS, size=n_u),
+            "zip": [f"{z:05d}" for z in rng.integers(0, 100_000, size=n_u)],
+        }
+    )
     return RawData(ratings, items, users, [], "synthetic")
 
 
-def _sample_pairs(rng: np.random.Generator, n_u: int, n_i: int, cfg: SyntheticConfig,
-                  popularity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _sample_pairs(
+    rng: np.random.Generator, n_u: int, n_i: int, cfg: SyntheticConfig, popularity: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Draw each user's rated items without replacement, vectorized over users.
 
     Oversample with replacement, drop repeats, keep the first ``n_u`` per user (random order).

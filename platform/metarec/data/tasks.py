@@ -26,20 +26,27 @@ import pyarrow as pa
 
 from metarec.errors import DataError
 
-__all__ = ["SPLITS", "Protocol", "auto_cut_year", "build_scenarios", "filter_users",
-           "tasks_table"]
+__all__ = ["SPLITS", "Protocol", "auto_cut_year", "build_scenarios", "filter_users", "tasks_table"]
 
 SPLITS = ("train", "valid", "test")
-TASK_SCHEMA = pa.schema([
-    ("user", pa.int32()),
-    ("support_items", pa.list_(pa.int32())),
-    ("support_ratings", pa.list_(pa.float32())),
-    ("query_items", pa.list_(pa.int32())),
-    ("query_ratings", pa.list_(pa.float32())),
-])
+TASK_SCHEMA = pa.schema(
+    [
+        ("user", pa.int32()),
+        ("support_items", pa.list_(pa.int32())),
+        ("support_ratings", pa.list_(pa.float32())),
+        ("query_items", pa.list_(pa.int32())),
+        ("query_ratings", pa.list_(pa.float32())),
+    ]
+)
 # Independent random streams per purpose, so adding a scenario never changes another one.
-_STREAM = {"users": 1, "user_cold": 2, "warm": 3, "item_cold": 4, "user_item_cold": 5,
-           "temporal": 6}
+_STREAM = {
+    "users": 1,
+    "user_cold": 2,
+    "warm": 3,
+    "item_cold": 4,
+    "user_item_cold": 5,
+    "temporal": 6,
+}
 
 
 @dataclass(frozen=True)
@@ -58,15 +65,18 @@ class Protocol:
         return max(1, self.min_ratings - self.query_size)
 
 
-def filter_users(ratings: pd.DataFrame, *, min_ratings: int, max_ratings: int
-                 ) -> tuple[pd.DataFrame, dict[str, int]]:
+def filter_users(
+    ratings: pd.DataFrame, *, min_ratings: int, max_ratings: int
+) -> tuple[pd.DataFrame, dict[str, int]]:
     """Keep users whose rating count lies in [min_ratings, max_ratings] (MeLU's filter)."""
     counts = np.bincount(ratings["user"].to_numpy(), minlength=1)
     per_row = counts[ratings["user"].to_numpy()]
     keep = (per_row >= min_ratings) & (per_row <= max_ratings)
     rated = counts > 0
-    stats = {"users_too_few": int((rated & (counts < min_ratings)).sum()),
-             "users_too_many": int((counts > max_ratings).sum())}
+    stats = {
+        "users_too_few": int((rated & (counts < min_ratings)).sum()),
+        "users_too_many": int((counts > max_ratings).sum()),
+    }
     return ratings[keep].reset_index(drop=True), stats
 
 
@@ -79,32 +89,43 @@ def auto_cut_year(ratings: pd.DataFrame, item_year: np.ndarray, new_share: float
     years = item_year[ratings["item"].to_numpy()]
     years = years[np.isfinite(years)]
     if len(years) == 0:
-        raise DataError("item release years: none known, so item-cold scenarios cannot be "
-                        "built; give items a year, or choose --scenarios user_cold,temporal")
+        raise DataError(
+            "item release years: none known, so item-cold scenarios cannot be "
+            "built; give items a year, or choose --scenarios user_cold,temporal"
+        )
     uniq, counts = np.unique(years, return_counts=True)
     newer_share = 1.0 - np.cumsum(counts) / len(years)  # share of ratings on items newer than y
     ok = uniq[newer_share >= new_share]
     return int(ok.max() if len(ok) else uniq.min())
 
 
-def build_scenarios(ratings: pd.DataFrame, item_year: np.ndarray, protocol: Protocol,
-                    scenarios: tuple[str, ...]) -> dict[str, dict[str, pa.Table]]:
+def build_scenarios(
+    ratings: pd.DataFrame, item_year: np.ndarray, protocol: Protocol, scenarios: tuple[str, ...]
+) -> dict[str, dict[str, pa.Table]]:
     """Return ``{scenario: {split: tasks table}}`` for the requested scenarios."""
     if "temporal" in scenarios and "timestamp" not in ratings:
-        raise DataError("scenario temporal: the source has no timestamps; expected a timestamp "
-                        "column. Drop temporal from --scenarios.")
+        raise DataError(
+            "scenario temporal: the source has no timestamps; expected a timestamp "
+            "column. Drop temporal from --scenarios."
+        )
     part = _partition_users(ratings["user"].to_numpy(), protocol)
-    r = ratings.assign(part=part[ratings["user"].to_numpy()],
-                       new=_is_new(item_year, ratings["item"].to_numpy(), protocol.cut_year))
+    r = ratings.assign(
+        part=part[ratings["user"].to_numpy()],
+        new=_is_new(item_year, ratings["item"].to_numpy(), protocol.cut_year),
+    )
     out: dict[str, dict[str, pa.Table]] = {}
     q, rng = protocol.query_size, lambda name: _rng(protocol.seed, name)
     if "user_cold" in scenarios:
         g = rng("user_cold")
-        out["user_cold"] = {s: _random_tasks(r[r.part == i], q, protocol.min_support, g)
-                            for i, s in enumerate(SPLITS)}
+        out["user_cold"] = {
+            s: _random_tasks(r[r.part == i], q, protocol.min_support, g)
+            for i, s in enumerate(SPLITS)
+        }
     if "temporal" in scenarios:
-        out["temporal"] = {s: _temporal_tasks(r[r.part == i], q, protocol.min_support)
-                           for i, s in enumerate(SPLITS)}
+        out["temporal"] = {
+            s: _temporal_tasks(r[r.part == i], q, protocol.min_support)
+            for i, s in enumerate(SPLITS)
+        }
     needs_warm = {"warm", "item_cold", "user_item_cold"} & set(scenarios)
     if needs_warm:
         warm_train, warm_eval = _warm(r, protocol, rng("warm"))
@@ -116,9 +137,14 @@ def build_scenarios(ratings: pd.DataFrame, item_year: np.ndarray, protocol: Prot
             out["item_cold"] = {"train": warm_train, **_halves(cand, g)}
         if "user_item_cold" in scenarios:
             g = rng("user_item_cold")
-            out["user_item_cold"] = {"train": warm_train, **{
-                s: _new_item_tasks(r[r.part == i], q, protocol.min_support, g)
-                for i, s in enumerate(SPLITS) if i > 0}}
+            out["user_item_cold"] = {
+                "train": warm_train,
+                **{
+                    s: _new_item_tasks(r[r.part == i], q, protocol.min_support, g)
+                    for i, s in enumerate(SPLITS)
+                    if i > 0
+                },
+            }
     return out
 
 
@@ -161,8 +187,7 @@ def _enough(df: pd.DataFrame, need: int) -> pd.DataFrame:
     return df[counts[df["user"].to_numpy()] >= need]
 
 
-def _random_tasks(df: pd.DataFrame, q: int, min_support: int, g: np.random.Generator
-                  ) -> pa.Table:
+def _random_tasks(df: pd.DataFrame, q: int, min_support: int, g: np.random.Generator) -> pa.Table:
     """Query = ``q`` ratings drawn uniformly per user; support = the rest."""
     df = _enough(df, q + min_support)
     order_key = g.random(len(df))
@@ -178,8 +203,9 @@ def _temporal_tasks(df: pd.DataFrame, q: int, min_support: int) -> pa.Table:
     return tasks_table(df, is_query=rank >= count - q, order_key=ts)
 
 
-def _warm(r: pd.DataFrame, p: Protocol, g: np.random.Generator
-          ) -> tuple[pa.Table, dict[str, pa.Table]]:
+def _warm(
+    r: pd.DataFrame, p: Protocol, g: np.random.Generator
+) -> tuple[pa.Table, dict[str, pa.Table]]:
     """Warm start: train users on existing items, with ``q`` ratings held out for evaluation."""
     q = p.query_size
     old = r[(r.part == 0) & ~r.new]
@@ -198,15 +224,16 @@ def _warm(r: pd.DataFrame, p: Protocol, g: np.random.Generator
     is_query = held[evaluable]
     valid_rows = in_valid[ev["user"].to_numpy()]
     return train, {
-        "valid": tasks_table(ev[valid_rows], is_query=is_query[valid_rows],
-                             order_key=key[evaluable][valid_rows]),
-        "test": tasks_table(ev[~valid_rows], is_query=is_query[~valid_rows],
-                            order_key=key[evaluable][~valid_rows]),
+        "valid": tasks_table(
+            ev[valid_rows], is_query=is_query[valid_rows], order_key=key[evaluable][valid_rows]
+        ),
+        "test": tasks_table(
+            ev[~valid_rows], is_query=is_query[~valid_rows], order_key=key[evaluable][~valid_rows]
+        ),
     }
 
 
-def _new_item_tasks(df: pd.DataFrame, q: int, min_support: int, g: np.random.Generator
-                    ) -> pa.Table:
+def _new_item_tasks(df: pd.DataFrame, q: int, min_support: int, g: np.random.Generator) -> pa.Table:
     """Support = the user's existing-item ratings; query = ``q`` random new-item ratings."""
     users, new = df["user"].to_numpy(), df["new"].to_numpy()
     n_new = np.bincount(users[new], minlength=int(users.max(initial=0)) + 1)
@@ -251,8 +278,13 @@ def tasks_table(df: pd.DataFrame, *, is_query: np.ndarray, order_key: np.ndarray
         np.cumsum(sizes, out=offsets[1:])
         return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[mask], type=kind))
 
-    return pa.Table.from_arrays([
-        pa.array(uniq.astype(np.int32)),
-        lists(~qf, n_sup, items, pa.int32()), lists(~qf, n_sup, ratings, pa.float32()),
-        lists(qf, n_qry, items, pa.int32()), lists(qf, n_qry, ratings, pa.float32()),
-    ], schema=TASK_SCHEMA)
+    return pa.Table.from_arrays(
+        [
+            pa.array(uniq.astype(np.int32)),
+            lists(~qf, n_sup, items, pa.int32()),
+            lists(~qf, n_sup, ratings, pa.float32()),
+            lists(qf, n_qry, items, pa.int32()),
+            lists(qf, n_qry, ratings, pa.float32()),
+        ],
+        schema=TASK_SCHEMA,
+    )

@@ -1,0 +1,39 @@
+"""Shared fixtures: the ML-100k location, small prepared datasets (session-scoped, seeded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from metarec.config import load_config
+from metarec.data.prepare import prepare
+
+REPO = Path(__file__).resolve().parents[1]
+ML100K = REPO.parent / "shared" / "datasets" / "ml-100k"
+
+
+@pytest.fixture(scope="session")
+def ml100k_dir() -> Path:
+    if not (ML100K / "u.data").is_file():
+        pytest.skip(f"ml-100k not found at {ML100K}")
+    return ML100K
+
+
+@pytest.fixture(scope="session")
+def ml100k_prepared(ml100k_dir, tmp_path_factory):
+    cfg = load_config(None, **{"data.source": "ml-100k", "data.input": str(ml100k_dir)})
+    return prepare(cfg, tmp_path_factory.mktemp("ml100k") / "data", progress=False)
+
+
+@pytest.fixture(scope="session")
+def synthetic_cfg():
+    return load_config(
+        REPO / "configs" / "demo.yaml",
+        **{"data.synthetic.n_users": 600, "data.synthetic.n_items": 300},
+    )
+
+
+@pytest.fixture(scope="session")
+def synthetic_prepared(synthetic_cfg, tmp_path_factory):
+    return prepare(synthetic_cfg, tmp_path_factory.mktemp("syn") / "data", progress=False)

@@ -1,0 +1,136 @@
+"""The `metarec` command as a user runs it: real subprocesses, exit codes, no tracebacks."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def run(*args, cwd=REPO):
+    return subprocess.run(
+        [sys.executable, "-m", "metarec.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("args", [["--help"], ["prepare", "--help"], ["info", "--help"]])
+def test_help_everywhere(args):
+    res = run(*args)
+    assert res.returncode == 0 and "usage: metarec" in res.stdout
+
+
+def test_prepare_synthetic_prints_summary_and_info_reads_it(tmp_path):
+    out = tmp_path / "demo"
+    res = run(
+        "prepare",
+        "--config",
+        "configs/demo.yaml",
+        "--users",
+        "300",
+        "--items",
+        "200",
+        "--out",
+        str(out),
+        "--no-progress",
+    )
+    assert res.returncode == 0, res.stderr
+    assert "user_cold" in res.stdout and f"wrote {out}" in res.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["generator"]["n_users"] == 300
+    info = run("info", "--data", str(out))
+    assert info.returncode == 0 and manifest["dataset_hash"] in info.stdout
+
+
+def test_prepare_ml100k_with_flags(ml100k_dir, tmp_path):
+    res = run(
+        "prepare",
+        "--source",
+        "ml-100k",
+        "--input",
+        str(ml100k_dir),
+        "--out",
+        str(tmp_path / "d"),
+        "--scenarios",
+        "user_cold,temporal",
+        "--query-size",
+        "5",
+        "--no-progress",
+    )
+    assert res.returncode == 0, res.stderr
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert list(manifest["scenarios"]) == ["user_cold", "temporal"]
+    assert manifest["protocol"]["query_size"] == 5
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["prepare", "--source", "ml-100k", "--input", "/nonexistent", "--out", "x"],
+            "error: --input /nonexistent: no u.data found there",
+        ),
+        (["prepare", "--source", "ratings", "--out", "x"], "error: --input: required"),
+        (
+            ["prepare", "--out", "x", "--set", "data.query_size=0"],
+            "error: data.query_size: got 0; expected an int >= 1",
+        ),
+        (
+            ["prepare", "--out", "x", "--scenarios", "user_cold,cold"],
+            "error: data.scenarios[1]: got 'cold'",
+        ),
+        (["info", "--data", "/nonexistent"], "error: /nonexistent: no manifest.json"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line_and_no_traceback(args, message, tmp_path):
+    res = run(*args, cwd=tmp_path) if args[0] == "info" else run(*args)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1].startswith(message)
+    assert "Traceback" not in res.stderr
+
+
+def test_bad_data_file_is_named_with_its_line(tmp_path):
+    bad = tmp_path / "r.csv"
+    bad.write_text("user,item,rating\n1,2,3\n1,3,4,5\n")
+    res = run(
+        "prepare",
+        "--source",
+        "ratings",
+        "--input",
+        str(bad),
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
+    )
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"error: {bad} line 3: got 4 fields; expected 3" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_jobs_entrypoint_runs_without_install(tmp_path):
+    res = subprocess.run(
+        [
+            sys.executable,
+            "jobs/prepare.py",
+            "--config",
+            "configs/demo.yaml",
+            "--users",
+            "100",
+            "--items",
+            "100",
+            "--out",
+            str(tmp_path / "j"),
+            "--no-progress",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "j" / "manifest.json").is_file()
