@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from metarec.config import load_config
 from metarec.data.prepare import prepare
 
 REPO = Path(__file__).resolve().parents[1]
-ML100K = REPO.parent / "shared" / "datasets" / "ml-100k"
+ML100K = Path(os.environ.get("METAREC_ML100K", REPO.parent / "shared" / "datasets" / "ml-100k"))
 
 
 @pytest.fixture(scope="session")
