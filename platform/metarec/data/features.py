@@ -82,6 +82,9 @@ def _drop_duplicates(
 ) -> tuple[pd.DataFrame, int]:
     """Policy: a repeated (user, item) keeps its latest rating (by timestamp, then by line)."""
     key = df["user"].to_numpy(np.int64) * n_items + df["item"].to_numpy(np.int64)
+    sorted_key = np.sort(key)
+    if not (sorted_key[1:] == sorted_key[:-1]).any():  # the common case: one cheap sort
+        return df, 0
     ts = df["timestamp"].to_numpy() if "timestamp" in df else np.zeros(len(df), np.int64)
     order = np.lexsort((line, ts, key))  # last row of each key group = latest
     k = key[order]

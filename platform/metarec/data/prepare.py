@@ -45,12 +45,15 @@ def prepare(cfg: MetarecConfig, out: str | Path, *, progress: bool = True) -> Pr
         )
         step("encode")
         enc = encode(raw)
+        source = _source_info(cfg, raw)
+        n_raw, rating_file = len(raw.ratings), raw.rating_file
+        del raw  # the raw frame is the largest one; free it before building tasks
         ratings, dropped_users = filter_users(
             enc.ratings, min_ratings=d.min_ratings, max_ratings=d.max_ratings
         )
         if len(ratings) == 0:
             raise DataError(
-                f"{raw.rating_file}: no user has {d.min_ratings}-{d.max_ratings} "
+                f"{rating_file}: no user has {d.min_ratings}-{d.max_ratings} "
                 "ratings; expected at least one. Lower --min-ratings or raise "
                 "--max-ratings."
             )
@@ -70,8 +73,8 @@ def prepare(cfg: MetarecConfig, out: str | Path, *, progress: bool = True) -> Pr
         tasks = build_scenarios(ratings, enc.item_year, protocol, scenarios)
         step("write")
         manifest = _manifest(
-            cfg,
-            raw,
+            source,
+            n_raw,
             enc.cleaning | dropped_users,
             ratings,
             enc,
@@ -109,17 +112,27 @@ def _available(
     return tuple(s for s in requested if s not in skipped), skipped
 
 
+def _source_info(cfg: MetarecConfig, raw: RawData) -> dict[str, Any]:
+    source: dict[str, Any] = {
+        "name": cfg.data.source,
+        "files": {p.name: _file_info(p) for p in raw.files},
+    }
+    if cfg.data.source == "synthetic":
+        source["generator"] = cfg.to_dict()["data"]["synthetic"]
+    return source
+
+
 def _file_info(path: Path) -> dict[str, Any]:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return {"sha256": h.hexdigest(), "bytes": path.stat().st_size}
+        return {
+            "sha256": hashlib.file_digest(f, "sha256").hexdigest(),
+            "bytes": path.stat().st_size,
+        }
 
 
 def _manifest(
-    cfg: MetarecConfig,
-    raw: RawData,
+    source: dict[str, Any],
+    n_raw: int,
     dropped: dict[str, int],
     ratings: Any,
     enc: Any,
@@ -129,10 +142,6 @@ def _manifest(
     *,
     cut_auto: bool,
 ) -> dict[str, Any]:
-    d = cfg.data
-    source: dict[str, Any] = {"name": d.source, "files": {p.name: _file_info(p) for p in raw.files}}
-    if d.source == "synthetic":
-        source["generator"] = cfg.to_dict()["data"]["synthetic"]
     r = ratings["rating"].to_numpy()
     return {
         "metarec_version": __version__,
@@ -149,7 +158,7 @@ def _manifest(
             "duplicates": "a repeated (user, item) keeps its latest rating",
         },
         "counts": {
-            "ratings_raw": len(raw.ratings),
+            "ratings_raw": n_raw,
             "ratings_kept": len(ratings),
             "users_kept": int(ratings["user"].nunique()),
             "users": enc.users.num_rows,

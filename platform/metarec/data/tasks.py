@@ -109,6 +109,8 @@ def build_scenarios(
             "column. Drop temporal from --scenarios."
         )
     part = _partition_users(ratings["user"].to_numpy(), protocol)
+    if "temporal" in scenarios:
+        ratings = ratings.assign(time_key=_time_keys(ratings))
     r = ratings.assign(
         part=part[ratings["user"].to_numpy()],
         new=_is_new(item_year, ratings["item"].to_numpy(), protocol.cut_year),
@@ -159,7 +161,7 @@ def _is_new(item_year: np.ndarray, items: np.ndarray, cut: int) -> np.ndarray:
 
 def _partition_users(users: np.ndarray, protocol: Protocol) -> np.ndarray:
     """(n_users,) int8: 0 train, 1 valid, 2 test; -1 for users with no ratings left."""
-    uniq = np.unique(users)
+    uniq = np.flatnonzero(np.bincount(users, minlength=1))  # sorted; np.unique hashes slowly
     n = int(users.max()) + 1 if len(users) else 0
     perm = _rng(protocol.seed, "users").permutation(uniq)
     bounds = np.round(np.cumsum(protocol.split)[:2] * len(uniq)).astype(int)
@@ -168,9 +170,41 @@ def _partition_users(users: np.ndarray, protocol: Protocol) -> np.ndarray:
     return part
 
 
-def _group_rank(users: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rank of each row within its user by ``key`` (0 = smallest) and the user's row count."""
-    order = np.lexsort((key, users))
+def _random_keys(g: np.random.Generator, n: int) -> np.ndarray:
+    return g.integers(0, 1 << 32, size=n, dtype=np.int64)
+
+
+def _user_order(users: np.ndarray, key: np.ndarray, flag: np.ndarray | None = None) -> np.ndarray:
+    """Stable order by (user, flag, key), as one integer sort: 3-4x faster than np.lexsort.
+
+    ``key`` must lie in [0, 2**32) and users in [0, 2**30).
+    """
+    composite = users.astype(np.uint64) << np.uint64(34)
+    if flag is not None:
+        composite |= flag.astype(np.uint64) << np.uint64(33)
+    composite |= key.astype(np.uint64)
+    return np.argsort(composite, kind="stable")
+
+
+def _time_keys(ratings: pd.DataFrame) -> np.ndarray:
+    """Global rank of each rating by (timestamp, item): a compact key for temporal order."""
+    ts = ratings["timestamp"].to_numpy(np.int64)
+    items = ratings["item"].to_numpy(np.int64)
+    span = int(ts.max() - ts.min()) if len(ts) else 0
+    if span < (1 << 38) and int(items.max(initial=0)) < (1 << 24):
+        order = np.argsort((ts - ts.min(initial=0)) << 24 | items, kind="stable")
+    else:  # astronomically long time spans or huge catalogues: the slower general sort
+        order = np.lexsort((items, ts))
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return rank
+
+
+def _group_rank(
+    users: np.ndarray, key: np.ndarray, flag: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rank of each row within its user by (flag, key) (0 = smallest) and the user's count."""
+    order = _user_order(users, key, flag)
     su = users[order]
     start = np.r_[0, np.flatnonzero(su[1:] != su[:-1]) + 1]
     sizes = np.diff(np.r_[start, len(su)])
@@ -190,7 +224,7 @@ def _enough(df: pd.DataFrame, need: int) -> pd.DataFrame:
 def _random_tasks(df: pd.DataFrame, q: int, min_support: int, g: np.random.Generator) -> pa.Table:
     """Query = ``q`` ratings drawn uniformly per user; support = the rest."""
     df = _enough(df, q + min_support)
-    order_key = g.random(len(df))
+    order_key = _random_keys(g, len(df))
     rank, _ = _group_rank(df["user"].to_numpy(), order_key)
     return tasks_table(df, is_query=rank < q, order_key=order_key)
 
@@ -198,7 +232,7 @@ def _random_tasks(df: pd.DataFrame, q: int, min_support: int, g: np.random.Gener
 def _temporal_tasks(df: pd.DataFrame, q: int, min_support: int) -> pa.Table:
     """Query = each user's ``q`` latest ratings (ties broken by item id)."""
     df = _enough(df, q + min_support)
-    ts = df["timestamp"].to_numpy() * np.int64(1 << 24) + df["item"].to_numpy()
+    ts = df["time_key"].to_numpy()
     rank, count = _group_rank(df["user"].to_numpy(), ts)
     return tasks_table(df, is_query=rank >= count - q, order_key=ts)
 
@@ -210,14 +244,14 @@ def _warm(
     q = p.query_size
     old = r[(r.part == 0) & ~r.new]
     counts = np.bincount(old["user"].to_numpy(), minlength=1)
-    key = g.random(len(old))
+    key = _random_keys(g, len(old))
     users = old["user"].to_numpy()
     rank, _ = _group_rank(users, key)
     # Only users who keep a full train task after the hold-out are evaluated warm.
     evaluable = counts[users] >= 2 * q + p.min_support
     held = evaluable & (rank < q)
     train = _random_tasks(old[~held], q, p.min_support, g)
-    eval_users = np.unique(users[evaluable])
+    eval_users = np.flatnonzero(np.bincount(users[evaluable], minlength=1))
     in_valid = np.zeros(len(counts), dtype=bool)
     in_valid[g.permutation(eval_users)[: len(eval_users) // 2]] = True
     ev = old[evaluable]
@@ -240,9 +274,9 @@ def _new_item_tasks(df: pd.DataFrame, q: int, min_support: int, g: np.random.Gen
     n_old = np.bincount(users[~new], minlength=len(n_new))
     ok = (n_new[users] >= q) & (n_old[users] >= min_support)
     df, new = df[ok], new[ok]
-    key = g.random(len(df))
-    # Rank new-item rows among themselves: offset old rows past every new one.
-    rank, _ = _group_rank(df["user"].to_numpy(), np.where(new, key, 2.0 + key))
+    key = _random_keys(g, len(df))
+    # Rank new-item rows among themselves: old rows sort after every new one.
+    rank, _ = _group_rank(df["user"].to_numpy(), key, flag=~new)
     is_query = new & (rank < q)
     keep = is_query | ~new  # new-item ratings beyond the query are not shown to the model
     return tasks_table(df[keep], is_query=is_query[keep], order_key=key[keep])
@@ -260,14 +294,15 @@ def tasks_table(df: pd.DataFrame, *, is_query: np.ndarray, order_key: np.ndarray
 
     Args:
         df: rows of (user, item, rating); ``is_query`` and ``order_key`` align with it.
+        order_key: ints in [0, 2**32) ordering rows within support and within query.
     """
     users = df["user"].to_numpy()
     is_query = np.asarray(is_query, dtype=bool)
-    order = np.lexsort((order_key, is_query, users))  # per user: support rows, then query rows
+    order = _user_order(users, order_key, flag=is_query)  # per user: support, then query rows
     u, qf = users[order], is_query[order]
     items = df["item"].to_numpy(np.int32)[order]
     ratings = df["rating"].to_numpy(np.float32)[order]
-    uniq = np.unique(u)
+    uniq = u[np.r_[True, u[1:] != u[:-1]]] if len(u) else u
     n_sup = np.bincount(np.searchsorted(uniq, u[~qf]), minlength=len(uniq))
     n_qry = np.bincount(np.searchsorted(uniq, u[qf]), minlength=len(uniq))
     if len(uniq) and (n_sup.min() == 0 or n_qry.min() == 0):
