@@ -16,6 +16,13 @@ CORE = [
     "metarec.data.features",
     "metarec.data.prepared",
     "metarec.data.download",
+    "metarec.model",
+    "metarec.meta",
+    "metarec.batch",
+    "metarec.metrics",
+    "metarec.baselines",
+    "metarec.loop",
+    "metarec.evaluate",
 ]
 
 

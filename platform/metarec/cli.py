@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from metarec import __version__
 from metarec.config import SCENARIOS, SOURCES, load_config
-from metarec.errors import MetarecError
+from metarec.errors import ConfigError, MetarecError
 
 __all__ = ["main"]
 
@@ -127,6 +127,83 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="meta-train and compare against every baseline -> results.json",
+        description="Meta-train in-process with the config's settings for each seed, tune the "
+        "baselines on validation users, and score every method on test users of each "
+        "scenario. Writes OUT/results.json and prints a table.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", required=True, metavar="DIR", help="prepared dataset directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="where results.json goes")
+    p.add_argument(
+        "--scenario",
+        dest="scenarios",
+        action="append",
+        metavar="S",
+        help="scenario to evaluate (repeatable; 'all' = every prepared one; "
+        "default: train.scenario)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        metavar="N",
+        help="training seeds; results are mean ± std over them",
+    )
+    p.add_argument(
+        "--baselines", default="all", help="comma-separated subset of baselines, 'all' or 'none'"
+    )
+    p.add_argument("--algorithm", help="meta.algorithm (maml|fomaml|metasgd|anil|reptile)")
+    p.add_argument("--epochs", type=int, help="train.epochs")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from metarec.data.prepared import open_prepared
+    from metarec.evaluate import BASELINES, evaluate, format_table, write_results
+
+    cfg = load_config(
+        args.config,
+        overrides=args.overrides,
+        **{"seed": args.seed, "meta.algorithm": args.algorithm, "train.epochs": args.epochs},
+    )
+    ds = open_prepared(args.data)
+    scenarios = args.scenarios or [cfg.train.scenario]
+    if "all" in scenarios:
+        scenarios = ds.scenarios
+    for s in scenarios:
+        ds.task_path(s, "test")  # unknown scenario -> clear error before any training
+    if args.baselines == "all":
+        baselines = BASELINES
+    elif args.baselines == "none":
+        baselines = ()
+    else:
+        baselines = tuple(b.strip() for b in args.baselines.split(",") if b.strip())
+        unknown = sorted(set(baselines) - set(BASELINES))
+        if unknown:
+            raise ConfigError(
+                f"--baselines: got {unknown[0]!r}; expected a subset of "
+                f"{list(BASELINES)}, 'all' or 'none'"
+            )
+    results = evaluate(
+        cfg,
+        ds,
+        scenarios=scenarios,
+        seeds=args.seeds,
+        baselines=baselines,
+        log=lambda msg: print(msg, file=sys.stderr, flush=True),
+    )
+    path = write_results(results, args.out)
+    print(format_table(results))
+    print(f"\nwrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metarec", description="Meta-learned personalization on Ray: users as tasks."
@@ -136,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _prepare_parser(sub)
     _info_parser(sub)
+    _evaluate_parser(sub)
     return parser
 
 

@@ -19,6 +19,7 @@ import yaml
 from metarec.errors import ConfigError
 
 __all__ = [
+    "ALGORITHMS",
     "SCENARIOS",
     "SOURCES",
     "DataConfig",
@@ -29,6 +30,9 @@ __all__ = [
 ]
 
 Scenario = Literal["user_cold", "warm", "item_cold", "user_item_cold", "temporal"]
+Algorithm = Literal["maml", "fomaml", "metasgd", "anil", "reptile"]
+Adapt = Literal["head", "mlp", "all"]
+ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 Source = Literal["synthetic", "ml-100k", "ml-1m", "ml-latest", "ratings"]
 SCENARIOS: tuple[str, ...] = get_args(Scenario)
 SOURCES: tuple[str, ...] = get_args(Source)
@@ -67,10 +71,50 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    """The recommender network (``metarec.model.Recommender``)."""
+
+    embedding_dim: int = 32  # D of every feature embedding (MeLU uses 32)
+    hidden: tuple[int, ...] = (64, 64)  # MLP widths
+    item_id_embedding: bool = True  # per-item embedding; unseen items fall back to features
+    user_features: bool = True  # embed user features when the dataset has them
+
+
+@dataclass(frozen=True)
+class MetaConfig:
+    """The meta-learning algorithm (``metarec.meta``)."""
+
+    algorithm: Algorithm = "maml"
+    adapt: Adapt = "mlp"  # which parameters adapt per user; anil forces "head"
+    inner_steps: int = 5  # gradient steps on a user's support set
+    inner_lr: float = 0.5  # step size of those steps (Meta-SGD: its initial value)
+    proximal: float = 0.0  # lambda of the inner proximal term lambda/2 |phi - theta|^2
+    outer_lr: float = 1e-3  # Adam step size of the meta-update
+    weight_decay: float = 0.0  # on the outer (Adam) update
+    grad_clip: float = 10.0  # max norm of the meta-gradient (guards against rare spikes)
+    meta_batch_size: int = 32  # tasks per meta-update
+    resample_query: bool = True  # re-split each training user's ratings every epoch
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop (in-process here; Ray Train wraps the same loop)."""
+
+    scenario: Scenario = "user_cold"
+    epochs: int = 40
+    patience: int = 6  # stop after this many epochs without a better valid MAE
+    eval_batch_size: int = 256  # tasks adapted at once during validation/evaluation
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass(frozen=True)
 class MetarecConfig:
     """Everything a run needs. Later stages add their sections here."""
 
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -117,6 +161,25 @@ class MetarecConfig:
             "data.scenarios",
             list(d.scenarios),
             f"a non-empty subset of {list(SCENARIOS)}",
+        )
+        m, t = self.meta, self.train
+        _require(m.inner_steps >= 0, "meta.inner_steps", m.inner_steps, "an int >= 0")
+        _require(m.inner_lr > 0, "meta.inner_lr", m.inner_lr, "a float > 0")
+        _require(m.outer_lr > 0, "meta.outer_lr", m.outer_lr, "a float > 0")
+        _require(m.proximal >= 0, "meta.proximal", m.proximal, "a float >= 0")
+        _require(m.meta_batch_size >= 1, "meta.meta_batch_size", m.meta_batch_size, "an int >= 1")
+        _require(t.epochs >= 1, "train.epochs", t.epochs, "an int >= 1")
+        _require(
+            t.device in ("auto", "cpu", "cuda"),
+            "train.device",
+            t.device,
+            "one of ['auto', 'cpu', 'cuda']",
+        )
+        _require(
+            len(self.model.hidden) >= 1 and min(self.model.hidden) >= 1,
+            "model.hidden",
+            list(self.model.hidden),
+            "one or more positive widths",
         )
         s = d.synthetic
         _require(s.n_users >= 10, "data.synthetic.n_users", s.n_users, "an int >= 10")

@@ -1,0 +1,134 @@
+"""Padded task tensors: a whole split at once, then cheap row selection per meta-batch.
+
+Support and query sizes differ per user, so tasks are padded to the longest in a batch with
+boolean masks. Conversion from the prepared Parquet list columns is vectorized (offsets and
+one scatter), and batches are cut from length-sorted windows so little of a batch is padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor
+
+__all__ = ["TaskBatch", "bucketed_batches", "from_table"]
+
+
+@dataclass(frozen=True)
+class TaskBatch:
+    """T tasks; padded entries have mask False (their item index 0 and rating 0 are dummies)."""
+
+    users: Tensor  # (T,) long
+    support_items: Tensor  # (T, S) long
+    support_ratings: Tensor  # (T, S) float
+    support_mask: Tensor  # (T, S) bool
+    query_items: Tensor  # (T, Q) long
+    query_ratings: Tensor  # (T, Q) float
+    query_mask: Tensor  # (T, Q) bool
+
+    @property
+    def num_tasks(self) -> int:
+        return int(self.users.shape[0])
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TaskBatch:
+        out = {}
+        for f in fields(self):
+            t = getattr(self, f.name).to(device)
+            out[f.name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        return TaskBatch(**out)
+
+    def select(self, index: Tensor) -> TaskBatch:
+        """Rows ``index``, trimmed to the longest support/query among them."""
+        s_len = int(self.support_mask[index].sum(1).max())
+        q_len = int(self.query_mask[index].sum(1).max())
+        return TaskBatch(
+            users=self.users[index],
+            support_items=self.support_items[index, :s_len],
+            support_ratings=self.support_ratings[index, :s_len],
+            support_mask=self.support_mask[index, :s_len],
+            query_items=self.query_items[index, :q_len],
+            query_ratings=self.query_ratings[index, :q_len],
+            query_mask=self.query_mask[index, :q_len],
+        )
+
+    def merged(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Support and query side by side: all of a task's ratings, (T, S+Q) each."""
+        return (
+            torch.cat([self.support_items, self.query_items], 1),
+            torch.cat([self.support_ratings, self.query_ratings], 1),
+            torch.cat([self.support_mask, self.query_mask], 1),
+        )
+
+    def resampled(self, query_size: int, generator: torch.Generator) -> TaskBatch:
+        """Re-split each task's ratings into a fresh random query of ``query_size``.
+
+        Meta-training sees a new support/query split of each training user every epoch, so
+        the learner cannot memorise which ratings are asked (vectorized: random keys + sort).
+        """
+        items, ratings, mask = self.merged()
+        keys = torch.rand(mask.shape, generator=generator).to(mask.device)
+        keys = keys.masked_fill(~mask, 2.0)  # padding sorts last
+        order = keys.argsort(1)
+        items, ratings, mask = (t.gather(1, order) for t in (items, ratings, mask))
+        rank = torch.arange(mask.shape[1], device=mask.device)
+        in_query = mask & (rank < query_size)
+        out_support = mask & ~in_query
+        s_len = int(out_support.sum(1).max())
+        return replace(
+            self,
+            support_items=items[:, query_size:][:, :s_len],
+            support_ratings=ratings[:, query_size:][:, :s_len],
+            support_mask=out_support[:, query_size:][:, :s_len],
+            query_items=items[:, :query_size],
+            query_ratings=ratings[:, :query_size],
+            query_mask=in_query[:, :query_size],
+        )
+
+
+def _pad(column: pa.ChunkedArray, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A list column -> (T, L) padded values and (T, L) mask, without a loop over rows."""
+    arr = column.combine_chunks()
+    offsets = arr.offsets.to_numpy()
+    values = arr.flatten().to_numpy(zero_copy_only=False)
+    lengths = np.diff(offsets)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    cols = np.arange(len(values)) - np.repeat(offsets[:-1] - offsets[0], lengths)
+    width = int(lengths.max(initial=1))
+    out = torch.zeros(len(lengths), width, dtype=dtype)
+    mask = torch.zeros(len(lengths), width, dtype=torch.bool)
+    r, c = torch.as_tensor(rows), torch.as_tensor(cols)
+    out[r, c] = torch.from_numpy(np.array(values)).to(dtype)  # copy: arrow buffers are read-only
+    mask[r, c] = True
+    return out, mask
+
+
+def from_table(table: pa.Table) -> TaskBatch:
+    """A prepared tasks table (one row per user) -> one padded TaskBatch of every task."""
+    s_items, s_mask = _pad(table.column("support_items"), torch.long)
+    s_ratings, _ = _pad(table.column("support_ratings"), torch.float32)
+    q_items, q_mask = _pad(table.column("query_items"), torch.long)
+    q_ratings, _ = _pad(table.column("query_ratings"), torch.float32)
+    users = torch.as_tensor(table.column("user").to_numpy().astype(np.int64))
+    return TaskBatch(users, s_items, s_ratings, s_mask, q_items, q_ratings, q_mask)
+
+
+def bucketed_batches(
+    lengths: Tensor, batch_size: int, generator: torch.Generator, *, window: int = 8
+) -> list[Tensor]:
+    """Shuffled meta-batches of similar support length (less padding, same randomness).
+
+    Tasks are shuffled, cut into windows of ``window * batch_size``, sorted by length inside
+    each window, cut into batches, and the batches are shuffled again.
+    """
+    perm = torch.randperm(len(lengths), generator=generator)
+    batches: list[Tensor] = []
+    span = window * batch_size
+    for lo in range(0, len(perm), span):
+        chunk = perm[lo : lo + span]
+        chunk = chunk[lengths[chunk].argsort(stable=True)]
+        batches.extend(chunk.split(batch_size))
+    order = torch.randperm(len(batches), generator=generator)
+    return [batches[i] for i in order]

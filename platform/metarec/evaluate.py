@@ -1,0 +1,224 @@
+"""Scenario x method evaluation: the meta-learner against every baseline, over seeds.
+
+Every method is a *scorer*: given evaluation tasks and items, it returns ratings using only
+each task's support set. The meta-learner and the fine-tuned global model score through the
+same ``meta.adapt`` that serving uses, so what is measured here is what a user gets.
+Baselines are tuned on validation users (grids in ``baselines``), then scored on test users.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from metarec.baselines import classic_baselines
+from metarec.batch import TaskBatch, from_table
+from metarec.config import MetarecConfig, apply_overrides
+from metarec.data.prepared import PreparedDataset
+from metarec.loop import fit, masked_mae
+from metarec.meta import MetaLearner, adapt, predict
+from metarec.metrics import catalog_metrics, mean_metrics, query_metrics
+
+__all__ = ["BASELINES", "AdaptedScorer", "evaluate", "format_table", "write_results"]
+
+BASELINES = (
+    "global_mean",
+    "item_mean",
+    "user_mean",
+    "bias",
+    "mf_foldin",
+    "global_model",
+    "finetune",
+)
+REPORTED = ("mae", "rmse", "ndcg@3", "p@5", "ndcg@5", "mrr@5", "recall@10", "ndcg@10")
+FINETUNE_LRS = (0.01, 0.03, 0.1, 0.3, 1.0)  # plus the meta-learner's own inner_lr
+
+
+class Scorer(Protocol):
+    def predict_items(self, tasks: TaskBatch, items: Tensor) -> Tensor: ...
+
+
+class AdaptedScorer:
+    """A network adapted per task on its support set, then scoring any items.
+
+    Args:
+        steps, inner_lr: the adaptation; defaults are the learner's own (meta-learned lrs
+            for Meta-SGD), overridden for the fine-tune baseline.
+    """
+
+    def __init__(
+        self,
+        learner: MetaLearner,
+        *,
+        steps: int | None = None,
+        inner_lr: float | None = None,
+        chunk: int = 256,
+    ) -> None:
+        self.learner, self.chunk = learner, chunk
+        self.steps = learner.cfg.inner_steps if steps is None else steps
+        lrs = learner.lrs() if inner_lr is None else inner_lr
+        self.lrs = {n: v.detach() for n, v in lrs.items()} if isinstance(lrs, dict) else lrs
+
+    def predict_items(self, tasks: TaskBatch, items: Tensor) -> Tensor:
+        model = self.learner.model
+        device = next(model.parameters()).device
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        out = []
+        for lo in range(0, tasks.num_tasks, self.chunk):
+            idx = torch.arange(lo, min(lo + self.chunk, tasks.num_tasks))
+            b = tasks.select(idx).to(device)
+            fast = adapt(
+                model,
+                params,
+                (b.users, b.support_items, b.support_ratings, b.support_mask),
+                names=self.learner.adapted,
+                steps=self.steps,
+                inner_lr=self.lrs,
+                proximal=self.learner.cfg.proximal,
+            )
+            with torch.no_grad():
+                out.append(predict(model, fast, items[idx].to(device), b.users).cpu())
+        return torch.cat(out)
+
+
+def score(scorer: Scorer, tasks: TaskBatch, n_items: int) -> dict[str, float]:
+    """Query metrics and full-catalogue ranking metrics, averaged over tasks."""
+    pred = scorer.predict_items(tasks, tasks.query_items)
+    metrics = query_metrics(pred.double(), tasks.query_ratings.double(), tasks.query_mask)
+    catalog = torch.arange(n_items).expand(tasks.num_tasks, n_items)
+    scores = scorer.predict_items(tasks, catalog)
+    rows = torch.arange(tasks.num_tasks)[:, None]
+    exclude = torch.zeros(tasks.num_tasks, n_items, dtype=torch.bool)
+    exclude[
+        rows.expand_as(tasks.support_items)[tasks.support_mask],
+        tasks.support_items[tasks.support_mask],
+    ] = True
+    positives = torch.zeros_like(exclude)
+    relevant = tasks.query_mask & (tasks.query_ratings >= 4.0)
+    positives[rows.expand_as(tasks.query_items)[relevant], tasks.query_items[relevant]] = True
+    metrics |= catalog_metrics(scores.double(), positives, exclude, k=10)
+    return mean_metrics(metrics)
+
+
+def _tuned(
+    make: Callable[[dict], Scorer], grid: Iterable[dict], valid: TaskBatch
+) -> tuple[Scorer, dict]:
+    """The grid point with the lowest validation MAE."""
+    best = None
+    for hp in grid:
+        scorer = make(hp)
+        mae = masked_mae(scorer.predict_items(valid, valid.query_items), valid)
+        if best is None or mae < best[0]:
+            best = (mae, scorer, hp)
+    assert best is not None
+    return best[1], best[2]
+
+
+def _run_seed(
+    cfg: MetarecConfig,
+    ds: PreparedDataset,
+    scenario: str,
+    baselines: tuple[str, ...],
+    log: Callable[[str], None],
+) -> dict[str, dict]:
+    train, valid, test = (from_table(ds.tasks(scenario, s)) for s in ("train", "valid", "test"))
+    n_items = ds.manifest["counts"]["items"]
+    results: dict[str, dict] = {}
+    method = cfg.meta.algorithm
+    log(f"[seed {cfg.seed}] meta-training {method} on {scenario}")
+    meta = fit(cfg, ds, scenario=scenario)
+    results[method] = score(AdaptedScorer(meta.learner), test, n_items)
+    grids = classic_baselines(seed=cfg.seed)
+    for name in (b for b in baselines if b in grids):
+        g = grids[name]
+        scorer, _ = _tuned(lambda hp, g=g: g.cls(**hp).fit(train, n_items=n_items), g.grid, valid)
+        results[name] = score(scorer, test, n_items)
+    if {"global_model", "finetune"} & set(baselines):
+        log(f"[seed {cfg.seed}] training the global model (no adaptation)")
+        plain = apply_overrides(cfg, **{"meta.inner_steps": 0, "meta.algorithm": "fomaml"})
+        glob = fit(plain, ds, scenario=scenario).learner
+        glob.cfg = cfg.meta  # adapt the same parameter group as the meta-learner
+        glob.adapted = meta.learner.adapted
+        if "global_model" in baselines:
+            results["global_model"] = score(AdaptedScorer(glob, steps=0), test, n_items)
+        if "finetune" in baselines:
+            lrs = sorted({*FINETUNE_LRS, cfg.meta.inner_lr})
+            scorer, _ = _tuned(
+                lambda hp: AdaptedScorer(glob, inner_lr=hp["lr"]), [{"lr": lr} for lr in lrs], valid
+            )
+            results["finetune"] = score(scorer, test, n_items)
+    return results
+
+
+def evaluate(
+    cfg: MetarecConfig,
+    ds: PreparedDataset,
+    *,
+    scenarios: Iterable[str],
+    seeds: Iterable[int],
+    baselines: Iterable[str] = BASELINES,
+    log: Callable[[str], None] = lambda _: None,
+) -> dict[str, dict[str, Any]]:
+    """``{scenario: {method: {metric: mean, "std": {...}, "per_seed": {...}}}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    seeds = list(seeds)
+    for scenario in scenarios:
+        runs = [
+            _run_seed(apply_overrides(cfg, seed=s), ds, scenario, tuple(baselines), log)
+            for s in seeds
+        ]
+        out[scenario] = {m: _aggregate([r[m] for r in runs]) for m in runs[0]}
+    return out
+
+
+def _aggregate(per_seed: list[dict[str, float]]) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    std: dict[str, float] = {}
+    for k in REPORTED:
+        vals = torch.tensor([r[k] for r in per_seed], dtype=torch.float64)
+        row[k] = float(vals.mean())
+        std[k] = float(vals.std(unbiased=False)) if len(vals) > 1 else 0.0
+    row["std"] = std
+    row["per_seed"] = {k: [r[k] for r in per_seed] for k in REPORTED}
+    return row
+
+
+def write_results(results: dict, out_dir: str | Path) -> Path:
+    """Write ``results.json`` atomically (temp file + rename)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".results-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(tmp, out / "results.json")
+    return out / "results.json"
+
+
+def format_table(
+    results: dict, *, metrics: tuple[str, ...] = ("mae", "rmse", "ndcg@3", "p@5", "recall@10")
+) -> str:
+    """A plain-text table per scenario: mean ± std over seeds, best per column marked *."""
+    lines = []
+    for scenario, methods in results.items():
+        lines.append(f"\n{scenario}")
+        lines.append(f"{'method':<14}" + "".join(f"{m:>17}" for m in metrics))
+        best = {
+            m: (min if m in ("mae", "rmse") else max)(
+                r[m] for r in methods.values() if not math.isnan(r[m])
+            )
+            for m in metrics
+        }
+        for name, r in methods.items():
+            cells = [
+                f"{r[m]:.4f}±{r['std'][m]:.4f}{'*' if r[m] == best[m] else ' '}" for m in metrics
+            ]
+            lines.append(f"{name:<14}" + "".join(f"{c:>17}" for c in cells))
+    return "\n".join(lines)

@@ -1,0 +1,202 @@
+"""The meta-learning core: one vectorized inner loop for the whole MAML family.
+
+Every task in a meta-batch adapts at once. Fast weights carry a leading task dimension T
+(``theta.expand(T, ...)``), and because the support loss is a *sum* of independent per-task
+losses, one ``autograd.grad`` of that sum gives every task its own gradient — T tasks cost
+one set of batched matmuls and one backward, not T of each. Second-order MAML keeps the
+graph (``create_graph=True``); FOMAML and Reptile drop it.
+
+Algorithms (``ALGORITHMS``; one dispatch point, ``meta_gradients``):
+- ``maml``    C. Finn et al., ICML 2017, https://arxiv.org/abs/1703.03400 (second order)
+- ``fomaml``  the same without second-order terms
+- ``metasgd`` Z. Li et al., 2017, https://arxiv.org/abs/1707.09835 (learned per-parameter
+              inner learning rates)
+- ``anil``    A. Raghu et al., ICLR 2020, https://arxiv.org/abs/1909.09157 (adapt the head only)
+- ``reptile`` A. Nichol et al., 2018, https://arxiv.org/abs/1803.02999 (meta-gradient
+              theta - mean(phi), fed to the outer optimizer as a gradient)
+An optional proximal term lambda/2 |phi - theta|^2 in the inner loss (A. Rajeswaran et al.,
+iMAML, NeurIPS 2019) keeps adapted weights near the meta-learned ones.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metarec.batch import TaskBatch
+from metarec.config import ALGORITHMS, MetaConfig
+from metarec.model import ADAPT_GROUPS, Params, Recommender
+
+__all__ = ["MetaLearner", "adapt", "masked_mse", "meta_gradients", "meta_loss", "predict"]
+
+
+class MetaLearner(nn.Module):
+    """The model θ plus, for Meta-SGD, learned inner learning rates α (same shapes as θ).
+
+    Args:
+        model: the recommender whose parameters are meta-learned.
+        cfg: the algorithm settings; decides which parameters adapt and whether α is learned.
+    """
+
+    def __init__(self, model: Recommender, cfg: MetaConfig) -> None:
+        super().__init__()
+        if cfg.algorithm not in ALGORITHMS:
+            raise ValueError(f"meta.algorithm: got {cfg.algorithm!r}; expected one of {ALGORITHMS}")
+        self.model = model
+        self.cfg = cfg
+        groups = ADAPT_GROUPS["head" if cfg.algorithm == "anil" else cfg.adapt]
+        self.adapted = [n for n, _ in model.named_parameters() if n.startswith(groups)]
+        # Meta-SGD learns log(α): Adam then changes α multiplicatively, which keeps it
+        # positive and stops the inner loop from diverging when α would overshoot.
+        self.log_inner_lrs = nn.ParameterDict()
+        if cfg.algorithm == "metasgd":
+            for n in self.adapted:
+                p = model.get_parameter(n)
+                self.log_inner_lrs[_key(n)] = nn.Parameter(
+                    torch.full_like(p, math.log(cfg.inner_lr))
+                )
+
+    def params(self) -> Params:
+        return dict(self.model.named_parameters())
+
+    def lrs(self) -> Params | float:
+        if not len(self.log_inner_lrs):
+            return self.cfg.inner_lr
+        return {n: self.log_inner_lrs[_key(n)].exp() for n in self.adapted}
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")  # ParameterDict keys cannot contain dots
+
+
+def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Per-task mean squared error over valid entries: (T, N) -> (T,)."""
+    m = mask.to(pred.dtype)
+    return ((pred - target) ** 2 * m).sum(-1) / m.sum(-1).clamp_min(1.0)
+
+
+def predict(model: Recommender, params: Params, items: Tensor, users: Tensor) -> Tensor:
+    """Ratings of ``items`` (T, N) for ``users`` (T,) under (possibly fast) ``params``."""
+    return functional_call(model, params, (items, users))
+
+
+def adapt(
+    model: Recommender,
+    params: Params,
+    support: tuple[Tensor, Tensor, Tensor, Tensor],
+    *,
+    names: list[str],
+    steps: int,
+    inner_lr: float | Params,
+    proximal: float = 0.0,
+    create_graph: bool = False,
+) -> Params:
+    """Fast weights after ``steps`` gradient steps on each task's support set, all at once.
+
+    Args:
+        support: (users (T,), items (T, S), ratings (T, S), mask (T, S)).
+        names: the adapted parameter names; the rest stay shared (no task dimension).
+        inner_lr: one step size, or one tensor per adapted parameter (Meta-SGD).
+        create_graph: keep second-order terms (MAML). Without it the returned weights
+            still depend on ``params`` to first order (FOMAML's gradient path).
+    Returns:
+        A full parameter dict; adapted entries have shape (T, *param.shape).
+    """
+    users, items, ratings, mask = support
+    t = users.shape[0]
+    theta = {n: params[n].expand(t, *params[n].shape) for n in names}  # (T, ...)
+    fast = dict(theta)
+    if steps == 0:
+        return {**params, **fast}
+    if not any(f.requires_grad for f in fast.values()):  # evaluation of detached weights
+        fast = {n: f.clone().requires_grad_() for n, f in fast.items()}
+        theta = {n: f.detach() for n, f in fast.items()}
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = masked_mse(predict(model, {**params, **fast}, items, users), ratings, mask)
+            if proximal:
+                loss = loss + 0.5 * proximal * sum(
+                    ((fast[n] - theta[n]) ** 2).flatten(1).sum(1) for n in names
+                )
+            grads = torch.autograd.grad(loss.sum(), list(fast.values()), create_graph=create_graph)
+            fast = {
+                n: f - (inner_lr[n] if isinstance(inner_lr, dict) else inner_lr) * g
+                for (n, f), g in zip(fast.items(), grads, strict=True)
+            }
+    return {**params, **fast}
+
+
+def meta_loss(learner: MetaLearner, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
+    """Outer objective of the gradient-based algorithms: query MSE after adaptation.
+
+    With ``inner_steps == 0`` there is no adaptation and the loss covers all of a task's
+    ratings (support and query): that is the plain global regressor, the same network
+    trained without meta-learning.
+    Returns:
+        (scalar loss, {"query_loss": scalar, "support_loss": scalar} detached).
+    """
+    cfg = learner.cfg
+    params = learner.params()
+    if cfg.inner_steps == 0:
+        items, ratings, mask = batch.merged()
+        loss = masked_mse(predict(learner.model, params, items, batch.users), ratings, mask)
+        return loss.mean(), {"query_loss": loss.mean().detach()}
+    fast = adapt(
+        learner.model,
+        params,
+        (batch.users, batch.support_items, batch.support_ratings, batch.support_mask),
+        names=learner.adapted,
+        steps=cfg.inner_steps,
+        inner_lr=learner.lrs(),
+        proximal=cfg.proximal,
+        create_graph=cfg.algorithm in ("maml", "metasgd", "anil"),
+    )
+    pred = predict(learner.model, fast, batch.query_items, batch.users)
+    loss = masked_mse(pred, batch.query_ratings, batch.query_mask)
+    return loss.mean(), {"query_loss": loss.mean().detach()}
+
+
+def _reptile_gradients(learner: MetaLearner, batch: TaskBatch) -> dict[str, Tensor]:
+    """Reptile: adapt on all of each task's ratings; θ's gradient is θ - mean_t φ_t.
+
+    Shared (non-adapted) parameters get the first-order gradient of the query loss after
+    adapting on the support set, so embeddings still learn when only the MLP adapts.
+    """
+    cfg = learner.cfg
+    params = learner.params()
+    items, ratings, mask = batch.merged()
+    phi = adapt(
+        learner.model,
+        {n: p.detach() for n, p in params.items()},
+        (batch.users, items, ratings, mask),
+        names=learner.adapted,
+        steps=max(cfg.inner_steps, 1),
+        inner_lr=cfg.inner_lr,
+        proximal=cfg.proximal,
+    )
+    loss, metrics = meta_loss(learner, batch) if len(learner.adapted) < len(params) else (None, {})
+    if loss is not None:
+        loss.backward()
+    with torch.no_grad():
+        for n in learner.adapted:
+            params[n].grad = params[n] - phi[n].mean(0)
+    if not metrics:
+        with torch.no_grad():
+            pred = predict(learner.model, phi, batch.query_items, batch.users)
+            metrics = {"query_loss": masked_mse(pred, batch.query_ratings, batch.query_mask).mean()}
+    return metrics
+
+
+def meta_gradients(learner: MetaLearner, batch: TaskBatch) -> dict[str, Tensor]:
+    """Fill ``.grad`` of every meta-parameter for one meta-batch; return detached metrics.
+
+    The caller zeroes gradients before, and steps (and, under DDP, all-reduces) after.
+    """
+    if learner.cfg.algorithm == "reptile" and learner.cfg.inner_steps > 0:
+        return _reptile_gradients(learner, batch)
+    loss, metrics = meta_loss(learner, batch)
+    loss.backward()
+    return metrics

@@ -1,0 +1,102 @@
+"""Baselines follow the estimator contract and match closed-form oracles."""
+
+import pytest
+import torch
+
+from metarec.baselines import Bias, GlobalMean, ItemMean, MFFoldIn, UserMean
+from metarec.batch import TaskBatch
+
+
+def batch(support, query):
+    """Tasks from lists of (item, rating) pairs; user ids are task positions."""
+
+    def pad(rows):
+        width = max(len(r) for r in rows)
+        items = torch.tensor([[i for i, _ in r] + [0] * (width - len(r)) for r in rows])
+        ratings = torch.tensor([[x for _, x in r] + [0.0] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in rows])
+        return items, ratings, mask
+
+    return TaskBatch(torch.arange(len(support)), *pad(support), *pad(query))
+
+
+TRAIN = batch([[(0, 5.0), (1, 3.0)], [(0, 4.0), (2, 1.0)]], [[(2, 2.0)], [(1, 3.0)]])
+TEST = batch([[(0, 5.0), (2, 4.0)]], [[(1, 0.0), (3, 0.0)]])  # item 3 never trained on
+
+
+def test_global_and_item_and_user_means_by_hand():
+    assert GlobalMean().fit(TRAIN, n_items=4).predict(TEST).tolist() == [[3.0, 3.0]]
+    # item 1 ratings {3, 3}: (6 + 2 * 3) / (2 + 2) = 3; item 3 unseen -> mu = 3
+    assert ItemMean(shrinkage=2.0).fit(TRAIN, n_items=4).predict(TEST).tolist() == [[3.0, 3.0]]
+    # support mean (5 + 4) / 2 shrunk with 1 pseudo-count at mu 3: (9 + 3) / 3 = 4
+    assert UserMean(shrinkage=1.0).fit(TRAIN, n_items=4).predict(TEST).tolist() == [[4.0, 4.0]]
+
+
+def test_predict_before_fit_says_so():
+    with pytest.raises(RuntimeError, match="Bias is not fitted; call fit"):
+        Bias().predict(TEST)
+
+
+def test_init_only_stores_hyperparameters():
+    m = MFFoldIn(dim=3, reg=2.0)
+    assert vars(m) == {"dim": 3, "reg": 2.0, "iters": 12, "seed": 0}
+
+
+def test_bias_user_term_is_the_ridge_solution():
+    model = Bias(reg_item=1.0, reg_user=2.0).fit(TRAIN, n_items=4)
+    # b_u = sum(r - mu - b_i) / (n + reg) over the support set
+    resid = torch.tensor([5.0, 4.0], dtype=torch.float64) - model.mu_ - model.item_bias_[[0, 2]]
+    b_u = resid.sum() / (2 + 2.0)
+    want = model.mu_ + model.item_bias_[[1, 3]] + b_u
+    torch.testing.assert_close(model.predict(TEST)[0], want.float())
+
+
+def test_mf_foldin_solves_each_user_exactly_with_items_frozen():
+    g = torch.Generator().manual_seed(0)
+    n_users, n_items = 40, 30
+    items = torch.stack([torch.randperm(n_items, generator=g)[:12] for _ in range(n_users)])
+    ratings = torch.randint(1, 6, (n_users, 12), generator=g).float()
+    train = TaskBatch(
+        torch.arange(n_users),
+        items[:, :8],
+        ratings[:, :8],
+        torch.ones(n_users, 8, dtype=torch.bool),
+        items[:, 8:],
+        ratings[:, 8:],
+        torch.ones(n_users, 4, dtype=torch.bool),
+    )
+    model = MFFoldIn(dim=4, reg=3.0, iters=5).fit(train, n_items=n_items)
+    test = train.select(torch.arange(3))
+    got = model.predict(test)
+    for t in range(3):  # reference: one ridge solve per user, written out
+        q = model.item_factors_[test.support_items[t]]
+        x = torch.cat([q, torch.ones(len(q), 1, dtype=torch.float64)], 1)
+        y = test.support_ratings[t].double() - model.mu_ - model.item_bias_[test.support_items[t]]
+        w = torch.linalg.solve(x.T @ x + 3.0 * torch.eye(5, dtype=torch.float64), x.T @ y)
+        qq = model.item_factors_[test.query_items[t]]
+        want = model.mu_ + model.item_bias_[test.query_items[t]] + qq @ w[:-1] + w[-1]
+        torch.testing.assert_close(got[t], want.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_mf_beats_bias_on_low_rank_data():
+    g = torch.Generator().manual_seed(1)
+    u, v = torch.randn(300, 3, generator=g), torch.randn(50, 3, generator=g)
+    full = (3 + u @ v.T).clamp(1, 5)
+    items = torch.stack([torch.randperm(50, generator=g)[:25] for _ in range(300)])
+    r = full.gather(1, items)
+    tasks = TaskBatch(
+        torch.arange(300),
+        items[:, :20],
+        r[:, :20],
+        torch.ones(300, 20, dtype=torch.bool),
+        items[:, 20:],
+        r[:, 20:],
+        torch.ones(300, 5, dtype=torch.bool),
+    )
+    train, test = tasks.select(torch.arange(250)), tasks.select(torch.arange(250, 300))
+    mae = {
+        m: (m.fit(train, n_items=50).predict(test) - test.query_ratings).abs().mean()
+        for m in (Bias(), MFFoldIn(dim=3, reg=1.0))
+    }
+    bias, mf = mae.values()
+    assert mf < 0.5 * bias
