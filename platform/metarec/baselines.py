@@ -12,12 +12,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from metarec.batch import TaskBatch
 
 __all__ = ["Bias", "GlobalMean", "ItemMean", "MFFoldIn", "UserMean", "classic_baselines"]
+
+_CHUNK = 8192
+_MAX_PADDED = 60_000_000  # elements of the padded (groups, L, F) tensor
 
 
 def _flat(tasks: TaskBatch, *, support_only: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -101,12 +105,39 @@ def _ridge_rows(rows: Tensor, feats: Tensor, target: Tensor, n_rows: int, reg: f
     Args: rows (N,) group of each observation; feats (N, F); target (N,).
     Returns: (n_rows, F) solutions (zero for groups without observations).
     """
-    f = feats.shape[1]
-    gram = torch.zeros(n_rows, f, f, dtype=torch.float64)
-    gram.index_add_(0, rows, feats.unsqueeze(2) * feats.unsqueeze(1))  # (N, F, F) outer products
-    rhs = torch.zeros(n_rows, f, dtype=torch.float64).index_add_(0, rows, feats * target[:, None])
-    gram += reg * torch.eye(f, dtype=torch.float64)
+    gram, rhs = _grouped_normal_equations(rows, feats, target, n_rows)
+    gram += reg * torch.eye(feats.shape[1], dtype=torch.float64)
     return torch.linalg.solve(gram, rhs)
+
+
+def _grouped_normal_equations(
+    rows: Tensor, feats: Tensor, target: Tensor, n_rows: int
+) -> tuple[Tensor, Tensor]:
+    """Per group: X^T X (n_rows, F, F) and X^T y (n_rows, F).
+
+    Groups are padded into (n_rows, L, F) and reduced with one batched matmul, which is
+    ~20x faster on CPU than scattering (N, F, F) outer products; a heavy-tailed group size
+    (L too large to pad) falls back to the chunked scatter.
+    """
+    f = feats.shape[1]
+    counts = torch.bincount(rows, minlength=n_rows)
+    width = int(counts.max()) if len(rows) else 0
+    if n_rows * width * f <= _MAX_PADDED:
+        order = torch.from_numpy(np.argsort(rows.numpy(), kind="stable"))  # torch's sort thrashes
+        grouped = rows[order]
+        pos = torch.arange(len(rows)) - (torch.cumsum(counts, 0) - counts)[grouped]
+        x = torch.zeros(n_rows, width, f, dtype=torch.float64)
+        y = torch.zeros(n_rows, width, dtype=torch.float64)
+        x[grouped, pos] = feats[order]
+        y[grouped, pos] = target[order]
+        xt = x.transpose(1, 2)  # (n_rows, F, L)
+        return xt @ x, (xt @ y.unsqueeze(-1)).squeeze(-1)
+    gram = torch.zeros(n_rows, f, f, dtype=torch.float64)
+    for lo in range(0, len(rows), _CHUNK):  # chunks bound the (N, F, F) outer products
+        x = feats[lo : lo + _CHUNK]
+        gram.index_add_(0, rows[lo : lo + _CHUNK], x.unsqueeze(2) * x.unsqueeze(1))
+    rhs = torch.zeros(n_rows, f, dtype=torch.float64).index_add_(0, rows, feats * target[:, None])
+    return gram, rhs
 
 
 class Bias(_Base):

@@ -169,9 +169,19 @@ class Recommender(nn.Module):
         # Unit-RMS features into the head bound the curvature of the inner loss (its Hessian
         # in the head is h h^T, |h|^2 = 1), so one inner_lr stays stable however the
         # representation grows during meta-training.
-        x = torch.nn.functional.layer_norm(x, x.shape[-1:]) / math.sqrt(x.shape[-1])
+        x = _unit_rms(x)
         out = (x @ self.head["weight"]).squeeze(-1) + self.head["bias"]  # (..., N)
         return out + _gather_bias(self.item_bias, items) + self.global_mean
+
+
+def _unit_rms(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """Layer norm without affine, scaled to unit norm: (..., H) -> (..., H).
+
+    Written with elementary ops rather than F.layer_norm, whose third derivative is wrong in
+    torch 2.13 (gradgradcheck of the MAML meta-gradient fails with it; see tests/test_meta).
+    """
+    x = x - x.mean(-1, keepdim=True)
+    return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps) / math.sqrt(x.shape[-1])
 
 
 def _init_emb(n: int, d: int) -> nn.Parameter:
@@ -185,8 +195,8 @@ def _init_linear(fan_in: int, fan_out: int) -> nn.Parameter:
 
 def _lookup(table: Tensor, idx: Tensor) -> Tensor:
     """Embedding rows; ``table`` is (V, D) shared or (T, V, D) per task with idx (T, ...)."""
-    if table.dim() == 2:
-        return table[idx]
+    if table.dim() == 2:  # F.embedding: its CPU backward is deterministic, indexing's is not
+        return torch.nn.functional.embedding(idx, table)
     flat = idx.reshape(idx.shape[0], -1)  # (T, M)
     rows = torch.gather(table, 1, flat.unsqueeze(-1).expand(-1, -1, table.shape[-1]))
     return rows.reshape(*idx.shape, table.shape[-1])
@@ -199,5 +209,5 @@ def _bag(table: Tensor, weights: Tensor) -> Tensor:
 
 def _gather_bias(bias: Tensor, items: Tensor) -> Tensor:
     if bias.dim() == 1:
-        return bias[items]
+        return torch.nn.functional.embedding(items, bias.unsqueeze(-1)).squeeze(-1)
     return torch.gather(bias, 1, items.reshape(items.shape[0], -1)).reshape(items.shape)
