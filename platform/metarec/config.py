@@ -32,6 +32,7 @@ __all__ = [
 Scenario = Literal["user_cold", "warm", "item_cold", "user_item_cold", "temporal"]
 Algorithm = Literal["maml", "fomaml", "metasgd", "anil", "reptile"]
 Adapt = Literal["head", "mlp", "all"]
+InnerSolver = Literal["gd", "ridge"]
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 Source = Literal["synthetic", "ml-100k", "ml-1m", "ml-latest", "ratings"]
 SCENARIOS: tuple[str, ...] = get_args(Scenario)
@@ -88,6 +89,7 @@ class MetaConfig:
     adapt: Adapt = "mlp"  # which parameters adapt per user; anil forces "head"
     inner_steps: int = 5  # gradient steps on a user's support set
     inner_lr: float = 0.5  # step size of those steps (Meta-SGD: its initial value)
+    inner_solver: InnerSolver = "gd"  # gd: inner_steps gradient steps; ridge: exact head solve
     proximal: float = 0.0  # lambda of the inner proximal term lambda/2 |phi - theta|^2
     outer_lr: float = 1e-3  # Adam step size of the meta-update
     weight_decay: float = 0.0  # on the outer (Adam) update
@@ -164,6 +166,26 @@ class MetarecConfig:
         )
         m, t = self.meta, self.train
         _require(m.inner_steps >= 0, "meta.inner_steps", m.inner_steps, "an int >= 0")
+        if m.inner_solver == "ridge":
+            _require(
+                m.adapt == "head" or m.algorithm == "anil",
+                "meta.adapt",
+                m.adapt,
+                "'head' (or algorithm anil) with meta.inner_solver ridge: only a linear "
+                "head has a closed-form inner solution",
+            )
+            _require(
+                m.proximal > 0,
+                "meta.proximal",
+                m.proximal,
+                "a float > 0 with meta.inner_solver ridge (it is the ridge penalty)",
+            )
+            _require(
+                m.algorithm != "metasgd",
+                "meta.algorithm",
+                m.algorithm,
+                "not metasgd with meta.inner_solver ridge (there are no steps to learn)",
+            )
         _require(m.inner_lr > 0, "meta.inner_lr", m.inner_lr, "a float > 0")
         _require(m.outer_lr > 0, "meta.outer_lr", m.outer_lr, "a float > 0")
         _require(m.proximal >= 0, "meta.proximal", m.proximal, "a float >= 0")

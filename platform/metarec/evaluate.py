@@ -23,8 +23,8 @@ from metarec.baselines import classic_baselines
 from metarec.batch import TaskBatch, from_table
 from metarec.config import MetarecConfig, apply_overrides
 from metarec.data.prepared import PreparedDataset
-from metarec.loop import fit, masked_mae
-from metarec.meta import MetaLearner, adapt, predict
+from metarec.loop import fit, masked_mae, predict_items
+from metarec.meta import MetaLearner
 from metarec.metrics import catalog_metrics, mean_metrics, query_metrics
 
 __all__ = ["BASELINES", "AdaptedScorer", "evaluate", "format_table", "write_results"]
@@ -47,46 +47,20 @@ class Scorer(Protocol):
 
 
 class AdaptedScorer:
-    """A network adapted per task on its support set, then scoring any items.
+    """A network adapted per task on its support set (``loop.predict_items``).
 
     Args:
         steps, inner_lr: the adaptation; defaults are the learner's own (meta-learned lrs
-            for Meta-SGD), overridden for the fine-tune baseline.
+            for Meta-SGD), overridden for the fine-tune and global-model baselines.
     """
 
     def __init__(
-        self,
-        learner: MetaLearner,
-        *,
-        steps: int | None = None,
-        inner_lr: float | None = None,
-        chunk: int = 256,
+        self, learner: MetaLearner, *, steps: int | None = None, inner_lr: float | None = None
     ) -> None:
-        self.learner, self.chunk = learner, chunk
-        self.steps = learner.cfg.inner_steps if steps is None else steps
-        lrs = learner.lrs() if inner_lr is None else inner_lr
-        self.lrs = {n: v.detach() for n, v in lrs.items()} if isinstance(lrs, dict) else lrs
+        self.learner, self.steps, self.inner_lr = learner, steps, inner_lr
 
     def predict_items(self, tasks: TaskBatch, items: Tensor) -> Tensor:
-        model = self.learner.model
-        device = next(model.parameters()).device
-        params = {n: p.detach() for n, p in model.named_parameters()}
-        out = []
-        for lo in range(0, tasks.num_tasks, self.chunk):
-            idx = torch.arange(lo, min(lo + self.chunk, tasks.num_tasks))
-            b = tasks.select(idx).to(device)
-            fast = adapt(
-                model,
-                params,
-                (b.users, b.support_items, b.support_ratings, b.support_mask),
-                names=self.learner.adapted,
-                steps=self.steps,
-                inner_lr=self.lrs,
-                proximal=self.learner.cfg.proximal,
-            )
-            with torch.no_grad():
-                out.append(predict(model, fast, items[idx].to(device), b.users).cpu())
-        return torch.cat(out)
+        return predict_items(self.learner, tasks, items, steps=self.steps, inner_lr=self.inner_lr)
 
 
 def score(scorer: Scorer, tasks: TaskBatch, n_items: int) -> dict[str, float]:

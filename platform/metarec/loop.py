@@ -19,10 +19,18 @@ from torch import Tensor
 from metarec.batch import TaskBatch, bucketed_batches, from_table
 from metarec.config import MetarecConfig
 from metarec.data.prepared import PreparedDataset
-from metarec.meta import MetaLearner, adapt, meta_gradients, predict
+from metarec.meta import MetaLearner, meta_gradients, predict
 from metarec.model import Recommender, dataset_features
 
-__all__ = ["FitResult", "build_learner", "fit", "predict_query", "resolve_device", "train_epoch"]
+__all__ = [
+    "FitResult",
+    "build_learner",
+    "fit",
+    "predict_items",
+    "predict_query",
+    "resolve_device",
+    "train_epoch",
+]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -95,32 +103,38 @@ def _device(learner: MetaLearner) -> torch.device:
     return next(learner.parameters()).device
 
 
-def predict_query(
-    learner: MetaLearner, tasks: TaskBatch, *, steps: int | None = None, chunk: int = 256
+def predict_items(
+    learner: MetaLearner,
+    tasks: TaskBatch,
+    items: Tensor,
+    *,
+    steps: int | None = None,
+    inner_lr: float | None = None,
+    chunk: int = 256,
 ) -> Tensor:
-    """Adapt on each task's support, predict its query: (T, Q), in chunks of tasks."""
-    cfg = learner.cfg
-    steps = cfg.inner_steps if steps is None else steps
+    """Adapt on each task's support set, then score ``items`` (T, N): (T, N), chunked.
+
+    The one evaluation/serving path: the same ``learner.adapt`` as training, with the
+    learner's own steps and (meta-learned) step sizes unless overridden (fine-tune baseline).
+    """
     params = {n: p.detach() for n, p in learner.params().items()}
-    lrs = learner.lrs()
+    lrs = learner.lrs() if inner_lr is None else inner_lr
     lrs = {n: v.detach() for n, v in lrs.items()} if isinstance(lrs, dict) else lrs
     device = _device(learner)
     out = []
     for lo in range(0, tasks.num_tasks, chunk):
-        b = tasks.select(torch.arange(lo, min(lo + chunk, tasks.num_tasks))).to(device)
-        fast = adapt(
-            learner.model,
-            params,
-            (b.users, b.support_items, b.support_ratings, b.support_mask),
-            names=learner.adapted,
-            steps=steps,
-            inner_lr=lrs,
-            proximal=cfg.proximal,
-        )
+        idx = torch.arange(lo, min(lo + chunk, tasks.num_tasks))
+        b = tasks.select(idx).to(device)
+        support = (b.users, b.support_items, b.support_ratings, b.support_mask)
+        fast = learner.adapt(params, support, steps=steps, inner_lr=lrs)
         with torch.no_grad():
-            pred = predict(learner.model, fast, b.query_items, b.users)
-        out.append(torch.nn.functional.pad(pred, (0, tasks.query_items.shape[1] - pred.shape[1])))
-    return torch.cat(out).cpu()
+            out.append(predict(learner.model, fast, items[idx].to(device), b.users).cpu())
+    return torch.cat(out)
+
+
+def predict_query(learner: MetaLearner, tasks: TaskBatch, *, chunk: int = 256) -> Tensor:
+    """Adapted predictions of every task's query: (T, Q)."""
+    return predict_items(learner, tasks, tasks.query_items, chunk=chunk)
 
 
 def masked_mae(pred: Tensor, tasks: TaskBatch) -> float:

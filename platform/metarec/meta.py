@@ -30,7 +30,15 @@ from metarec.batch import TaskBatch
 from metarec.config import ALGORITHMS, MetaConfig
 from metarec.model import ADAPT_GROUPS, Params, Recommender
 
-__all__ = ["MetaLearner", "adapt", "masked_mse", "meta_gradients", "meta_loss", "predict"]
+__all__ = [
+    "MetaLearner",
+    "adapt",
+    "masked_mse",
+    "meta_gradients",
+    "meta_loss",
+    "predict",
+    "ridge_head",
+]
 
 
 class MetaLearner(nn.Module):
@@ -61,6 +69,29 @@ class MetaLearner(nn.Module):
 
     def params(self) -> Params:
         return dict(self.model.named_parameters())
+
+    def adapt(
+        self,
+        params: Params,
+        support: tuple[Tensor, Tensor, Tensor, Tensor],
+        *,
+        steps: int | None = None,
+        inner_lr: float | Params | None = None,
+        create_graph: bool = False,
+    ) -> Params:
+        """``adapt`` with this learner's settings (training, evaluation and serving)."""
+        cfg = self.cfg
+        return adapt(
+            self.model,
+            params,
+            support,
+            names=self.adapted,
+            steps=cfg.inner_steps if steps is None else steps,
+            inner_lr=self.lrs() if inner_lr is None else inner_lr,
+            proximal=cfg.proximal,
+            create_graph=create_graph,
+            solver=cfg.inner_solver if (steps is None or steps > 0) else "gd",
+        )
 
     def lrs(self) -> Params | float:
         if not len(self.log_inner_lrs):
@@ -93,6 +124,7 @@ def adapt(
     inner_lr: float | Params,
     proximal: float = 0.0,
     create_graph: bool = False,
+    solver: str = "gd",
 ) -> Params:
     """Fast weights after ``steps`` gradient steps on each task's support set, all at once.
 
@@ -102,9 +134,13 @@ def adapt(
         inner_lr: one step size, or one tensor per adapted parameter (Meta-SGD).
         create_graph: keep second-order terms (MAML). Without it the returned weights
             still depend on ``params`` to first order (FOMAML's gradient path).
+        solver: ``"gd"``, or ``"ridge"``: solve the proximal inner problem for a linear head
+            exactly (the point infinitely many steps converge to), see ``ridge_head``.
     Returns:
         A full parameter dict; adapted entries have shape (T, *param.shape).
     """
+    if solver == "ridge":
+        return ridge_head(model, params, support, proximal=proximal, create_graph=create_graph)
     users, items, ratings, mask = support
     t = users.shape[0]
     theta = {n: params[n].expand(t, *params[n].shape) for n in names}  # (T, ...)
@@ -129,6 +165,43 @@ def adapt(
     return {**params, **fast}
 
 
+def ridge_head(
+    model: Recommender,
+    params: Params,
+    support: tuple[Tensor, Tensor, Tensor, Tensor],
+    *,
+    proximal: float,
+    create_graph: bool = True,
+) -> Params:
+    """Closed-form inner loop for the head: argmin_w mean_S (x.w - y)² + λ/2 |w - θ|².
+
+    x = [h, 1] are the head inputs (unit-norm features and a bias column), y the rating
+    minus the item bias and μ; θ the meta-learned head is the prior the user starts from.
+    One batched (T, H+1, H+1) solve replaces the inner steps; gradients flow through it
+    exactly (implicit MAML's fixed point, computed directly). Without ``create_graph`` the
+    features are detached, so only the prior θ learns from the query loss (first order).
+
+    References: L. Bertinetto et al., Meta-learning with differentiable closed-form solvers,
+    ICLR 2019, https://arxiv.org/abs/1805.08136; A. Rajeswaran et al., Meta-Learning with
+    Implicit Gradients, NeurIPS 2019, https://arxiv.org/abs/1909.04630
+    """
+    users, items, ratings, mask = support
+    h, offset = functional_call(model, params, (items, users), {"head_inputs": True})
+    if not create_graph:
+        h, offset = h.detach(), offset.detach()
+    m = mask.to(h.dtype)
+    x = torch.cat([h, torch.ones_like(h[..., :1])], -1) * m.unsqueeze(-1)  # (T, S, H+1)
+    y = (ratings - offset) * m  # (T, S)
+    n = m.sum(1).clamp_min(1.0)[:, None]  # (T, 1)
+    xt = x.transpose(1, 2)  # (T, H+1, S)
+    eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
+    theta = torch.cat([params["head.weight"][:, 0], params["head.bias"]])  # (H+1,)
+    a = 2 * (xt @ x) / n.unsqueeze(-1) + proximal * eye  # (T, H+1, H+1)
+    b = 2 * (xt @ y.unsqueeze(-1)).squeeze(-1) / n + proximal * theta  # (T, H+1)
+    w = torch.linalg.solve(a, b)  # (T, H+1)
+    return {**params, "head.weight": w[:, :-1, None], "head.bias": w[:, -1:]}
+
+
 def meta_loss(learner: MetaLearner, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
     """Outer objective of the gradient-based algorithms: query MSE after adaptation.
 
@@ -144,14 +217,9 @@ def meta_loss(learner: MetaLearner, batch: TaskBatch) -> tuple[Tensor, dict[str,
         items, ratings, mask = batch.merged()
         loss = masked_mse(predict(learner.model, params, items, batch.users), ratings, mask)
         return loss.mean(), {"query_loss": loss.mean().detach()}
-    fast = adapt(
-        learner.model,
+    fast = learner.adapt(
         params,
         (batch.users, batch.support_items, batch.support_ratings, batch.support_mask),
-        names=learner.adapted,
-        steps=cfg.inner_steps,
-        inner_lr=learner.lrs(),
-        proximal=cfg.proximal,
         create_graph=cfg.algorithm in ("maml", "metasgd", "anil"),
     )
     pred = predict(learner.model, fast, batch.query_items, batch.users)
@@ -168,14 +236,10 @@ def _reptile_gradients(learner: MetaLearner, batch: TaskBatch) -> dict[str, Tens
     cfg = learner.cfg
     params = learner.params()
     items, ratings, mask = batch.merged()
-    phi = adapt(
-        learner.model,
+    phi = learner.adapt(
         {n: p.detach() for n, p in params.items()},
         (batch.users, items, ratings, mask),
-        names=learner.adapted,
         steps=max(cfg.inner_steps, 1),
-        inner_lr=cfg.inner_lr,
-        proximal=cfg.proximal,
     )
     loss, metrics = meta_loss(learner, batch) if len(learner.adapted) < len(params) else (None, {})
     if loss is not None:

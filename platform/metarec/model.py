@@ -132,17 +132,22 @@ class Recommender(nn.Module):
             {"weight": _init_linear(widths[-1], 1), "bias": nn.Parameter(torch.zeros(1))}
         )
 
-    def forward(self, items: Tensor, users: Tensor) -> Tensor:
+    def forward(self, items: Tensor, users: Tensor, *, head_inputs: bool = False):
         """Predicted ratings.
 
         Args:
             items: (..., N) long item indices; users: (...,) long user indices.
             With fast weights of a leading task dim T, ``...`` must be (T,).
+            head_inputs: return ``(h, offset)`` instead, where the prediction is
+                ``h @ head.weight + head.bias + offset``: what a closed-form head solver needs.
         Returns:
             (..., N) predicted ratings.
         """
-        x = self.encode(items, users)  # (..., N, F)
-        return self.score(x, items)
+        h = self.hidden(self.encode(items, users))  # (..., N, H)
+        offset = _gather_bias(self.item_bias, items) + self.global_mean  # (..., N)
+        if head_inputs:
+            return h, offset
+        return (h @ self.head["weight"]).squeeze(-1) + self.head["bias"] + offset
 
     def encode(self, items: Tensor, users: Tensor) -> Tensor:
         """Input features of (user, item) pairs: (..., N, F)."""
@@ -161,17 +166,15 @@ class Recommender(nn.Module):
             parts.append(user.expand(*items.shape, user.shape[-1]))
         return torch.cat(parts, -1)
 
-    def score(self, x: Tensor, items: Tensor) -> Tensor:
-        """MLP + head + biases on encoded inputs x (..., N, F) -> (..., N)."""
+    def hidden(self, x: Tensor) -> Tensor:
+        """MLP on encoded inputs: (..., N, F) -> unit-norm head inputs (..., N, H)."""
         n_layers = len(self.mlp) // 2
         for k in range(n_layers):
             x = torch.relu(x @ self.mlp[f"{k}_weight"] + self.mlp[f"{k}_bias"].unsqueeze(-2))
         # Unit-RMS features into the head bound the curvature of the inner loss (its Hessian
         # in the head is h h^T, |h|^2 = 1), so one inner_lr stays stable however the
         # representation grows during meta-training.
-        x = _unit_rms(x)
-        out = (x @ self.head["weight"]).squeeze(-1) + self.head["bias"]  # (..., N)
-        return out + _gather_bias(self.item_bias, items) + self.global_mean
+        return _unit_rms(x)
 
 
 def _unit_rms(x: Tensor, eps: float = 1e-5) -> Tensor:
