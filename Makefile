@@ -20,7 +20,9 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	touch $@
 
 demo: setup
-	$(BIN)/metarec prepare --config configs/demo.yaml --source synthetic --out $(WORK)/demo-data
+	$(BIN)/metarec prepare --config configs/demo.yaml --out $(WORK)/demo-data
+	$(BIN)/metarec evaluate --config configs/demo.yaml --data $(WORK)/demo-data \
+		--out $(WORK)/demo-eval --seeds 0
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow"
@@ -34,6 +36,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/prepare.py
+	$(BIN)/python benchmarks/meta_step.py
 
 clean:
 	rm -rf $(VENV) $(WORK) .pytest_cache

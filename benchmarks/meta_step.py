@@ -421,6 +421,7 @@ def run_config(
         "peak_mem_mb_vectorized": _round(peak_alloc_mb(vec_fn, device)),
         "peak_mem_mb_loop": _round(peak_alloc_mb(loop_fn, device)),
         "max_rel_grad_diff": float(f"{worst:.2e}"),
+        "loadavg_1m": round(os.getloadavg()[0], 2),  # at the end of this configuration
     }
     if "higher" in candidates:
         out["tasks_per_s_higher"] = round(1 / med["higher"], 1)

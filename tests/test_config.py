@@ -73,3 +73,14 @@ def test_bad_yaml_and_non_mapping(tmp_path):
     lst.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(lst)
+
+
+def test_ridge_solver_needs_a_linear_head_and_a_penalty():
+    with pytest.raises(ConfigError, match="meta.adapt: got 'mlp'; expected 'head'"):
+        load_config(None, **{"meta.inner_solver": "ridge", "meta.proximal": 1.0})
+    with pytest.raises(ConfigError, match="meta.proximal: got 0.0; expected a float > 0"):
+        load_config(None, **{"meta.inner_solver": "ridge", "meta.adapt": "head"})
+    cfg = load_config(
+        None, **{"meta.inner_solver": "ridge", "meta.adapt": "head", "meta.proximal": 1.0}
+    )
+    assert cfg.meta.inner_solver == "ridge"

@@ -13,7 +13,15 @@ from torch.func import functional_call
 
 from metarec.batch import TaskBatch
 from metarec.config import MetaConfig
-from metarec.meta import MetaLearner, adapt, masked_mse, meta_gradients, meta_loss, predict
+from metarec.meta import (
+    MetaLearner,
+    adapt,
+    masked_mse,
+    meta_gradients,
+    meta_loss,
+    predict,
+    ridge_head,
+)
 from metarec.model import Features, Recommender
 
 N_ITEMS, N_USERS = 12, 6
@@ -248,3 +256,51 @@ def test_zero_inner_steps_is_plain_regression_on_all_ratings(tiny_tasks):
 def test_unknown_algorithm_is_rejected():
     with pytest.raises(ValueError, match="meta.algorithm: got 'mamal'"):
         MetaLearner(tiny_model(), MetaConfig(algorithm="mamal"))
+
+
+def test_ridge_head_is_the_limit_of_many_proximal_gradient_steps(tiny_tasks):
+    """The closed-form head equals plain GD run to convergence on the same proximal loss."""
+    learner = MetaLearner(tiny_model(), MetaConfig(adapt="head", proximal=0.5)).double()
+    params = {n: p.detach() for n, p in learner.params().items()}
+    b = tiny_tasks
+    support = (b.users, b.support_items, b.support_ratings, b.support_mask)
+    exact = ridge_head(learner.model, params, support, proximal=0.5)
+    iterated = adapt(
+        learner.model,
+        params,
+        support,
+        names=learner.adapted,
+        steps=3000,
+        inner_lr=0.3,
+        proximal=0.5,
+    )
+    for name in ("head.weight", "head.bias"):
+        torch.testing.assert_close(exact[name], iterated[name], atol=1e-7, rtol=1e-6)
+
+
+def test_ridge_meta_gradient_matches_per_task_solves(tiny_tasks):
+    cfg = MetaConfig(algorithm="maml", adapt="head", inner_solver="ridge", proximal=0.5)
+    learner = MetaLearner(tiny_model(), cfg).double()
+    loss, _ = meta_loss(learner, tiny_tasks)
+    params = learner.params()
+    losses = []
+    for t in range(tiny_tasks.num_tasks):  # reference: one small solve per task, unpadded
+        s, q, u = tiny_tasks.support_mask[t], tiny_tasks.query_mask[t], tiny_tasks.users[t]
+        h, off = functional_call(
+            learner.model, params, (tiny_tasks.support_items[t][s], u), {"head_inputs": True}
+        )
+        x = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], 1)
+        y = tiny_tasks.support_ratings[t][s] - off
+        theta = torch.cat([params["head.weight"][:, 0], params["head.bias"]])
+        a = 2 * x.T @ x / len(y) + 0.5 * torch.eye(x.shape[1], dtype=x.dtype)
+        w = torch.linalg.solve(a, 2 * x.T @ y / len(y) + 0.5 * theta)
+        hq, offq = functional_call(
+            learner.model, params, (tiny_tasks.query_items[t][q], u), {"head_inputs": True}
+        )
+        pred = hq @ w[:-1] + w[-1] + offq
+        losses.append(((pred - tiny_tasks.query_ratings[t][q]) ** 2).mean())
+    ref = torch.stack(losses).mean()
+    torch.testing.assert_close(loss, ref)
+    got, want = _grads(learner, loss), _grads(learner, ref)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-9, rtol=1e-7)

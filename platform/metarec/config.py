@@ -91,7 +91,7 @@ class MetaConfig:
     inner_lr: float = 0.5  # step size of those steps (Meta-SGD: its initial value)
     inner_solver: InnerSolver = "gd"  # gd: inner_steps gradient steps; ridge: exact head solve
     proximal: float = 0.0  # lambda of the inner proximal term lambda/2 |phi - theta|^2
-    outer_lr: float = 1e-3  # Adam step size of the meta-update
+    outer_lr: float = 5e-3  # Adam step size of the meta-update
     weight_decay: float = 0.0  # on the outer (Adam) update
     grad_clip: float = 10.0  # max norm of the meta-gradient (guards against rare spikes)
     meta_batch_size: int = 32  # tasks per meta-update
@@ -104,7 +104,7 @@ class TrainConfig:
 
     scenario: Scenario = "user_cold"
     epochs: int = 40
-    patience: int = 6  # stop after this many epochs without a better valid MAE
+    patience: int = 10  # stop after this many epochs without a better valid MAE
     eval_batch_size: int = 256  # tasks adapted at once during validation/evaluation
     device: str = "auto"  # auto | cpu | cuda
 
