@@ -8,8 +8,10 @@ Measures meta-training throughput (tasks/s) of
   ``tests/test_meta.py``): per task one ``torch.func.functional_call`` per inner step on its
   *unpadded* support set, ``torch.autograd.grad(create_graph=order == 2)``, the query loss,
   the mean over tasks, then ``.backward()`` so θ gets its gradients;
-* **higher** (only if the ``higher`` package is importable, second order only): the same loop
-  written with ``higher.innerloop_ctx``, the way most MAML code does it.
+* **higher** (only if the ``higher`` package is importable; second order only, because its
+  ``track_higher_grads=False`` detaches the fast weights, so θ would get no first-order
+  gradient through them: a different FOMAML): the same loop written with
+  ``higher.innerloop_ctx``, the way much MAML code does it.
 
 Why it is built this way:
 
@@ -23,16 +25,20 @@ Why it is built this way:
   or the script stops. A speedup of a candidate that computes something else means nothing.
 * **Realistic task shapes.** MeLU-sized model (D = 32, MLP 64-64, user features and item
   ids on, the MLP and head adapt) on a synthetic ML-100k-like feature table (1,700 items,
-  19 genres, 943 users), support sizes uniform in 3..90 and queries of 10: about a third of
-  a padded batch is padding, which the vectorized core computes and the loop does not.
-  ``padding_share`` says how much; ``padding_share_bucketed`` says how much
+  19 genres, 943 users), support sizes uniform in 3..90 and queries of 10: about half of a
+  randomly drawn padded batch is padding, which the vectorized core computes and the loop
+  does not. ``padding_share`` says how much; ``padding_share_bucketed`` says how much
   ``metarec.batch.bucketed_batches`` (what training uses) leaves; ``--bucketed`` also times
-  the vectorized core over those bucketed batches.
+  the vectorized core over those bucketed batches (8 batches of a 256-task pool).
 * **Interleaved, median timing.** Candidates alternate within each repetition, so a burst of
   load from other processes hits both rather than one; each reports the median of its
   repetitions (the vectorized one runs several calls per repetition so both spend similar
   wall time). The number of repetitions is capped by a time budget (``--budget-s``).
   ``loadavg`` is recorded: on a shared 2-core machine the result depends on it.
+* **Threads as torch sets them.** Both candidates run with torch's default thread count
+  (``--threads N`` pins it). When other processes keep the CPUs busy, torch's 2 OpenMP
+  threads can collapse (one thread waits at every op for the other to be scheduled: 30-70x
+  slower steps were seen); ``--threads 1`` gives load-robust figures.
 * **Costs beside the time.** ``gflops_vectorized`` counts the matmul FLOPs of one step with
   ``torch.utils.flop_counter.FlopCounterMode`` (elementwise ops are not counted) over its
   median time. Peak memory is the largest amount of tensor memory one step allocates on

@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from metarec.config import apply_overrides
 from metarec.evaluate import BASELINES, REPORTED, evaluate
@@ -86,3 +87,19 @@ def test_evaluate_cli_writes_results_json(synthetic_prepared, tmp_path):
         )
         == 2
     )
+
+
+def test_pretrained_item_embeddings_are_scaled_mf_factors(quick_cfg, synthetic_prepared):
+    from metarec.baselines import MFFoldIn
+    from metarec.batch import from_table
+    from metarec.loop import build_learner
+
+    cfg = apply_overrides(quick_cfg, **{"model.pretrain_items": True})
+    train = from_table(synthetic_prepared.tasks("user_cold", "train"))
+    learner = build_learner(cfg, synthetic_prepared, train)
+    table = learner.model.emb["item"].detach()[1:]
+    n_items = table.shape[0]
+    mf = MFFoldIn(dim=table.shape[1], reg=10.0, iters=8, seed=cfg.seed).fit(train, n_items=n_items)
+    ratio = table / mf.item_factors_.float()
+    assert torch.allclose(ratio, ratio[0, 0].expand_as(ratio), rtol=1e-3)
+    assert torch.allclose(learner.model.item_bias.detach(), mf.item_bias_.float(), atol=1e-5)

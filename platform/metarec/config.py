@@ -78,6 +78,7 @@ class ModelConfig:
     embedding_dim: int = 32  # D of every feature embedding (MeLU uses 32)
     hidden: tuple[int, ...] = (64, 64)  # MLP widths
     item_id_embedding: bool = True  # per-item embedding; unseen items fall back to features
+    pretrain_items: bool = False  # start item embeddings/biases at ALS matrix-factor values
     user_features: bool = True  # embed user features when the dataset has them
 
 
@@ -93,6 +94,7 @@ class MetaConfig:
     proximal: float = 0.0  # lambda of the inner proximal term lambda/2 |phi - theta|^2
     outer_lr: float = 5e-3  # Adam step size of the meta-update
     weight_decay: float = 0.0  # on the outer (Adam) update
+    item_lr_scale: float = 1.0  # outer lr multiplier for item-id embeddings and biases
     grad_clip: float = 10.0  # max norm of the meta-gradient (guards against rare spikes)
     meta_batch_size: int = 32  # tasks per meta-update
     resample_query: bool = True  # re-split each training user's ratings every epoch

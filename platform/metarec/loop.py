@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from metarec.baselines import MFFoldIn
 from metarec.batch import TaskBatch, bucketed_batches, from_table
 from metarec.config import MetarecConfig
 from metarec.data.prepared import PreparedDataset
@@ -62,7 +63,25 @@ def build_learner(cfg: MetarecConfig, ds: PreparedDataset, train: TaskBatch) -> 
     )
     with torch.no_grad():  # start item biases at shrunk item means: hours of Adam saved
         model.item_bias.copy_(_item_bias_init(train, len(seen), model.global_mean))
+        if m.pretrain_items and m.item_id_embedding:
+            _pretrain_item_embeddings(model, train, seed=cfg.seed)
     return MetaLearner(model, cfg.meta)
+
+
+def _pretrain_item_embeddings(model: Recommender, train: TaskBatch, *, seed: int) -> None:
+    """Start item-id embeddings (and biases) at biased-MF item factors of the training users.
+
+    ALS sees every training rating at once and regularizes rare items toward zero, which a
+    few hundred meta-batches cannot match; meta-training then refines the factors for
+    few-step adaptation instead of discovering them.
+    """
+    table = model.emb["item"]
+    mf = MFFoldIn(dim=table.shape[1], reg=10.0, iters=8, seed=seed)
+    mf.fit(train, n_items=table.shape[0] - 1)
+    factors = mf.item_factors_.to(table.dtype)
+    scale = table[1:].std() / factors.std().clamp_min(1e-8)
+    table[1:] = factors * scale
+    model.item_bias.copy_(mf.item_bias_.to(model.item_bias.dtype))
 
 
 def _item_bias_init(train: TaskBatch, n_items: int, mu: Tensor, shrinkage: float = 5.0) -> Tensor:
@@ -143,6 +162,21 @@ def masked_mae(pred: Tensor, tasks: TaskBatch) -> float:
     return float(per_task.mean())
 
 
+def build_optimizer(learner: MetaLearner, cfg: MetarecConfig) -> torch.optim.Optimizer:
+    """Adam over the meta-parameters; item-id parameters get ``item_lr_scale`` x the lr
+    (0 freezes pretrained item factors and biases, see ``model.pretrain_items``)."""
+    item = {"model.emb.item", "model.item_bias"}
+    named = list(learner.named_parameters())
+    groups = [
+        {"params": [p for n, p in named if n not in item], "lr": cfg.meta.outer_lr},
+        {
+            "params": [p for n, p in named if n in item],
+            "lr": cfg.meta.outer_lr * cfg.meta.item_lr_scale,
+        },
+    ]
+    return torch.optim.Adam(groups, lr=cfg.meta.outer_lr, weight_decay=cfg.meta.weight_decay)
+
+
 @dataclass
 class FitResult:
     learner: MetaLearner
@@ -166,9 +200,7 @@ def fit(
     train = from_table(ds.tasks(scenario, "train"))
     valid = from_table(ds.tasks(scenario, "valid"))
     learner = build_learner(cfg, ds, train).to(resolve_device(cfg.train.device))
-    optimizer = torch.optim.Adam(
-        learner.parameters(), lr=cfg.meta.outer_lr, weight_decay=cfg.meta.weight_decay
-    )
+    optimizer = build_optimizer(learner, cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
     best = FitResult(learner, -1, math.inf)
     best_state = copy.deepcopy(learner.state_dict())

@@ -151,8 +151,14 @@ def adapt(
         fast = {n: f.clone().requires_grad_() for n, f in fast.items()}
         theta = {n: f.detach() for n, f in fast.items()}
     with torch.enable_grad():
+        # When no embedding adapts, the inputs do not change across steps: encode once.
+        encoded = None
+        if not any(n.startswith(("emb.", "item_bias")) for n in names):
+            encoded = functional_call(model, params, (items, users), {"encode_only": True})
         for _ in range(steps):
-            loss = masked_mse(predict(model, {**params, **fast}, items, users), ratings, mask)
+            kwargs = {} if encoded is None else {"encoded": encoded}
+            pred = functional_call(model, {**params, **fast}, (items, users), kwargs)
+            loss = masked_mse(pred, ratings, mask)
             if proximal:
                 loss = loss + 0.5 * proximal * sum(
                     ((fast[n] - theta[n]) ** 2).flatten(1).sum(1) for n in names

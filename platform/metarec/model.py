@@ -132,22 +132,39 @@ class Recommender(nn.Module):
             {"weight": _init_linear(widths[-1], 1), "bias": nn.Parameter(torch.zeros(1))}
         )
 
-    def forward(self, items: Tensor, users: Tensor, *, head_inputs: bool = False):
+    def forward(
+        self,
+        items: Tensor,
+        users: Tensor,
+        *,
+        encoded: Tensor | None = None,
+        encode_only: bool = False,
+        head_inputs: bool = False,
+    ):
         """Predicted ratings.
 
         Args:
             items: (..., N) long item indices; users: (...,) long user indices.
             With fast weights of a leading task dim T, ``...`` must be (T,).
+            encoded: ``encode(items, users)`` computed earlier: the inner loop encodes once
+                when no embedding adapts, instead of at every step.
+            encode_only: return ``encode(items, users)`` (..., N, F).
             head_inputs: return ``(h, offset)`` instead, where the prediction is
                 ``h @ head.weight + head.bias + offset``: what a closed-form head solver needs.
         Returns:
             (..., N) predicted ratings.
         """
-        h = self.hidden(self.encode(items, users))  # (..., N, H)
+        x = self.encode(items, users) if encoded is None else encoded  # (..., N, F)
+        if encode_only:
+            return x
+        z = self.hidden(x)  # (..., N, H), zero mean and unit RMS per row
         offset = _gather_bias(self.item_bias, items) + self.global_mean  # (..., N)
+        scale = 1.0 / math.sqrt(z.shape[-1])  # |z| / sqrt(H) = 1: see hidden()
         if head_inputs:
-            return h, offset
-        return (h @ self.head["weight"]).squeeze(-1) + self.head["bias"] + offset
+            return z * scale, offset
+        # Scaling the (..., N) output rather than the (..., N, H) features: same math,
+        # fewer elementwise ops in every backward and double backward.
+        return (z @ self.head["weight"]).squeeze(-1) * scale + self.head["bias"] + offset
 
     def encode(self, items: Tensor, users: Tensor) -> Tensor:
         """Input features of (user, item) pairs: (..., N, F)."""
@@ -167,24 +184,24 @@ class Recommender(nn.Module):
         return torch.cat(parts, -1)
 
     def hidden(self, x: Tensor) -> Tensor:
-        """MLP on encoded inputs: (..., N, F) -> unit-norm head inputs (..., N, H)."""
+        """MLP on encoded inputs: (..., N, F) -> unit-RMS features (..., N, H)."""
         n_layers = len(self.mlp) // 2
         for k in range(n_layers):
             x = torch.relu(x @ self.mlp[f"{k}_weight"] + self.mlp[f"{k}_bias"].unsqueeze(-2))
-        # Unit-RMS features into the head bound the curvature of the inner loss (its Hessian
-        # in the head is h h^T, |h|^2 = 1), so one inner_lr stays stable however the
-        # representation grows during meta-training.
+        # Unit-norm features into the head (z / sqrt(H), applied in forward) bound the
+        # curvature of the inner loss (its Hessian in the head is h h^T, |h|^2 = 1), so one
+        # inner_lr stays stable however the representation grows during meta-training.
         return _unit_rms(x)
 
 
 def _unit_rms(x: Tensor, eps: float = 1e-5) -> Tensor:
-    """Layer norm without affine, scaled to unit norm: (..., H) -> (..., H).
+    """Layer norm without affine (zero mean, unit RMS per row): (..., H) -> (..., H).
 
     Written with elementary ops rather than F.layer_norm, whose third derivative is wrong in
     torch 2.13 (gradgradcheck of the MAML meta-gradient fails with it; see tests/test_meta).
     """
     x = x - x.mean(-1, keepdim=True)
-    return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps) / math.sqrt(x.shape[-1])
+    return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps)
 
 
 def _init_emb(n: int, d: int) -> nn.Parameter:
