@@ -105,6 +105,17 @@ def _ratings(path: Path, sep: str, names: list[str], *, header: bool) -> pd.Data
     return df
 
 
+def _headerless(
+    path: Path, fields: dict[str, pa.DataType | None], *, sep: str, encoding: str = "utf8"
+) -> pd.DataFrame:
+    """Read a headerless file whose lines hold ``fields`` in order (type None: not read)."""
+    specs = [ColumnSpec(n, t) for n, t in fields.items() if t is not None]
+    table = read_delimited(
+        path, specs, sep=sep, header=False, names=list(fields), encoding=encoding
+    )
+    return table.to_pandas()
+
+
 def _year_from_title(titles: pd.Series) -> pd.Series:
     return pd.to_numeric(titles.str.extract(r"\((\d{4})\)\s*$", expand=False), errors="coerce")
 
@@ -116,38 +127,14 @@ def _split_genres(genres: pd.Series) -> pd.Series:
 def load_ml100k(root: Path) -> RawData:
     ratings = _ratings(root / "u.data", "\t", ["user", "item", "rating", "timestamp"], header=False)
     genre_path = root / "u.genre"
-    genre_tab = read_delimited(
-        genre_path,
-        [ColumnSpec("name", STR), ColumnSpec("idx", INT)],
-        sep="|",
-        header=False,
-        names=["name", "idx"],
-        encoding="latin-1",
-    )
-    genre_names = [
-        n
-        for n, _ in sorted(
-            zip(genre_tab["name"].to_pylist(), genre_tab["idx"].to_pylist(), strict=True),
-            key=lambda t: t[1],
-        )
-    ]
+    genre_tab = _headerless(genre_path, {"name": STR, "idx": INT}, sep="|", encoding="latin-1")
+    genre_names = genre_tab.sort_values("idx", kind="stable")["name"].tolist()
     flag_names = [f"g{i}" for i in range(len(genre_names))]
     item_path = root / "u.item"
-    names = ["item", "title", "release", "video_release", "url", *flag_names]
-    tab = read_delimited(
-        item_path,
-        [
-            ColumnSpec("item", INT),
-            ColumnSpec("title", STR),
-            ColumnSpec("release", STR),
-            *(ColumnSpec(f, INT) for f in flag_names),
-        ],
-        sep="|",
-        header=False,
-        names=names,
-        encoding="latin-1",
+    fields = {"item": INT, "title": STR, "release": STR, "video_release": None, "url": None}
+    it = _headerless(
+        item_path, fields | dict.fromkeys(flag_names, INT), sep="|", encoding="latin-1"
     )
-    it = tab.to_pandas()
     flags = it[flag_names].to_numpy(dtype=bool)
     vocab = np.array(genre_names, dtype=object)
     genres = [[g for g in vocab[row] if g not in NO_GENRE] for row in flags]
@@ -157,19 +144,9 @@ def load_ml100k(root: Path) -> RawData:
         {"item": it["item"], "title": it["title"], "genres": genres, "year": year.astype(float)}
     )
     user_path = root / "u.user"
-    ut = read_delimited(
-        user_path,
-        [
-            ColumnSpec("user", INT),
-            ColumnSpec("age", INT),
-            ColumnSpec("gender", STR),
-            ColumnSpec("occupation", STR),
-            ColumnSpec("zip", STR),
-        ],
-        sep="|",
-        header=False,
-        names=["user", "age", "gender", "occupation", "zip"],
-    ).to_pandas()
+    ut = _headerless(
+        user_path, {"user": INT, "age": INT, "gender": STR, "occupation": STR, "zip": STR}, sep="|"
+    )
     ut["age"] = ut["age"].astype(float)
     return RawData(
         ratings,
@@ -185,14 +162,9 @@ def load_ml1m(root: Path) -> RawData:
         root / "ratings.dat", "::", ["user", "item", "rating", "timestamp"], header=False
     )
     movie_path = root / "movies.dat"
-    mv = read_delimited(
-        movie_path,
-        [ColumnSpec("item", INT), ColumnSpec("title", STR), ColumnSpec("genres", STR)],
-        sep="::",
-        header=False,
-        names=["item", "title", "genres"],
-        encoding="latin-1",
-    ).to_pandas()
+    mv = _headerless(
+        movie_path, {"item": INT, "title": STR, "genres": STR}, sep="::", encoding="latin-1"
+    )
     items = pd.DataFrame(
         {
             "item": mv["item"],
@@ -202,19 +174,9 @@ def load_ml1m(root: Path) -> RawData:
         }
     )
     user_path = root / "users.dat"
-    us = read_delimited(
-        user_path,
-        [
-            ColumnSpec("user", INT),
-            ColumnSpec("gender", STR),
-            ColumnSpec("age", INT),
-            ColumnSpec("occupation", INT),
-            ColumnSpec("zip", STR),
-        ],
-        sep="::",
-        header=False,
-        names=["user", "gender", "age", "occupation", "zip"],
-    ).to_pandas()
+    us = _headerless(
+        user_path, {"user": INT, "gender": STR, "age": INT, "occupation": INT, "zip": STR}, sep="::"
+    )
     occ = np.array(ML1M_OCCUPATIONS, dtype=object)
     codes = us["occupation"].to_numpy()
     users = pd.DataFrame(
