@@ -2,7 +2,7 @@
 PYTHON     ?= python3
 VENV       ?= .venv
 # CPU build by default (a plain `pip install torch` can pull a multi-GB CUDA build).
-# GPU machines: make setup TORCH_SPEC='torch==2.13.0' PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cu128
+# GPU machines: make setup TORCH_SPEC='torch==2.13.0+cu128' PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cu128
 TORCH_SPEC ?= torch==2.13.0
 WORK       ?= work
 BIN        := $(VENV)/bin
