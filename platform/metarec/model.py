@@ -20,8 +20,11 @@ import itertools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+
+from metarec.data.prepared import PreparedDataset
 
 __all__ = ["ADAPT_GROUPS", "Params", "Recommender", "dataset_features"]
 
@@ -46,15 +49,15 @@ class Features:
     vocab_sizes: dict[str, int]
 
 
-def dataset_features(ds, *, seen_items: Tensor | None = None) -> Features:
-    """Build ``Features`` from a ``PreparedDataset`` (kept here so the model owns its inputs)."""
+def dataset_features(ds: PreparedDataset, *, seen_items: Tensor | None = None) -> Features:
+    """Build ``Features`` from a prepared dataset (kept here so the model owns its inputs)."""
     items = ds.items()
     sizes = dict(ds.manifest["vocab_sizes"])
     n_items = items.num_rows
-    genres = items.column("genres").to_pylist()
-    lengths = torch.tensor([len(g) for g in genres], dtype=torch.long)
+    genres = items.column("genres").combine_chunks()  # list<int16>, one list per item
+    lengths = torch.from_numpy(np.diff(genres.offsets.to_numpy()).astype(np.int64))
     rows = torch.repeat_interleave(torch.arange(n_items), lengths)
-    cols = torch.tensor([g for gs in genres for g in gs], dtype=torch.long)
+    cols = torch.from_numpy(genres.flatten().to_numpy().astype(np.int64))
     multi_hot = torch.zeros(n_items, sizes["genre"])
     multi_hot[rows, cols] = 1.0
     multi_hot /= multi_hot.sum(1, keepdim=True).clamp_min(1.0)
