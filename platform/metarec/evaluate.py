@@ -18,12 +18,13 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from metarec.baselines import classic_baselines
 from metarec.batch import TaskBatch, from_table
 from metarec.config import MetarecConfig, apply_overrides
 from metarec.data.prepared import PreparedDataset
-from metarec.loop import fit, masked_mae, predict_items
+from metarec.loop import FitResult, fit, masked_mae, predict_items
 from metarec.meta import MetaLearner
 from metarec.metrics import catalog_metrics, mean_metrics, query_metrics
 
@@ -96,6 +97,17 @@ def _tuned(
     return best[1], best[2]
 
 
+def _fit_with_bar(cfg: MetarecConfig, ds: PreparedDataset, scenario: str, desc: str) -> FitResult:
+    """``fit`` with an epoch progress bar (terminals only: logs stay clean)."""
+    with tqdm(total=cfg.train.epochs, desc=desc, unit="epoch", disable=None, leave=False) as bar:
+
+        def progress(row: dict[str, float]) -> None:
+            bar.update(1)
+            bar.set_postfix({"valid_mae": f"{row['valid/mae']:.4f}"})
+
+        return fit(cfg, ds, scenario=scenario, progress=progress)
+
+
 def _run_seed(
     cfg: MetarecConfig,
     ds: PreparedDataset,
@@ -108,7 +120,7 @@ def _run_seed(
     results: dict[str, dict] = {}
     method = cfg.meta.algorithm
     log(f"[seed {cfg.seed}] meta-training {method} on {scenario}")
-    meta = fit(cfg, ds, scenario=scenario)
+    meta = _fit_with_bar(cfg, ds, scenario, f"{method} seed {cfg.seed}")
     results[method] = score(AdaptedScorer(meta.learner), test, n_items)
     grids = classic_baselines(seed=cfg.seed)
     for name in (b for b in baselines if b in grids):
@@ -118,7 +130,7 @@ def _run_seed(
     if {"global_model", "finetune"} & set(baselines):
         log(f"[seed {cfg.seed}] training the global model (no adaptation)")
         plain = apply_overrides(cfg, **{"meta.inner_steps": 0, "meta.algorithm": "fomaml"})
-        glob = fit(plain, ds, scenario=scenario).learner
+        glob = _fit_with_bar(plain, ds, scenario, f"global model seed {cfg.seed}").learner
         glob.cfg = cfg.meta  # adapt the same parameter group as the meta-learner
         glob.adapted = meta.learner.adapted
         if "global_model" in baselines:
