@@ -280,17 +280,15 @@ def _parse_timestamps(raw: pd.Series, path: Path, header: bool) -> pd.Series:
     return pd.Series(out.astype(np.int64), index=raw.index)
 
 
+def _feature_table(path: Path, key: str, optional: tuple[str, ...]) -> pd.DataFrame:
+    """A generic feature table: the id column plus whichever optional columns it has, as text
+    (each loader parses its own columns leniently: unparseable features become unknown)."""
+    columns = [ColumnSpec(key, STR), *(ColumnSpec(c, STR, required=False) for c in optional)]
+    return read_table_file(path, columns)[0].to_pandas()
+
+
 def _generic_items(path: Path) -> pd.DataFrame:
-    table, _ = read_table_file(
-        path,
-        [
-            ColumnSpec("item", STR),
-            ColumnSpec("title", STR, False),
-            ColumnSpec("genres", STR, False),
-            ColumnSpec("year", STR, False),
-        ],
-    )
-    df = table.to_pandas()
+    df = _feature_table(path, "item", ("title", "genres", "year"))
     year = pd.Series(np.nan, index=df.index)
     if "year" in df:
         year = pd.to_numeric(df["year"], errors="coerce")
@@ -309,17 +307,7 @@ def _generic_items(path: Path) -> pd.DataFrame:
 
 
 def _generic_users(path: Path) -> pd.DataFrame:
-    table, _ = read_table_file(
-        path,
-        [
-            ColumnSpec("user", STR),
-            ColumnSpec("age", STR, False),
-            ColumnSpec("gender", STR, False),
-            ColumnSpec("occupation", STR, False),
-            ColumnSpec("zip", STR, False),
-        ],
-    )
-    df = table.to_pandas()
+    df = _feature_table(path, "user", ("age", "gender", "occupation", "zip"))
     out = pd.DataFrame({"user": df["user"]})
     out["age"] = pd.to_numeric(df["age"], errors="coerce") if "age" in df else np.nan
     for col in ("gender", "occupation", "zip"):
