@@ -83,18 +83,16 @@ def score(scorer: Scorer, tasks: TaskBatch, n_items: int) -> dict[str, float]:
     return mean_metrics(metrics)
 
 
-def _tuned(
-    make: Callable[[dict], Scorer], grid: Iterable[dict], valid: TaskBatch
-) -> tuple[Scorer, dict]:
-    """The grid point with the lowest validation MAE."""
-    best = None
+def _tuned(make: Callable[[dict], Scorer], grid: Iterable[dict], valid: TaskBatch) -> Scorer:
+    """The scorer of the grid point with the lowest validation MAE (first one on ties)."""
+    best: tuple[float, Scorer] | None = None
     for hp in grid:
         scorer = make(hp)
         mae = masked_mae(scorer.predict_items(valid, valid.query_items), valid)
         if best is None or mae < best[0]:
-            best = (mae, scorer, hp)
+            best = (mae, scorer)
     assert best is not None
-    return best[1], best[2]
+    return best[1]
 
 
 def _fit_with_bar(cfg: MetarecConfig, ds: PreparedDataset, scenario: str, desc: str) -> FitResult:
@@ -125,7 +123,7 @@ def _run_seed(
     grids = classic_baselines(seed=cfg.seed)
     for name in (b for b in baselines if b in grids):
         g = grids[name]
-        scorer, _ = _tuned(lambda hp, g=g: g.cls(**hp).fit(train, n_items=n_items), g.grid, valid)
+        scorer = _tuned(lambda hp, g=g: g.cls(**hp).fit(train, n_items=n_items), g.grid, valid)
         results[name] = score(scorer, test, n_items)
     if {"global_model", "finetune"} & set(baselines):
         log(f"[seed {cfg.seed}] training the global model (no adaptation)")
@@ -137,7 +135,7 @@ def _run_seed(
             results["global_model"] = score(AdaptedScorer(glob, steps=0), test, n_items)
         if "finetune" in baselines:
             lrs = sorted({*FINETUNE_LRS, cfg.meta.inner_lr})
-            scorer, _ = _tuned(
+            scorer = _tuned(
                 lambda hp: AdaptedScorer(glob, inner_lr=hp["lr"]), [{"lr": lr} for lr in lrs], valid
             )
             results["finetune"] = score(scorer, test, n_items)

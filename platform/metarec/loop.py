@@ -96,25 +96,22 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     train: TaskBatch,
     generator: torch.Generator,
-    *,
-    on_step: Callable[[], None] | None = None,
 ) -> float:
     """One pass over ``train`` in bucketed meta-batches; returns the mean query loss."""
     cfg = learner.cfg
     lengths = train.support_mask.sum(1) + train.query_mask.sum(1)
+    query_size = int(train.query_mask.sum(1).max())
     total, n = torch.zeros(()), 0
     for index in bucketed_batches(lengths, cfg.meta_batch_size, generator):
         batch = train.select(index)
         if cfg.resample_query:
-            batch = batch.resampled(int(train.query_mask.sum(1).max()), generator)
+            batch = batch.resampled(query_size, generator)
         optimizer.zero_grad(set_to_none=True)
         metrics = meta_gradients(learner, batch.to(_device(learner)))
         torch.nn.utils.clip_grad_norm_(learner.parameters(), cfg.grad_clip)
         optimizer.step()
         total += metrics["query_loss"].cpu() * batch.num_tasks
         n += batch.num_tasks
-        if on_step is not None:
-            on_step()
     return float(total / max(n, 1))
 
 
