@@ -20,16 +20,19 @@ Why it is built this way:
   not skewed by different inits, data or machines. The loop gets its per-task tensors
   already cut out of the padding before timing, so it pays for no masking or padding at
   all: the comparison is against the strongest simple loop, not a strawman.
-* **Checked before timed.** The first call of each candidate (which is also its warm-up)
-  fills ``.grad``; the meta-gradients must agree (``assert_close``, rtol 1e-4 in float32)
-  or the script stops. A speedup of a candidate that computes something else means nothing.
+* **Checked before timed.** Every candidate first runs once on float64 copies of the learner
+  and data; their meta-gradients must agree (``assert_close``, rtol 1e-7) or the script
+  stops. (Not in float32: a ReLU input within rounding of 0 can fall on either side in two
+  correct implementations and move a meta-gradient by 1e-3.) A speedup of a candidate
+  that computes something else means nothing.
 * **Realistic task shapes.** MeLU-sized model (D = 32, MLP 64-64, user features and item
   ids on, the MLP and head adapt) on a synthetic ML-100k-like feature table (1,700 items,
   19 genres, 943 users), support sizes uniform in 3..90 and queries of 10: about half of a
   randomly drawn padded batch is padding, which the vectorized core computes and the loop
   does not. ``padding_share`` says how much; ``padding_share_bucketed`` says how much
   ``metarec.batch.bucketed_batches`` (what training uses) leaves; ``--bucketed`` also times
-  the vectorized core over those bucketed batches (8 batches of a 256-task pool).
+  the vectorized core over those bucketed batches (8 batches of a 256-task pool) against
+  the loop over the same 256 tasks (``speedup_bucketed``).
 * **Interleaved, median timing.** Candidates alternate within each repetition, so a burst of
   load from other processes hits both rather than one; each reports the median of its
   repetitions (the vectorized one runs several calls per repetition so both spend similar
@@ -55,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import platform
@@ -95,7 +99,7 @@ QUERY_SIZE = 10
 META_BATCH = 32
 POOL_BATCHES = 8  # tasks in the pool = 8 meta-batches (one bucketing window)
 INNER_LR = 0.5  # MetaConfig's default
-RTOL, ATOL = 1e-4, 1e-5
+RTOL, ATOL = 1e-7, 1e-9  # float64 agreement check
 FULL_CONFIGS = [("maml", 1), ("maml", 5), ("fomaml", 1), ("fomaml", 5)]
 SMOKE_CONFIGS = [("maml", 5), ("fomaml", 1)]
 
@@ -229,6 +233,25 @@ def higher_step(learner: MetaLearner, tasks: list[Task]) -> None:
             (((pred - task.query_ratings) ** 2).mean() / len(tasks)).backward()
 
 
+def make_candidates(
+    learner: MetaLearner, batch: TaskBatch, tasks: list[Task], order: int
+) -> dict[str, tuple[Callable[[], None], int]]:
+    """name -> (one call, tasks per call)."""
+    candidates = {
+        "vectorized": (lambda: vectorized_step(learner, batch), batch.num_tasks),
+        "loop": (lambda: loop_step(learner, tasks, order == 2), len(tasks)),
+    }
+    if higher is not None and order == 2:
+        candidates["higher"] = (lambda: higher_step(learner, tasks), len(tasks))
+    return candidates
+
+
+def as_double(x: Any) -> Any:
+    """A Task or TaskBatch with its float tensors in float64."""
+    fields = {f: getattr(x, f) for f in x.__dataclass_fields__}
+    return type(x)(**{f: v.double() if v.is_floating_point() else v for f, v in fields.items()})
+
+
 # --------------------------------------------------------------------------------------------
 # Measurement helpers.
 # --------------------------------------------------------------------------------------------
@@ -345,7 +368,7 @@ def run_config(
     features: Features,
     batch: TaskBatch,
     tasks: list[Task],
-    bucketed: list[TaskBatch] | None,
+    bucketed: tuple[list[TaskBatch], list[Task]] | None,
     device: torch.device,
     reps: int,
     budget_s: float,
@@ -359,20 +382,16 @@ def run_config(
     with torch.no_grad():  # realistic, non-zero item biases (as after loop._item_bias_init)
         learner.model.item_bias.normal_(0.0, 0.3)
 
-    # name -> (one call, tasks per call)
-    candidates: dict[str, tuple[Callable[[], None], int]] = {
-        "vectorized": (lambda: vectorized_step(learner, batch), batch.num_tasks),
-        "loop": (lambda: loop_step(learner, tasks, order == 2), len(tasks)),
-    }
-    if higher is not None and order == 2:
-        candidates["higher"] = (lambda: higher_step(learner, tasks), len(tasks))
-
-    # Warm-up and agreement check in one: the first call of each candidate.
-    first: dict[str, float] = {}
+    candidates = make_candidates(learner, batch, tasks, order)
+    # Agreement first, on float64 copies: in float32 a ReLU pre-activation within rounding
+    # of 0 can flip between two correct implementations and move a meta-gradient by 1e-3
+    # (seen at 5 inner steps), which says nothing about whether they compute the same thing.
+    f64 = copy.deepcopy(learner).double()
+    checks = make_candidates(f64, as_double(batch), [as_double(t) for t in tasks], order)
     grads: dict[str, dict[str, Tensor]] = {}
-    for name, (fn, _) in candidates.items():
-        first[name] = timed(fn, device)
-        grads[name] = grads_of(learner)
+    for name, (fn, _) in checks.items():
+        fn()
+        grads[name] = grads_of(f64)
     worst = check_agree(grads["loop"], grads["vectorized"], f"{algorithm}/{steps} vectorized")
     if "higher" in candidates:
         try:
@@ -380,14 +399,22 @@ def run_config(
         except AssertionError as exc:
             log(f"  higher disagrees with the loop, not timed: {str(exc).splitlines()[0]}")
             del candidates["higher"]
-    if bucketed is not None:  # other tasks than the loop's: nothing to compare, warm-up only
+    first = {name: timed(fn, device) for name, (fn, _) in candidates.items()}  # warm-up
+    if bucketed is not None:  # the whole pool: bucketed batches vs the loop over its tasks
+        batches, pool = bucketed
 
         def over_buckets() -> None:
-            for b in bucketed:
+            for b in batches:
                 vectorized_step(learner, b)
 
-        candidates["bucketed"] = (over_buckets, sum(b.num_tasks for b in bucketed))
+        def loop_pool() -> None:
+            for lo in range(0, len(pool), META_BATCH):
+                loop_step(learner, pool[lo : lo + META_BATCH], order == 2)
+
+        candidates["bucketed"] = (over_buckets, sum(b.num_tasks for b in batches))
+        candidates["loop_pool"] = (loop_pool, len(pool))
         first["bucketed"] = timed(over_buckets, device)
+        first["loop_pool"] = timed(loop_pool, device)
 
     # Interleaved repetitions (order reversed every other one). Fast candidates make several
     # calls per repetition so that each spends about as much wall time as the loop.
@@ -434,7 +461,8 @@ def run_config(
         out["speedup_vs_higher"] = round(med["higher"] / med["vectorized"], 2)
     if "bucketed" in candidates:
         out["tasks_per_s_vectorized_bucketed"] = round(1 / med["bucketed"], 1)
-        out["speedup_bucketed"] = round(med["loop"] / med["bucketed"], 2)
+        out["tasks_per_s_loop_pool"] = round(1 / med["loop_pool"], 1)
+        out["speedup_bucketed"] = round(med["loop_pool"] / med["bucketed"], 2)
     if profile:
         out["top_ops_vectorized"] = top_ops(vec_fn)
     return out
@@ -500,7 +528,9 @@ def main(argv: list[str] | None = None) -> int:
     buckets = bucketed_batches(lengths, META_BATCH, g, window=POOL_BATCHES)
     bucketed_cpu = [pad([pool[int(i)] for i in idx]) for idx in buckets]
     pad_bucketed = statistics.fmean(padding_share(b) for b in bucketed_cpu)
-    bucketed = [b.to(device) for b in bucketed_cpu] if args.bucketed else None
+    bucketed = None
+    if args.bucketed:
+        bucketed = ([b.to(device) for b in bucketed_cpu], [task_to(t, device) for t in pool])
     tasks = [task_to(t, device) for t in tasks]
     log(
         f"  {META_BATCH} tasks, support sizes {SUPPORT_RANGE[0]}..{SUPPORT_RANGE[1]} "
@@ -547,8 +577,10 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - t0
     target = next((r for r in results if r["order"] == 2 and r["inner_steps"] == 5), None)
     if target is not None:
-        verdict = "meets" if target["speedup"] >= 10 else "misses"
-        log(f"  maml/5 speedup {target['speedup']:.2f}x {verdict} the >= 10x target")
+        for key, what in (("speedup", "one random batch"), ("speedup_bucketed", "bucketed pool")):
+            if key in target:
+                verdict = "meets" if target[key] >= 10 else "misses"
+                log(f"  maml/5 {what}: {target[key]:.2f}x {verdict} the >= 10x target")
 
     summary = {
         "results": results,

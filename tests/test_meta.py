@@ -116,6 +116,9 @@ CASES = [
     ("maml", "all", True, 0.0),
     ("maml", "mlp", True, 0.7),  # proximal term
     ("fomaml", "mlp", False, 0.0),
+    ("fomaml", "mlp", False, 0.7),
+    ("maml", "head", True, 0.3),
+    ("metasgd", "mlp", True, 0.4),  # per-entry step sizes with a proximal term
     ("metasgd", "mlp", True, 0.0),
     ("anil", "mlp", True, 0.0),  # anil forces head-only
 ]
@@ -304,3 +307,42 @@ def test_ridge_meta_gradient_matches_per_task_solves(tiny_tasks):
     got, want = _grads(learner, loss), _grads(learner, ref)
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("users", [True, False])
+@pytest.mark.parametrize("adapt_group", ["head", "mlp"])
+def test_hand_derived_support_gradients_equal_autograd(tiny_tasks, users, adapt_group):
+    model = tiny_model(users=users)
+    learner = MetaLearner(model, MetaConfig(adapt=adapt_group))
+    names = learner.adapted
+    assert model.hand_grads_for(names)
+    t = tiny_tasks.num_tasks
+    g = torch.Generator().manual_seed(3)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    # Distinct weights per task, so a mix-up between tasks would show.
+    fast = {
+        n: (
+            params[n] + 0.1 * torch.randn(t, *params[n].shape, generator=g, dtype=torch.float64)
+        ).requires_grad_()
+        for n in names
+    }
+    b = tiny_tasks
+    full = {**params, **fast}
+    pred = functional_call(model, full, (b.support_items, b.users))
+    loss = masked_mse(pred, b.support_ratings, b.support_mask).sum()
+    want = torch.autograd.grad(loss, list(fast.values()))
+    support = model.support_set(params, b.support_items, b.users, b.support_ratings, b.support_mask)
+    split_fast = model.split_input_weight(fast)
+    keys = list(split_fast)
+    split = {**model.split_input_weight(params), **split_fast}
+    got = model.join_input_weight(
+        dict(zip(keys, model.support_grads(split, keys, support), strict=True))
+    )
+    for n, w in zip(names, want, strict=True):
+        torch.testing.assert_close(got[n], w, msg=n)
+
+
+def test_hand_derived_gradients_cover_only_whole_head_or_mlp_groups():
+    model = tiny_model()
+    assert not model.hand_grads_for(["head.weight"])
+    assert not model.hand_grads_for(MetaLearner(model, MetaConfig(adapt="all")).adapted)

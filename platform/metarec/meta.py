@@ -28,7 +28,15 @@ from torch.func import functional_call
 
 from metarec.batch import TaskBatch
 from metarec.config import ALGORITHMS, MetaConfig
-from metarec.model import ADAPT_GROUPS, Params, Recommender
+from metarec.model import (
+    ADAPT_GROUPS,
+    W0_USER,
+    W0_USER_PROJ,
+    W0_USER_ROW,
+    Params,
+    Recommender,
+    SupportSet,
+)
 
 __all__ = [
     "MetaLearner",
@@ -147,28 +155,98 @@ def adapt(
     fast = dict(theta)
     if steps == 0:
         return {**params, **fast}
+    step_size = inner_lr if isinstance(inner_lr, dict) else dict.fromkeys(names, inner_lr)
+    if model.hand_grads_for(names):
+        support_set = model.support_set(params, items, users, ratings, mask)
+        fast = _adapt_mlp(
+            model, params, names, support_set, steps, step_size, proximal, create_graph
+        )
+        return {**params, **fast}
     if not any(f.requires_grad for f in fast.values()):  # evaluation of detached weights
         fast = {n: f.clone().requires_grad_() for n, f in fast.items()}
         theta = {n: f.detach() for n, f in fast.items()}
     with torch.enable_grad():
-        # When no embedding adapts, the inputs do not change across steps: encode once.
-        encoded = None
-        if not any(n.startswith(("emb.", "item_bias")) for n in names):
-            encoded = functional_call(model, params, (items, users), {"encode_only": True})
         for _ in range(steps):
-            kwargs = {} if encoded is None else {"encoded": encoded}
-            pred = functional_call(model, {**params, **fast}, (items, users), kwargs)
+            pred = functional_call(model, {**params, **fast}, (items, users))
             loss = masked_mse(pred, ratings, mask)
             if proximal:
                 loss = loss + 0.5 * proximal * sum(
                     ((fast[n] - theta[n]) ** 2).flatten(1).sum(1) for n in names
                 )
             grads = torch.autograd.grad(loss.sum(), list(fast.values()), create_graph=create_graph)
-            fast = {
-                n: f - (inner_lr[n] if isinstance(inner_lr, dict) else inner_lr) * g
-                for (n, f), g in zip(fast.items(), grads, strict=True)
-            }
+            fast = {n: f - step_size[n] * g for (n, f), g in zip(fast.items(), grads, strict=True)}
     return {**params, **fast}
+
+
+def _adapt_mlp(
+    model: Recommender,
+    params: Params,
+    names: list[str],
+    support: SupportSet,
+    steps: int,
+    step_size: dict[str, float | Tensor],
+    proximal: float,
+    create_graph: bool,
+) -> Params:
+    """The inner loop when only the MLP and/or head adapt: hand-derived gradients.
+
+    Inputs are encoded once and ``Recommender.support_grads`` gives the gradients, so there
+    is no autograd pass at all unless a meta-gradient is wanted. The first layer's user block
+    W_u (Fu x H per task, the largest fast weight) is never updated in full: its gradient is
+    the outer product u^T s of the task's user features u and a row s, so after any number
+    of steps W_u - theta_u = alpha * u^T A for a row A, and the forward needs only
+    u @ W_u (T, 1, H). W_u is formed once at the end. (With Meta-SGD's per-entry alpha and a
+    proximal term that identity does not hold, and W_u is updated in full.)
+    """
+    split = model.split_input_weight
+    shared, step_size = split(params), split(step_size)
+    t = support.item_x.shape[0]
+    # Split theta before expanding it to T tasks: the split's backward (a cat) then runs on
+    # the weight, not on T copies of it.
+    theta = {n: shared[n].expand(t, *shared[n].shape) for n in split(dict.fromkeys(names, 0.0))}
+    fast = dict(theta)
+    u = support.user_x
+    low_rank = (
+        u is not None
+        and W0_USER in fast
+        and (not isinstance(step_size[W0_USER], Tensor) or not proximal)
+    )
+    if low_rank:
+        lr_u = step_size.pop(W0_USER)
+        theta_u = theta.pop(W0_USER)
+        del fast[W0_USER]
+        proj0 = u @ shared[W0_USER]  # (T, 1, H) = u @ theta_u
+        proj, acc = proj0, torch.zeros_like(proj0)  # u @ W_u, and A
+        # u @ (alpha * u^T s) = gain * s
+        gain = (
+            (u * u).sum(-1, keepdim=True) * lr_u if not isinstance(lr_u, Tensor) else (u * u) @ lr_u
+        )
+        decay = 1.0 - lr_u * proximal if proximal else 1.0
+    keys = list(fast)
+    for _ in range(steps):
+        with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
+            state = {**shared, **fast, W0_USER_PROJ: proj} if low_rank else {**shared, **fast}
+            grads = model.support_grads(state, keys + [W0_USER_ROW] * low_rank, support)
+            if proximal:
+                grads[: len(keys)] = [
+                    g + proximal * (fast[n] - theta[n]) for n, g in zip(keys, grads, strict=False)
+                ]
+            if low_rank:
+                row = grads.pop()
+                proj = proj0 + decay * (proj - proj0) - gain * row
+                acc = decay * acc - row
+        fast = {n: _step(f, g, step_size[n]) for (n, f), g in zip(fast.items(), grads, strict=True)}
+    if low_rank:  # u enters the step, not theta: first order treats it as a constant
+        u = u if create_graph else u.detach()
+        fast[W0_USER] = theta_u + lr_u * (u.transpose(-1, -2) * acc)
+    return model.join_input_weight(fast)
+
+
+def _step(weight: Tensor, grad: Tensor, lr: float | Tensor) -> Tensor:
+    """weight - lr * grad, as one op (and one op in its backward) when lr is a number."""
+    if isinstance(lr, Tensor):
+        return weight - lr * grad
+    return torch.add(weight, grad, alpha=-lr)
 
 
 def ridge_head(

@@ -23,12 +23,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from metarec.data.prepared import PreparedDataset
 
 __all__ = ["ADAPT_GROUPS", "Params", "Recommender", "dataset_features"]
 
 Params = dict[str, Tensor]
+_RMS_EPS = 1e-5  # unit-RMS epsilon (hidden() and support_grads() must agree)
+# support_grads() keys of the first layer's item-input and user-input row blocks
+W0_ITEM, W0_USER = "mlp.0_weight:item", "mlp.0_weight:user"
+# ... and, instead of W0_USER, the user block's output u @ W_u (T, 1, H) as an input, and
+# its gradient's row s (the gradient is the outer product u^T s) as an output.
+W0_USER_PROJ, W0_USER_ROW = "mlp.0_weight:user_proj", "mlp.0_weight:user_row"
 USER_FEATURES = ("age_bucket", "gender", "occupation", "zip_prefix")
 # Which parameters adapt per user, by the `meta.adapt` setting (prefix match on names).
 ADAPT_GROUPS = {
@@ -47,6 +54,16 @@ class Features:
     item_seen: Tensor  # (I,) bool: rated in training, so its id embedding means something
     user_table: Tensor | None  # (U, 4) long user features, None when the dataset has none
     vocab_sizes: dict[str, int]
+
+
+@dataclass(frozen=True)
+class SupportSet:
+    """A padded support set as ``Recommender.support_grads`` consumes it."""
+
+    item_x: Tensor  # (T, S, Fi) item-side inputs
+    user_x: Tensor | None  # (T, 1, Fu) user-side inputs
+    residual: Tensor  # (T, S, 1) mu + item bias - rating: the prediction error without the MLP
+    weight: Tensor  # (T, S, 1) 2 mask / support size: d(mean squared error) / d(error)
 
 
 def dataset_features(ds: PreparedDataset, *, seen_items: Tensor | None = None) -> Features:
@@ -140,7 +157,7 @@ class Recommender(nn.Module):
         items: Tensor,
         users: Tensor,
         *,
-        encoded: Tensor | None = None,
+        encoded: tuple[Tensor, Tensor | None] | None = None,
         encode_only: bool = False,
         head_inputs: bool = False,
     ):
@@ -149,18 +166,18 @@ class Recommender(nn.Module):
         Args:
             items: (..., N) long item indices; users: (...,) long user indices.
             With fast weights of a leading task dim T, ``...`` must be (T,).
-            encoded: ``encode(items, users)`` computed earlier: the inner loop encodes once
-                when no embedding adapts, instead of at every step.
-            encode_only: return ``encode(items, users)`` (..., N, F).
+            encoded: ``encode_parts(items, users)`` computed earlier: the inner loop encodes
+                once when no embedding adapts, instead of at every step.
+            encode_only: return ``encode_parts(items, users)``.
             head_inputs: return ``(h, offset)`` instead, where the prediction is
                 ``h @ head.weight + head.bias + offset``: what a closed-form head solver needs.
         Returns:
             (..., N) predicted ratings.
         """
-        x = self.encode(items, users) if encoded is None else encoded  # (..., N, F)
+        parts = self.encode_parts(items, users) if encoded is None else encoded
         if encode_only:
-            return x
-        z = self.hidden(x)  # (..., N, H), zero mean and unit RMS per row
+            return parts
+        z = self.hidden(*parts)  # (..., N, H), zero mean and unit RMS per row
         offset = _gather_bias(self.item_bias, items) + self.global_mean  # (..., N)
         scale = 1.0 / math.sqrt(z.shape[-1])  # |z| / sqrt(H) = 1: see hidden()
         if head_inputs:
@@ -170,34 +187,178 @@ class Recommender(nn.Module):
         return (z @ self.head["weight"]).squeeze(-1) * scale + self.head["bias"] + offset
 
     def encode(self, items: Tensor, users: Tensor) -> Tensor:
-        """Input features of (user, item) pairs: (..., N, F)."""
+        """Input features of (user, item) pairs, as the first layer sees them: (..., N, F)."""
+        item_x, user_x = self.encode_parts(items, users)
+        if user_x is None:
+            return item_x
+        return torch.cat([item_x, user_x.expand(*item_x.shape[:-1], user_x.shape[-1])], -1)
+
+    def encode_parts(self, items: Tensor, users: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Item-side inputs (..., N, Fi) and user-side inputs (..., 1, Fu) or None.
+
+        Kept apart because the user block is the same for all N rows of a task: the first
+        layer multiplies it once per task instead of once per rating, and its gradient is
+        one outer product — on MeLU's sizes that is more than half of layer 1's FLOPs.
+        """
         parts = [
             _bag(self.emb["genre"], self.item_genres[items]),  # (..., N, D)
             _lookup(self.emb["year"], self.item_year[items]),
         ]
         if self.item_id_embedding:
             parts.append(_lookup(self.emb["item"], self.item_id_index[items]))
+        user_x = None
         if self.use_user:
             feats = self.user_table[users]  # (..., 4)
-            user = torch.cat(
+            user_x = torch.cat(
                 [_lookup(self.emb[n], feats[..., k : k + 1]) for k, n in enumerate(USER_FEATURES)],
                 -1,
             )  # (..., 1, 4D)
-            parts.append(user.expand(*items.shape, user.shape[-1]))
-        return torch.cat(parts, -1)
+        return torch.cat(parts, -1), user_x
 
-    def hidden(self, x: Tensor) -> Tensor:
-        """MLP on encoded inputs: (..., N, F) -> unit-RMS features (..., N, H)."""
-        n_layers = len(self.mlp) // 2
-        for k in range(n_layers):
+    def hidden(self, item_x: Tensor, user_x: Tensor | None = None) -> Tensor:
+        """MLP on encoded inputs -> unit-RMS features (..., N, H)."""
+        w0 = self.mlp["0_weight"]
+        if user_x is None:
+            x = item_x @ w0
+        else:  # split (not slicing: its backward is one cat, not zero-fill + copy per part)
+            w_item, w_user = w0.split([item_x.shape[-1], user_x.shape[-1]], dim=-2)
+            x = item_x @ w_item + user_x @ w_user  # (..., 1, H) broadcast over the N rows
+        x = torch.relu(x + self.mlp["0_bias"].unsqueeze(-2))
+        for k in range(1, len(self.mlp) // 2):
             x = torch.relu(x @ self.mlp[f"{k}_weight"] + self.mlp[f"{k}_bias"].unsqueeze(-2))
         # Unit-norm features into the head (z / sqrt(H), applied in forward) bound the
         # curvature of the inner loss (its Hessian in the head is h h^T, |h|^2 = 1), so one
         # inner_lr stays stable however the representation grows during meta-training.
         return _unit_rms(x)
 
+    def support_set(
+        self, params: Params, items: Tensor, users: Tensor, ratings: Tensor, mask: Tensor
+    ) -> SupportSet:
+        """What ``support_grads`` needs of a padded support set, computed once per adapt.
 
-def _unit_rms(x: Tensor, eps: float = 1e-5) -> Tensor:
+        ``params`` are the meta-parameters (not split; embeddings and item biases do not
+        adapt on this path, so the inputs stay the same across inner steps).
+        """
+        item_x, user_x = functional_call(self, params, (items, users), {"encode_only": True})
+        offset = _gather_bias(params["item_bias"], items) + self.global_mean
+        m = mask.to(offset.dtype)
+        return SupportSet(
+            item_x=item_x,
+            user_x=user_x,
+            residual=(offset - ratings).unsqueeze(-1),
+            weight=(2 * m / m.sum(-1, keepdim=True).clamp_min(1.0)).unsqueeze(-1),
+        )
+
+    def support_grads(self, params: Params, names: list[str], support: SupportSet) -> list[Tensor]:
+        """Hand-derived gradients of each task's masked support MSE w.r.t. ``names``.
+
+        The same numbers as ``autograd.grad(masked_mse(...).sum(), fast)``, for the case the
+        inner loop lives in (MLP and head adapt, inputs encoded once). It is differentiable
+        itself, so second-order MAML backpropagates through it. Why by hand: the inner loop's
+        time is mostly elementwise ops on (T, S, H) activations, not matmuls, and autograd's
+        generic backward (recorded again with ``create_graph=True``) needs several times more
+        of them. Here the unit-RMS backward is folded into three such ops (its mean terms are
+        (T, S, 1) products of quantities the forward already has), normalized features are
+        never materialized, and ReLU's derivative is one ``threshold_backward``.
+
+        Args:
+            params: the full parameter dict after ``split_input_weight``; ``names`` entries
+                carry a task dim T.
+            names: all of ``head.*`` and optionally all of ``mlp.*`` (see ``hand_grads_for``),
+                with the split first-layer keys.
+            support: ``support_set(...)`` of the tasks.
+        Returns:
+            Gradients in the order of ``names``.
+        """
+        item_x, user_x = support.item_x, support.user_x
+        n_layers = len(self.mlp) // 2
+        pre, acts = [], [item_x]  # pre-activations and layer inputs, for the backward
+        for k in range(n_layers):
+            bias = params[f"mlp.{k}_bias"].unsqueeze(-2)  # (T, 1, H)
+            if k:
+                a = _affine(bias, acts[-1], params[f"mlp.{k}_weight"])
+            elif user_x is None:
+                a = _affine(bias, item_x, params["mlp.0_weight"])
+            else:  # the user block once per task, (T, 1, H), folded into the bias
+                proj = params[W0_USER_PROJ] if W0_USER_PROJ in params else user_x @ params[W0_USER]
+                a = _affine(bias + proj, item_x, params[W0_ITEM])
+            pre.append(a)
+            acts.append(torch.relu(a))
+        h = acts.pop()
+        width = h.shape[-1]
+        c = h - h.mean(-1, keepdim=True)  # (not var_mean: its backward is 5x slower here)
+        r = ((c * c).mean(-1, keepdim=True) + _RMS_EPS).rsqrt()  # (T, S, 1); z = c r
+        v = params["head.weight"] * (1.0 / math.sqrt(width))  # (T, H, 1)
+        cv = c @ v  # (T, S, 1); z v = r (c v)
+        err = torch.addcmul(support.residual + params["head.bias"].unsqueeze(-1), r, cv)
+        dpred = err * support.weight  # (T, S, 1): d loss / d prediction
+        dr = dpred * r
+        grads = {
+            "head.weight": torch.baddbmm(v, c.transpose(-1, -2), dr, beta=0, alpha=width**-0.5),
+            "head.bias": dpred.sum(-2),
+        }
+        if any(n.startswith("mlp.") for n in names):
+            # Unit-RMS backward r (dz - mean dz - z mean(dz z)) with dz = dpred v^T:
+            # mean(dz) = dpred mean(v), mean(dz z) = dpred r (c v) / H, and z = c r.
+            vt = v.transpose(-1, -2)
+            coef = dr * (r * r * cv) * (1.0 / width)  # (T, S, 1)
+            da = torch.addcmul(dr * (vt - vt.mean(-1, keepdim=True)), c, coef, value=-1)
+            for k in reversed(range(n_layers)):
+                da = torch.ops.aten.threshold_backward(da, pre[k], 0)  # ReLU'
+                grads[f"mlp.{k}_bias"] = da.sum(-2)
+                if k:
+                    grads[f"mlp.{k}_weight"] = acts[k].transpose(-1, -2) @ da
+                    da = da @ params[f"mlp.{k}_weight"].transpose(-1, -2)
+                elif user_x is None:
+                    grads["mlp.0_weight"] = item_x.transpose(-1, -2) @ da
+                else:
+                    grads[W0_ITEM] = item_x.transpose(-1, -2) @ da
+                    # One outer product per task for the user block, not one per rating.
+                    grads[W0_USER_ROW] = da.sum(-2, keepdim=True)
+                    if W0_USER in names:
+                        grads[W0_USER] = user_x.transpose(-1, -2) * grads[W0_USER_ROW]
+        return [grads[n] for n in names]
+
+    def split_input_weight(self, params: Params) -> Params:
+        """Replace ``mlp.0_weight`` by its item-input and user-input row blocks.
+
+        ``support_grads`` takes and returns them split, so an inner loop that keeps them apart
+        pays for no cat/split of the largest weight at every step; ``join_input_weight``
+        undoes it once at the end.
+        """
+        if "mlp.0_weight" not in params or not self.use_user:
+            return params
+        out = dict(params)
+        fi = self.mlp["0_weight"].shape[0] - 4 * self.emb["gender"].shape[-1]
+        w = out.pop("mlp.0_weight")
+        if isinstance(w, Tensor):
+            out[W0_ITEM], out[W0_USER] = w.split([fi, w.shape[-2] - fi], dim=-2)
+        else:  # a scalar step size
+            out[W0_ITEM] = out[W0_USER] = w
+        return out
+
+    def join_input_weight(self, params: Params) -> Params:
+        if W0_ITEM not in params:
+            return params
+        out = {n: p for n, p in params.items() if n not in (W0_ITEM, W0_USER)}
+        out["mlp.0_weight"] = torch.cat([params[W0_ITEM], params[W0_USER]], -2)
+        return out
+
+    def hand_grads_for(self, names: list[str]) -> bool:
+        """Whether ``support_grads`` covers adapting exactly ``names``."""
+        head = {n for n, _ in self.named_parameters() if n.startswith("head.")}
+        mlp = {n for n, _ in self.named_parameters() if n.startswith("mlp.")}
+        return set(names) in (head, head | mlp)
+
+
+def _affine(bias: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    """bias + x @ weight for x (T, N, F); one fused op when the weight has a task dim."""
+    if weight.dim() == 3:
+        return torch.baddbmm(bias, x, weight)
+    return x @ weight + bias
+
+
+def _unit_rms(x: Tensor, eps: float = _RMS_EPS) -> Tensor:
     """Layer norm without affine (zero mean, unit RMS per row): (..., H) -> (..., H).
 
     Written with elementary ops rather than F.layer_norm, whose third derivative is wrong in
