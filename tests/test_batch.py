@@ -43,7 +43,7 @@ def test_resampled_keeps_every_rating_and_the_query_size():
     b = from_table(small_table())
     g = torch.Generator().manual_seed(0)
     for _ in range(5):
-        r = b.resampled(1, g)
+        r = b.resampled(1, torch.rand(2, 8, generator=g))
         assert r.query_mask.sum(1).tolist() == [1, 1]
         for t in range(2):
             before = sorted(
@@ -60,6 +60,16 @@ def test_resampled_keeps_every_rating_and_the_query_size():
                 zip(items[t][mask[t]].tolist(), ratings[t][mask[t]].tolist(), strict=True)
             )
             assert before == after
+
+
+def test_a_task_resamples_the_same_way_whatever_batch_it_is_padded_in():
+    b = from_table(small_table())
+    keys = torch.rand(2, 8, generator=torch.Generator().manual_seed(3))
+    together = b.resampled(1, keys)
+    alone = b.select(torch.tensor([1])).resampled(1, keys[1:])
+    assert together.query_items[1:].tolist() == alone.query_items.tolist()
+    s = alone.support_mask.shape[1]
+    assert together.support_items[1:, :s].tolist() == alone.support_items.tolist()
 
 
 def test_bucketed_batches_cover_every_task_once_with_similar_lengths():

@@ -62,15 +62,20 @@ class TaskBatch:
             torch.cat([self.support_mask, self.query_mask], 1),
         )
 
-    def resampled(self, query_size: int, generator: torch.Generator) -> TaskBatch:
+    def resampled(self, query_size: int, keys: Tensor) -> TaskBatch:
         """Re-split each task's ratings into a fresh random query of ``query_size``.
 
         Meta-training sees a new support/query split of each training user every epoch, so
         the learner cannot memorise which ratings are asked (vectorized: random keys + sort).
+
+        Args:
+            keys: (T, L) uniform random numbers, L >= every task's rating count; a task's
+                j-th rating (support first, then query) gets key ``keys[t, j]`` however the
+                batch is padded, so a task splits the same way in any batch it lands in.
         """
         items, ratings, mask = self.merged()
-        keys = torch.rand(mask.shape, generator=generator).to(mask.device)
-        keys = keys.masked_fill(~mask, 2.0)  # padding sorts last
+        position = (mask.cumsum(1) - 1).clamp_min(0)  # j of each valid entry, (T, S+Q)
+        keys = keys.to(mask.device).gather(1, position).masked_fill(~mask, 2.0)  # padding last
         order = keys.argsort(1)
         items, ratings, mask = (t.gather(1, order) for t in (items, ratings, mask))
         rank = torch.arange(mask.shape[1], device=mask.device)

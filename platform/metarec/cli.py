@@ -130,10 +130,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
-        help="meta-train and compare against every baseline -> results.json",
-        description="Meta-train in-process with the config's settings for each seed, tune the "
-        "baselines on validation users, and score every method on test users of each "
-        "scenario. Writes OUT/results.json and prints a table.",
+        help="meta-train (or load a model) and compare against every baseline",
+        description="Meta-train in-process with the config's settings for each seed (or load "
+        "a trained model with --model), tune the baselines on validation users, and score "
+        "every method on test users of each scenario. Writes OUT/results.json and prints "
+        "a table.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--data", required=True, metavar="DIR", help="prepared dataset directory")
@@ -159,6 +160,14 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--algorithm", help="meta.algorithm (maml|fomaml|metasgd|anil|reptile)")
     p.add_argument("--epochs", type=int, help="train.epochs")
+    p.add_argument(
+        "--model",
+        metavar="URI",
+        help="score this trained model (models:/NAME@ALIAS, runs:/ID/model or a checkpoint "
+        "path) instead of meta-training one per seed; its config replaces --config",
+    )
+    p.add_argument("--work-dir", default="work", help="where the default MLflow store lives")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (for models:/ and runs:/)")
     _add_config_args(p)
     p.set_defaults(func=_cmd_evaluate)
 
@@ -173,6 +182,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         **{"seed": args.seed, "meta.algorithm": args.algorithm, "train.epochs": args.epochs},
     )
     ds = open_prepared(args.data)
+    learner = None
+    if args.model:
+        from metarec.checkpoint import learner_from_checkpoint, load_checkpoint
+        from metarec.config import MetarecConfig
+        from metarec.tracking import resolve_checkpoint, resolve_tracking_uri
+
+        uri = resolve_tracking_uri(args.tracking_uri, args.work_dir)
+        ckpt = load_checkpoint(
+            resolve_checkpoint(args.model, uri), dataset_hash=ds.manifest["dataset_hash"]
+        )
+        learner = learner_from_checkpoint(ckpt)
+        cfg = MetarecConfig.from_dict(ckpt["config"], where=args.model)
     scenarios = args.scenarios or [cfg.train.scenario]
     if "all" in scenarios:
         scenarios = ds.scenarios
@@ -197,10 +218,107 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         baselines=baselines,
         log=lambda msg: print(msg, file=sys.stderr, flush=True),
+        learner=learner,
     )
     path = write_results(results, args.out)
     print(format_table(results))
     print(f"\nwrote {path}")
+    return 0
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="meta-train on Ray Train, tracked in MLflow -> registered model",
+        description="Meta-train on a prepared dataset with Ray Train (data-parallel workers, "
+        "a checkpoint every epoch, restart on worker failure), log the run to MLflow and "
+        "register the best model with the alias 'candidate'. Uses the Ray cluster in "
+        "RAY_ADDRESS (or one started with `ray start`), else starts a local one.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", required=True, metavar="DIR", help="prepared dataset directory")
+    p.add_argument("--scenario", help="train.scenario (default: the config's)")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    p.add_argument(
+        "--gpu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one GPU per worker (default: when CUDA is available)",
+    )
+    p.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        help="logical CPUs per worker (default: leave one CPU for Ray Data, at most 1)",
+    )
+    p.add_argument("--algorithm", help="meta.algorithm (maml|fomaml|metasgd|anil|reptile)")
+    p.add_argument("--epochs", type=int, help="train.epochs")
+    p.add_argument("--resume", metavar="RUN", help="continue the stopped run of this name")
+    p.add_argument("--work-dir", default="work", help="Ray results, checkpoints, MLflow store")
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite under --work-dir)",
+    )
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from metarec.tracking import resolve_tracking_uri
+    from metarec.train import train
+
+    cfg = load_config(
+        args.config,
+        overrides=args.overrides,
+        **{
+            "seed": args.seed,
+            "meta.algorithm": args.algorithm,
+            "train.epochs": args.epochs,
+            "train.scenario": args.scenario,
+        },
+    )
+    out = train(
+        cfg,
+        args.data,
+        workers=args.workers,
+        use_gpu=args.gpu,
+        cpus_per_worker=args.cpus_per_worker,
+        work_dir=args.work_dir,
+        tracking_uri=args.tracking_uri,
+        resume=args.resume,
+    )
+    uri = resolve_tracking_uri(args.tracking_uri, args.work_dir)
+    print(f"run:        {out.run_name} ({out.epochs_run} epochs, best {out.best_epoch})")
+    print(f"valid MAE:  {out.best_valid_mae:.4f}")
+    print(f"MLflow run: {out.run_id}")
+    print(f"model:      {out.model_uri}")
+    print(f"checkpoint: {out.checkpoint}")
+    print(f"see it:     mlflow ui --backend-store-uri {uri}")
+    return 0
+
+
+def _promote_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "promote",
+        help="point a registered model's alias (champion) at a version",
+        description="Move an alias of a registered model (default 'champion', what "
+        "`metarec serve` loads) to the given version.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("name", help="registered model name (printed by `metarec train`)")
+    p.add_argument("version", help="model version")
+    p.add_argument("--alias", default="champion")
+    p.add_argument("--work-dir", default="work", help="where the default MLflow store lives")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI")
+    p.set_defaults(func=_cmd_promote)
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from metarec.tracking import promote, resolve_tracking_uri
+
+    promote(
+        resolve_tracking_uri(args.tracking_uri, args.work_dir), args.name, args.version, args.alias
+    )
+    print(f"models:/{args.name}@{args.alias} -> version {args.version}")
     return 0
 
 
@@ -213,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _prepare_parser(sub)
     _info_parser(sub)
+    _train_parser(sub)
     _evaluate_parser(sub)
+    _promote_parser(sub)
     return parser
 
 

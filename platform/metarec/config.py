@@ -33,6 +33,7 @@ Scenario = Literal["user_cold", "warm", "item_cold", "user_item_cold", "temporal
 Algorithm = Literal["maml", "fomaml", "metasgd", "anil", "reptile"]
 Adapt = Literal["head", "mlp", "all"]
 InnerSolver = Literal["gd", "ridge"]
+Dtype = Literal["float32", "float64"]
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 Source = Literal["synthetic", "ml-100k", "ml-1m", "ml-latest", "ratings"]
 SCENARIOS: tuple[str, ...] = get_args(Scenario)
@@ -109,6 +110,7 @@ class TrainConfig:
     patience: int = 10  # stop after this many epochs without a better valid MAE
     eval_batch_size: int = 256  # tasks adapted at once during validation/evaluation
     device: str = "auto"  # auto | cpu | cuda
+    dtype: Dtype = "float32"  # float64: slow, but runs on 1 and N workers then agree to 1e-9
 
 
 @dataclass(frozen=True)

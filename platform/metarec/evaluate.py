@@ -112,14 +112,16 @@ def _run_seed(
     scenario: str,
     baselines: tuple[str, ...],
     log: Callable[[str], None],
+    learner: MetaLearner | None = None,
 ) -> dict[str, dict]:
     train, valid, test = (from_table(ds.tasks(scenario, s)) for s in ("train", "valid", "test"))
     n_items = ds.manifest["counts"]["items"]
     results: dict[str, dict] = {}
     method = cfg.meta.algorithm
-    log(f"[seed {cfg.seed}] meta-training {method} on {scenario}")
-    meta = _fit_with_bar(cfg, ds, scenario, f"{method} seed {cfg.seed}")
-    results[method] = score(AdaptedScorer(meta.learner), test, n_items)
+    if learner is None:
+        log(f"[seed {cfg.seed}] meta-training {method} on {scenario}")
+        learner = _fit_with_bar(cfg, ds, scenario, f"{method} seed {cfg.seed}").learner
+    results[method] = score(AdaptedScorer(learner), test, n_items)
     grids = classic_baselines(seed=cfg.seed)
     for name in (b for b in baselines if b in grids):
         g = grids[name]
@@ -130,7 +132,7 @@ def _run_seed(
         plain = apply_overrides(cfg, **{"meta.inner_steps": 0, "meta.algorithm": "fomaml"})
         glob = _fit_with_bar(plain, ds, scenario, f"global model seed {cfg.seed}").learner
         glob.cfg = cfg.meta  # adapt the same parameter group as the meta-learner
-        glob.adapted = meta.learner.adapted
+        glob.adapted = learner.adapted
         if "global_model" in baselines:
             results["global_model"] = score(AdaptedScorer(glob, steps=0), test, n_items)
         if "finetune" in baselines:
@@ -150,13 +152,19 @@ def evaluate(
     seeds: Iterable[int],
     baselines: Iterable[str] = BASELINES,
     log: Callable[[str], None] = lambda _: None,
+    learner: MetaLearner | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """``{scenario: {method: {metric: mean, "std": {...}, "per_seed": {...}}}}``."""
+    """``{scenario: {method: {metric: mean, "std": {...}, "per_seed": {...}}}}``.
+
+    Args:
+        learner: a trained model (``--model``) to score instead of meta-training one per
+            seed; seeds then vary only the baselines that train (MF, global model).
+    """
     out: dict[str, dict[str, Any]] = {}
     seeds = list(seeds)
     for scenario in scenarios:
         runs = [
-            _run_seed(apply_overrides(cfg, seed=s), ds, scenario, tuple(baselines), log)
+            _run_seed(apply_overrides(cfg, seed=s), ds, scenario, tuple(baselines), log, learner)
             for s in seeds
         ]
         out[scenario] = {m: _aggregate([r[m] for r in runs]) for m in runs[0]}

@@ -8,10 +8,11 @@ RNG state in the core).
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,11 +26,15 @@ from metarec.model import Recommender, dataset_features
 
 __all__ = [
     "FitResult",
+    "Shard",
+    "TrainState",
     "build_learner",
     "fit",
     "predict_items",
     "predict_query",
     "resolve_device",
+    "run_epochs",
+    "shard_summary",
     "train_epoch",
 ]
 
@@ -38,6 +43,10 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def cfg_dtype(cfg: MetarecConfig) -> torch.dtype:
+    return getattr(torch, cfg.train.dtype)
 
 
 def train_ratings_mean(train: TaskBatch) -> float:
@@ -91,28 +100,107 @@ def _item_bias_init(train: TaskBatch, n_items: int, mu: Tensor, shrinkage: float
     return sums / (counts + shrinkage)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """The tasks one worker holds, placed in the global list meta-batches are cut from.
+
+    Meta-batches are drawn from *all* tasks in a canonical order (by user id) with the
+    seeded generator, so every worker draws the same batches; each worker computes the part
+    of a batch it holds, and the summed gradients are exactly those of one process holding
+    everything. That makes N workers train like 1 (up to float summation order).
+    """
+
+    tasks: TaskBatch  # this worker's tasks
+    lengths: Tensor  # (N,) rating count (support + query) of every task, canonical order
+    local: Tensor  # (N,) row of each task in ``tasks``, -1 where another worker holds it
+    query_size: int  # the largest query of any task (what resampling draws)
+
+    @classmethod
+    def whole(cls, tasks: TaskBatch) -> Shard:
+        """All tasks in one process."""
+        return cls.gathered(tasks, [_summary(tasks)])
+
+    @classmethod
+    def gathered(cls, tasks: TaskBatch, summaries: list[tuple[Tensor, Tensor, int]]) -> Shard:
+        """This worker's tasks and every worker's ``(users, lengths, query size)``."""
+        users = torch.cat([u for u, _, _ in summaries])
+        lengths = torch.cat([n for _, n, _ in summaries])
+        order = users.argsort()
+        users, lengths = users[order], lengths[order]
+        if len(users) > 1 and bool((users[1:] == users[:-1]).any()):
+            raise ValueError("a user's task is held by two workers: the data split overlaps")
+        mine, mine_order = tasks.users.sort()
+        pos = torch.searchsorted(mine, users).clamp_max(max(len(mine) - 1, 0))
+        hit = (mine[pos] == users) if len(mine) else torch.zeros_like(users, dtype=torch.bool)
+        local = torch.where(hit, mine_order[pos] if len(mine) else pos, -1)
+        return cls(tasks, lengths, local, max(q for _, _, q in summaries))
+
+
+def _summary(tasks: TaskBatch) -> tuple[Tensor, Tensor, int]:
+    lengths = tasks.support_mask.sum(1) + tasks.query_mask.sum(1)
+    return tasks.users, lengths, int(tasks.query_mask.sum(1).max()) if tasks.num_tasks else 0
+
+
+def shard_summary(tasks: TaskBatch) -> tuple[Tensor, Tensor, int]:
+    """What a worker shares with the others to build its ``Shard`` (all-gather this)."""
+    return _summary(tasks)
+
+
+AllReduce = Callable[[Tensor], None]  # in-place sum across workers
+
+
+def _sum_across_workers(params: list[Tensor], loss: Tensor, all_reduce: AllReduce) -> Tensor:
+    """Sum every gradient and the loss over workers in one collective; returns the loss.
+
+    Gradients a batch did not produce become zeros (as on a worker that held none of the
+    batch), so Adam sees the same thing in 1 or N processes.
+    """
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(1).to(grads[0])])
+    all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return flat[-1]
+
+
 def train_epoch(
     learner: MetaLearner,
     optimizer: torch.optim.Optimizer,
-    train: TaskBatch,
+    shard: Shard,
     generator: torch.Generator,
+    *,
+    all_reduce: AllReduce | None = None,
 ) -> float:
-    """One pass over ``train`` in bucketed meta-batches; returns the mean query loss."""
+    """One pass over every task in bucketed meta-batches; returns the mean query loss.
+
+    Every worker runs the same sequence of batches (and of ``all_reduce`` calls, one per
+    meta-batch: gradients and loss in one flat tensor); a worker holding none of a batch
+    contributes zeros.
+    """
     cfg = learner.cfg
-    lengths = train.support_mask.sum(1) + train.query_mask.sum(1)
-    query_size = int(train.query_mask.sum(1).max())
-    total, n = torch.zeros(()), 0
-    for index in bucketed_batches(lengths, cfg.meta_batch_size, generator):
-        batch = train.select(index)
-        if cfg.resample_query:
-            batch = batch.resampled(query_size, generator)
-        optimizer.zero_grad(set_to_none=True)
-        metrics = meta_gradients(learner, batch.to(_device(learner)))
-        torch.nn.utils.clip_grad_norm_(learner.parameters(), cfg.grad_clip)
+    device = _device(learner)
+    params = [p for p in learner.parameters() if p.requires_grad]
+    longest = int(shard.lengths.max())
+    total = torch.zeros((), dtype=torch.float64)
+    for index in bucketed_batches(shard.lengths, cfg.meta_batch_size, generator):
+        keys = torch.rand(len(index), longest, generator=generator) if cfg.resample_query else None
+        rows = shard.local[index]
+        mine = rows >= 0
+        optimizer.zero_grad(set_to_none=False)
+        loss = torch.zeros((), device=device)
+        if bool(mine.any()):
+            batch = shard.tasks.select(rows[mine])
+            if keys is not None:
+                batch = batch.resampled(shard.query_size, keys[mine])
+            metrics = meta_gradients(learner, batch.to(device), denominator=len(index))
+            loss = metrics["query_loss"]
+        loss = _sum_across_workers(params, loss, all_reduce or (lambda _: None))
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
-        total += metrics["query_loss"].cpu() * batch.num_tasks
-        n += batch.num_tasks
-    return float(total / max(n, 1))
+        total += float(loss) * len(index)
+    return float(total / len(shard.lengths))
 
 
 def _device(learner: MetaLearner) -> torch.device:
@@ -175,6 +263,72 @@ def build_optimizer(learner: MetaLearner, cfg: MetarecConfig) -> torch.optim.Opt
 
 
 @dataclass
+class TrainState:
+    """Everything a run needs to go on exactly where it stopped; checkpointed every epoch."""
+
+    epoch: int = 0  # the next epoch to run
+    best_epoch: int = -1
+    best_valid_mae: float = math.inf
+    best_params: dict[str, Tensor] | None = None  # learner.state_dict() of the best epoch
+    history: list[dict[str, float]] = field(default_factory=list)
+    rng: Tensor | None = None  # batching generator's state after the last finished epoch
+    stopped: bool = False  # early stopping has triggered
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainState:
+        return cls(**data)
+
+
+def run_epochs(
+    cfg: MetarecConfig,
+    learner: MetaLearner,
+    optimizer: torch.optim.Optimizer,
+    shard: Shard,
+    valid: TaskBatch | None,
+    state: TrainState,
+    *,
+    all_reduce: AllReduce | None = None,
+    on_epoch: Callable[[TrainState, dict[str, float]], None] | None = None,
+) -> TrainState:
+    """Epochs from ``state.epoch`` on, validation after each, early stopping on valid MAE.
+
+    The one training loop: ``fit`` runs it in-process, each Ray Train worker runs it on its
+    shard (``metarec.train``). Only workers given ``valid`` validate; ``all_reduce`` shares
+    their MAE so every worker takes the same early-stopping decision.
+    """
+    generator = torch.Generator()
+    if state.rng is None:
+        generator.manual_seed(cfg.seed)
+    else:
+        generator.set_state(state.rng)
+    for epoch in range(state.epoch, cfg.train.epochs):
+        if state.stopped:
+            break
+        learner.train()
+        loss = train_epoch(learner, optimizer, shard, generator, all_reduce=all_reduce)
+        mae = 0.0
+        if valid is not None:
+            mae = masked_mae(predict_query(learner, valid, chunk=cfg.train.eval_batch_size), valid)
+        if all_reduce is not None:
+            shared = torch.tensor([mae], dtype=torch.float64)
+            all_reduce(shared)
+            mae = float(shared)
+        row = {"epoch": epoch, "train/query_loss": loss, "valid/mae": mae}
+        state.history.append(row)
+        state.epoch, state.rng = epoch + 1, generator.get_state()
+        if mae < state.best_valid_mae:
+            state.best_epoch, state.best_valid_mae = epoch, mae
+            state.best_params = {k: v.detach().clone() for k, v in learner.state_dict().items()}
+        state.stopped = epoch - state.best_epoch >= cfg.train.patience
+        if on_epoch is not None:
+            on_epoch(state, row)
+    return state
+
+
+@dataclass
 class FitResult:
     learner: MetaLearner
     best_epoch: int
@@ -189,30 +343,24 @@ def fit(
     scenario: str | None = None,
     progress: Callable[[dict[str, float]], None] | None = None,
 ) -> FitResult:
-    """Meta-train on ``scenario``'s train split with early stopping on valid MAE.
+    """Meta-train in this process on ``scenario``'s train split (see ``run_epochs``).
 
     Returns the learner with the weights of its best validation epoch.
     """
     scenario = scenario or cfg.train.scenario
     train = from_table(ds.tasks(scenario, "train"))
     valid = from_table(ds.tasks(scenario, "valid"))
-    learner = build_learner(cfg, ds, train).to(resolve_device(cfg.train.device))
+    learner = build_learner(cfg, ds, train).to(resolve_device(cfg.train.device), cfg_dtype(cfg))
     optimizer = build_optimizer(learner, cfg)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    best = FitResult(learner, -1, math.inf)
-    best_state = copy.deepcopy(learner.state_dict())
-    for epoch in range(cfg.train.epochs):
-        learner.train()
-        loss = train_epoch(learner, optimizer, train, generator)
-        mae = masked_mae(predict_query(learner, valid, chunk=cfg.train.eval_batch_size), valid)
-        row = {"epoch": epoch, "train/query_loss": loss, "valid/mae": mae}
-        best.history.append(row)
-        if progress is not None:
-            progress(row)
-        if mae < best.best_valid_mae:
-            best.best_epoch, best.best_valid_mae = epoch, mae
-            best_state = copy.deepcopy(learner.state_dict())
-        elif epoch - best.best_epoch >= cfg.train.patience:
-            break
-    learner.load_state_dict(best_state)
-    return best
+    state = run_epochs(
+        cfg,
+        learner,
+        optimizer,
+        Shard.whole(train),
+        valid,
+        TrainState(),
+        on_epoch=None if progress is None else (lambda _, row: progress(row)),
+    )
+    assert state.best_params is not None
+    learner.load_state_dict(state.best_params)
+    return FitResult(learner, state.best_epoch, state.best_valid_mae, state.history)

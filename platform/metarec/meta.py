@@ -286,33 +286,41 @@ def ridge_head(
     return {**params, "head.weight": w[:, :-1, None], "head.bias": w[:, -1:]}
 
 
-def meta_loss(learner: MetaLearner, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
+def meta_loss(
+    learner: MetaLearner, batch: TaskBatch, *, denominator: int | None = None
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Outer objective of the gradient-based algorithms: query MSE after adaptation.
 
     With ``inner_steps == 0`` there is no adaptation and the loss covers all of a task's
     ratings (support and query): that is the plain global regressor, the same network
     trained without meta-learning.
+
+    Args:
+        denominator: divide the sum of per-task losses by this instead of T. A data-parallel
+            worker holding T of a global meta-batch of B tasks passes B, so that summing
+            the workers' gradients gives exactly the gradient of the whole batch.
     Returns:
-        (scalar loss, {"query_loss": scalar, "support_loss": scalar} detached).
+        (scalar loss, {"query_loss": the same, detached}).
     """
     cfg = learner.cfg
     params = learner.params()
+    n = batch.num_tasks if denominator is None else denominator
     if cfg.inner_steps == 0:
         items, ratings, mask = batch.merged()
         loss = masked_mse(predict(learner.model, params, items, batch.users), ratings, mask)
-        return loss.mean(), {"query_loss": loss.mean().detach()}
+        return loss.sum() / n, {"query_loss": loss.sum().detach() / n}
     fast = learner.adapt(
         params,
         (batch.users, batch.support_items, batch.support_ratings, batch.support_mask),
         create_graph=cfg.algorithm in ("maml", "metasgd", "anil"),
     )
     pred = predict(learner.model, fast, batch.query_items, batch.users)
-    loss = masked_mse(pred, batch.query_ratings, batch.query_mask)
-    return loss.mean(), {"query_loss": loss.mean().detach()}
+    loss = masked_mse(pred, batch.query_ratings, batch.query_mask).sum() / n
+    return loss, {"query_loss": loss.detach()}
 
 
-def _reptile_gradients(learner: MetaLearner, batch: TaskBatch) -> dict[str, Tensor]:
-    """Reptile: adapt on all of each task's ratings; θ's gradient is θ - mean_t φ_t.
+def _reptile_gradients(learner: MetaLearner, batch: TaskBatch, n: int) -> dict[str, Tensor]:
+    """Reptile: adapt on all of each task's ratings; θ's gradient is mean_t (θ - φ_t).
 
     Shared (non-adapted) parameters get the first-order gradient of the query loss after
     adapting on the support set, so embeddings still learn when only the MLP adapts.
@@ -325,26 +333,31 @@ def _reptile_gradients(learner: MetaLearner, batch: TaskBatch) -> dict[str, Tens
         (batch.users, items, ratings, mask),
         steps=max(cfg.inner_steps, 1),
     )
-    loss, metrics = meta_loss(learner, batch) if len(learner.adapted) < len(params) else (None, {})
-    if loss is not None:
+    metrics: dict[str, Tensor] = {}
+    if len(learner.adapted) < len(params):
+        loss, metrics = meta_loss(learner, batch, denominator=n)
         loss.backward()
     with torch.no_grad():
-        for n in learner.adapted:
-            params[n].grad = params[n] - phi[n].mean(0)
+        for name in learner.adapted:
+            params[name].grad = (params[name] - phi[name]).sum(0) / n
     if not metrics:
         with torch.no_grad():
             pred = predict(learner.model, phi, batch.query_items, batch.users)
-            metrics = {"query_loss": masked_mse(pred, batch.query_ratings, batch.query_mask).mean()}
+            loss = masked_mse(pred, batch.query_ratings, batch.query_mask).sum() / n
+            metrics = {"query_loss": loss}
     return metrics
 
 
-def meta_gradients(learner: MetaLearner, batch: TaskBatch) -> dict[str, Tensor]:
+def meta_gradients(
+    learner: MetaLearner, batch: TaskBatch, *, denominator: int | None = None
+) -> dict[str, Tensor]:
     """Fill ``.grad`` of every meta-parameter for one meta-batch; return detached metrics.
 
-    The caller zeroes gradients before, and steps (and, under DDP, all-reduces) after.
+    The caller zeroes gradients before, and steps (and, data-parallel, sums across
+    workers) after. ``denominator``: see ``meta_loss``.
     """
     if learner.cfg.algorithm == "reptile" and learner.cfg.inner_steps > 0:
-        return _reptile_gradients(learner, batch)
-    loss, metrics = meta_loss(learner, batch)
+        return _reptile_gradients(learner, batch, denominator or batch.num_tasks)
+    loss, metrics = meta_loss(learner, batch, denominator=denominator)
     loss.backward()
     return metrics

@@ -126,6 +126,7 @@ class Recommender(nn.Module):
         self.register_buffer("item_id_index", id_index)
         self.register_buffer("global_mean", torch.tensor(float(global_mean)))
         self.use_user = use_user_features and features.user_table is not None
+        self.vocab_sizes = dict(features.vocab_sizes)  # what a checkpoint needs to rebuild it
         if self.use_user:
             self.register_buffer("user_table", features.user_table)
         self.item_id_embedding = item_id_embedding

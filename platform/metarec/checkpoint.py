@@ -1,0 +1,137 @@
+"""Training checkpoints: plain dicts of tensors and numbers, written atomically.
+
+A checkpoint holds what a run needs to go on (``loop.TrainState``, learner and optimizer
+state) and what a reader needs to rebuild the model without the dataset (``spec``: table
+sizes; the feature tables themselves are buffers in ``learner``). It records the hash of
+the prepared dataset it was trained on, so a run is never resumed, and a model never
+served, against a different dataset by accident. Read with ``weights_only=True``: loading
+a checkpoint never runs code from it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metarec.config import MetarecConfig
+from metarec.errors import DataError
+from metarec.loop import TrainState
+from metarec.meta import MetaLearner
+from metarec.model import Features, Recommender
+
+__all__ = [
+    "CHECKPOINT_VERSION",
+    "learner_from_checkpoint",
+    "load_checkpoint",
+    "make_checkpoint",
+    "save_checkpoint",
+]
+
+CHECKPOINT_VERSION = 1
+FILENAME = "checkpoint.pt"
+
+
+def make_checkpoint(
+    cfg: MetarecConfig,
+    learner: MetaLearner,
+    optimizer: torch.optim.Optimizer | None,
+    state: TrainState,
+    *,
+    dataset_hash: str,
+) -> dict[str, Any]:
+    model = learner.model
+    return {
+        "schema_version": CHECKPOINT_VERSION,
+        "config": cfg.to_dict(),
+        "dataset_hash": dataset_hash,
+        "spec": {
+            "n_items": int(model.item_genres.shape[0]),
+            "n_users": int(model.user_table.shape[0]) if model.use_user else 0,
+            "vocab_sizes": dict(model.vocab_sizes),
+        },
+        "learner": learner.state_dict(),
+        "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "state": state.to_dict(),
+    }
+
+
+def save_checkpoint(ckpt: dict[str, Any], directory: str | os.PathLike) -> Path:
+    """Write ``DIR/checkpoint.pt`` atomically (temp file + rename): never a torn file."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".checkpoint-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, directory / FILENAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return directory / FILENAME
+
+
+def load_checkpoint(path: str | os.PathLike, *, dataset_hash: str | None = None) -> dict[str, Any]:
+    """Read a checkpoint file (or a directory holding one) and check what it belongs to.
+
+    Raises:
+        DataError: not a metarec checkpoint, another schema version, or (with
+            ``dataset_hash``) trained on a different prepared dataset.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILENAME
+    if not path.is_file():
+        raise DataError(f"{path}: no checkpoint there")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle/zip errors: the file is not ours or is damaged
+        raise DataError(f"{path}: not a readable metarec checkpoint ({e})") from e
+    version = ckpt.get("schema_version") if isinstance(ckpt, dict) else None
+    if version != CHECKPOINT_VERSION:
+        raise DataError(
+            f"{path}: checkpoint schema version {version!r}; this metarec reads "
+            f"{CHECKPOINT_VERSION}. Retrain, or use the metarec version that wrote it."
+        )
+    if dataset_hash is not None and ckpt["dataset_hash"] != dataset_hash:
+        raise DataError(
+            f"{path}: trained on prepared dataset {ckpt['dataset_hash']}, but --data has "
+            f"{dataset_hash}. Resume against the same prepared directory (or start a new run)."
+        )
+    return ckpt
+
+
+def learner_from_checkpoint(ckpt: dict[str, Any], *, best: bool = True) -> MetaLearner:
+    """The learner of a checkpoint (its best validation epoch unless ``best=False``).
+
+    The feature tables are buffers in the saved state, so only their shapes are needed to
+    build the network before loading: no dataset required (serving, evaluation elsewhere).
+    """
+    cfg = MetarecConfig.from_dict(ckpt["config"], where="checkpoint config")
+    spec = ckpt["spec"]
+    sizes = spec["vocab_sizes"]
+    n_items, n_users = spec["n_items"], spec["n_users"]
+    features = Features(
+        item_genres=torch.zeros(n_items, sizes["genre"]),
+        item_year=torch.zeros(n_items, dtype=torch.long),
+        item_seen=torch.ones(n_items, dtype=torch.bool),
+        user_table=torch.zeros(n_users, 4, dtype=torch.long) if n_users else None,
+        vocab_sizes=sizes,
+    )
+    m = cfg.model
+    model = Recommender(
+        features,
+        embedding_dim=m.embedding_dim,
+        hidden=m.hidden,
+        item_id_embedding=m.item_id_embedding,
+        use_user_features=m.user_features,
+    )
+    learner = MetaLearner(model, cfg.meta)
+    state = ckpt["state"]["best_params"] if best and ckpt["state"]["best_params"] else None
+    learner.load_state_dict(state or ckpt["learner"])
+    return learner.eval()

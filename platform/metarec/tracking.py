@@ -1,0 +1,292 @@
+"""Experiment tracking in MLflow: the only module that imports mlflow.
+
+Embedded default: a SQLite store under the work directory (no server); ``MLFLOW_TRACKING_URI``
+or ``--tracking-uri`` point at a real server. Runs are addressed by id through
+``MlflowClient`` (no global "active run"), so the driver and rank 0 of a Ray Train worker
+group write to the same run without sharing process state.
+
+A trained model is logged as an MLflow pyfunc whose artifact is the metarec checkpoint
+(read with ``weights_only=True``), registered under a name per dataset with the alias
+``candidate``; ``promote`` moves ``champion``. ``resolve_checkpoint`` turns
+``models:/<name>@<alias>``, ``runs:/<id>/model`` or a local path into that checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from metarec.checkpoint import FILENAME, learner_from_checkpoint, load_checkpoint
+from metarec.errors import ModelNotFoundError
+
+__all__ = [
+    "EXPERIMENT",
+    "EpochLogger",
+    "find_run",
+    "finish_run",
+    "promote",
+    "resolve_checkpoint",
+    "resolve_tracking_uri",
+    "start_run",
+]
+
+EXPERIMENT = "metarec"
+CANDIDATE, CHAMPION = "candidate", "champion"
+
+
+def resolve_tracking_uri(explicit: str | None, work_dir: str | os.PathLike) -> str:
+    """``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<work>/mlflow.db``.
+
+    (MLflow 3's file store refuses new runs, so the embedded default is SQLite.)
+    """
+    if explicit:
+        return explicit
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    path = Path(work_dir).resolve() / "mlflow.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def _client(uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@contextlib.contextmanager
+def _using(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API at ``uri`` for a block, then put back what was there.
+
+    ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI`` to the environment; left
+    set, one run's server would silently receive the next run's metrics in this process.
+    """
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
+def _flat(prefix: str, value: Any) -> Iterable[tuple[str, Any]]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _flat(f"{prefix}.{k}" if prefix else k, v)
+    else:
+        yield prefix, value
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def start_run(
+    uri: str,
+    *,
+    run_name: str,
+    config: dict[str, Any],
+    manifest: dict[str, Any],
+    tags: dict[str, str] | None = None,
+) -> str:
+    """Create the run of one training: every config key, the dataset summary, the commit."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    exp_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT)
+    all_tags = {
+        "metarec.run_name": run_name,
+        "metarec.algorithm": config["meta"]["algorithm"],
+        "metarec.dataset_hash": manifest["dataset_hash"],
+        "metarec.source": str(manifest.get("source", {}).get("name", "")),
+        **(tags or {}),
+    }
+    if commit := _git_commit():
+        all_tags["mlflow.source.git.commit"] = commit
+    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    params = dict(_flat("", config))
+    params |= {f"dataset.{k}": v for k, v in _flat("", manifest.get("counts", {}))}
+    params["dataset.hash"] = manifest["dataset_hash"]
+    batch = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()]
+    for lo in range(0, len(batch), 100):  # the REST API takes at most 100 params a call
+        client.log_batch(run.info.run_id, params=batch[lo : lo + 100])
+    return run.info.run_id
+
+
+def find_run(uri: str, run_name: str) -> str:
+    """The id of the run named ``run_name`` (``metarec train --resume``)."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    runs = (
+        client.search_runs(
+            [exp.experiment_id], filter_string=f"tags.`metarec.run_name` = '{run_name}'"
+        )
+        if exp
+        else []
+    )
+    if not runs:
+        raise ModelNotFoundError(f"--resume {run_name}: no such run in {uri}")
+    return runs[0].info.run_id
+
+
+class EpochLogger:
+    """Per-epoch metrics of one run (rank 0 only), idempotent across worker restarts.
+
+    A worker group restarted from a checkpoint re-reports nothing twice: an epoch already
+    logged (the step is in the run's history) is skipped, and epochs a crash left unlogged
+    are filled in from the restored history.
+    """
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.client, self.run_id = _client(uri), run_id
+        history = self.client.get_metric_history(run_id, "valid/mae")
+        self.logged = {m.step for m in history}
+
+    def log(self, rows: Iterable[dict[str, float]]) -> None:
+        metrics = []
+        for row in rows:
+            step = int(row["epoch"])
+            if step in self.logged:
+                continue
+            metrics += [
+                mlflow.entities.Metric(k, float(v), 0, step) for k, v in row.items() if k != "epoch"
+            ]
+            self.logged.add(step)
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+
+class _Pyfunc(mlflow.pyfunc.PythonModel):
+    """MLflow pyfunc view of a metarec model: adapt on each row's support, score its items.
+
+    Input: a DataFrame with list columns ``support_items``, ``support_ratings`` and
+    ``items`` (and optional ``user``, an encoded user id for user features). Output: one
+    list of predicted ratings per row. metarec itself loads the checkpoint directly.
+    """
+
+    def load_context(self, context: Any) -> None:
+        ckpt = load_checkpoint(context.artifacts["checkpoint"])
+        self.learner = learner_from_checkpoint(ckpt)
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> list:
+        import pyarrow as pa
+
+        from metarec.batch import from_table
+        from metarec.loop import predict_items
+
+        n = len(model_input)
+        users = model_input["user"] if "user" in model_input else [0] * n
+        table = pa.table(
+            {
+                "user": pa.array(users, pa.int64()),
+                "support_items": pa.array(model_input["support_items"], pa.list_(pa.int64())),
+                "support_ratings": pa.array(model_input["support_ratings"], pa.list_(pa.float32())),
+                "query_items": pa.array(model_input["items"], pa.list_(pa.int64())),
+                "query_ratings": pa.array(
+                    [[0.0] * len(x) for x in model_input["items"]], pa.list_(pa.float32())
+                ),
+            }
+        )
+        tasks = from_table(table)
+        scores = predict_items(self.learner, tasks, tasks.query_items)
+        return [s[m].tolist() for s, m in zip(scores, tasks.query_mask, strict=True)]
+
+
+def finish_run(
+    uri: str,
+    run_id: str,
+    *,
+    checkpoint_dir: str | os.PathLike,
+    history: list[dict[str, float]],
+    summary: dict[str, float],
+    model_name: str,
+    alias: str = CANDIDATE,
+) -> str:
+    """Log the final checkpoint, learning curve and model; register it; end the run.
+
+    Returns:
+        ``models:/<model_name>@<alias>``.
+    """
+    client = _client(uri)
+    for k, v in summary.items():
+        client.log_metric(run_id, k, float(v))
+    with tempfile.TemporaryDirectory() as tmp:
+        png = Path(tmp) / "learning_curve.png"
+        _plot_learning_curve(history, png)
+        client.log_artifact(run_id, str(png))
+    client.log_artifacts(run_id, str(checkpoint_dir), artifact_path="checkpoint")
+    with _using(uri), mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=_Pyfunc(),
+            artifacts={"checkpoint": str(Path(checkpoint_dir) / FILENAME)},
+            pip_requirements=["metarec", "torch", "pandas"],
+        )
+        version = mlflow.register_model(info.model_uri, model_name).version
+    client.set_registered_model_alias(model_name, alias, version)
+    client.set_terminated(run_id)
+    return f"models:/{model_name}@{alias}"
+
+
+def _plot_learning_curve(history: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(epochs, [r["train/query_loss"] for r in history], label="train query MSE")
+    ax.plot(epochs, [r["valid/mae"] for r in history], label="valid MAE")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss / error (stars)")
+    ax.set_title("meta-training")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def promote(uri: str, name: str, version: str | int, alias: str = CHAMPION) -> None:
+    """Point ``alias`` (default ``champion``) of registered model ``name`` at ``version``."""
+    client = _client(uri)
+    try:
+        client.get_model_version(name, str(version))
+    except mlflow.exceptions.MlflowException as e:
+        raise ModelNotFoundError(f"{name} version {version}: not in the registry at {uri}") from e
+    client.set_registered_model_alias(name, alias, str(version))
+
+
+def resolve_checkpoint(model: str, uri: str) -> Path:
+    """The checkpoint file of ``models:/...``, ``runs:/...`` or a local file/directory."""
+    if not model.startswith(("models:/", "runs:/")):
+        path = Path(model)
+        if not path.exists():
+            raise ModelNotFoundError(f"--model {model}: no such file or directory")
+        return path
+    try:
+        with _using(uri):
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model, tracking_uri=uri)
+    except mlflow.exceptions.MlflowException as e:
+        raise ModelNotFoundError(f"--model {model}: {e.message}") from e
+    found = sorted(Path(local).rglob(FILENAME))
+    if not found:
+        raise ModelNotFoundError(f"--model {model}: no {FILENAME} in its artifacts")
+    return found[0]

@@ -1,0 +1,293 @@
+"""``metarec train``: the meta-training loop on Ray Train, tracked in MLflow.
+
+The driver builds the initial model (item factors need every training rating), starts an
+MLflow run and a ``TorchTrainer``. Ray Data reads the prepared task Parquet and splits the
+training tasks across workers; each worker runs ``loop.run_epochs`` on its shard, summing
+meta-gradients across workers with one all-reduce per meta-batch (gloo on CPU, NCCL on
+GPU), so N workers take the same steps as one process (see ``loop.Shard``). Rank 0
+validates, checkpoints every epoch and logs the epoch to MLflow; a worker group that dies
+restarts from the last checkpoint (``FailureConfig``), with no epoch lost or repeated.
+
+Why not ``prepare_model`` (DDP): the meta-gradient comes from a functional second-order
+pass, not from one ``forward`` of the module, and gradients of the parameter groups
+that a batch leaves unused must still be all-reduced (as zeros) in the same order on every
+worker. One explicit flat all-reduce does both, and is what DDP's bucketed reducer does.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from metarec.batch import TaskBatch, from_table
+from metarec.checkpoint import (
+    learner_from_checkpoint,
+    load_checkpoint,
+    make_checkpoint,
+    save_checkpoint,
+)
+from metarec.config import MetarecConfig
+from metarec.data.prepared import open_prepared
+from metarec.errors import ConfigError
+from metarec.loop import (
+    Shard,
+    TrainState,
+    build_learner,
+    build_optimizer,
+    cfg_dtype,
+    run_epochs,
+    shard_summary,
+)
+
+__all__ = ["TrainOutcome", "train"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    run_name: str  # the Ray Train run (directory under the storage path) and MLflow run name
+    run_id: str  # MLflow run id
+    model_uri: str  # models:/<name>@candidate
+    best_epoch: int
+    best_valid_mae: float
+    epochs_run: int
+    checkpoint: Path  # the final checkpoint (a local copy)
+
+
+def _worker_loop(config: dict[str, Any]) -> None:
+    """Per-worker: rebuild, restore, read the shard, ``run_epochs``, report every epoch."""
+    import ray.train
+    import torch.distributed as dist
+
+    from metarec.tracking import EpochLogger
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    init = config["init"]
+    cfg = MetarecConfig.from_dict(init["config"], where="run config")
+    device = ray.train.torch.get_device()
+    learner = learner_from_checkpoint(init, best=False).to(device, cfg_dtype(cfg)).train()
+    optimizer = build_optimizer(learner, cfg)
+    state = TrainState()
+    if (restored := ray.train.get_checkpoint()) is not None:
+        with restored.as_directory() as d:
+            ckpt = load_checkpoint(d, dataset_hash=init["dataset_hash"])
+    elif config["resume_from"]:
+        ckpt = load_checkpoint(config["resume_from"], dataset_hash=init["dataset_hash"])
+    else:
+        ckpt = None
+    if ckpt is not None:
+        learner.load_state_dict(ckpt["learner"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = TrainState.from_dict(ckpt["state"])
+
+    tasks = _read(ray.train.get_dataset_shard("train"))
+    summaries = [shard_summary(tasks)]
+    all_reduce = None
+    if world > 1:
+        summaries = [None] * world
+        dist.all_gather_object(summaries, shard_summary(tasks))
+
+        def all_reduce(t: torch.Tensor) -> None:
+            on_device = t.to(device)
+            dist.all_reduce(on_device)
+            t.copy_(on_device)
+
+    shard = Shard.gathered(tasks, summaries)
+    valid = _read(ray.train.get_dataset_shard("valid")) if rank == 0 else None
+    logger = EpochLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    if logger is not None:
+        logger.log(state.history)  # epochs a crash left unlogged
+    clock = [time.perf_counter()]
+
+    def on_epoch(state: TrainState, row: dict[str, float]) -> None:
+        now = time.perf_counter()
+        row["train/epoch_s"] = now - clock[0]
+        row["train/tasks_per_s"] = len(shard.lengths) / row["train/epoch_s"]
+        clock[0] = now
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                ck = make_checkpoint(
+                    cfg, learner, optimizer, state, dataset_hash=init["dataset_hash"]
+                )
+                save_checkpoint(ck, d)
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(dict(row), checkpoint=checkpoint)
+        if logger is not None:
+            logger.log([row])
+
+    run_epochs(
+        cfg, learner, optimizer, shard, valid, state, all_reduce=all_reduce, on_epoch=on_epoch
+    )
+
+
+def _read(iterator: Any) -> TaskBatch:
+    """A Ray Data shard of a tasks table -> one padded TaskBatch."""
+    tables = [b for b in iterator.iter_batches(batch_format="pyarrow", batch_size=None)]
+    if not tables:
+        raise ConfigError("train: a worker received no tasks; use fewer workers")
+    return from_table(pa.concat_tables(tables).combine_chunks())
+
+
+def default_cpus_per_worker(workers: int, cluster_cpus: float) -> float:
+    """Leave a CPU for Ray Data's read tasks (or Train deadlocks on a 2-CPU box)."""
+    return max(0.25, min(1.0, (cluster_cpus - 1) / workers))
+
+
+def train(
+    cfg: MetarecConfig,
+    data_dir: str | os.PathLike,
+    *,
+    workers: int = 2,
+    use_gpu: bool | None = None,
+    cpus_per_worker: float | None = None,
+    work_dir: str | os.PathLike = "work",
+    tracking_uri: str | None = None,
+    resume: str | None = None,
+    max_failures: int = 2,
+) -> TrainOutcome:
+    """Meta-train ``cfg`` on a prepared dataset with Ray Train; track it in MLflow.
+
+    Args:
+        workers: Train workers (data-parallel). use_gpu: default: when CUDA is present.
+        cpus_per_worker: logical CPUs per worker (default: leave one for Ray Data).
+        work_dir: where Ray Train's run directories and the default MLflow store live.
+        resume: continue the run of this name (its config and latest checkpoint).
+    """
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from metarec import tracking
+
+    ds = open_prepared(data_dir)
+    dataset_hash = ds.manifest["dataset_hash"]
+    uri = tracking.resolve_tracking_uri(tracking_uri, work_dir)
+    storage = Path(work_dir).resolve() / "ray_results"
+    resume_from = None
+    if resume:
+        run_name, run_dir = resume, storage / resume
+        latest = _latest_checkpoint(run_dir)
+        ckpt = load_checkpoint(latest, dataset_hash=dataset_hash)
+        cfg = _resumed_config(ckpt, cfg)
+        run_id, resume_from = tracking.find_run(uri, run_name), str(latest)
+    else:
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_name = f"{cfg.meta.algorithm}-{cfg.train.scenario}-{stamp}"
+    scenario = cfg.train.scenario
+    if scenario not in ds.manifest["scenarios"]:
+        raise ConfigError(
+            f"train.scenario: got {scenario!r}; {data_dir} has {sorted(ds.manifest['scenarios'])}"
+        )
+    train_tasks = from_table(ds.tasks(scenario, "train"))
+    if workers < 1 or workers > train_tasks.num_tasks:
+        raise ConfigError(f"--workers: got {workers}; expected 1..{train_tasks.num_tasks}")
+    learner = build_learner(cfg, ds, train_tasks)  # on the driver: ALS needs every rating
+    init = make_checkpoint(cfg, learner, None, TrainState(), dataset_hash=dataset_hash)
+    if not resume:
+        run_id = tracking.start_run(
+            uri, run_name=run_name, config=cfg.to_dict(), manifest=ds.manifest
+        )
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # epochs have their own
+    use_gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
+    if cpus_per_worker is None:
+        cpus_per_worker = default_cpus_per_worker(workers, ray.cluster_resources().get("CPU", 1))
+    tasks_dir = Path(data_dir).resolve() / "tasks" / scenario
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={
+            "init": init,
+            "resume_from": resume_from,
+            "tracking_uri": uri,
+            "run_id": run_id,
+            "threads": max(1, math.floor(cpus_per_worker)),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={
+            "train": ray.data.read_parquet(str(tasks_dir / "train.parquet")),
+            "valid": ray.data.read_parquet(str(tasks_dir / "valid.parquet")),
+        },
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - t0
+    with result.checkpoint.as_directory() as d:
+        final = load_checkpoint(d, dataset_hash=dataset_hash)
+    state = TrainState.from_dict(final["state"])
+    local = Path(work_dir).resolve() / "checkpoints" / run_name
+    save_checkpoint(final, local)
+    model_uri = tracking.finish_run(
+        uri,
+        run_id,
+        checkpoint_dir=local,
+        history=state.history,
+        summary={
+            "best/valid_mae": state.best_valid_mae,
+            "best/epoch": state.best_epoch,
+            "wall_s": wall,
+            "train/tasks_per_s_mean": _mean(r.get("train/tasks_per_s") for r in state.history),
+        },
+        model_name=model_name(ds.manifest),
+    )
+    return TrainOutcome(
+        run_name=run_name,
+        run_id=run_id,
+        model_uri=model_uri,
+        best_epoch=state.best_epoch,
+        best_valid_mae=state.best_valid_mae,
+        epochs_run=state.epoch,
+        checkpoint=local / "checkpoint.pt",
+    )
+
+
+def model_name(manifest: dict[str, Any]) -> str:
+    """Registered model name: one per dataset (source and hash prefix)."""
+    return f"metarec-{manifest['source']['name']}-{manifest['dataset_hash'][:8]}"
+
+
+def _mean(values: Any) -> float:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def _latest_checkpoint(run_dir: Path) -> Path:
+    found = sorted(run_dir.glob("checkpoint_*/checkpoint.pt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise ConfigError(f"--resume: no checkpoint under {run_dir}")
+    return found[-1]
+
+
+def _resumed_config(ckpt: dict[str, Any], cli: MetarecConfig) -> MetarecConfig:
+    """The run's own config; only ``train.epochs`` may grow on resume."""
+    cfg = MetarecConfig.from_dict(ckpt["config"], where="checkpoint config")
+    from metarec.config import apply_overrides
+
+    return apply_overrides(cfg, **{"train.epochs": max(cfg.train.epochs, cli.train.epochs)})
