@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 
 demo: setup
 	$(BIN)/metarec prepare --config configs/demo.yaml --out $(WORK)/demo-data
-	$(BIN)/metarec evaluate --config configs/demo.yaml --data $(WORK)/demo-data \
-		--out $(WORK)/demo-eval --seeds 0
+	$(BIN)/metarec train --config configs/demo.yaml --data $(WORK)/demo-data --workers 2 \
+		--work-dir $(WORK)
+	$(BIN)/metarec evaluate --data $(WORK)/demo-data --work-dir $(WORK) --out $(WORK)/demo-eval \
+		--model "$$($(BIN)/python -c 'import json; print(json.load(open("$(WORK)/last_run.json"))["model_uri"])')"
+	@echo "MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(WORK))/mlflow.db"
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from metarec import __version__
 from metarec.config import SCENARIOS, SOURCES, load_config
@@ -263,6 +264,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from metarec.evaluate import write_json_atomic
     from metarec.tracking import resolve_tracking_uri
     from metarec.train import train
 
@@ -287,6 +289,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume,
     )
     uri = resolve_tracking_uri(args.tracking_uri, args.work_dir)
+    record = {
+        "run_name": out.run_name,
+        "run_id": out.run_id,
+        "model_uri": out.model_uri,
+        "checkpoint": str(out.checkpoint),
+        "tracking_uri": uri,
+    }
+    write_json_atomic(Path(args.work_dir) / "last_run.json", record)  # for scripts (make demo)
     print(f"run:        {out.run_name} ({out.epochs_run} epochs, best {out.best_epoch})")
     print(f"valid MAE:  {out.best_valid_mae:.4f}")
     print(f"MLflow run: {out.run_id}")

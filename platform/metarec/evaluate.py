@@ -28,7 +28,14 @@ from metarec.loop import FitResult, fit, masked_mae, predict_items
 from metarec.meta import MetaLearner
 from metarec.metrics import catalog_metrics, mean_metrics, query_metrics
 
-__all__ = ["BASELINES", "AdaptedScorer", "evaluate", "format_table", "write_results"]
+__all__ = [
+    "BASELINES",
+    "AdaptedScorer",
+    "evaluate",
+    "format_table",
+    "write_json_atomic",
+    "write_results",
+]
 
 BASELINES = (
     "global_mean",
@@ -184,14 +191,18 @@ def _aggregate(per_seed: list[dict[str, float]]) -> dict[str, Any]:
 
 
 def write_results(results: dict, out_dir: str | Path) -> Path:
-    """Write ``results.json`` atomically (temp file + rename)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".results-", suffix=".json")
+    """Write ``OUT/results.json`` atomically."""
+    return write_json_atomic(Path(out_dir) / "results.json", results)
+
+
+def write_json_atomic(path: Path, data: Any) -> Path:
+    """Write JSON via a temp file + rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".json")
     with os.fdopen(fd, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, out / "results.json")
-    return out / "results.json"
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+    return path
 
 
 def format_table(
