@@ -1,4 +1,4 @@
-"""`ray job submit --working-dir . -- python jobs/evaluate.py --data work/data ...`: `metarec evaluate`.
+"""`ray job submit --working-dir . -- python jobs/evaluate.py ...`: `metarec evaluate`.
 
 A thin entrypoint: the same code path as the CLI. Submitted as a Ray job, its driver runs on
 the cluster and `ray.init()` joins that cluster (RAY_ADDRESS is set for job drivers).
