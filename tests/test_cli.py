@@ -19,7 +19,17 @@ def run(*args, cwd=REPO):
     )
 
 
-@pytest.mark.parametrize("args", [["--help"], ["prepare", "--help"], ["info", "--help"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["prepare", "--help"],
+        ["info", "--help"],
+        ["train", "--help"],
+        ["evaluate", "--help"],
+        ["promote", "--help"],
+    ],
+)
 def test_help_everywhere(args):
     res = run(*args)
     assert res.returncode == 0 and "usage: metarec" in res.stdout
@@ -85,6 +95,12 @@ def test_prepare_ml100k_with_flags(ml100k_dir, tmp_path):
             "error: data.scenarios[1]: got 'cold'",
         ),
         (["info", "--data", "/nonexistent"], "error: /nonexistent: no manifest.json"),
+        (["train", "--data", "x", "--workers", "0"], "error: train.workers: got 0"),
+        (["train", "--data", "/nonexistent"], "error: /nonexistent: no manifest.json"),
+        (
+            ["evaluate", "--data", "/nonexistent", "--out", "x", "--model", "/no/such.pt"],
+            "error: /nonexistent: no manifest.json",
+        ),
     ],
 )
 def test_user_errors_exit_2_with_one_line_and_no_traceback(args, message, tmp_path):

@@ -23,6 +23,8 @@ CORE = [
     "metarec.baselines",
     "metarec.loop",
     "metarec.evaluate",
+    "metarec.checkpoint",
+    "metarec.cli",  # `metarec --help` must not pay for importing Ray
 ]
 
 

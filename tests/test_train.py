@@ -231,3 +231,4 @@ def test_killed_worker_resumes_from_last_checkpoint(local_ray, quick, synthetic_
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     steps = sorted(m.step for m in client.get_metric_history(out.run_id, "valid/mae"))
     assert steps == list(range(6))
+    assert list((tmp_path / "mlartifacts").rglob("checkpoint.pt"))  # beside the store

@@ -239,17 +239,18 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", required=True, metavar="DIR", help="prepared dataset directory")
     p.add_argument("--scenario", help="train.scenario (default: the config's)")
-    p.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    p.add_argument("--workers", type=int, help="Ray Train workers (train.workers, default 2)")
     p.add_argument(
         "--gpu",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="one GPU per worker (default: when CUDA is available)",
+        help="one GPU per worker (train.use_gpu; default: when CUDA is available)",
     )
     p.add_argument(
         "--cpus-per-worker",
         type=float,
-        help="logical CPUs per worker (default: leave one CPU for Ray Data, at most 1)",
+        help="logical CPUs per worker (train.cpus_per_worker; default: leave one CPU for "
+        "Ray Data, at most 1)",
     )
     p.add_argument("--algorithm", help="meta.algorithm (maml|fomaml|metasgd|anil|reptile)")
     p.add_argument("--epochs", type=int, help="train.epochs")
@@ -276,14 +277,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "meta.algorithm": args.algorithm,
             "train.epochs": args.epochs,
             "train.scenario": args.scenario,
+            "train.workers": args.workers,
+            "train.use_gpu": args.gpu,
+            "train.cpus_per_worker": args.cpus_per_worker,
         },
     )
     out = train(
         cfg,
         args.data,
-        workers=args.workers,
-        use_gpu=args.gpu,
-        cpus_per_worker=args.cpus_per_worker,
         work_dir=args.work_dir,
         tracking_uri=args.tracking_uri,
         resume=args.resume,

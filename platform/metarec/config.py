@@ -111,6 +111,9 @@ class TrainConfig:
     eval_batch_size: int = 256  # tasks adapted at once during validation/evaluation
     device: str = "auto"  # auto | cpu | cuda
     dtype: Dtype = "float32"  # float64: slow, but runs on 1 and N workers then agree to 1e-9
+    workers: int = 2  # Ray Train workers (metarec train)
+    use_gpu: bool | None = None  # one GPU per worker; None: when CUDA is available
+    cpus_per_worker: float | None = None  # None: leave one CPU for Ray Data, at most 1 each
 
 
 @dataclass(frozen=True)
@@ -195,6 +198,13 @@ class MetarecConfig:
         _require(m.proximal >= 0, "meta.proximal", m.proximal, "a float >= 0")
         _require(m.meta_batch_size >= 1, "meta.meta_batch_size", m.meta_batch_size, "an int >= 1")
         _require(t.epochs >= 1, "train.epochs", t.epochs, "an int >= 1")
+        _require(t.workers >= 1, "train.workers", t.workers, "an int >= 1")
+        _require(
+            t.cpus_per_worker is None or t.cpus_per_worker > 0,
+            "train.cpus_per_worker",
+            t.cpus_per_worker,
+            "a float > 0 (or null: automatic)",
+        )
         _require(
             t.device in ("auto", "cpu", "cuda"),
             "train.device",

@@ -110,7 +110,7 @@ def start_run(
     """Create the run of one training: every config key, the dataset summary, the commit."""
     client = _client(uri)
     exp = client.get_experiment_by_name(EXPERIMENT)
-    exp_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT)
+    exp_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT, _artifacts(uri))
     all_tags = {
         "metarec.run_name": run_name,
         "metarec.algorithm": config["meta"]["algorithm"],
@@ -128,6 +128,15 @@ def start_run(
     for lo in range(0, len(batch), 100):  # the REST API takes at most 100 params a call
         client.log_batch(run.info.run_id, params=batch[lo : lo + 100])
     return run.info.run_id
+
+
+def _artifacts(uri: str) -> str | None:
+    """Artifacts of a SQLite store live beside it (MLflow's default, ./mlruns under the
+    current directory, would scatter them, and inside a Ray job vanish with its working dir).
+    A server decides for itself."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
 
 
 def find_run(uri: str, run_name: str) -> str:

@@ -151,7 +151,7 @@ def train(
     cfg: MetarecConfig,
     data_dir: str | os.PathLike,
     *,
-    workers: int = 2,
+    workers: int | None = None,
     use_gpu: bool | None = None,
     cpus_per_worker: float | None = None,
     work_dir: str | os.PathLike = "work",
@@ -162,8 +162,9 @@ def train(
     """Meta-train ``cfg`` on a prepared dataset with Ray Train; track it in MLflow.
 
     Args:
-        workers: Train workers (data-parallel). use_gpu: default: when CUDA is present.
-        cpus_per_worker: logical CPUs per worker (default: leave one for Ray Data).
+        workers, use_gpu, cpus_per_worker: override ``cfg.train``'s (Ray Train workers; one
+            GPU each, default when CUDA is present; logical CPUs each, default: leave one
+            for Ray Data's reads).
         work_dir: where Ray Train's run directories and the default MLflow store live.
         resume: continue the run of this name (its config and latest checkpoint).
     """
@@ -188,6 +189,9 @@ def train(
     else:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_name = f"{cfg.meta.algorithm}-{cfg.train.scenario}-{stamp}"
+    workers = cfg.train.workers if workers is None else workers
+    use_gpu = cfg.train.use_gpu if use_gpu is None else use_gpu
+    cpus_per_worker = cfg.train.cpus_per_worker if cpus_per_worker is None else cpus_per_worker
     scenario = cfg.train.scenario
     if scenario not in ds.manifest["scenarios"]:
         raise ConfigError(
