@@ -307,6 +307,82 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tune",
+        help="Ray Tune sweep of meta-learning hyperparameters (trials = train runs)",
+        description="Search inner/outer learning rates, inner steps, algorithm, ... (the "
+        "config's tune.space, or --space) with Ray Tune; every trial is a `metarec train` "
+        "run on Ray Train, ASHA stops poor ones on validation MAE, each trial is a nested "
+        "MLflow run, and the best trial's model is registered as 'candidate'. Space entries: "
+        "KEY=loguniform(lo,hi) | uniform(lo,hi) | randint(lo,hi) | choice(a,b,..) | "
+        "grid(a,b,..).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", required=True, metavar="DIR", help="prepared dataset directory")
+    p.add_argument("--num-samples", type=int, help="trials (tune.num_samples)")
+    p.add_argument(
+        "--space",
+        action="append",
+        metavar="ENTRY",
+        help="search-space entry, e.g. 'meta.inner_lr=loguniform(0.05,1)' (repeatable; "
+        "replaces tune.space)",
+    )
+    p.add_argument("--epochs", type=int, help="train.epochs of every trial (ASHA's max_t)")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: what fits)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="last",
+        metavar="SWEEP",
+        help="continue an interrupted sweep (default: the last one in --work-dir)",
+    )
+    p.add_argument("--work-dir", default="work", help="Ray results, MLflow store")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_tune)
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    import json
+
+    from metarec.tune import tune
+
+    cfg = load_config(
+        args.config,
+        overrides=args.overrides,
+        **{
+            "seed": args.seed,
+            "train.epochs": args.epochs,
+            "tune.num_samples": args.num_samples,
+            "tune.max_concurrent": args.max_concurrent,
+            "tune.space": tuple(args.space) if args.space else None,
+        },
+    )
+    resume = args.resume
+    if resume == "last":
+        last = Path(args.work_dir) / "last_sweep.json"
+        if not last.is_file():
+            raise ConfigError(f"--resume: no sweep recorded in {last}")
+        resume = json.loads(last.read_text())["name"]
+    out = tune(
+        cfg, args.data, work_dir=args.work_dir, tracking_uri=args.tracking_uri, resume=resume
+    )
+    keys = [k for k in out.best if k.startswith(("meta.", "model.", "train."))]
+    print(f"sweep:      {out.name} ({len(out.table)} trials)")
+    for row in out.table[:5]:
+        cfgs = ", ".join(
+            f"{k.split('.')[-1]}={row[k]:.4g}"
+            if isinstance(row[k], float)
+            else f"{k.split('.')[-1]}={row[k]}"
+            for k in keys
+        )
+        print(f"  {row['best_valid_mae']:.4f}  {row['status']:<13} {row['epochs']:>3} ep  {cfgs}")
+    print(f"MLflow run: {out.parent_run_id} (parent; trials nested)")
+    print(f"model:      {out.model_uri}")
+    return 0
+
+
 def _promote_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "promote",
@@ -343,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     _prepare_parser(sub)
     _info_parser(sub)
     _train_parser(sub)
+    _tune_parser(sub)
     _evaluate_parser(sub)
     _promote_parser(sub)
     return parser

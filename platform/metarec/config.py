@@ -34,6 +34,7 @@ Algorithm = Literal["maml", "fomaml", "metasgd", "anil", "reptile"]
 Adapt = Literal["head", "mlp", "all"]
 InnerSolver = Literal["gd", "ridge"]
 Dtype = Literal["float32", "float64"]
+SearchAlg = Literal["random", "optuna"]
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 Source = Literal["synthetic", "ml-100k", "ml-1m", "ml-latest", "ratings"]
 SCENARIOS: tuple[str, ...] = get_args(Scenario)
@@ -117,6 +118,29 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class TuneConfig:
+    """A Ray Tune sweep (``metarec tune``); each trial is one ``metarec train`` run.
+
+    ``space`` entries are ``"<config key>=<distribution>(<args>)"`` with distributions
+    ``loguniform(lo,hi)``, ``uniform(lo,hi)``, ``randint(lo,hi)`` (hi exclusive),
+    ``choice(a,b,...)`` (sampled) and ``grid(a,b,...)`` (every value, x num_samples).
+    """
+
+    num_samples: int = 8  # trials (with grid entries: repeats of the whole grid)
+    space: tuple[str, ...] = (
+        "meta.inner_lr=loguniform(0.05,1.0)",
+        "meta.outer_lr=loguniform(0.001,0.02)",
+        "meta.inner_steps=choice(1,3,5)",
+        "meta.algorithm=choice(maml,fomaml,metasgd)",
+    )
+    search: SearchAlg = "random"  # random (incl. grid entries) | optuna (TPE; if installed)
+    grace_period: int = 2  # ASHA: epochs every trial runs before it can be stopped
+    reduction_factor: int = 3  # ASHA: keep the best 1/rf of trials at each rung
+    max_concurrent: int | None = None  # trials at once; None: as many as the CPUs fit
+    workers_per_trial: int = 1  # Ray Train workers inside each trial
+
+
+@dataclass(frozen=True)
 class MetarecConfig:
     """Everything a run needs. Later stages add their sections here."""
 
@@ -124,6 +148,7 @@ class MetarecConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -199,6 +224,15 @@ class MetarecConfig:
         _require(m.meta_batch_size >= 1, "meta.meta_batch_size", m.meta_batch_size, "an int >= 1")
         _require(t.epochs >= 1, "train.epochs", t.epochs, "an int >= 1")
         _require(t.workers >= 1, "train.workers", t.workers, "an int >= 1")
+        u = self.tune
+        _require(u.num_samples >= 1, "tune.num_samples", u.num_samples, "an int >= 1")
+        _require(u.grace_period >= 1, "tune.grace_period", u.grace_period, "an int >= 1")
+        _require(
+            u.reduction_factor >= 2, "tune.reduction_factor", u.reduction_factor, "an int >= 2"
+        )
+        _require(
+            u.workers_per_trial >= 1, "tune.workers_per_trial", u.workers_per_trial, "an int >= 1"
+        )
         _require(
             t.cpus_per_worker is None or t.cpus_per_worker > 0,
             "train.cpus_per_worker",

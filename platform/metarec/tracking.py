@@ -36,6 +36,7 @@ __all__ = [
     "promote",
     "resolve_checkpoint",
     "resolve_tracking_uri",
+    "set_trial_status",
     "start_run",
 ]
 
@@ -227,8 +228,10 @@ def finish_run(
     summary: dict[str, float],
     model_name: str,
     alias: str = CANDIDATE,
+    end_status: str | None = "FINISHED",
 ) -> str:
-    """Log the final checkpoint, learning curve and model; register it; end the run.
+    """Log the final checkpoint, learning curve and model; register it; end the run
+    (with ``end_status``; None leaves the run's status as it is).
 
     Returns:
         ``models:/<model_name>@<alias>``.
@@ -250,8 +253,107 @@ def finish_run(
         )
         version = mlflow.register_model(info.model_uri, model_name).version
     client.set_registered_model_alias(model_name, alias, version)
-    client.set_terminated(run_id)
+    client.set_tag(run_id, "metarec.registered", f"{model_name}/{version}")
+    if end_status is not None:
+        client.set_terminated(run_id, end_status)
     return f"models:/{model_name}@{alias}"
+
+
+def find_run_by_tag(uri: str, tag: str, value: str) -> str | None:
+    client = _client(uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{tag}` = '{value}'")
+    return runs[0].info.run_id if runs else None
+
+
+TRIAL_STATUS = {"completed": "FINISHED", "stopped_early": "KILLED", "error": "FAILED"}
+
+
+def set_trial_status(uri: str, run_id: str, status: str) -> None:
+    """End a trial's run: FINISHED (completed), KILLED (stopped early by ASHA) or FAILED."""
+    client = _client(uri)
+    client.set_tag(run_id, "metarec.trial_status", status)
+    client.set_terminated(run_id, TRIAL_STATUS[status])
+
+
+def finish_sweep(uri: str, run_id: str, table: list[dict[str, Any]]) -> None:
+    """The sweep's parent run: summary table (CSV + Markdown), a plot, the best score."""
+    client = _client(uri)
+    frame = pd.DataFrame(table).drop(columns=["checkpoint"], errors="ignore")
+    with tempfile.TemporaryDirectory() as tmp:
+        frame.to_csv(Path(tmp) / "trials.csv", index=False)
+        (Path(tmp) / "trials.md").write_text(markdown_table(frame))
+        _plot_sweep(frame, Path(tmp) / "sweep.png")
+        client.log_artifacts(run_id, tmp)
+    finite = frame["best_valid_mae"].dropna()
+    if len(finite):
+        client.log_metric(run_id, "best/valid_mae", float(finite.min()))
+    client.set_tag(run_id, "metarec.best_trial", str(table[0]["trial"]))
+    client.set_terminated(run_id)
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A pipe table (floats to 4 places) without pandas' optional tabulate dependency."""
+
+    def cell(v: Any) -> str:
+        return (
+            f"{v:.4g}"
+            if isinstance(v, float) and abs(v) < 1e-2
+            else (f"{v:.4f}" if isinstance(v, float) else str(v))
+        )
+
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |"]
+    lines.append("|" + "---|" * len(frame.columns))
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(False)]
+    return "\n".join(lines) + "\n"
+
+
+def _plot_sweep(frame: pd.DataFrame, path: Path) -> None:
+    """Best valid MAE of each trial against its inner and outer lr, coloured by algorithm.
+
+    Log axes: learning rates span decades, and a diverged trial's error is orders of
+    magnitude above the rest (it would flatten every other point onto the axis).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    keys = ["meta.inner_lr", "meta.outer_lr"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), dpi=100, sharey=True)
+    mae = frame["best_valid_mae"]
+    algorithms = sorted(frame["meta.algorithm"].unique())
+    colour = {a: f"C{i}" for i, a in enumerate(algorithms)}
+    for ax, key in zip(axes, keys, strict=True):
+        for name in algorithms:
+            sel = frame[frame["meta.algorithm"] == name]
+            for stopped, marker, suffix in ((False, "o", ""), (True, "x", ", stopped early")):
+                part = sel[(sel["status"] != "completed") == stopped]
+                if len(part):
+                    ax.scatter(
+                        part[key],
+                        part["best_valid_mae"],
+                        c=colour[name],
+                        marker=marker,
+                        label=f"{name}{suffix}",
+                    )
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(key)
+        ax.grid(alpha=0.3)
+    if mae.max() > 3 * mae.min() > 0:
+        axes[0].set_yscale("log")
+    axes[0].set_ylabel("best validation MAE")
+    axes[1].legend(title="algorithm", fontsize=8, loc="best")
+    fig.suptitle(f"sweep: {len(frame)} trials")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def _plot_learning_curve(history: list[dict[str, float]], path: Path) -> None:

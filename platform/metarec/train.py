@@ -37,7 +37,7 @@ from metarec.checkpoint import (
     save_checkpoint,
 )
 from metarec.config import MetarecConfig
-from metarec.data.prepared import open_prepared
+from metarec.data.prepared import PreparedDataset, open_prepared
 from metarec.errors import ConfigError
 from metarec.loop import (
     Shard,
@@ -125,7 +125,10 @@ def _worker_loop(config: dict[str, Any]) -> None:
                 )
                 save_checkpoint(ck, d)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(dict(row), checkpoint=checkpoint)
+            finished = state.stopped or state.epoch >= cfg.train.epochs
+            # epochs_done/finished: for Tune's scheduler and the sweep summary (not MLflow)
+            report = {**row, "epochs_done": state.epoch, "finished": float(finished)}
+            ray.train.report(report, checkpoint=checkpoint)
         if logger is not None:
             logger.log([row])
 
@@ -168,11 +171,6 @@ def train(
         work_dir: where Ray Train's run directories and the default MLflow store live.
         resume: continue the run of this name (its config and latest checkpoint).
     """
-    import ray
-    import ray.data
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from metarec import tracking
 
     ds = open_prepared(data_dir)
@@ -189,56 +187,25 @@ def train(
     else:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_name = f"{cfg.meta.algorithm}-{cfg.train.scenario}-{stamp}"
-    workers = cfg.train.workers if workers is None else workers
-    use_gpu = cfg.train.use_gpu if use_gpu is None else use_gpu
-    cpus_per_worker = cfg.train.cpus_per_worker if cpus_per_worker is None else cpus_per_worker
-    scenario = cfg.train.scenario
-    if scenario not in ds.manifest["scenarios"]:
-        raise ConfigError(
-            f"train.scenario: got {scenario!r}; {data_dir} has {sorted(ds.manifest['scenarios'])}"
-        )
-    train_tasks = from_table(ds.tasks(scenario, "train"))
-    if workers < 1 or workers > train_tasks.num_tasks:
-        raise ConfigError(f"--workers: got {workers}; expected 1..{train_tasks.num_tasks}")
-    learner = build_learner(cfg, ds, train_tasks)  # on the driver: ALS needs every rating
-    init = make_checkpoint(cfg, learner, None, TrainState(), dataset_hash=dataset_hash)
+    init = initial_checkpoint(cfg, ds)
     if not resume:
         run_id = tracking.start_run(
             uri, run_name=run_name, config=cfg.to_dict(), manifest=ds.manifest
         )
-
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # epochs have their own
-    use_gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
-    if cpus_per_worker is None:
-        cpus_per_worker = default_cpus_per_worker(workers, ray.cluster_resources().get("CPU", 1))
-    tasks_dir = Path(data_dir).resolve() / "tasks" / scenario
-    trainer = TorchTrainer(
-        _worker_loop,
-        train_loop_config={
-            "init": init,
-            "resume_from": resume_from,
-            "tracking_uri": uri,
-            "run_id": run_id,
-            "threads": max(1, math.floor(cpus_per_worker)),
-        },
-        scaling_config=ScalingConfig(
-            num_workers=workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
-        ),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-        datasets={
-            "train": ray.data.read_parquet(str(tasks_dir / "train.parquet")),
-            "valid": ray.data.read_parquet(str(tasks_dir / "valid.parquet")),
-        },
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+    connect_ray()
+    trainer = build_trainer(
+        cfg,
+        data_dir,
+        init=init,
+        name=run_name,
+        storage=storage,
+        tracking_uri=uri,
+        run_id=run_id,
+        workers=workers,
+        use_gpu=use_gpu,
+        cpus_per_worker=cpus_per_worker,
+        resume_from=resume_from,
+        max_failures=max_failures,
     )
     t0 = time.perf_counter()
     result = trainer.fit()
@@ -270,6 +237,103 @@ def train(
         epochs_run=state.epoch,
         checkpoint=local / "checkpoint.pt",
     )
+
+
+def connect_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (or one `ray start`ed here), else start a local one."""
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+
+
+def initial_checkpoint(cfg: MetarecConfig, ds: PreparedDataset) -> dict[str, Any]:
+    """The untrained learner as a checkpoint dict: what every worker starts from.
+
+    Built once on the driver (item factors are fitted by ALS on every training rating, which
+    no single worker holds) and shipped to workers, which then need no access to the
+    prepared directory's side tables.
+    """
+    scenario = cfg.train.scenario
+    if scenario not in ds.manifest["scenarios"]:
+        raise ConfigError(
+            f"train.scenario: got {scenario!r}; {ds.root} has {sorted(ds.manifest['scenarios'])}"
+        )
+    train_tasks = from_table(ds.tasks(scenario, "train"))
+    learner = build_learner(cfg, ds, train_tasks)
+    return make_checkpoint(
+        cfg, learner, None, TrainState(), dataset_hash=ds.manifest["dataset_hash"]
+    )
+
+
+def build_trainer(
+    cfg: MetarecConfig,
+    data_dir: str | os.PathLike,
+    *,
+    init: dict[str, Any],
+    name: str,
+    storage: Path,
+    tracking_uri: str,
+    run_id: str,
+    workers: int | None = None,
+    use_gpu: bool | None = None,
+    cpus_per_worker: float | None = None,
+    resume_from: str | None = None,
+    max_failures: int = 2,
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """The ``TorchTrainer`` of one meta-training run (``train`` and each Tune trial)."""
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    workers = cfg.train.workers if workers is None else workers
+    use_gpu = cfg.train.use_gpu if use_gpu is None else use_gpu
+    use_gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
+    cpus_per_worker = cfg.train.cpus_per_worker if cpus_per_worker is None else cpus_per_worker
+    n_tasks = _train_task_count(data_dir, cfg.train.scenario)
+    if workers < 1 or workers > n_tasks:
+        raise ConfigError(f"--workers: got {workers}; expected 1..{n_tasks}")
+    if cpus_per_worker is None:
+        cpus_per_worker = default_cpus_per_worker(workers, ray.cluster_resources().get("CPU", 1))
+    tasks_dir = Path(data_dir).resolve() / "tasks" / cfg.train.scenario
+    ray.data.DataContext.get_current().enable_progress_bars = False  # epochs have their own
+    # Reading a tasks file is light: a quarter CPU per read task keeps Ray Data from waiting
+    # for a whole CPU that the Train workers (and Tune trials) already hold.
+    read = {"ray_remote_args": {"num_cpus": 0.25}}
+    return TorchTrainer(
+        _worker_loop,
+        train_loop_config={
+            "init": init,
+            "resume_from": resume_from,
+            "tracking_uri": tracking_uri,
+            "run_id": run_id,
+            "threads": max(1, math.floor(cpus_per_worker)),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+        datasets={
+            "train": ray.data.read_parquet(str(tasks_dir / "train.parquet"), **read),
+            "valid": ray.data.read_parquet(str(tasks_dir / "valid.parquet"), **read),
+        },
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def _train_task_count(data_dir: str | os.PathLike, scenario: str) -> int:
+    return int(open_prepared(data_dir).manifest["scenarios"][scenario]["train"]["tasks"])
 
 
 def model_name(manifest: dict[str, Any]) -> str:
