@@ -29,7 +29,7 @@ mlflow = pytest.importorskip("mlflow")
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, logging_level="ERROR")
     yield
     ray.shutdown()
 

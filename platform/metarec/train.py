@@ -245,7 +245,10 @@ def connect_ray() -> None:
     import ray.data
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        # With the dashboard (on 127.0.0.1): Ray Train's PlacementGroupCleaner asks the
+        # state API whether a controller died; without it, the placement groups of a Tune
+        # trial that was stopped early are never freed and later trials starve.
+        ray.init(logging_level=logging.WARNING)
 
 
 def initial_checkpoint(cfg: MetarecConfig, ds: PreparedDataset) -> dict[str, Any]:
@@ -302,7 +305,7 @@ def build_trainer(
     ray.data.DataContext.get_current().enable_progress_bars = False  # epochs have their own
     # Reading a tasks file is light: a quarter CPU per read task keeps Ray Data from waiting
     # for a whole CPU that the Train workers (and Tune trials) already hold.
-    read = {"ray_remote_args": {"num_cpus": 0.25}}
+    read = {"num_cpus": 0.25}
     return TorchTrainer(
         _worker_loop,
         train_loop_config={
