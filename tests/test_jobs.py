@@ -6,7 +6,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,14 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import free_port, stop_group
+
 REPO = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).with_name("ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -44,7 +39,7 @@ def ray_head():
     (`ray stop` would end every Ray process on the machine, not just this head.)
     """
     temp = tempfile.mkdtemp(prefix="rayt", dir="/tmp")  # short: Ray's socket paths have a limit
-    dash = _free_port()
+    dash = free_port()
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "token",  # be explicit: token auth on for the head and its clients
@@ -57,7 +52,7 @@ def ray_head():
             "start",
             "--head",
             "--block",
-            f"--port={_free_port()}",
+            f"--port={free_port()}",
             "--node-ip-address=127.0.0.1",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
@@ -80,12 +75,7 @@ def ray_head():
             time.sleep(1)
         yield address, env
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        stop_group(head, timeout=60)
         for pid in _processes_mentioning(temp):  # anything of this head that outlived it
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from metarec.config import apply_overrides, load_config
+from metarec.config import load_config
 from metarec.errors import ConfigError
 from metarec.tune import parse_space
 
@@ -49,8 +49,10 @@ def test_good_space_parses_typed_values():
 
 def test_cli_rejects_a_bad_space_with_one_line(tmp_path):
     res = subprocess.run(
-        [sys.executable, "-m", "metarec.cli", "tune", "--data", str(tmp_path)]
-        + ["--space", "meta.algorithm=choice(maml,mamal)"],
+        [
+            *(sys.executable, "-m", "metarec.cli", "tune", "--data", str(tmp_path)),
+            *("--space", "meta.algorithm=choice(maml,mamal)"),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -116,9 +118,13 @@ def test_tiny_sweep_stops_early_nests_runs_registers_best_and_resumes(
             client = client or MlflowClient(tracking_uri=f"sqlite:///{db}")
             exp = client.get_experiment_by_name("metarec")
             runs = client.search_runs([exp.experiment_id]) if exp else []
-            if sum(1 for r in runs if r.data.metrics.get("valid/mae") is not None
-                   and "metarec.trial_id" in r.data.tags
-                   and len(client.get_metric_history(r.info.run_id, "valid/mae")) >= 3):
+            if sum(
+                1
+                for r in runs
+                if r.data.metrics.get("valid/mae") is not None
+                and "metarec.trial_id" in r.data.tags
+                and len(client.get_metric_history(r.info.run_id, "valid/mae")) >= 3
+            ):
                 break
         time.sleep(1)
     assert first.poll() is None, "the sweep ended before it could be interrupted"
@@ -150,8 +156,11 @@ def test_tiny_sweep_stops_early_nests_runs_registers_best_and_resumes(
         assert steps == sorted(set(steps))
     registered = [r for r in trials if "metarec.registered" in r.data.tags]
     assert len(registered) == 1
-    best = min(trials, key=lambda r: r.data.metrics["valid/mae"] if False else min(
-        m.value for m in client.get_metric_history(r.info.run_id, "valid/mae")))
+
+    def best_mae(run) -> float:
+        return min(m.value for m in client.get_metric_history(run.info.run_id, "valid/mae"))
+
+    best = min(trials, key=best_mae)
     assert registered[0].info.run_id == best.info.run_id
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"trials.csv", "trials.md", "sweep.png"} <= artifacts
