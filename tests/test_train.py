@@ -146,6 +146,27 @@ def test_run_is_tracked_on_a_real_mlflow_server(runs, mlflow_server, tmp_path):
     assert client.get_model_version_by_alias(name, "champion").version == version.version
 
 
+def test_resume_continues_a_stopped_run_into_the_same_mlflow_run(
+    runs, local_ray, quick, synthetic_prepared
+):
+    from mlflow.tracking import MlflowClient
+
+    from metarec.train import train
+
+    one, _ = runs
+    work = one.checkpoint.parents[2]
+    before = _history(one)  # (the resumed run rewrites this checkpoint)
+    more = apply_overrides(quick, **{"train.epochs": 5})
+    out = train(more, synthetic_prepared.root, workers=1, work_dir=work, resume=one.run_name)
+    assert (out.run_name, out.run_id) == (one.run_name, one.run_id)
+    history = _history(out)
+    assert [r["epoch"] for r in history] == [0, 1, 2, 3, 4]
+    assert history[:3] == before  # the first three epochs are the stopped run's
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    steps = [m.step for m in client.get_metric_history(out.run_id, "valid/mae")]
+    assert steps == [0, 1, 2, 3, 4]
+
+
 def test_resume_refuses_a_checkpoint_of_another_dataset(runs, local_ray, quick, tmp_path):
     from metarec.data.prepare import prepare
     from metarec.errors import DataError
