@@ -142,18 +142,19 @@ def _artifacts(uri: str) -> str | None:
 
 def find_run(uri: str, run_name: str) -> str:
     """The id of the run named ``run_name`` (``metarec train --resume``)."""
+    run_id = find_run_by_tag(uri, "metarec.run_name", run_name)
+    if run_id is None:
+        raise ModelNotFoundError(f"--resume {run_name}: no such run in {uri}")
+    return run_id
+
+
+def find_run_by_tag(uri: str, tag: str, value: str) -> str | None:
     client = _client(uri)
     exp = client.get_experiment_by_name(EXPERIMENT)
-    runs = (
-        client.search_runs(
-            [exp.experiment_id], filter_string=f"tags.`metarec.run_name` = '{run_name}'"
-        )
-        if exp
-        else []
-    )
-    if not runs:
-        raise ModelNotFoundError(f"--resume {run_name}: no such run in {uri}")
-    return runs[0].info.run_id
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{tag}` = '{value}'")
+    return runs[0].info.run_id if runs else None
 
 
 class EpochLogger:
@@ -257,15 +258,6 @@ def finish_run(
     if end_status is not None:
         client.set_terminated(run_id, end_status)
     return f"models:/{model_name}@{alias}"
-
-
-def find_run_by_tag(uri: str, tag: str, value: str) -> str | None:
-    client = _client(uri)
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    if exp is None:
-        return None
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{tag}` = '{value}'")
-    return runs[0].info.run_id if runs else None
 
 
 TRIAL_STATUS = {"completed": "FINISHED", "stopped_early": "KILLED", "error": "FAILED"}

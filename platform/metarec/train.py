@@ -36,7 +36,7 @@ from metarec.checkpoint import (
     make_checkpoint,
     save_checkpoint,
 )
-from metarec.config import MetarecConfig
+from metarec.config import MetarecConfig, apply_overrides
 from metarec.data.prepared import PreparedDataset, open_prepared
 from metarec.errors import ConfigError
 from metarec.loop import (
@@ -50,8 +50,6 @@ from metarec.loop import (
 )
 
 __all__ = ["TrainOutcome", "train"]
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -195,7 +193,7 @@ def train(
     connect_ray()
     trainer = build_trainer(
         cfg,
-        data_dir,
+        ds,
         init=init,
         name=run_name,
         storage=storage,
@@ -272,7 +270,7 @@ def initial_checkpoint(cfg: MetarecConfig, ds: PreparedDataset) -> dict[str, Any
 
 def build_trainer(
     cfg: MetarecConfig,
-    data_dir: str | os.PathLike,
+    ds: PreparedDataset,
     *,
     init: dict[str, Any],
     name: str,
@@ -296,12 +294,12 @@ def build_trainer(
     use_gpu = cfg.train.use_gpu if use_gpu is None else use_gpu
     use_gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
     cpus_per_worker = cfg.train.cpus_per_worker if cpus_per_worker is None else cpus_per_worker
-    n_tasks = _train_task_count(data_dir, cfg.train.scenario)
+    n_tasks = int(ds.manifest["scenarios"][cfg.train.scenario]["train"]["tasks"])
     if workers < 1 or workers > n_tasks:
         raise ConfigError(f"--workers: got {workers}; expected 1..{n_tasks}")
     if cpus_per_worker is None:
         cpus_per_worker = default_cpus_per_worker(workers, ray.cluster_resources().get("CPU", 1))
-    tasks_dir = Path(data_dir).resolve() / "tasks" / cfg.train.scenario
+    tasks_dir = Path(ds.root).resolve() / "tasks" / cfg.train.scenario
     ray.data.DataContext.get_current().enable_progress_bars = False  # epochs have their own
     # Reading a tasks file is light: a quarter CPU per read task keeps Ray Data from waiting
     # for a whole CPU that the Train workers (and Tune trials) already hold.
@@ -335,10 +333,6 @@ def build_trainer(
     )
 
 
-def _train_task_count(data_dir: str | os.PathLike, scenario: str) -> int:
-    return int(open_prepared(data_dir).manifest["scenarios"][scenario]["train"]["tasks"])
-
-
 def model_name(manifest: dict[str, Any]) -> str:
     """Registered model name: one per dataset (source and hash prefix)."""
     return f"metarec-{manifest['source']['name']}-{manifest['dataset_hash'][:8]}"
@@ -349,8 +343,13 @@ def _mean(values: Any) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
+def run_checkpoints(run_dir: Path) -> list[Path]:
+    """The epoch checkpoints Ray Train kept for one run directory, oldest first."""
+    return sorted(run_dir.glob("checkpoint_*/checkpoint.pt"), key=os.path.getmtime)
+
+
 def _latest_checkpoint(run_dir: Path) -> Path:
-    found = sorted(run_dir.glob("checkpoint_*/checkpoint.pt"), key=lambda p: p.stat().st_mtime)
+    found = run_checkpoints(run_dir)
     if not found:
         raise ConfigError(f"--resume: no checkpoint under {run_dir}")
     return found[-1]
@@ -359,6 +358,4 @@ def _latest_checkpoint(run_dir: Path) -> Path:
 def _resumed_config(ckpt: dict[str, Any], cli: MetarecConfig) -> MetarecConfig:
     """The run's own config; only ``train.epochs`` may grow on resume."""
     cfg = MetarecConfig.from_dict(ckpt["config"], where="checkpoint config")
-    from metarec.config import apply_overrides
-
     return apply_overrides(cfg, **{"train.epochs": max(cfg.train.epochs, cli.train.epochs)})

@@ -28,12 +28,19 @@ from metarec.config import MetarecConfig, apply_overrides
 from metarec.data.prepared import open_prepared
 from metarec.errors import ConfigError, MetarecError
 from metarec.loop import TrainState
-from metarec.train import build_trainer, connect_ray, initial_checkpoint, model_name
+from metarec.train import (
+    build_trainer,
+    connect_ray,
+    initial_checkpoint,
+    model_name,
+    run_checkpoints,
+)
 
 __all__ = ["Dimension", "SweepOutcome", "parse_space", "tune"]
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 METRIC = "valid/mae"
+TRIAL_CPUS = 0.1  # the trial's own actor, which only drives its TorchTrainer
 _ENTRY = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*=\s*(\w+)\s*\((.*)\)\s*$")
 
 
@@ -131,10 +138,10 @@ def _trial(params: dict[str, Any], *, spec: dict[str, Any]) -> None:
             },
         )
     storage = Path(spec["storage"]) / "trials"
-    latest = _checkpoints(storage, trial_id)
+    latest = run_checkpoints(storage / f"trial_{trial_id}")
     trainer = build_trainer(
         cfg,
-        spec["data_dir"],
+        ds,
         init=initial_checkpoint(cfg, ds),
         name=f"trial_{trial_id}",
         storage=storage,
@@ -182,11 +189,11 @@ def tune(
     connect_ray()
     import ray
 
-    # Budget per trial: its driver actor (0.05 CPU) and its Train workers; 1.5 CPUs stay free
-    # for Ray Data's file listing (a whole CPU) and reads. Small machines: trials queue.
+    # Budget per trial: its driver actor (TRIAL_CPUS) and its Train workers; 1.5 CPUs stay
+    # free for Ray Data's file listing (a whole CPU) and reads. Small machines: trials queue.
     cluster_cpus = ray.cluster_resources().get("CPU", 1)
     cpus_per_worker = cfg.train.cpus_per_worker or (0.25 if cluster_cpus < 8 else 1.0)
-    per_trial = 0.05 + cfg.tune.workers_per_trial * cpus_per_worker
+    per_trial = TRIAL_CPUS + cfg.tune.workers_per_trial * cpus_per_worker
     concurrent = cfg.tune.max_concurrent or max(1, math.floor((cluster_cpus - 1.5) / per_trial))
     if not resume:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -212,7 +219,9 @@ def tune(
         (sweeps / name / "metarec_sweep.json").write_text(json.dumps(spec, indent=2))
     name, uri = spec["name"], spec["tracking_uri"]
     (work / "last_sweep.json").write_text(json.dumps({"name": name}))
-    trainable = ray_tune.with_resources(ray_tune.with_parameters(_trial, spec=spec), {"CPU": 0.1})
+    trainable = ray_tune.with_resources(
+        ray_tune.with_parameters(_trial, spec=spec), {"CPU": TRIAL_CPUS}
+    )
     if resume:
         tuner = ray_tune.Tuner.restore(
             str(sweeps / name), trainable=trainable, resume_unfinished=True, resume_errored=True
@@ -259,12 +268,6 @@ def _get(cfg: MetarecConfig, key: str) -> Any:
     return obj
 
 
-def _checkpoints(storage: Path, trial_id: str) -> list[Path]:
-    """A trial's epoch checkpoints, oldest first (its Train run is ``trial_<id>``)."""
-    found = (storage / f"trial_{trial_id}").glob("checkpoint_*/checkpoint.pt")
-    return sorted(found, key=os.path.getmtime)
-
-
 _TRIAL_ID = re.compile(r"_([0-9a-f]{5}_\d{5})(?:_|$)")
 
 
@@ -279,11 +282,11 @@ def _finish(grid: Any, spec: dict[str, Any], dims: list[Dimension], manifest: di
 
     uri, name = spec["tracking_uri"], spec["name"]
     storage = Path(spec["storage"]) / "trials"
-    table = []
+    table, loaded = [], {}
     for result in grid:
         m = _TRIAL_ID.search(Path(result.path).name)
         trial_id = m.group(1) if m else None
-        found = _checkpoints(storage, trial_id) if trial_id else []
+        found = run_checkpoints(storage / f"trial_{trial_id}") if trial_id else []
         ckpt = load_checkpoint(found[-1], dataset_hash=manifest["dataset_hash"]) if found else None
         state = TrainState.from_dict(ckpt["state"]) if ckpt else TrainState()
         epochs = MetarecConfig.from_dict(ckpt["config"]).train.epochs if ckpt else 0
@@ -305,13 +308,13 @@ def _finish(grid: Any, spec: dict[str, Any], dims: list[Dimension], manifest: di
                 "checkpoint": str(found[-1]) if found else None,
             }
         )
+        loaded[trial_id] = ckpt
         if run_id is not None:
             tracking.set_trial_status(uri, run_id, status)
     table.sort(key=lambda r: (not math.isfinite(r["best_valid_mae"]), r["best_valid_mae"]))
     best, model_uri = table[0], None
     if best["run_id"] is not None and math.isfinite(best["best_valid_mae"]):
-        ckpt = load_checkpoint(best["checkpoint"])
-        state = TrainState.from_dict(ckpt["state"])
+        state = TrainState.from_dict(loaded[best["trial"]]["state"])
         model_uri = tracking.finish_run(
             uri,
             best["run_id"],
