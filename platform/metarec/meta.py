@@ -174,7 +174,9 @@ def adapt(
                     ((fast[n] - theta[n]) ** 2).flatten(1).sum(1) for n in names
                 )
             grads = torch.autograd.grad(loss.sum(), list(fast.values()), create_graph=create_graph)
-            fast = {n: f - step_size[n] * g for (n, f), g in zip(fast.items(), grads, strict=True)}
+            fast = {
+                n: _step(f, g, step_size[n]) for (n, f), g in zip(fast.items(), grads, strict=True)
+            }
     return {**params, **fast}
 
 
