@@ -118,7 +118,7 @@ class Shard:
     @classmethod
     def whole(cls, tasks: TaskBatch) -> Shard:
         """All tasks in one process."""
-        return cls.gathered(tasks, [_summary(tasks)])
+        return cls.gathered(tasks, [shard_summary(tasks)])
 
     @classmethod
     def gathered(cls, tasks: TaskBatch, summaries: list[tuple[Tensor, Tensor, int]]) -> Shard:
@@ -136,14 +136,10 @@ class Shard:
         return cls(tasks, lengths, local, max(q for _, _, q in summaries))
 
 
-def _summary(tasks: TaskBatch) -> tuple[Tensor, Tensor, int]:
-    lengths = tasks.support_mask.sum(1) + tasks.query_mask.sum(1)
-    return tasks.users, lengths, int(tasks.query_mask.sum(1).max()) if tasks.num_tasks else 0
-
-
 def shard_summary(tasks: TaskBatch) -> tuple[Tensor, Tensor, int]:
     """What a worker shares with the others to build its ``Shard`` (all-gather this)."""
-    return _summary(tasks)
+    lengths = tasks.support_mask.sum(1) + tasks.query_mask.sum(1)
+    return tasks.users, lengths, int(tasks.query_mask.sum(1).max()) if tasks.num_tasks else 0
 
 
 AllReduce = Callable[[Tensor], None]  # in-place sum across workers
