@@ -42,7 +42,9 @@ def make_checkpoint(
     state: TrainState,
     *,
     dataset_hash: str,
+    catalog: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """``catalog``: ``catalog.catalog_dict`` of the training data (what serving needs)."""
     model = learner.model
     return {
         "schema_version": CHECKPOINT_VERSION,
@@ -56,6 +58,7 @@ def make_checkpoint(
         "learner": learner.state_dict(),
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "state": state.to_dict(),
+        "catalog": catalog,
     }
 
 

@@ -10,7 +10,9 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from metarec import __version__
 from metarec.config import SCENARIOS, SOURCES, load_config
@@ -128,31 +130,22 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "evaluate",
-        help="meta-train (or load a model) and compare against every baseline",
-        description="Meta-train in-process with the config's settings for each seed (or load "
-        "a trained model with --model), tune the baselines on validation users, and score "
-        "every method on test users of each scenario. Writes OUT/results.json and prints "
-        "a table.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def _add_evaluation_args(p: argparse.ArgumentParser, *, seeds: list[int], scenario: str) -> None:
+    """The arguments `evaluate` and `report` share."""
     p.add_argument("--data", required=True, metavar="DIR", help="prepared dataset directory")
-    p.add_argument("--out", required=True, metavar="DIR", help="where results.json goes")
+    p.add_argument("--out", required=True, metavar="DIR", help="where the results go")
     p.add_argument(
         "--scenario",
         dest="scenarios",
         action="append",
         metavar="S",
-        help="scenario to evaluate (repeatable; 'all' = every prepared one; "
-        "default: train.scenario)",
+        help=f"scenario to evaluate (repeatable; 'all' = every prepared one; default: {scenario})",
     )
     p.add_argument(
         "--seeds",
         type=int,
         nargs="+",
-        default=[0],
+        default=seeds,
         metavar="N",
         help="training seeds; results are mean ± std over them",
     )
@@ -165,17 +158,89 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
         "--model",
         metavar="URI",
         help="score this trained model (models:/NAME@ALIAS, runs:/ID/model or a checkpoint "
-        "path) instead of meta-training one per seed; its config replaces --config",
+        "path) instead of meta-training one per seed; its config replaces --config. It is "
+        "scored on every scenario it did not train on held-out ratings of; the others "
+        "meta-train in process with its config. Results are logged to its MLflow run.",
+    )
+    p.add_argument(
+        "--cross-domain",
+        action="store_true",
+        help="--model was trained on another dataset: map its features to --data's by name "
+        "(genres, years, user features; item ids unseen) and score it as 'transfer' beside "
+        "models trained on --data",
+    )
+    p.add_argument(
+        "--source-data",
+        metavar="DIR",
+        help="--cross-domain: the prepared dataset the model was trained on (for its feature "
+        "names; only needed when the checkpoint does not carry them)",
     )
     p.add_argument("--work-dir", default="work", help="where the default MLflow store lives")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (for models:/ and runs:/)")
     _add_config_args(p)
+
+
+def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="meta-train (or load a model) and compare against every baseline",
+        description="Meta-train in-process with the config's settings for each seed (or load "
+        "a trained model with --model), tune the baselines on validation users, and score "
+        "every method on test users of each scenario. Writes OUT/results.json and prints "
+        "a table.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_evaluation_args(p, seeds=[0], scenario="train.scenario")
     p.set_defaults(func=_cmd_evaluate)
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
+def _report_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="evaluate on every scenario and write report.md with plots",
+        description="Everything `evaluate` does (default: every prepared scenario, seeds "
+        "0 1 2), plus the shot curve (accuracy vs support ratings per user), the "
+        "adaptation-step curve, per-user errors by activity and the learning curves. "
+        "Writes OUT/results.json, curves.json, report.md and four PNGs; with a models:/ or "
+        "runs:/ --model, logs them to that MLflow run.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_evaluation_args(p, seeds=[0, 1, 2], scenario="all")
+    p.set_defaults(func=_cmd_report)
+
+
+@dataclass
+class _Evaluation:
+    """What `evaluate`/`report` score, resolved from the arguments before any training."""
+
+    cfg: Any  # MetarecConfig (imported lazily: `metarec --help` stays fast)
+    ds: Any  # PreparedDataset
+    scenarios: list[str] = field(default_factory=list)
+    baselines: tuple[str, ...] = ()
+    learner: Any = None  # the given model (same dataset)
+    history: list[dict[str, float]] | None = None  # its training history
+    extra: dict[str, Any] | None = None  # --cross-domain: the transferred model's scorers
+    transfer: dict[str, Any] | None = None  # --cross-domain: what was mapped (transfer.json)
+
+    def run(self, seeds: list[int], on_seed: Any = None) -> dict[str, dict[str, Any]]:
+        from metarec.evaluate import evaluate
+
+        return evaluate(
+            self.cfg,
+            self.ds,
+            scenarios=self.scenarios,
+            seeds=seeds,
+            baselines=self.baselines,
+            log=lambda msg: print(msg, file=sys.stderr, flush=True),
+            learner=self.learner,
+            extra=self.extra,
+            on_seed=on_seed,
+        )
+
+
+def _evaluation(args: argparse.Namespace, default_scenario: str | None) -> _Evaluation:
+    """Resolve config, dataset, scenarios, baselines and the given (or transferred) model."""
     from metarec.data.prepared import open_prepared
-    from metarec.evaluate import BASELINES, evaluate, format_table, write_results
 
     cfg = load_config(
         args.config,
@@ -183,47 +248,142 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         **{"seed": args.seed, "meta.algorithm": args.algorithm, "train.epochs": args.epochs},
     )
     ds = open_prepared(args.data)
-    learner = None
-    if args.model:
-        from metarec.checkpoint import learner_from_checkpoint, load_checkpoint
-        from metarec.config import MetarecConfig
-        from metarec.tracking import resolve_checkpoint, resolve_tracking_uri
-
-        uri = resolve_tracking_uri(args.tracking_uri, args.work_dir)
-        ckpt = load_checkpoint(
-            resolve_checkpoint(args.model, uri), dataset_hash=ds.manifest["dataset_hash"]
-        )
-        learner = learner_from_checkpoint(ckpt)
-        cfg = MetarecConfig.from_dict(ckpt["config"], where=args.model)
-    scenarios = args.scenarios or [cfg.train.scenario]
-    if "all" in scenarios:
-        scenarios = ds.scenarios
-    for s in scenarios:
+    if args.cross_domain and not args.model:
+        raise ConfigError("--cross-domain: got no --model; expected the model to transfer")
+    ev = _load_model(args, ds) if args.model else _Evaluation(cfg, ds)
+    scenarios = args.scenarios or [default_scenario or ev.cfg.train.scenario]
+    ev.scenarios = ds.scenarios if "all" in scenarios else scenarios
+    for s in ev.scenarios:
         ds.task_path(s, "test")  # unknown scenario -> clear error before any training
-    if args.baselines == "all":
-        baselines = BASELINES
-    elif args.baselines == "none":
-        baselines = ()
-    else:
-        baselines = tuple(b.strip() for b in args.baselines.split(",") if b.strip())
-        unknown = sorted(set(baselines) - set(BASELINES))
-        if unknown:
+    ev.baselines = _baselines(args.baselines)
+    return ev
+
+
+def _baselines(arg: str) -> tuple[str, ...]:
+    from metarec.evaluate import BASELINES
+
+    if arg in ("all", "none"):
+        return BASELINES if arg == "all" else ()
+    names = tuple(b.strip() for b in arg.split(",") if b.strip())
+    unknown = sorted(set(names) - set(BASELINES))
+    if unknown:
+        raise ConfigError(
+            f"--baselines: got {unknown[0]!r}; expected a subset of {list(BASELINES)}, "
+            "'all' or 'none'"
+        )
+    return names
+
+
+def _load_model(args: argparse.Namespace, ds: Any) -> _Evaluation:
+    """``--model``: scored as it is on its own dataset, transferred with ``--cross-domain``."""
+    from metarec.checkpoint import learner_from_checkpoint, load_checkpoint
+    from metarec.config import MetarecConfig
+    from metarec.tracking import resolve_checkpoint, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri, args.work_dir)
+    ckpt = load_checkpoint(resolve_checkpoint(args.model, uri))
+    cfg = MetarecConfig.from_dict(ckpt["config"], where=args.model)
+    learner = learner_from_checkpoint(ckpt)
+    if not args.cross_domain:
+        if ckpt["dataset_hash"] != ds.manifest["dataset_hash"]:
             raise ConfigError(
-                f"--baselines: got {unknown[0]!r}; expected a subset of "
-                f"{list(BASELINES)}, 'all' or 'none'"
+                f"--model {args.model}: got a model trained on prepared dataset "
+                f"{ckpt['dataset_hash']}; expected one trained on --data "
+                f"({ds.manifest['dataset_hash']}). Pass --cross-domain to transfer it."
             )
-    results = evaluate(
-        cfg,
-        ds,
-        scenarios=scenarios,
-        seeds=args.seeds,
-        baselines=baselines,
-        log=lambda msg: print(msg, file=sys.stderr, flush=True),
-        learner=learner,
-    )
-    path = write_results(results, args.out)
+        return _Evaluation(cfg, ds, learner=learner, history=ckpt["state"]["history"])
+    from metarec.evaluate import AdaptedScorer
+    from metarec.transfer import transfer_learner
+
+    moved, mapping = transfer_learner(learner, _source_vocab(args, ckpt), ds)
+    extra = {"transfer": AdaptedScorer(moved), "transfer_noadapt": AdaptedScorer(moved, steps=0)}
+    transfer = {
+        "model": args.model,
+        "source_dataset_hash": ckpt["dataset_hash"],
+        "target": {k: ds.manifest[k] for k in ("dataset_hash", "source")},
+        "coverage": mapping.coverage(),
+        "missing": mapping.missing,
+    }
+    return _Evaluation(cfg, ds, extra=extra, transfer=transfer)
+
+
+def _source_vocab(args: argparse.Namespace, ckpt: dict[str, Any]) -> dict[str, list[str]]:
+    """The feature names of the model's training data: from its checkpoint, else from
+    ``--source-data`` (checked to be the dataset it was trained on)."""
+    from metarec.data.prepared import open_prepared
+
+    vocab = (ckpt.get("catalog") or {}).get("vocab")
+    if vocab is not None:
+        return vocab
+    if not args.source_data:
+        raise ConfigError(
+            f"--source-data: got none; expected the prepared dataset {args.model} was trained "
+            "on (its checkpoint carries no feature names)"
+        )
+    src = open_prepared(args.source_data)
+    if src.manifest["dataset_hash"] != ckpt["dataset_hash"]:
+        raise ConfigError(
+            f"--source-data {args.source_data}: got dataset {src.manifest['dataset_hash']}; "
+            f"expected {ckpt['dataset_hash']}, the one the model was trained on"
+        )
+    return src.manifest["vocab"]
+
+
+def _finish_evaluation(
+    args: argparse.Namespace, ev: _Evaluation, results: dict, files: list[Path]
+) -> None:
+    """transfer.json (--cross-domain); attach everything to ``--model``'s MLflow run."""
+    from metarec.evaluate import write_json_atomic
+
+    if ev.transfer is not None:
+        files.append(write_json_atomic(Path(args.out) / "transfer.json", ev.transfer))
+    print(f"wrote {args.out}: " + ", ".join(f.name for f in files))
+    if not args.model or not args.model.startswith(("models:/", "runs:/")):
+        return
+    from metarec.tracking import log_evaluation, model_run_id, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri, args.work_dir)
+    run_id = model_run_id(args.model, uri)
+    if run_id is None:
+        return
+    m = ev.ds.manifest
+    prefix = "eval"
+    if ev.transfer is not None:
+        prefix = f"cross_domain/{m['source']['name']}-{m['dataset_hash'][:8]}"
+    log_evaluation(uri, run_id, results, files, prefix=prefix)
+    print(f"logged to MLflow run {run_id} under {prefix}/")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from metarec.evaluate import format_table, write_results
+
+    ev = _evaluation(args, None)
+    results = ev.run(args.seeds)
     print(format_table(results))
-    print(f"\nwrote {path}")
+    _finish_evaluation(args, ev, results, [write_results(results, args.out)])
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from metarec.report import CurveCollector, report_header, write_report
+
+    ev = _evaluation(args, "all")
+    collector = CurveCollector(history=ev.history)
+    results = ev.run(args.seeds, on_seed=collector)
+    title, preamble, notes = report_header(
+        ev.ds.manifest,
+        ev.cfg,
+        results,
+        data=args.data,
+        model=args.model,
+        seeds=args.seeds,
+        transfer=ev.transfer,
+    )
+    files = write_report(
+        args.out, results, collector.summary(), title=title, preamble=preamble, notes=notes
+    )
+    print((Path(args.out) / "report.md").read_text().split("## Plots")[0])
+    _finish_evaluation(args, ev, results, files)
     return 0
 
 
@@ -409,6 +569,64 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve per-user adaptation over HTTP (Ray Serve)",
+        description="Run the HTTP API (Ray Serve + FastAPI; OpenAPI at /docs) on a local "
+        "Ray, or on the cluster in RAY_ADDRESS, until Ctrl-C. Set METAREC_API_TOKEN to "
+        "require 'Authorization: Bearer <token>' on /v1/*. For YAML deployments see "
+        "serve/config.yaml.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        help="models:/NAME@ALIAS, runs:/ID/model, or a checkpoint path "
+        "(default: models:/<last trained model>@champion)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 = all)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--work-dir", default="work", help="MLflow store, feedback log")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI")
+    p.add_argument("--feedback-dir", help="feedback log directory (default WORK/feedback)")
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--num-cpus", type=float, default=1.0, help="Ray CPUs per replica")
+    p.add_argument("--threads", type=int, help="torch threads per replica")
+    p.add_argument("--max-batch-size", type=int, default=32, help="1 = no micro-batching")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="micro-batch wait")
+    p.add_argument("--steps", type=int, help="inner steps (default: the model's)")
+    p.add_argument("--max-sessions", type=int, default=10_000, help="session LRU size")
+    p.add_argument("--max-ratings", type=int, default=200, help="ratings per request/session")
+    p.add_argument("--max-k", type=int, default=100, help="largest k")
+    p.add_argument("--max-items", type=int, default=1000, help="items per predict/candidates")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from metarec.serving.app import ServeSettings, serve_forever
+
+    settings = ServeSettings(
+        model=args.model,
+        tracking_uri=args.tracking_uri,
+        work_dir=str(Path(args.work_dir).resolve()),
+        feedback_dir=str(Path(args.feedback_dir).resolve()) if args.feedback_dir else None,
+        steps=args.steps,
+        threads=args.threads,
+        max_sessions=args.max_sessions,
+        limits={"max_ratings": args.max_ratings, "max_k": args.max_k, "max_items": args.max_items},
+    )
+    serve_forever(
+        settings,
+        host=args.host,
+        port=args.port,
+        replicas=args.replicas,
+        num_cpus=args.num_cpus,
+        max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_ms / 1000,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metarec", description="Meta-learned personalization on Ray: users as tasks."
@@ -421,7 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _tune_parser(sub)
     _evaluate_parser(sub)
+    _report_parser(sub)
     _promote_parser(sub)
+    _serve_parser(sub)
     return parser
 
 

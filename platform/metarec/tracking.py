@@ -33,6 +33,8 @@ __all__ = [
     "EpochLogger",
     "find_run",
     "finish_run",
+    "log_evaluation",
+    "model_run_id",
     "promote",
     "resolve_checkpoint",
     "resolve_tracking_uri",
@@ -377,6 +379,51 @@ def promote(uri: str, name: str, version: str | int, alias: str = CHAMPION) -> N
     client.set_registered_model_alias(name, alias, str(version))
 
 
+def model_run_id(model: str, uri: str) -> str | None:
+    """The MLflow run that produced ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or
+    ``runs:/ID/...``; None for a checkpoint path (no run to log to)."""
+    if model.startswith("runs:/"):
+        return model.removeprefix("runs:/").split("/")[0]
+    if not model.startswith("models:/"):
+        return None
+    name, _, ref = model.removeprefix("models:/").partition("@")
+    client = _client(uri)
+    try:
+        if ref:
+            return client.get_model_version_by_alias(name, ref).run_id
+        name, _, version = name.rpartition("/")
+        return client.get_model_version(name, version).run_id
+    except mlflow.exceptions.MlflowException as e:
+        raise ModelNotFoundError(f"--model {model}: {e.message}") from e
+
+
+def log_evaluation(
+    uri: str,
+    run_id: str,
+    results: dict[str, dict[str, Any]],
+    files: Iterable[Path],
+    *,
+    prefix: str,
+) -> None:
+    """Attach an evaluation to the model's run: every file under ``<prefix>/`` and every
+    mean metric as ``<prefix>/<scenario>/<method>/<metric>`` (``@`` spelled ``_at_``: MLflow
+    names allow no ``@``). Logging again overwrites the files and adds metric values."""
+    client = _client(uri)
+    metrics = [
+        mlflow.entities.Metric(
+            f"{prefix}/{scenario}/{method}/{name.replace('@', '_at_')}", float(value), 0, 0
+        )
+        for scenario, methods in results.items()
+        for method, row in methods.items()
+        for name, value in row.items()
+        if isinstance(value, float)
+    ]
+    for lo in range(0, len(metrics), 1000):  # the REST API takes at most 1000 metrics a call
+        client.log_batch(run_id, metrics=metrics[lo : lo + 1000])
+    for f in files:
+        client.log_artifact(run_id, str(f), artifact_path=prefix)
+
+
 def resolve_checkpoint(model: str, uri: str) -> Path:
     """The checkpoint file of ``models:/...``, ``runs:/...`` or a local file/directory."""
     if not model.startswith(("models:/", "runs:/")):
@@ -393,3 +440,27 @@ def resolve_checkpoint(model: str, uri: str) -> Path:
     if not found:
         raise ModelNotFoundError(f"--model {model}: no {FILENAME} in its artifacts")
     return found[0]
+
+
+def describe_model(model: str, uri: str) -> dict[str, Any]:
+    """Registry facts about ``model`` for ``GET /v1/model``: name, version, alias, run id.
+
+    ``models:/NAME@ALIAS`` and ``models:/NAME/VERSION`` are looked up in the registry; a
+    run or a local checkpoint has no registry entry, so only its source is reported.
+    """
+    info: dict[str, Any] = {"uri": model, "name": None, "version": None, "alias": None}
+    if not model.startswith("models:/"):
+        return info
+    ref = model.removeprefix("models:/")
+    name, alias = ref.split("@", 1) if "@" in ref else (ref, None)
+    name, _, version = name.partition("/")
+    client = _client(uri)
+    try:
+        mv = (
+            client.get_model_version_by_alias(name, alias)
+            if alias
+            else client.get_model_version(name, version)
+        )
+    except mlflow.exceptions.MlflowException as e:
+        raise ModelNotFoundError(f"--model {model}: {e.message}") from e
+    return {**info, "name": name, "version": str(mv.version), "alias": alias, "run_id": mv.run_id}

@@ -30,6 +30,7 @@ import pyarrow as pa
 import torch
 
 from metarec.batch import TaskBatch, from_table
+from metarec.catalog import catalog_dict
 from metarec.checkpoint import (
     learner_from_checkpoint,
     load_checkpoint,
@@ -119,7 +120,12 @@ def _worker_loop(config: dict[str, Any]) -> None:
             checkpoint = None
             if rank == 0:
                 ck = make_checkpoint(
-                    cfg, learner, optimizer, state, dataset_hash=init["dataset_hash"]
+                    cfg,
+                    learner,
+                    optimizer,
+                    state,
+                    dataset_hash=init["dataset_hash"],
+                    catalog=init.get("catalog"),
                 )
                 save_checkpoint(ck, d)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
@@ -264,7 +270,12 @@ def initial_checkpoint(cfg: MetarecConfig, ds: PreparedDataset) -> dict[str, Any
     train_tasks = from_table(ds.tasks(scenario, "train"))
     learner = build_learner(cfg, ds, train_tasks)
     return make_checkpoint(
-        cfg, learner, None, TrainState(), dataset_hash=ds.manifest["dataset_hash"]
+        cfg,
+        learner,
+        None,
+        TrainState(),
+        dataset_hash=ds.manifest["dataset_hash"],
+        catalog=catalog_dict(ds, train_tasks),
     )
 
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 from metarec.data.sources import RawData
 from metarec.errors import DataError
 
-__all__ = ["AGE_EDGES", "YEAR_RANGE", "Encoded", "encode"]
+__all__ = ["AGE_EDGES", "YEAR_RANGE", "Encoded", "age_buckets", "encode", "zip_prefixes"]
 
 UNK = "<unk>"
 YEAR_RANGE = (1920, 2030)  # per-year buckets, clipped at the ends; 0 = unknown year
@@ -153,6 +153,22 @@ def _categorical(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
     return codes.astype(np.int16), [UNK, *names]
 
 
+def age_buckets(age: np.ndarray) -> np.ndarray:
+    """Ages -> MovieLens 1M age-group codes (``AGE_NAMES``); NaN -> 0 (unknown).
+
+    Public because serving encodes a new user's age with exactly the rule training used.
+    """
+    age = np.asarray(age, dtype=float)
+    known = np.isfinite(age)
+    return np.where(known, 1 + np.searchsorted(AGE_EDGES, np.nan_to_num(age), side="right"), 0)
+
+
+def zip_prefixes(zips: np.ndarray | list[str]) -> np.ndarray:
+    """Zip codes -> first-digit codes (``ZIP_NAMES``); no leading digit -> 0 (unknown)."""
+    first = [str(z)[:1] for z in zips]
+    return np.array([int(c) + 1 if c.isdigit() else 0 for c in first], dtype=np.int16)
+
+
 def _encode_users(
     user_ids: np.ndarray, users: pd.DataFrame | None
 ) -> tuple[pa.Table, dict[str, list[str]]]:
@@ -169,11 +185,8 @@ def _encode_users(
         gender[pos[ok]] = users["gender"].astype(str).str.upper().to_numpy()[ok]
         occupation[pos[ok]] = users["occupation"].astype(str).str.lower().to_numpy()[ok]
         zips[pos[ok]] = users["zip"].astype(str).to_numpy()[ok]
-    age_bucket = np.where(
-        np.isfinite(age), 1 + np.searchsorted(AGE_EDGES, np.nan_to_num(age), side="right"), 0
-    )
-    first = np.array([z[:1] for z in zips], dtype=object)
-    zip_prefix = np.array([int(c) + 1 if c.isdigit() else 0 for c in first], dtype=np.int16)
+    age_bucket = age_buckets(age)
+    zip_prefix = zip_prefixes(zips)
     gender_codes, gender_vocab = _categorical(gender)
     occ_codes, occ_vocab = _categorical(occupation)
     table = pa.table(

@@ -1,0 +1,293 @@
+"""The Ray Serve application: a FastAPI ingress over ``Service``, micro-batched adaptation.
+
+Each replica loads one model (from the MLflow registry or a checkpoint), holds its own
+session LRU and feedback-log file, and adapts concurrent requests together: every endpoint
+validates its request, awaits ``_run`` (``@serve.batch`` collects the jobs of concurrent
+requests into one ``Engine.run``), then shapes its own answer. The engine runs in a worker
+thread so the event loop keeps accepting (and batching) requests while torch computes.
+
+Three ways to run it: ``metarec serve`` (below, ``serve_forever``), ``serve run
+serve/config.yaml`` and ``serve deploy serve/config.yaml`` (both through ``build_app``).
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads these route signatures at
+# runtime, and Serve's ingress wrapper cannot resolve string annotations.
+import asyncio
+import hmac
+import json
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from ray import serve
+
+from metarec import __version__
+from metarec.catalog import Catalog, FieldError
+from metarec.checkpoint import learner_from_checkpoint, load_checkpoint
+from metarec.errors import ModelNotFoundError
+from metarec.loop import resolve_device
+from metarec.serving.engine import Engine, Job, Result
+from metarec.serving.schemas import (
+    HARD_MAX_ITEMS,
+    FeedbackRequest,
+    Limits,
+    PredictRequest,
+    RecommendRequest,
+)
+from metarec.serving.service import Service
+from metarec.serving.sessions import FeedbackLog, Sessions
+
+__all__ = ["ServeSettings", "build_app", "load_service", "serve_forever"]
+
+log = logging.getLogger(__name__)
+TOKEN_ENV = "METAREC_API_TOKEN"
+MAX_BODY_BYTES = 4 << 20
+UserId = Annotated[str, PathParam(min_length=1, max_length=128, pattern=r"^[\w.@:-]+$")]
+
+
+class ServeSettings(BaseModel):
+    """What a replica loads and how it behaves (``args`` in ``serve/config.yaml``)."""
+
+    model: str | None = Field(
+        None, description="models:/NAME@ALIAS, runs:/..., or a checkpoint path"
+    )
+    tracking_uri: str | None = None
+    work_dir: str = "work"
+    feedback_dir: str | None = None  # default <work_dir>/feedback
+    steps: int | None = Field(None, ge=0, le=100)  # inner steps (default: the model's)
+    device: str = "auto"
+    threads: int | None = Field(None, ge=1)  # torch threads per replica
+    max_sessions: int = Field(10_000, ge=1)
+    limits: Limits = Field(default_factory=Limits)
+
+
+def default_model(work_dir: str | os.PathLike) -> str:
+    """``models:/<last trained model>@champion``: serve what was promoted, never by accident
+    a candidate nobody looked at."""
+    record = Path(work_dir) / "last_run.json"
+    if not record.is_file():
+        raise ModelNotFoundError(
+            f"no --model given and no {record} (written by `metarec train`); pass --model"
+        )
+    name = json.loads(record.read_text())["model_uri"].removeprefix("models:/")
+    return f"models:/{name.split('@')[0].split('/')[0]}@champion"
+
+
+def load_service(settings: ServeSettings, *, writer: str) -> Service:
+    """Load the model and open the feedback log (``writer`` names this process's file)."""
+    from metarec.tracking import describe_model, resolve_checkpoint, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(settings.tracking_uri, settings.work_dir)
+    model = settings.model or default_model(settings.work_dir)
+    try:
+        info = describe_model(model, uri)
+    except ModelNotFoundError as e:
+        raise ModelNotFoundError(
+            f"{e} (promote a version with `metarec promote NAME VERSION`, or serve "
+            "models:/NAME@candidate explicitly)"
+        ) from e
+    ckpt = load_checkpoint(resolve_checkpoint(model, uri))
+    learner = learner_from_checkpoint(ckpt)
+    m = learner.model
+    catalog = Catalog.from_checkpoint(ckpt, m.item_genres, m.item_year)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    engine = Engine(learner, steps=settings.steps, device=resolve_device(settings.device))
+    feedback_dir = Path(settings.feedback_dir or Path(settings.work_dir) / "feedback")
+    label = f"{info['name']}/{info['version']}" if info["name"] else model
+    cfg = learner.cfg
+    return Service(
+        engine,
+        catalog,
+        model_info={
+            **info,
+            "label": label,
+            "algorithm": cfg.algorithm,
+            "adapt": cfg.adapt,
+            "inner_steps": cfg.inner_steps if settings.steps is None else settings.steps,
+            "items": len(catalog),
+            "rating_range": list(catalog.rating_range),
+            "dataset": catalog.dataset,
+            "limits": settings.limits.model_dump(),
+        },
+        limits=settings.limits,
+        sessions=Sessions(
+            feedback_dir,
+            max_sessions=settings.max_sessions,
+            max_ratings=settings.limits.max_ratings,
+            index=catalog.index,
+        ),
+        feedback=FeedbackLog(feedback_dir, writer),
+    )
+
+
+def _unprocessable(detail: list[dict[str, Any]]) -> JSONResponse:
+    """422 in FastAPI's shape: ``detail[]`` of {loc, msg, type}."""
+    return JSONResponse(status_code=422, content={"detail": detail})
+
+
+api = FastAPI(
+    title="metarec",
+    version=__version__,
+    description="Per-user adaptation of a meta-learned recommender: send a few ratings, "
+    "get personal recommendations. Errors: 422 with `detail[].loc` naming the field.",
+)
+
+
+@api.exception_handler(FieldError)
+async def _field_error(request: Request, exc: FieldError) -> JSONResponse:
+    return _unprocessable([{"loc": list(exc.loc), "msg": exc.msg, "type": "value_error"}])
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's own handler echoes the input, which can hold NaN (not valid JSON): that
+    # turned a bad request into a 500. Field, message and type are what a client needs.
+    return _unprocessable(
+        [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+    )
+
+
+@api.middleware("http")
+async def _guard(request: Request, call_next: Any) -> Any:
+    """Bearer token on /v1/* when METAREC_API_TOKEN is set; bounded request bodies."""
+    token = os.environ.get(TOKEN_ENV)
+    if token and request.url.path.startswith("/v1/"):
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return JSONResponse(
+                status_code=401,
+                content={"detail": "missing or wrong bearer token (Authorization: Bearer ...)"},
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+    length = request.headers.get("content-length", "0")
+    if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+        return JSONResponse(
+            status_code=413, content={"detail": f"request body over {MAX_BODY_BYTES} bytes"}
+        )
+    return await call_next(request)
+
+
+K = Annotated[int, Query(ge=1, le=HARD_MAX_ITEMS)]
+
+
+@serve.deployment(
+    name="metarec",
+    max_ongoing_requests=256,  # >= max_batch_size, or batches never fill
+    ray_actor_options={"num_cpus": 1},
+    user_config={"max_batch_size": 32, "batch_wait_timeout_s": 0.005},
+)
+@serve.ingress(api)
+class MetarecServer:
+    def __init__(self, settings: dict[str, Any]) -> None:
+        ctx = serve.get_replica_context()
+        self.service = load_service(ServeSettings.model_validate(settings), writer=ctx.replica_tag)
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Batch size and wait from ``user_config``: changed live, no replica restart."""
+        self._run.set_max_batch_size(int(config.get("max_batch_size", 32)))
+        self._run.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.005)))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _run(self, jobs: list[Job]) -> list[Result]:
+        return await asyncio.to_thread(self.service.engine.run, jobs)
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/v1/model")
+    async def model(self) -> dict:
+        return self.service.model_info
+
+    @api.post("/v1/recommend")
+    async def recommend(self, req: RecommendRequest) -> dict:
+        """Top-k items after adapting to the given ratings (none: cold start)."""
+        job = self.service.recommend_job(req)
+        return self.service.recommend_response(req, job, await self._run(job))
+
+    @api.post("/v1/predict")
+    async def predict(self, req: PredictRequest) -> dict:
+        """Predicted ratings of the given items after adapting to the given ratings."""
+        job = self.service.predict_job(req)
+        return self.service.predict_response(req, job, await self._run(job))
+
+    @api.get("/v1/onboarding")
+    async def onboarding(self, n: K = 10) -> dict:
+        """Items to ask a brand-new user to rate first."""
+        return self.service.onboarding(n)
+
+    @api.post("/v1/users/{user_id}/feedback")
+    async def feedback(self, user_id: UserId, req: FeedbackRequest) -> dict:
+        """Append ratings to the user's session (durably), re-adapt, return top-k."""
+        job, session, version = self.service.feedback_job(user_id, req)
+        result = await self._run(job)
+        return self.service.session_response(user_id, session, version, job, result, req.k)
+
+    @api.get("/v1/users/{user_id}/recommendations")
+    async def recommendations(self, user_id: UserId, k: K = 10, exclude_seen: bool = True) -> dict:
+        """Top-k for the session (cached fast weights; a new user gets the cold start)."""
+        job, session, version = self.service.session_job(user_id, k)
+        result = await self._run(job)
+        return self.service.session_response(
+            user_id, session, version, job, result, k, exclude_seen
+        )
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Application builder for ``serve run/deploy serve/config.yaml`` (``args:`` there)."""
+    return MetarecServer.bind(ServeSettings.model_validate(args).model_dump())
+
+
+def serve_forever(
+    settings: ServeSettings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    replicas: int = 1,
+    num_cpus: float = 1.0,
+    max_batch_size: int = 32,
+    batch_wait_timeout_s: float = 0.005,
+) -> None:
+    """``metarec serve``: start (or join) Ray, run the app on host:port until Ctrl-C."""
+    import ray
+
+    from metarec.train import connect_ray
+
+    connect_ray()
+    options: dict[str, Any] = {"num_cpus": num_cpus}
+    if os.environ.get(TOKEN_ENV):  # replicas of a joined cluster do not share our env
+        options["runtime_env"] = {"env_vars": {TOKEN_ENV: os.environ[TOKEN_ENV]}}
+    app = MetarecServer.options(
+        num_replicas=replicas,
+        ray_actor_options=options,
+        max_ongoing_requests=max(256, 2 * max_batch_size),
+        user_config={
+            "max_batch_size": max_batch_size,
+            "batch_wait_timeout_s": batch_wait_timeout_s,
+        },
+    ).bind(settings.model_dump())
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app, name="metarec", route_prefix="/", blocking=False)
+    print(f"metarec serving at http://{host}:{port}  (API docs: http://{host}:{port}/docs)")
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops it as cleanly as Ctrl-C
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        print("shutting down")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt

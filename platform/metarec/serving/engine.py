@@ -1,0 +1,137 @@
+"""Adapt a micro-batch of users at once and score the whole catalog for each.
+
+The same ``MetaLearner.adapt`` as training and evaluation runs on a padded batch of
+requests, so a served prediction is exactly what ``metarec evaluate`` measured. A new user
+has no row in the model's ``user_table`` buffer, so the batch brings its own: the request's
+feature codes are passed as that buffer (``functional_call`` swaps buffers like parameters)
+and user ``b`` of the batch is row ``b``. Item representations (the embedding lookups of
+every catalog item) are computed once at load when embeddings do not adapt, and the catalog
+is scored in item blocks so memory stays bounded for large catalogs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.func import functional_call
+
+from metarec.meta import MetaLearner
+
+__all__ = ["Engine", "Job", "Result"]
+
+Weights = dict[str, Tensor]  # one user's adapted parameters (no task dimension)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One user to score: adapt on (items, ratings), or reuse cached ``weights``."""
+
+    features: tuple[int, ...] | None = None  # encoded user features (Catalog.encode_user)
+    items: tuple[int, ...] = ()
+    ratings: tuple[float, ...] = ()
+    weights: Weights | None = None
+
+
+@dataclass(frozen=True)
+class Result:
+    scores: Tensor  # (I,) predicted rating of every catalog item
+    weights: Weights  # the user's fast weights (cache them to skip adaptation next time)
+
+
+class Engine:
+    """Batched adaptation + catalog scoring for one trained learner.
+
+    Args:
+        learner: the meta-learner (its adaptation settings are the served ones).
+        steps: inner steps at serve time (default: the learner's own).
+        max_rows: (users x items) rows scored at once; bounds activation memory.
+    """
+
+    def __init__(
+        self,
+        learner: MetaLearner,
+        *,
+        steps: int | None = None,
+        device: str | torch.device = "cpu",
+        max_rows: int = 1 << 17,
+    ) -> None:
+        self.learner = learner.to(device).eval()
+        self.model = learner.model
+        self.device = torch.device(device)
+        self.steps = steps
+        self.max_rows = max_rows
+        self.params = {n: p.detach() for n, p in learner.params().items()}
+        lrs = learner.lrs()
+        self.lrs = {n: v.detach() for n, v in lrs.items()} if isinstance(lrs, dict) else lrs
+        self.n_items = int(self.model.item_genres.shape[0])
+        self.n_features = 4 if self.model.use_user else 0
+        # Item-side inputs of every item, once, unless adaptation changes them.
+        self.item_x: Tensor | None = None
+        if not any(n.startswith(("emb.", "item_bias")) for n in learner.adapted):
+            with torch.no_grad():
+                items = torch.arange(self.n_items, device=self.device)[None]
+                users = torch.zeros(1, dtype=torch.long, device=self.device)
+                self.item_x = self.model.encode_parts(items, users)[0][0]  # (I, Fi)
+
+    @torch.no_grad()
+    def run(self, jobs: list[Job]) -> list[Result]:
+        """Adapt the jobs that need it (one padded batch), then score all of them."""
+        todo = [j for j in jobs if j.weights is None]
+        fresh = iter(self._adapt(todo) if todo else [])
+        weights = [j.weights if j.weights is not None else next(fresh) for j in jobs]
+        scores = self._score(
+            {n: torch.stack([w[n] for w in weights]) for n in weights[0]},
+            self._user_table(jobs),
+        )
+        return [Result(s, w) for s, w in zip(scores, weights, strict=True)]
+
+    def _user_table(self, jobs: list[Job]) -> Tensor | None:
+        if not self.n_features:
+            return None
+        rows = [j.features or (0,) * self.n_features for j in jobs]
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def _with_users(self, params: Weights, table: Tensor | None) -> Weights:
+        return params if table is None else {**params, "user_table": table}
+
+    def _adapt(self, jobs: list[Job]) -> list[Weights]:
+        b = len(jobs)
+        s = max([1, *(len(j.items) for j in jobs)])
+        items = torch.zeros(b, s, dtype=torch.long)
+        ratings = torch.zeros(b, s)
+        mask = torch.zeros(b, s, dtype=torch.bool)
+        for row, j in enumerate(jobs):  # building tensors from request lists, not compute
+            n = len(j.items)
+            items[row, :n] = torch.tensor(j.items, dtype=torch.long)
+            ratings[row, :n] = torch.tensor(j.ratings)
+            mask[row, :n] = True
+        dtype = next(iter(self.params.values())).dtype
+        dev = self.device
+        users = torch.arange(b, device=dev)
+        support = (users, items.to(dev), ratings.to(dev, dtype), mask.to(dev))
+        params = self._with_users(self.params, self._user_table(jobs))
+        fast = self.learner.adapt(params, support, steps=self.steps, inner_lr=self.lrs)
+        adapted = {n: fast[n] for n in self.learner.adapted}
+        # Clones: a cached user must not keep the whole batch's tensors alive.
+        return [{n: w[row].clone() for n, w in adapted.items()} for row in range(b)]
+
+    def _score(self, weights: Weights, table: Tensor | None) -> Tensor:
+        """(B, I) ratings of every catalog item under each user's fast weights."""
+        b = next(iter(weights.values())).shape[0]
+        params = self._with_users({**self.params, **weights}, table)
+        users = torch.arange(b, device=self.device)
+        out = torch.empty(b, self.n_items)
+        block = max(1, self.max_rows // b)
+        for lo in range(0, self.n_items, block):
+            hi = min(lo + block, self.n_items)
+            items = torch.arange(lo, hi, device=self.device).expand(b, hi - lo)
+            kwargs = {}
+            if self.item_x is not None:
+                user_x = functional_call(
+                    self.model, params, (items[:, :1], users), {"encode_only": True}
+                )[1]
+                kwargs["encoded"] = (self.item_x[lo:hi].expand(b, hi - lo, -1), user_x)
+            out[:, lo:hi] = functional_call(self.model, params, (items, users), kwargs).cpu()
+        return out

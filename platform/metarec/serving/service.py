@@ -1,0 +1,213 @@
+"""What each endpoint does, without HTTP or Ray: validate, build engine jobs, shape answers.
+
+Request handling is split in two around the engine so that Ray Serve can micro-batch the
+middle: ``*_job`` validates a request and turns it into an ``engine.Job`` (raising
+``FieldError`` for anything wrong, which the app answers with 422), the engine runs many
+jobs at once, and ``*_response`` turns one ``engine.Result`` into the JSON answer.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from metarec.catalog import Catalog, FieldError
+from metarec.serving.engine import Engine, Job, Result
+from metarec.serving.schemas import (
+    FeedbackRequest,
+    Limits,
+    PredictRequest,
+    Rating,
+    RecommendRequest,
+    UserFeatures,
+)
+from metarec.serving.sessions import FeedbackLog, Session, Sessions
+
+__all__ = ["Service"]
+
+Loc = tuple[str | int, ...]
+
+
+class Service:
+    """The API's behaviour over one loaded model (one per Serve replica)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        catalog: Catalog,
+        *,
+        model_info: dict[str, Any],
+        limits: Limits,
+        sessions: Sessions,
+        feedback: FeedbackLog,
+    ) -> None:
+        self.engine, self.catalog, self.limits = engine, catalog, limits
+        self.model_info = model_info
+        self.sessions, self.feedback_log = sessions, feedback
+
+    # -- validation ---------------------------------------------------------------------
+
+    def _check_len(self, values: list | None, limit: int, loc: Loc, what: str) -> None:
+        if values is not None and len(values) > limit:
+            raise FieldError(loc, f"{len(values)} {what}; at most {limit} allowed")
+
+    def _ratings(self, ratings: list[Rating], loc: Loc) -> tuple[list[int], list[float]]:
+        self._check_len(ratings, self.limits.max_ratings, loc, "ratings")
+        lo, hi = self.catalog.rating_range
+        values = []
+        for k, r in enumerate(ratings):
+            if not (lo <= r.rating <= hi):  # also catches NaN if a client slips one in
+                raise FieldError((*loc, k, "rating"), f"{r.rating} is outside [{lo}, {hi}]")
+            values.append(float(r.rating))
+        items = self.catalog.item_index([str(r.item) for r in ratings], loc, ("item",))
+        return items, values
+
+    def _k(self, k: int, loc: Loc) -> int:
+        if k > self.limits.max_k:
+            raise FieldError(loc, f"{k} is larger than the limit {self.limits.max_k}")
+        return k
+
+    def _features(self, user: UserFeatures | None) -> tuple[int, ...] | None:
+        if user is None:
+            return None
+        return tuple(self.catalog.encode_user(user.model_dump(), ("body", "user")))
+
+    def adapt_job(self, user: UserFeatures | None, ratings: list[Rating]) -> Job:
+        items, values = self._ratings(ratings, ("body", "ratings"))
+        return Job(features=self._features(user), items=tuple(items), ratings=tuple(values))
+
+    # -- stateless endpoints ------------------------------------------------------------
+
+    def recommend_job(self, req: RecommendRequest) -> Job:
+        self._k(req.k, ("body", "k"))
+        self._check_len(req.candidates, self.limits.max_items, ("body", "candidates"), "items")
+        if req.candidates is not None:
+            self.catalog.item_index([str(c) for c in req.candidates], ("body", "candidates"))
+        return self.adapt_job(req.user, req.ratings)
+
+    def recommend_response(self, req: RecommendRequest, job: Job, result: Result) -> dict:
+        candidates = None
+        if req.candidates is not None:
+            candidates = self.catalog.item_index([str(c) for c in req.candidates], ())
+        seen = job.items if req.exclude_seen else ()
+        return {
+            "model": self.model_info["label"],
+            "adapted_on": len(job.items),
+            "items": self.top_k(result.scores, req.k, seen, candidates),
+        }
+
+    def predict_job(self, req: PredictRequest) -> Job:
+        self._check_len(req.items, self.limits.max_items, ("body", "items"), "items")
+        self.catalog.item_index([str(i) for i in req.items], ("body", "items"))
+        return self.adapt_job(req.user, req.ratings)
+
+    def predict_response(self, req: PredictRequest, job: Job, result: Result) -> dict:
+        idx = self.catalog.item_index([str(i) for i in req.items], ())
+        scores = result.scores[idx].tolist()
+        return {
+            "model": self.model_info["label"],
+            "adapted_on": len(job.items),
+            "predictions": [
+                {"item": self.catalog.raw_ids[i], "score": s}
+                for i, s in zip(idx, scores, strict=True)
+            ],
+        }
+
+    def top_k(
+        self,
+        scores: torch.Tensor,
+        k: int,
+        exclude: tuple[int, ...] | list[int] = (),
+        candidates: list[int] | None = None,
+    ) -> list[dict[str, Any]]:
+        """The k best-scored items, optionally among ``candidates``, never ``exclude``."""
+        s = scores.clone()
+        if candidates is not None:
+            keep = torch.zeros_like(s, dtype=torch.bool)
+            keep[candidates] = True
+            s[~keep] = -math.inf
+        if exclude:
+            s[list(exclude)] = -math.inf
+        top = torch.topk(s, min(k, len(s)))
+        return [
+            {**self.catalog.item(i), "score": v}
+            for v, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+            if v > -math.inf
+        ]
+
+    def onboarding(self, n: int) -> dict[str, Any]:
+        self._k(n, ("query", "n"))
+        return {
+            "rule": "log(1 + training ratings) x rating std (Rashid et al., IUI 2002)",
+            "items": [self.catalog.item(i) for i in self.catalog.onboarding(n)],
+        }
+
+    # -- sessions -----------------------------------------------------------------------
+
+    def feedback_job(self, user_id: str, req: FeedbackRequest) -> tuple[Job, Session, int]:
+        """Validate, log durably (fsync), then update the session: a 200 means on disk."""
+        self._k(req.k, ("body", "k"))
+        items, values = self._ratings(req.ratings, ("body", "ratings"))
+        features = req.user.model_dump(exclude_none=True) if req.user is not None else None
+        if features is not None:
+            self.catalog.encode_user(features, ("body", "user"))  # reject before logging
+        now = time.time()
+        label = self.model_info["label"]
+        self.feedback_log.append(
+            [
+                {
+                    "user_id": user_id,
+                    "item": self.catalog.raw_ids[i],
+                    "rating": r,
+                    "timestamp": now,
+                    "user": features,
+                    "model": label,
+                }
+                for i, r in zip(items, values, strict=True)
+            ]
+        )
+        session = self.sessions.get(user_id) or Session()
+        if features:
+            session.features = features
+        session.add(items, values, self.limits.max_ratings)
+        self.sessions.record(user_id, session)
+        return self._session_job(session), session, session.version
+
+    def session_job(self, user_id: str, k: int) -> tuple[Job, Session | None, int]:
+        self._k(k, ("query", "k"))
+        session = self.sessions.get(user_id)
+        if session is None:  # nobody by that id yet: a brand-new user, cold start
+            return Job(), None, 0
+        return self._session_job(session), session, session.version
+
+    def _session_job(self, session: Session) -> Job:
+        features = tuple(self.catalog.encode_user(session.features)) if session.features else None
+        return Job(
+            features=features,
+            items=tuple(session.ratings),
+            ratings=tuple(session.ratings.values()),
+            weights=session.weights,
+        )
+
+    def session_response(
+        self,
+        user_id: str,
+        session: Session | None,
+        version: int,
+        job: Job,
+        result: Result,
+        k: int,
+        exclude_seen: bool = True,
+    ) -> dict[str, Any]:
+        """Cache the fast weights (unless newer feedback arrived meanwhile) and answer."""
+        if session is not None and session.version == version:
+            session.weights = result.weights
+        return {
+            "user_id": user_id,
+            "model": self.model_info["label"],
+            "adapted_on": len(job.items),
+            "items": self.top_k(result.scores, k, job.items if exclude_seen else ()),
+        }
