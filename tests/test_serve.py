@@ -1,0 +1,356 @@
+"""The real thing: `metarec serve` (Ray Serve + FastAPI) over HTTP on 127.0.0.1.
+
+One trained synthetic model, one server process (its own local Ray, stopped by pid), every
+endpoint, the bearer token, bad input (4xx naming the field, never 5xx), a schemathesis fuzz
+run against the OpenAPI schema, taste following feedback, served numbers equal to
+``adapt()`` + scoring called directly, and a crash-restart that loses no feedback.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+from metarec.batch import TaskBatch, from_table
+from metarec.catalog import catalog_dict
+from metarec.checkpoint import learner_from_checkpoint, load_checkpoint, make_checkpoint
+from metarec.checkpoint import save_checkpoint as save
+from metarec.config import apply_overrides
+from metarec.loop import TrainState, fit, predict_items
+from metarec.serving.sessions import read_feedback
+from tests.processes import free_port
+
+METAREC = Path(sys.executable).with_name("metarec")
+TOKEN = secrets.token_hex(8)
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, synthetic_cfg, synthetic_prepared):
+    """A meta-trained (10 epochs, ~10 s) model with its catalog, as `metarec train` saves."""
+    ds = synthetic_prepared
+    cfg = apply_overrides(synthetic_cfg, **{"train.epochs": 10})
+    result = fit(cfg, ds)
+    train = from_table(ds.tasks("user_cold", "train"))
+    ckpt = make_checkpoint(
+        cfg,
+        result.learner,
+        None,
+        TrainState(),
+        dataset_hash=ds.manifest["dataset_hash"],
+        catalog=catalog_dict(ds, train),
+    )
+    return save(ckpt, tmp_path_factory.mktemp("model"))
+
+
+class Server:
+    """`metarec serve` in its own session and Ray temp dir; stopped by pid, checked gone."""
+
+    def __init__(self, checkpoint: Path, work: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ray_tmp = tempfile.mkdtemp(prefix="rays", dir="/tmp")  # short socket paths
+        env = {**os.environ, "METAREC_API_TOKEN": TOKEN, "RAY_TMPDIR": self.ray_tmp}
+        env.pop("RAY_ADDRESS", None)
+        self.log = open(work / f"serve-{self.port}.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                *(str(METAREC), "serve", "--model", str(checkpoint), "--port", str(self.port)),
+                *("--work-dir", str(work), "--max-k", "1000", "--max-ratings", "50"),
+            ],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            self._wait_ready(work)
+        except BaseException:
+            self.stop(crash=True)
+            raise
+
+    def _wait_ready(self, work: Path) -> None:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            assert self.proc.poll() is None, (work / f"serve-{self.port}.log").read_text()[-3000:]
+            try:
+                if requests.get(f"{self.url}/healthz", timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:  # not listening yet, or busy starting
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"metarec serve did not come up: {self.log.name}")
+
+    def stop(self, *, crash: bool = False) -> None:
+        """Ctrl-C-like stop of the server process (it shuts Serve and its Ray down in
+        order), or with ``crash`` a SIGKILL of its whole process group."""
+        if not crash:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                crash = True
+        if crash:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.log.close()
+        deadline = time.time() + 30
+        while _processes_mentioning(self.ray_tmp) and time.time() < deadline:
+            time.sleep(1)
+        left = _processes_mentioning(self.ray_tmp)
+        for pid in left:  # make sure nothing of ours outlives the test, then fail loudly
+            os.kill(pid, 9)
+        assert not left, f"processes of this server's Ray outlived it: {left}"
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("serve-work")
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, work):
+    holder = {"server": Server(checkpoint, work)}
+    yield holder
+    holder["server"].stop()
+
+
+def post(server, path, body, **kw):
+    return requests.post(f"{server['server'].url}{path}", json=body, headers=AUTH, timeout=30, **kw)
+
+
+def get(server, path, **kw):
+    return requests.get(f"{server['server'].url}{path}", headers=AUTH, timeout=30, **kw)
+
+
+def test_every_endpoint_answers(server, checkpoint, synthetic_prepared):
+    assert requests.get(f"{server['server'].url}/healthz", timeout=5).json() == {"status": "ok"}
+    model = get(server, "/v1/model").json()
+    assert model["uri"] == str(checkpoint) and model["items"] == 300
+    assert model["dataset"]["dataset_hash"] == synthetic_prepared.manifest["dataset_hash"]
+    onboarding = get(server, "/v1/onboarding", params={"n": 5}).json()
+    assert len(onboarding["items"]) == 5 and "Rashid" in onboarding["rule"]
+    first = onboarding["items"][0]
+    assert {"item", "title", "genres", "year"} <= set(first)
+
+    cold = post(server, "/v1/recommend", {"k": 4}).json()  # no ratings: the meta-init answers
+    assert cold["adapted_on"] == 0 and len(cold["items"]) == 4
+    rated = [{"item": x["item"], "rating": 5} for x in onboarding["items"]]
+    warm = post(server, "/v1/recommend", {"ratings": rated, "k": 4, "user": {"age": 30}})
+    assert warm.status_code == 200 and warm.json()["adapted_on"] == 5
+    assert not {x["item"] for x in warm.json()["items"]} & {r["item"] for r in rated}
+    seen = post(server, "/v1/recommend", {"ratings": rated, "k": 300, "exclude_seen": False})
+    assert len(seen.json()["items"]) == 300
+    cands = [x["item"] for x in cold["items"][:3]]
+    ranked = post(server, "/v1/recommend", {"k": 10, "candidates": cands}).json()["items"]
+    assert sorted(x["item"] for x in ranked) == sorted(cands)
+
+    pred = post(server, "/v1/predict", {"ratings": rated, "items": cands}).json()
+    assert [p["item"] for p in pred["predictions"]] == cands
+
+    fb = post(server, "/v1/users/ann/feedback", {"ratings": rated[:2], "k": 3})
+    assert fb.status_code == 200 and fb.json()["adapted_on"] == 2
+    again = get(server, "/v1/users/ann/recommendations", params={"k": 3}).json()
+    assert again["items"] == fb.json()["items"]  # from the cached fast weights
+    new = get(server, "/v1/users/nobody-yet/recommendations", params={"k": 4}).json()
+    assert new["adapted_on"] == 0 and new["items"] == cold["items"]
+
+    url = server["server"].url
+    assert requests.post(f"{url}/v1/recommend", json={}, timeout=5).status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert requests.get(f"{url}/v1/model", headers=wrong, timeout=5).status_code == 401
+    assert requests.get(f"{url}/openapi.json", timeout=5).status_code == 200  # schema is public
+
+
+def test_served_predictions_equal_adapt_and_scoring_called_directly(
+    server, checkpoint, synthetic_prepared
+):
+    learner = learner_from_checkpoint(load_checkpoint(checkpoint))
+    tasks = from_table(synthetic_prepared.tasks("user_cold", "test")).select(torch.arange(12))
+    raw = synthetic_prepared.items().column("raw_id").to_pylist()
+    n_items = len(raw)
+
+    def body(t: int) -> dict:
+        m = tasks.support_mask[t]
+        ratings = [
+            {"item": raw[i], "rating": r}
+            for i, r in zip(
+                tasks.support_items[t, m].tolist(),
+                tasks.support_ratings[t, m].tolist(),
+                strict=True,
+            )
+        ]
+        return {"user": user_features(t), "ratings": ratings[:50], "items": raw}
+
+    table, vocab = learner.model.user_table, synthetic_prepared.manifest["vocab"]
+    ages = [None, 15, 20, 30, 40, 47, 52, 60]  # one age inside each age bucket
+
+    def user_features(t: int) -> dict:
+        """The raw features a client would send for this test user."""
+        age, gender, occupation, zip_code = table[tasks.users[t]].tolist()
+        return {
+            "age": ages[age],
+            "gender": vocab["gender"][gender] if gender else None,
+            "occupation": vocab["occupation"][occupation] if occupation else None,
+            "zip": str(zip_code - 1) if zip_code else None,
+        }
+
+    cut = _cut_support(tasks, 50)
+    expected = predict_items(learner, cut, torch.arange(n_items).expand(12, n_items))
+    # Concurrent requests: adapted together in micro-batches, each must get its own answer.
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda t: post(server, "/v1/predict", body(t)).json(), range(12)))
+    got = torch.tensor([[p["score"] for p in a["predictions"]] for a in answers])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _cut_support(tasks: TaskBatch, n: int) -> TaskBatch:
+    keep = tasks.support_mask.cumsum(1) <= n
+    return TaskBatch(**{**tasks.__dict__, "support_mask": tasks.support_mask & keep})
+
+
+def test_recommendations_move_toward_a_stated_taste(server, synthetic_prepared):
+    """Per genre: a user rates 10 of its items 5 and 10 others 1; where do the genre's unseen
+    items rank among all 300, before (cold start) and after the feedback?"""
+    items = synthetic_prepared.items()
+    vocab = synthetic_prepared.manifest["vocab"]["genre"]
+    raw = items.column("raw_id").to_pylist()
+    genres = [[vocab[g] for g in gs] for gs in items.column("genres").to_pylist()]
+    cold = get(server, "/v1/users/cold/recommendations", params={"k": 300}).json()["items"]
+    before, after = [], []
+    for g in vocab[1:]:
+        has = [g in gs for gs in genres]
+        liked = [r for r, h in zip(raw, has, strict=True) if h][:10]
+        other = [r for r, h in zip(raw, has, strict=True) if not h][:10]
+        ratings = [{"item": i, "rating": 5} for i in liked] + [
+            {"item": i, "rating": 1} for i in other
+        ]
+        fb = post(
+            server,
+            f"/v1/users/taste-{g.replace(chr(39), '')}/feedback",
+            {"ratings": ratings, "k": 300},
+        )
+        assert fb.status_code == 200, fb.text
+        unseen = {r for r, h in zip(raw, has, strict=True) if h} - set(liked)
+
+        def percentile(ranking: list[dict], unseen=unseen) -> float:
+            order = [x["item"] for x in ranking]
+            return sum(order.index(i) / len(order) for i in unseen) / len(unseen)
+
+        before.append(percentile([x for x in cold if x["item"] not in set(liked + other)]))
+        after.append(percentile(fb.json()["items"]))
+    moved = torch.tensor(before) - torch.tensor(after)  # > 0: ranked higher after feedback
+    assert moved.mean() > 0.05, moved
+    assert (moved > 0).float().mean() >= 2 / 3, moved
+
+
+BAD = [
+    ("post", "/v1/recommend", {"ratings": [{"item": "no-such-item", "rating": 3}]}, "item"),
+    ("post", "/v1/recommend", {"ratings": [{"item": "1", "rating": 7}]}, "rating"),
+    ("post", "/v1/recommend", {"ratings": [{"item": "1", "rating": "high"}]}, "rating"),
+    ("post", "/v1/recommend", {"ratings": [{"item": "1", "rating": 3}] * 51}, "ratings"),
+    ("post", "/v1/recommend", {"k": 0}, "k"),
+    ("post", "/v1/recommend", {"k": 1001}, "k"),
+    ("post", "/v1/recommend", {"user": {"gender": "X", "occupation": "astronaut"}}, "user"),
+    ("post", "/v1/recommend", {"user": {"age": -3}}, "age"),
+    ("post", "/v1/recommend", {"kk": 3}, "kk"),
+    ("post", "/v1/predict", {"items": []}, "items"),
+    ("post", "/v1/users/bob/feedback", {"ratings": []}, "ratings"),
+    ("get", "/v1/users/bob/recommendations?k=-1", None, "k"),
+    ("get", "/v1/onboarding?n=abc", None, "n"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "field"), BAD)
+def test_bad_input_is_a_4xx_naming_the_field(server, method, path, body, field):
+    r = post(server, path, body) if method == "post" else get(server, path)
+    assert r.status_code == 422, r.text
+    assert any(field in map(str, e["loc"]) for e in r.json()["detail"]), r.text
+
+
+def test_malformed_json_nan_and_huge_bodies_are_4xx(server):
+    url = f"{server['server'].url}/v1/recommend"
+    headers = {**AUTH, "Content-Type": "application/json"}
+    for data in ('{"ratings": [', '{"ratings": [{"item": "1", "rating": NaN}]}', "[]", "null"):
+        r = requests.post(url, data=data, headers=headers, timeout=10)
+        assert r.status_code == 422, (data, r.text)
+    r = requests.post(url, data=b" " * (5 << 20), headers=headers, timeout=30)
+    assert r.status_code == 413
+
+
+def test_fuzzing_the_openapi_schema_finds_no_server_error(server):
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis import GenerationMode
+
+    url = server["server"].url
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
+    tried, errors = [], []
+    for op in schema.get_all_operations():
+        operation = op.ok()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+            @settings(
+                max_examples=50,
+                deadline=None,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+            )
+            @given(case=operation.as_strategy(mode))
+            def run(case):
+                response = case.call(base_url=url, headers=AUTH, timeout=30)
+                tried.append(response.status_code)
+                if response.status_code >= 500:
+                    errors.append((case.method, case.formatted_path, case.body, response.text))
+
+            try:
+                run()
+            except Unsatisfiable:  # no invalid input exists (e.g. GET /healthz, no params)
+                assert mode == GenerationMode.NEGATIVE
+    print(f"schemathesis: {len(tried)} requests, {len(errors)} server errors")
+    assert len(tried) >= 200 and not errors, errors[:3]
+
+
+def test_feedback_survives_a_crash_and_restart(server, checkpoint, work):
+    user, n = "crash-test", 8
+    raw = [x["item"] for x in get(server, "/v1/onboarding", params={"n": n}).json()["items"]]
+    for k, item in enumerate(raw):  # one event per request: each acknowledged one must stay
+        r = post(
+            server, f"/v1/users/{user}/feedback", {"ratings": [{"item": item, "rating": 1 + k % 5}]}
+        )
+        assert r.status_code == 200
+    before = get(server, f"/v1/users/{user}/recommendations", params={"k": 10}).json()
+    server["server"].stop(crash=True)  # SIGKILL: no shutdown hook runs
+    logged = [e for _, _, e in read_feedback(work / "feedback") if e["user_id"] == user]
+    assert [e["item"] for e in logged] == raw
+
+    server["server"] = Server(checkpoint, work)  # restart on the same log
+    after = get(server, f"/v1/users/{user}/recommendations", params={"k": 10}).json()
+    assert after["adapted_on"] == n
+    assert [x["item"] for x in after["items"]] == [x["item"] for x in before["items"]]
+    for a, b in zip(after["items"], before["items"], strict=True):
+        assert abs(a["score"] - b["score"]) < 1e-5
