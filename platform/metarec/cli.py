@@ -65,6 +65,11 @@ def _prepare_parser(sub: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help="ratings source: user table (user[,age,gender,occupation,zip])",
     )
+    p.add_argument(
+        "--feedback",
+        metavar="DIR",
+        help="fold in the ratings logged by `metarec serve` (its feedback directory)",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="prepared dataset directory")
     p.add_argument(
         "--scenarios",
@@ -98,6 +103,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
             "data.download": args.download,
             "data.items": args.item_features,
             "data.users": args.user_features,
+            "data.feedback": args.feedback,
             "data.scenarios": args.scenarios,
             "data.query_size": args.query_size,
             "data.min_ratings": args.min_ratings,
@@ -158,9 +164,10 @@ def _add_evaluation_args(p: argparse.ArgumentParser, *, seeds: list[int], scenar
         "--model",
         metavar="URI",
         help="score this trained model (models:/NAME@ALIAS, runs:/ID/model or a checkpoint "
-        "path) instead of meta-training one per seed; its config replaces --config. It is "
-        "scored on every scenario it did not train on held-out ratings of; the others "
-        "meta-train in process with its config. Results are logged to its MLflow run.",
+        "path) instead of meta-training one per seed; its config replaces --config (--set, "
+        "--epochs apply on top, to what is trained here). It is scored on every scenario "
+        "whose held-out ratings it did not train on; the others meta-train in process with "
+        "its config. Results are logged to its MLflow run.",
     )
     p.add_argument(
         "--cross-domain",
@@ -206,6 +213,17 @@ def _report_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_evaluation_args(p, seeds=[0, 1, 2], scenario="all")
+    p.add_argument(
+        "--shots",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4, 8, 16, 32],
+        metavar="K",
+        help="shot curve: support ratings per test user",
+    )
+    p.add_argument(
+        "--curve-steps", type=int, default=10, metavar="N", help="step curve: 0..N inner steps"
+    )
     p.set_defaults(func=_cmd_report)
 
 
@@ -282,7 +300,7 @@ def _load_model(args: argparse.Namespace, ds: Any) -> _Evaluation:
 
     uri = resolve_tracking_uri(args.tracking_uri, args.work_dir)
     ckpt = load_checkpoint(resolve_checkpoint(args.model, uri))
-    cfg = MetarecConfig.from_dict(ckpt["config"], where=args.model)
+    cfg = _model_config(args, MetarecConfig.from_dict(ckpt["config"], where=args.model))
     learner = learner_from_checkpoint(ckpt)
     if not args.cross_domain:
         if ckpt["dataset_hash"] != ds.manifest["dataset_hash"]:
@@ -305,6 +323,27 @@ def _load_model(args: argparse.Namespace, ds: Any) -> _Evaluation:
         "missing": mapping.missing,
     }
     return _Evaluation(cfg, ds, extra=extra, transfer=transfer)
+
+
+def _model_config(args: argparse.Namespace, cfg: Any) -> Any:
+    """The model's config, with ``--set``, ``--epochs`` and ``--seed`` on top: they shape
+    what is trained here (baselines, fits where the model cannot be scored); ``--algorithm``
+    only with ``--cross-domain`` (the given model is scored as what it is)."""
+    import yaml
+
+    from metarec.config import apply_overrides
+
+    if args.algorithm and not args.cross_domain:
+        raise ConfigError(
+            f"--algorithm: got {args.algorithm!r} with --model; expected none (the model's "
+            f"own algorithm, {cfg.meta.algorithm}, is what is scored)"
+        )
+    dotted = {
+        key.strip(): yaml.safe_load(raw)
+        for key, _, raw in (item.partition("=") for item in args.overrides)
+    }
+    flags = {"seed": args.seed, "train.epochs": args.epochs, "meta.algorithm": args.algorithm}
+    return apply_overrides(cfg, **(dotted | {k: v for k, v in flags.items() if v is not None}))
 
 
 def _source_vocab(args: argparse.Namespace, ckpt: dict[str, Any]) -> dict[str, list[str]]:
@@ -368,7 +407,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from metarec.report import CurveCollector, report_header, write_report
 
     ev = _evaluation(args, "all")
-    collector = CurveCollector(history=ev.history)
+    collector = CurveCollector(
+        shots=args.shots, steps=range(args.curve_steps + 1), history=ev.history
+    )
     results = ev.run(args.seeds, on_seed=collector)
     title, preamble, notes = report_header(
         ev.ds.manifest,

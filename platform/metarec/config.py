@@ -63,6 +63,7 @@ class DataConfig:
     items: str | None = None  # generic source only: optional item feature table
     users: str | None = None  # generic source only: optional user feature table
     download: bool = False  # fetch the MovieLens zip from GroupLens when input is missing
+    feedback: str | None = None  # a `metarec serve` feedback log directory to fold in
     scenarios: tuple[Scenario, ...] = SCENARIOS
     query_size: int = 10  # ratings to predict per task (MeLU and RecBole-MetaRec use 10)
     min_ratings: int = 13  # users outside [min_ratings, max_ratings] are dropped (MeLU)

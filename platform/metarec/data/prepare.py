@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from metarec import __version__
 from metarec.config import SCENARIOS, MetarecConfig
 from metarec.data import synthetic
+from metarec.data.feedback import fold_feedback
 from metarec.data.features import encode
 from metarec.data.prepared import PreparedDataset, open_prepared, write_prepared
 from metarec.data.sources import RawData, load_source
@@ -43,6 +44,8 @@ def prepare(cfg: MetarecConfig, out: str | Path, *, progress: bool = True) -> Pr
                 d.source, input=d.input, download=d.download, items=d.items, users=d.users
             )
         )
+        if d.feedback:
+            raw = fold_feedback(raw, d.feedback)
         step("encode")
         enc = encode(raw)
         source = _source_info(cfg, raw)

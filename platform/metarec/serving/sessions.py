@@ -20,28 +20,17 @@ import logging
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
+from metarec.data.feedback import read_feedback
+
 __all__ = ["FeedbackLog", "Session", "Sessions", "read_feedback"]
 
 log = logging.getLogger(__name__)
-PATTERN = "feedback-*.jsonl"
-
-
-def read_feedback(directory: str | os.PathLike) -> Iterator[tuple[Path, int, dict[str, Any]]]:
-    """Every complete event in the log directory: (file, line number, event), file by file."""
-    for path in sorted(Path(directory).glob(PATTERN)):
-        with open(path, "rb") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.endswith(b"\n"):  # a torn write: never acknowledged
-                    log.warning("%s line %d: incomplete last line skipped", path, lineno)
-                    break
-                yield path, lineno, json.loads(line)
 
 
 class FeedbackLog:
