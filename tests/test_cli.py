@@ -27,6 +27,7 @@ def run(*args, cwd=REPO):
         ["info", "--help"],
         ["train", "--help"],
         ["evaluate", "--help"],
+        ["report", "--help"],
         ["promote", "--help"],
     ],
 )

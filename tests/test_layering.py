@@ -23,6 +23,9 @@ CORE = [
     "metarec.baselines",
     "metarec.loop",
     "metarec.evaluate",
+    "metarec.report",
+    "metarec.plots",
+    "metarec.transfer",
     "metarec.checkpoint",
     "metarec.cli",  # `metarec --help` must not pay for importing Ray
 ]

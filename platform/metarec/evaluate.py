@@ -13,9 +13,11 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -30,9 +32,16 @@ from metarec.metrics import catalog_metrics, mean_metrics, query_metrics
 
 __all__ = [
     "BASELINES",
+    "REPORTED",
     "AdaptedScorer",
+    "SeedFit",
+    "SeedScores",
     "evaluate",
+    "fit_methods",
     "format_table",
+    "model_fits",
+    "score",
+    "score_tasks",
     "write_json_atomic",
     "write_results",
 ]
@@ -71,12 +80,38 @@ class AdaptedScorer:
         return predict_items(self.learner, tasks, items, steps=self.steps, inner_lr=self.inner_lr)
 
 
-def score(scorer: Scorer, tasks: TaskBatch, n_items: int) -> dict[str, float]:
-    """Query metrics and full-catalogue ranking metrics, averaged over tasks."""
+def score_tasks(
+    scorer: Scorer,
+    tasks: TaskBatch,
+    n_items: int | None = None,
+    *,
+    chunk: int = 1024,
+    desc: str | None = None,
+) -> dict[str, Tensor]:
+    """Per-task metrics, (T,) each: query metrics, and full-catalogue ranking metrics when
+    ``n_items`` is given.
+
+    Tasks go through in chunks of ``chunk`` users: within a chunk every user is scored at
+    once (no loop over users); chunks bound the (users, catalogue) score matrix, and a
+    progress bar (terminals only) counts them.
+    """
+    out: dict[str, list[Tensor]] = {}
+    with tqdm(total=tasks.num_tasks, desc=desc, unit="user", disable=None, leave=False) as bar:
+        for lo in range(0, tasks.num_tasks, chunk):
+            part = tasks.select(torch.arange(lo, min(lo + chunk, tasks.num_tasks)))
+            for k, v in _score_chunk(scorer, part, n_items).items():
+                out.setdefault(k, []).append(v)
+            bar.update(part.num_tasks)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def _score_chunk(scorer: Scorer, tasks: TaskBatch, n_items: int | None) -> dict[str, Tensor]:
     pred = scorer.predict_items(tasks, tasks.query_items)
     metrics = query_metrics(pred.double(), tasks.query_ratings.double(), tasks.query_mask)
+    if n_items is None:
+        return metrics
     catalog = torch.arange(n_items).expand(tasks.num_tasks, n_items)
-    scores = scorer.predict_items(tasks, catalog)
+    scores = scorer.predict_items(tasks, catalog)  # (T, I)
     rows = torch.arange(tasks.num_tasks)[:, None]
     exclude = torch.zeros(tasks.num_tasks, n_items, dtype=torch.bool)
     exclude[
@@ -86,8 +121,12 @@ def score(scorer: Scorer, tasks: TaskBatch, n_items: int) -> dict[str, float]:
     positives = torch.zeros_like(exclude)
     relevant = tasks.query_mask & (tasks.query_ratings >= 4.0)
     positives[rows.expand_as(tasks.query_items)[relevant], tasks.query_items[relevant]] = True
-    metrics |= catalog_metrics(scores.double(), positives, exclude, k=10)
-    return mean_metrics(metrics)
+    return metrics | catalog_metrics(scores.double(), positives, exclude, k=10)
+
+
+def score(scorer: Scorer, tasks: TaskBatch, n_items: int) -> dict[str, float]:
+    """Query metrics and full-catalogue ranking metrics, averaged over tasks."""
+    return mean_metrics(score_tasks(scorer, tasks, n_items))
 
 
 def _tuned(make: Callable[[dict], Scorer], grid: Iterable[dict], valid: TaskBatch) -> Scorer:
@@ -113,27 +152,51 @@ def _fit_with_bar(cfg: MetarecConfig, ds: PreparedDataset, scenario: str, desc: 
         return fit(cfg, ds, scenario=scenario, progress=progress)
 
 
-def _run_seed(
+@dataclass
+class SeedFit:
+    """Every method of one (scenario, seed), trained and tuned, ready to score test users.
+
+    ``history`` is the meta-learner's learning curve when it was trained here (None when a
+    given model was scored).
+    """
+
+    scenario: str
+    seed: int
+    method: str  # the meta-learner's name (its algorithm)
+    scorers: dict[str, Scorer]
+    history: list[dict[str, float]] | None = None
+
+
+def fit_methods(
     cfg: MetarecConfig,
     ds: PreparedDataset,
     scenario: str,
     baselines: tuple[str, ...],
-    log: Callable[[str], None],
+    *,
+    log: Callable[[str], None] = lambda _: None,
     learner: MetaLearner | None = None,
-) -> dict[str, dict]:
-    train, valid, test = (from_table(ds.tasks(scenario, s)) for s in ("train", "valid", "test"))
+    extra: dict[str, Scorer] | None = None,
+) -> SeedFit:
+    """Meta-train (unless ``learner`` is given) and tune every baseline for ``cfg.seed``.
+
+    Args:
+        extra: scorers built elsewhere (a transferred model), scored like the rest.
+    """
+    train, valid = (from_table(ds.tasks(scenario, s)) for s in ("train", "valid"))
     n_items = ds.manifest["counts"]["items"]
-    results: dict[str, dict] = {}
     method = cfg.meta.algorithm
+    history = None
     if learner is None:
         log(f"[seed {cfg.seed}] meta-training {method} on {scenario}")
-        learner = _fit_with_bar(cfg, ds, scenario, f"{method} seed {cfg.seed}").learner
-    results[method] = score(AdaptedScorer(learner), test, n_items)
+        fitted = _fit_with_bar(cfg, ds, scenario, f"{method} seed {cfg.seed}")
+        learner, history = fitted.learner, fitted.history
+    scorers: dict[str, Scorer] = {method: AdaptedScorer(learner), **(extra or {})}
     grids = classic_baselines(seed=cfg.seed)
     for name in (b for b in baselines if b in grids):
         g = grids[name]
-        scorer = _tuned(lambda hp, g=g: g.cls(**hp).fit(train, n_items=n_items), g.grid, valid)
-        results[name] = score(scorer, test, n_items)
+        scorers[name] = _tuned(
+            lambda hp, g=g: g.cls(**hp).fit(train, n_items=n_items), g.grid, valid
+        )
     if {"global_model", "finetune"} & set(baselines):
         log(f"[seed {cfg.seed}] training the global model (no adaptation)")
         plain = apply_overrides(cfg, **{"meta.inner_steps": 0, "meta.algorithm": "fomaml"})
@@ -141,14 +204,48 @@ def _run_seed(
         glob.cfg = cfg.meta  # adapt the same parameter group as the meta-learner
         glob.adapted = learner.adapted
         if "global_model" in baselines:
-            results["global_model"] = score(AdaptedScorer(glob, steps=0), test, n_items)
+            scorers["global_model"] = AdaptedScorer(glob, steps=0)
         if "finetune" in baselines:
             lrs = sorted({*FINETUNE_LRS, cfg.meta.inner_lr})
-            scorer = _tuned(
+            scorers["finetune"] = _tuned(
                 lambda hp: AdaptedScorer(glob, inner_lr=hp["lr"]), [{"lr": lr} for lr in lrs], valid
             )
-            results["finetune"] = score(scorer, test, n_items)
-    return results
+    return SeedFit(scenario, cfg.seed, method, scorers, history)
+
+
+def _train_pairs(ds: PreparedDataset, scenario: str) -> np.ndarray:
+    """Sorted unique ``user * n_items + item`` of every rating in a scenario's train split."""
+    train = from_table(ds.tasks(scenario, "train"))
+    items, _, mask = train.merged()
+    users = train.users
+    n_items = ds.manifest["counts"]["items"]
+    keys = users[:, None].expand_as(items)[mask] * n_items + items[mask]
+    return np.unique(keys.numpy())
+
+
+def model_fits(ds: PreparedDataset, trained_on: str, scenario: str) -> bool:
+    """Whether a model trained on ``trained_on`` may be scored on ``scenario``'s test users.
+
+    Only if it saw no rating that ``scenario``'s own training may not: scenarios share a
+    user split, but e.g. ``warm`` and ``item_cold`` hold out ratings of *training* users
+    (and new items) that ``user_cold`` trains on, so a ``user_cold`` model scored there
+    would be tested on ratings it learned from. ``user_cold`` and ``temporal`` train on
+    the same ratings; a ``warm`` model fits ``user_cold`` (it saw less).
+    """
+    if trained_on == scenario:
+        return True
+    if trained_on not in ds.scenarios:
+        return False
+    return bool(np.isin(_train_pairs(ds, trained_on), _train_pairs(ds, scenario)).all())
+
+
+@dataclass
+class SeedScores:
+    """One seed's per-task test metrics of every method (what a report's plots need)."""
+
+    fit: SeedFit
+    test: TaskBatch
+    per_task: dict[str, dict[str, Tensor]]  # method -> metric -> (T,)
 
 
 def evaluate(
@@ -160,21 +257,52 @@ def evaluate(
     baselines: Iterable[str] = BASELINES,
     log: Callable[[str], None] = lambda _: None,
     learner: MetaLearner | None = None,
+    extra: dict[str, Scorer] | None = None,
+    on_seed: Callable[[SeedScores], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """``{scenario: {method: {metric: mean, "std": {...}, "per_seed": {...}}}}``.
 
     Args:
         learner: a trained model (``--model``) to score instead of meta-training one per
-            seed; seeds then vary only the baselines that train (MF, global model).
+            seed; seeds then vary only the baselines that train (MF, global model). It is
+            scored only where it fits (``model_fits`` with its ``cfg.train.scenario``); other
+            scenarios meta-train per seed with its config. The meta-learner's row says which
+            (``"source"``: ``"model"`` or ``"fit"``).
+        extra: more scorers to score on every scenario and seed (a transferred model).
+        on_seed: called with each seed's per-task scores (the report's plots use them).
     """
     out: dict[str, dict[str, Any]] = {}
     seeds = list(seeds)
+    n_items = ds.manifest["counts"]["items"]
     for scenario in scenarios:
-        runs = [
-            _run_seed(apply_overrides(cfg, seed=s), ds, scenario, tuple(baselines), log, learner)
-            for s in seeds
-        ]
+        given = learner
+        if learner is not None and not model_fits(ds, cfg.train.scenario, scenario):
+            log(
+                f"{scenario}: the model (trained on {cfg.train.scenario}) saw ratings this "
+                f"scenario holds out; meta-training {scenario} in process per seed instead"
+            )
+            given = None
+        test = from_table(ds.tasks(scenario, "test"))
+        runs = []
+        for s in seeds:
+            fitted = fit_methods(
+                apply_overrides(cfg, seed=s),
+                ds,
+                scenario,
+                tuple(baselines),
+                log=log,
+                learner=given,
+                extra=extra,
+            )
+            per_task = {
+                m: score_tasks(sc, test, n_items, desc=f"{scenario} seed {s}: {m}")
+                for m, sc in fitted.scorers.items()
+            }
+            runs.append({m: mean_metrics(v) for m, v in per_task.items()})
+            if on_seed is not None:
+                on_seed(SeedScores(fitted, test, per_task))
         out[scenario] = {m: _aggregate([r[m] for r in runs]) for m in runs[0]}
+        out[scenario][cfg.meta.algorithm]["source"] = "model" if given is not None else "fit"
     return out
 
 

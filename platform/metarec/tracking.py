@@ -351,22 +351,10 @@ def _plot_sweep(frame: pd.DataFrame, path: Path) -> None:
 
 
 def _plot_learning_curve(history: list[dict[str, float]], path: Path) -> None:
-    import matplotlib
+    from metarec.plots import learning_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in history]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(epochs, [r["train/query_loss"] for r in history], label="train query MSE")
-    ax.plot(epochs, [r["valid/mae"] for r in history], label="valid MAE")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss / error (stars)")
-    ax.set_title("meta-training")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    runs = {"meta-training": [{"label": "this run", "rows": history}]}
+    learning_curves(runs, path, title="Learning curve")
 
 
 def promote(uri: str, name: str, version: str | int, alias: str = CHAMPION) -> None:

@@ -1,0 +1,165 @@
+"""The report's figures, drawn from ``report.CurveCollector.summary()`` (``curves.json``).
+
+One column per scenario in every figure, the same colour per method everywhere, labelled
+axes and one legend per figure: the plots are read side by side. matplotlib's Agg backend,
+so drawing never needs a display (servers, Ray jobs, CI).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # after choosing the backend
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+__all__ = ["learning_curves", "per_user", "shot_curve", "step_curve"]
+
+COLOURS = {"finetune": "C1", "mf_foldin": "C2", "transfer": "C3"}  # meta-learner: C0
+LABELS = {"finetune": "fine-tune (global model)", "mf_foldin": "MF fold-in", "transfer": "transfer"}
+
+
+def _colour(method: str) -> str:
+    return COLOURS.get(method, "C0")
+
+
+def _label(method: str) -> str:
+    return LABELS.get(method, f"{method} (meta-learned)")
+
+
+def _grid(n_rows: int, scenarios: list[str], *, height: float = 3.0) -> tuple[Figure, Any]:
+    cols = max(len(scenarios), 1)
+    fig, axes = plt.subplots(
+        n_rows, cols, figsize=(3.4 * cols + 0.6, height * n_rows + 0.9), dpi=90, squeeze=False
+    )
+    for ax, scenario in zip(axes[0], scenarios, strict=False):
+        ax.set_title(scenario)
+    return fig, axes
+
+
+def _finish(fig: Figure, path: Path, title: str, *, legend_axis: Any = None) -> Path:
+    handles, labels = (legend_axis or fig.axes[0]).get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.1 if handles else 0, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def shot_curve(curves: dict[str, Any], path: Path) -> Path:
+    """Query MAE (top) and nDCG@3 (bottom) against support ratings per user, log2 x axis."""
+    scenarios = list(curves)
+    fig, axes = _grid(2, scenarios)
+    for col, scenario in enumerate(scenarios):
+        c = curves[scenario]
+        for row, (metric, name) in enumerate((("mae", "query MAE"), ("ndcg@3", "query nDCG@3"))):
+            ax = axes[row][col]
+            for method, values in c["shot_curve"].items():
+                mean, std = zip(*values[metric], strict=True)
+                ax.errorbar(
+                    c["shots"], mean, yerr=std, marker="o", ms=3, capsize=2,
+                    color=_colour(method), label=_label(method),
+                )  # fmt: skip
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(c["shots"], [str(k) for k in c["shots"]])
+            ax.set_xlabel("support ratings per user (at most)")
+            ax.set_ylabel(name)
+            ax.grid(alpha=0.3)
+    return _finish(fig, path, "Shot curve: accuracy vs ratings known per test user")
+
+
+def step_curve(curves: dict[str, Any], path: Path) -> Path:
+    """Query MAE against inner steps at serve time; the dashed line marks the trained steps."""
+    scenarios = list(curves)
+    fig, axes = _grid(1, scenarios)
+    for col, scenario in enumerate(scenarios):
+        c, ax = curves[scenario], axes[0][col]
+        for method, values in c["step_curve"].items():
+            mean, std = zip(*values, strict=True)
+            ax.errorbar(
+                c["steps"], mean, yerr=std, marker="o", ms=3, capsize=2,
+                color=_colour(method), label=_label(method),
+            )  # fmt: skip
+        ax.axvline(c["trained_steps"], color="grey", ls="--", lw=1, label="steps used in training")
+        ax.set_xlabel("inner (adaptation) steps")
+        ax.set_ylabel("query MAE")
+        ax.grid(alpha=0.3)
+    return _finish(fig, path, "Adaptation steps at serve time")
+
+
+def per_user(curves: dict[str, Any], path: Path) -> Path:
+    """Box plots of per-user query MAE by support-size bucket (mean over seeds per user)."""
+    scenarios = list(curves)
+    fig, axes = _grid(1, scenarios, height=3.4)
+    for col, scenario in enumerate(scenarios):
+        pu, ax = curves[scenario]["per_user"], axes[0][col]
+        methods = list(pu["mae"])
+        width = 0.8 / max(len(methods), 1)
+        for j, method in enumerate(methods):
+            data = [
+                [e for e, b in zip(pu["mae"][method], pu["bucket"], strict=True) if b == k]
+                for k in range(len(pu["bucket_labels"]))
+            ]
+            pos = [k + (j - (len(methods) - 1) / 2) * width for k in range(len(data))]
+            box = ax.boxplot(
+                data,
+                positions=pos,
+                widths=width * 0.9,
+                patch_artist=True,
+                showfliers=False,
+                medianprops={"color": "black"},
+            )
+            for patch in box["boxes"]:
+                patch.set(facecolor=_colour(method), alpha=0.6)
+            ax.plot([], [], color=_colour(method), lw=6, alpha=0.6, label=_label(method))
+        counts = [pu["bucket"].count(k) for k in range(len(pu["bucket_labels"]))]
+        ticks = [f"{lab}\n({n} users)" for lab, n in zip(pu["bucket_labels"], counts, strict=True)]
+        ax.set_xticks(range(len(ticks)), ticks, fontsize=8)
+        ax.set_xlabel("support ratings per user")
+        ax.set_ylabel("per-user query MAE")
+        ax.grid(alpha=0.3, axis="y")
+    return _finish(fig, path, "Per-user error by activity (boxes: quartiles, whiskers 1.5 IQR)")
+
+
+def learning_curves(
+    runs: dict[str, list[dict[str, Any]]],
+    path: Path,
+    *,
+    title: str = "Learning curves (one colour per scenario, further seeds faded)",
+) -> Path:
+    """Train query loss and validation MAE per epoch of training runs.
+
+    Args:
+        runs: group (one colour; a scenario) -> runs ``{"label", "rows"}``, rows being a
+            ``TrainState.history`` (``epoch``, ``train/query_loss``, ``valid/mae``); a
+            group's later runs (other seeds) are drawn faded.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=90)
+    drawn = 0
+    for i, (group, group_runs) in enumerate(runs.items()):
+        for j, run in enumerate(group_runs):
+            epochs = [r["epoch"] for r in run["rows"]]
+            style = {"color": f"C{i}", "alpha": 0.9 if j == 0 else 0.45, "lw": 1.3}
+            label = None
+            if j == 0:
+                n = len(group_runs)
+                label = f"{group} ({n} seeds)" if n > 1 else f"{group}: {run['label']}"
+            axes[0].plot(epochs, [r["train/query_loss"] for r in run["rows"]], label=label, **style)
+            axes[1].plot(epochs, [r["valid/mae"] for r in run["rows"]], label=label, **style)
+            drawn += 1
+    axes[0].set_ylabel("train query loss (MSE, stars²)")
+    axes[1].set_ylabel("validation MAE (stars)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    if not drawn:
+        axes[0].text(0.5, 0.5, "no training history", ha="center", transform=axes[0].transAxes)
+    return _finish(fig, path, title)

@@ -1,0 +1,323 @@
+"""`metarec report`: the evaluation plus the curves people look at, as a report directory.
+
+``evaluate`` scores every method on every scenario and seed; this module hooks into each
+seed (``evaluate(on_seed=...)``) to measure, with the very scorers it trained and tuned:
+
+- the **shot curve**: query MAE and nDCG@3 when each test user's support set is cut to
+  1, 2, 4, ... 32 ratings (a seeded random subset, nested: the 2-rating set contains the
+  1-rating one), so meta-learning's promise, good from a handful of ratings, is measured
+  rather than assumed;
+- the **adaptation-step curve**: MAE after 0..10 inner steps at serve time, trained steps
+  marked, which shows whether serving could run fewer steps (or diverges with more);
+- **per-user errors** by activity (support size) bucket: who the model serves badly;
+- the **learning curves** of the training run(s).
+
+Everything is vectorized over users (masks, not loops); the curves' numbers go to
+``curves.json`` beside ``results.json`` so the plots can be redrawn or compared.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from metarec.batch import TaskBatch
+from metarec.config import MetarecConfig
+from metarec.evaluate import (
+    REPORTED,
+    AdaptedScorer,
+    SeedScores,
+    score_tasks,
+    write_json_atomic,
+    write_results,
+)
+from metarec.metrics import mean_metrics
+
+__all__ = [
+    "SHOTS",
+    "STEPS",
+    "CurveCollector",
+    "activity_buckets",
+    "markdown_results",
+    "report_header",
+    "support_keys",
+    "truncate_support",
+    "write_report",
+]
+
+SHOTS = (1, 2, 4, 8, 16, 32)
+STEPS = tuple(range(11))
+CURVE_BASELINES = ("finetune", "mf_foldin", "transfer")  # beside the meta-learner
+LOWER_IS_BETTER = ("mae", "rmse")
+PLOTS = ("shot_curve.png", "step_curve.png", "per_user.png", "learning_curves.png")
+
+
+def support_keys(tasks: TaskBatch, seed: int) -> Tensor:
+    """(T, S) uniform keys deciding which support ratings a truncated task keeps."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(tasks.support_mask.shape, generator=g)
+
+
+def truncate_support(tasks: TaskBatch, k: int, keys: Tensor) -> TaskBatch:
+    """Keep each task's ``min(k, n)`` valid support ratings with the smallest ``keys``.
+
+    Kept entries move to the front (ordered by key) and the width shrinks to ``min(k, S)``:
+    ``TaskBatch.select`` trims columns past the longest valid prefix, so a kept rating must
+    never sit behind the cut. The same ``keys`` for every ``k`` make the subsets nested.
+
+    Args:
+        tasks: (T, S) support tensors; queries are left as they are.
+        keys: (T, S) floats, e.g. ``support_keys(tasks, seed)``.
+    """
+    if k < 1:
+        raise ValueError(f"k: got {k}; expected an int >= 1")
+    mask = tasks.support_mask
+    order = keys.masked_fill(~mask, torch.inf).argsort(1)[:, :k]  # (T, min(k, S)) valid first
+    kept = mask.gather(1, order)  # False only where a task has fewer than k ratings
+    return replace(
+        tasks,
+        support_items=tasks.support_items.gather(1, order),
+        support_ratings=tasks.support_ratings.gather(1, order),
+        support_mask=kept,
+    )
+
+
+def activity_buckets(sizes: np.ndarray, n: int = 4) -> tuple[np.ndarray, list[str]]:
+    """Users into (at most) ``n`` buckets of similar count by support size.
+
+    A user's bucket is decided by where the first user of the same size falls in the
+    sorted order, so equal sizes never straddle two buckets (heavily tied sizes give fewer).
+
+    Returns:
+        (T,) bucket index of each user (0 = least active) and a label per bucket
+        (``"4-10"``, or ``"3"`` when a bucket holds one size).
+    """
+    sizes = np.asarray(sizes)
+    first = np.searchsorted(np.sort(sizes), sizes, side="left")  # rank of the first equal
+    _, bucket = np.unique(first * n // max(len(sizes), 1), return_inverse=True)
+    labels = []
+    for b in range(int(bucket.max(initial=-1)) + 1):
+        lo, hi = int(sizes[bucket == b].min()), int(sizes[bucket == b].max())
+        labels.append(f"{lo}-{hi}" if lo != hi else f"{lo}")
+    return bucket, labels
+
+
+def _mean_std(seeds: list[list[float]]) -> list[tuple[float, float]]:
+    """Seeds x points -> (mean, std over seeds) per point."""
+    arr = np.asarray(seeds, dtype=float)  # (seeds, points)
+    return list(zip(arr.mean(0).tolist(), arr.std(0).tolist(), strict=True))
+
+
+@dataclass
+class _ScenarioCurves:
+    shots: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)  # m -> metric
+    steps: dict[str, list[list[float]]] = field(default_factory=dict)  # method -> seeds x steps
+    user_mae: dict[str, list[np.ndarray]] = field(default_factory=dict)  # method -> seeds x T
+    support_size: np.ndarray | None = None
+    histories: list[dict[str, Any]] = field(default_factory=list)
+    trained_steps: int = 0
+
+
+class CurveCollector:
+    """``evaluate``'s ``on_seed`` hook: measures the curves with each seed's scorers.
+
+    Args:
+        history: the learning curve of a given model (its checkpoint's training history),
+            drawn for the scenarios that scored it; in-process fits bring their own.
+    """
+
+    def __init__(
+        self,
+        *,
+        shots: Sequence[int] = SHOTS,
+        steps: Sequence[int] = STEPS,
+        history: list[dict[str, float]] | None = None,
+    ) -> None:
+        self.shots, self.steps = tuple(shots), tuple(steps)
+        self.history = history
+        self.by_scenario: dict[str, _ScenarioCurves] = {}
+
+    def __call__(self, seed: SeedScores) -> None:
+        fit, test = seed.fit, seed.test
+        cur = self.by_scenario.setdefault(fit.scenario, _ScenarioCurves())
+        methods = [m for m in (fit.method, *CURVE_BASELINES) if m in fit.scorers]
+        keys = support_keys(test, fit.seed)
+        truncated = [truncate_support(test, k, keys) for k in self.shots]
+        for m in methods:
+            per_k = [mean_metrics(score_tasks(fit.scorers[m], t)) for t in truncated]
+            rows = cur.shots.setdefault(m, {"mae": [], "ndcg@3": []})
+            for metric, seeds in rows.items():
+                seeds.append([r[metric] for r in per_k])
+            if isinstance(fit.scorers[m], AdaptedScorer):
+                cur.steps.setdefault(m, []).append(self._step_curve(fit.scorers[m], test))
+            cur.user_mae.setdefault(m, []).append(seed.per_task[m]["mae"].numpy())
+        cur.support_size = test.support_mask.sum(1).numpy()
+        first = fit.scorers[fit.method]
+        assert isinstance(first, AdaptedScorer)
+        cur.trained_steps = first.learner.cfg.inner_steps
+        if fit.history is not None:
+            cur.histories.append({"label": f"seed {fit.seed}", "rows": fit.history})
+        elif self.history is not None:  # the given model: drawn once, where first scored
+            cur.histories.append({"label": "the given model", "rows": self.history})
+            self.history = None
+
+    def _step_curve(self, scorer: AdaptedScorer, tasks: TaskBatch) -> list[float]:
+        return [
+            mean_metrics(
+                score_tasks(AdaptedScorer(scorer.learner, steps=s, inner_lr=scorer.inner_lr), tasks)
+            )["mae"]
+            for s in self.steps
+        ]
+
+    def summary(self) -> dict[str, Any]:
+        """Curves as JSON: per scenario, mean and std over seeds at every point."""
+        out: dict[str, Any] = {}
+        for scenario, cur in self.by_scenario.items():
+            assert cur.support_size is not None
+            bucket, labels = activity_buckets(cur.support_size)
+            out[scenario] = {
+                "shots": list(self.shots),
+                "shot_curve": {
+                    m: {k: _mean_std(v) for k, v in r.items()} for m, r in cur.shots.items()
+                },
+                "steps": list(self.steps),
+                "trained_steps": cur.trained_steps,
+                "step_curve": {m: _mean_std(v) for m, v in cur.steps.items()},
+                "per_user": {
+                    "support_size": cur.support_size.tolist(),
+                    "bucket": bucket.tolist(),
+                    "bucket_labels": labels,
+                    "mae": {m: np.mean(v, axis=0).tolist() for m, v in cur.user_mae.items()},
+                },
+                "learning_curves": cur.histories,
+            }
+        return out
+
+
+def _cell(row: dict[str, Any], metric: str) -> str:
+    return f"{row[metric]:.4f} ± {row['std'][metric]:.4f}"
+
+
+def markdown_results(
+    results: dict[str, dict[str, Any]],
+    *,
+    metrics: Sequence[str] = REPORTED,
+    notes: dict[str, str] | None = None,
+) -> str:
+    """One pipe table per scenario, ``mean ± std``, the best of each column in **bold**.
+
+    Best is the lowest MAE/RMSE and the highest of the rest, compared as printed (4 places),
+    so methods tied on the page are bold together; NaN (undefined) cells never win.
+    """
+    parts = []
+    for scenario, methods in results.items():
+        best = {}
+        for m in metrics:
+            vals = [round(r[m], 4) for r in methods.values() if np.isfinite(r[m])]
+            best[m] = (min if m in LOWER_IS_BETTER else max)(vals) if vals else None
+        lines = [f"### {scenario}", ""]
+        if notes and scenario in notes:
+            lines += [notes[scenario], ""]
+        lines += ["| method | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+        for name, row in methods.items():
+            cells = [
+                f"**{_cell(row, m)}**" if round(row[m], 4) == best[m] else _cell(row, m)
+                for m in metrics
+            ]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def report_header(
+    manifest: dict[str, Any],
+    cfg: MetarecConfig,
+    results: dict[str, dict[str, Any]],
+    *,
+    data: str,
+    model: str | None,
+    seeds: Sequence[int],
+    transfer: dict[str, Any] | None = None,
+) -> tuple[str, list[str], dict[str, str]]:
+    """Title, preamble lines (what was evaluated, pinned by dataset hash and protocol) and
+    per-scenario notes (where a given model could not be scored and a fit replaced it)."""
+    title = "metarec evaluation report"
+    preamble = [
+        f"- data: `{data}` ({manifest['source']['name']}, dataset hash "
+        f"`{manifest['dataset_hash']}`, protocol `{json.dumps(manifest['protocol'])}`)",
+        f"- model: `{model}`" if model else "- model: meta-trained in process per seed",
+        f"- seeds: {' '.join(map(str, seeds))}; meta config: `{json.dumps(cfg.to_dict()['meta'])}`",
+    ]
+    method = cfg.meta.algorithm
+    notes = {}
+    if transfer is not None:
+        title = f"Cross-domain transfer to {manifest['source']['name']} users"
+        preamble.append(
+            f"- `transfer`: the model trained on dataset `{transfer['source_dataset_hash']}`, "
+            "features mapped by name, every item id unseen; `transfer_noadapt`: the same "
+            f"without adaptation; `{method}` and the baselines are trained on this dataset. "
+            "Names matched per feature: "
+            + ", ".join(f"{k} {v}" for k, v in transfer["coverage"].items())
+        )
+    elif model:
+        for scenario, rows in results.items():
+            if rows[method].get("source") == "fit":
+                notes[scenario] = (
+                    f"The model saw ratings this scenario holds out, so `{method}` here was "
+                    "meta-trained in process per seed with the model's config."
+                )
+    return title, preamble, notes
+
+
+def write_report(
+    out_dir: str | Path,
+    results: dict[str, dict[str, Any]],
+    curves: dict[str, Any],
+    *,
+    title: str,
+    preamble: Iterable[str] = (),
+    notes: dict[str, str] | None = None,
+) -> list[Path]:
+    """Write ``results.json``, ``curves.json``, ``report.md`` and the four PNG plots.
+
+    Returns:
+        Every file written (what a tracking shell logs as artifacts).
+    """
+    from metarec import plots  # matplotlib only when a report is drawn
+
+    out = Path(out_dir)
+    written = [write_results(results, out), write_json_atomic(out / "curves.json", curves)]
+    written += [
+        plots.shot_curve(curves, out / PLOTS[0]),
+        plots.step_curve(curves, out / PLOTS[1]),
+        plots.per_user(curves, out / PLOTS[2]),
+        plots.learning_curves({s: c["learning_curves"] for s, c in curves.items()}, out / PLOTS[3]),
+    ]
+    body = [f"# {title}", "", *preamble, ""]
+    body += [
+        "## Results",
+        "",
+        "Test users of each scenario, mean ± std over seeds; best per column in **bold** "
+        "(lowest MAE/RMSE, highest otherwise).",
+        "",
+        markdown_results(results, notes=notes),
+        "## Plots",
+        "",
+    ]
+    captions = (
+        "Shot curve: query error vs support ratings per user",
+        "Adaptation steps at serve time",
+        "Per-user error by activity",
+        "Learning curves",
+    )
+    body += [f"![{c}]({p})\n" for c, p in zip(captions, PLOTS, strict=True)]
+    report = out / "report.md"
+    report.write_text("\n".join(body))
+    return [*written, report]

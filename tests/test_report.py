@@ -1,0 +1,162 @@
+"""`metarec report`: support truncation, bold best cells, and the report directory end to end."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from metarec.batch import TaskBatch
+from metarec.config import load_config
+from metarec.data.prepare import prepare
+from metarec.report import activity_buckets, markdown_results, truncate_support
+from tests.conftest import REPO
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _tasks(support_lengths, width=6):
+    """Tasks whose support item j of task t is 10 * t + j (so kept entries are traceable)."""
+    t = len(support_lengths)
+    items = torch.arange(width).expand(t, width) + 10 * torch.arange(t)[:, None]
+    mask = torch.arange(width) < torch.tensor(support_lengths)[:, None]
+    q = torch.ones(t, 2, dtype=torch.long)
+    return TaskBatch(
+        users=torch.arange(t),
+        support_items=items * mask,
+        support_ratings=(items.float() / 10) * mask,
+        support_mask=mask,
+        query_items=q,
+        query_ratings=q.float(),
+        query_mask=q.bool(),
+    )
+
+
+def test_truncate_support_keeps_min_k_valid_ratings_with_smallest_keys():
+    tasks = _tasks([5, 2, 0, 6])
+    keys = torch.rand(4, 6, generator=torch.Generator().manual_seed(0))
+    for k in (1, 2, 4, 8):
+        cut = truncate_support(tasks, k, keys)
+        assert cut.support_mask.sum(1).tolist() == [min(k, n) for n in (5, 2, 0, 6)]
+        assert cut.support_mask.shape[1] == min(k, 6)
+        for t in range(4):
+            kept = cut.support_items[t][cut.support_mask[t]].tolist()
+            valid = tasks.support_mask[t]
+            # oracle: sort the task's valid entries by key, take the first k
+            order = keys[t][valid].argsort()[:k]
+            assert kept == tasks.support_items[t][valid][order].tolist()
+            # ratings travel with their items
+            ratings = cut.support_ratings[t][cut.support_mask[t]]
+            torch.testing.assert_close(ratings, torch.tensor(kept).float() / 10)
+
+
+def test_truncated_subsets_are_nested_and_survive_select():
+    tasks = _tasks([6, 3, 5])
+    keys = torch.rand(3, 6, generator=torch.Generator().manual_seed(1))
+    previous = None
+    for k in (1, 2, 4, 8):
+        cut = truncate_support(tasks, k, keys)
+        sets = [set(cut.support_items[t][cut.support_mask[t]].tolist()) for t in range(3)]
+        if previous is not None:
+            assert all(p <= s for p, s in zip(previous, sets, strict=True))
+        previous = sets
+        # kept entries sit in front, so trimming to the longest valid prefix loses none
+        again = cut.select(torch.arange(3))
+        assert again.support_mask.sum().item() == cut.support_mask.sum().item()
+    with pytest.raises(ValueError, match="k: got 0"):
+        truncate_support(tasks, 0, keys)
+
+
+def _row(mae, ndcg):
+    return {"mae": mae, "ndcg@3": ndcg, "std": {"mae": 0.01, "ndcg@3": 0.02}}
+
+
+def test_markdown_results_bolds_the_best_of_each_column():
+    results = {
+        "user_cold": {
+            "maml": _row(0.70, 0.88),
+            "bias": _row(0.80, 0.88),  # tied on nDCG as printed: both bold
+            "mf_foldin": _row(0.75, math.nan),  # undefined never wins
+        }
+    }
+    text = markdown_results(results, metrics=("mae", "ndcg@3"))
+    lines = {line.split("|")[1].strip(): line for line in text.splitlines() if "±" in line}
+    assert "**0.7000 ± 0.0100**" in lines["maml"]  # lowest MAE
+    assert "**0.8800 ± 0.0200**" in lines["maml"] and "**0.8800 ± 0.0200**" in lines["bias"]
+    assert "**" not in lines["mf_foldin"]
+    assert text.startswith("### user_cold")
+
+
+def test_activity_buckets_split_users_by_support_size():
+    sizes = np.array([3, 3, 4, 10, 11, 40, 41, 90])
+    bucket, labels = activity_buckets(sizes)
+    assert bucket.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]  # two users each, by size
+    assert labels == ["3", "4-10", "11-40", "41-90"]
+    ties = np.array([1, 1, 1, 1, 1, 1, 2, 3])  # equal sizes never straddle two buckets
+    bucket, labels = activity_buckets(ties)
+    assert bucket.tolist() == [0] * 6 + [1, 1] and labels == ["1", "2-3"]
+    same, one = activity_buckets(np.full(5, 7))
+    assert same.tolist() == [0] * 5 and one == ["7"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A small synthetic dataset with all five scenarios (the report trains on each)."""
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml",
+        **{"data.synthetic.n_users": 200, "data.synthetic.n_items": 120},
+    )
+    return prepare(cfg, tmp_path_factory.mktemp("tiny") / "data", progress=False)
+
+
+def test_report_writes_results_for_every_scenario_and_four_plots(tiny, tmp_path):
+    from metarec.cli import main
+
+    out = tmp_path / "report"
+    code = main(
+        [
+            "report",
+            "--data",
+            str(tiny.root),
+            "--out",
+            str(out),
+            "--config",
+            "configs/demo.yaml",
+            "--seeds",
+            "0",
+            "--epochs",
+            "1",
+            "--baselines",
+            "finetune",
+            "--algorithm",
+            "fomaml",
+            "--shots",
+            "1",
+            "4",
+            "16",
+            "--curve-steps",
+            "3",
+            "--set",
+            "meta.inner_steps=1",
+            "--set",
+            "model.pretrain_items=false",
+        ]
+    )
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == tiny.scenarios == list(tiny.manifest["scenarios"])
+    for methods in results.values():
+        assert set(methods) == {"fomaml", "finetune"}
+        assert methods["fomaml"]["source"] == "fit"
+    for name in ("shot_curve", "step_curve", "per_user", "learning_curves"):
+        png = out / f"{name}.png"
+        assert png.read_bytes()[:8] == PNG and png.stat().st_size > 10_000
+    report = (out / "report.md").read_text()
+    assert all(f"### {s}" in report for s in tiny.scenarios)
+    assert "**" in report and "![Shot curve" in report and tiny.manifest["dataset_hash"] in report
+    curves = json.loads((out / "curves.json").read_text())
+    shot = curves["user_cold"]["shot_curve"]
+    assert set(shot) == {"fomaml", "finetune"} and len(shot["fomaml"]["mae"]) == 3
+    assert len(curves["user_cold"]["step_curve"]["fomaml"]) == 4
+    assert len(curves["warm"]["learning_curves"]) == 1
