@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 import torch
+import yaml as _yaml
 
 from metarec.batch import TaskBatch, from_table
 from metarec.catalog import catalog_dict
@@ -31,6 +32,7 @@ from metarec.loop import TrainState, fit, predict_items
 from metarec.serving.sessions import read_feedback
 from tests.processes import free_port
 
+REPO = Path(__file__).resolve().parents[1]
 METAREC = Path(sys.executable).with_name("metarec")
 TOKEN = secrets.token_hex(8)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -57,18 +59,27 @@ def checkpoint(tmp_path_factory, synthetic_cfg, synthetic_prepared):
 class Server:
     """`metarec serve` in its own session and Ray temp dir; stopped by pid, checked gone."""
 
-    def __init__(self, checkpoint: Path, work: Path) -> None:
+    def __init__(self, checkpoint: Path, work: Path, *, yaml: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ray_tmp = tempfile.mkdtemp(prefix="rays", dir="/tmp")  # short socket paths
         env = {**os.environ, "METAREC_API_TOKEN": TOKEN, "RAY_TMPDIR": self.ray_tmp}
         env.pop("RAY_ADDRESS", None)
-        self.log = open(work / f"serve-{self.port}.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [
+        if yaml:  # the shipped serve/config.yaml, pointed at this model, port and work dir
+            cfg = _yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+            cfg["http_options"]["port"] = self.port
+            cfg["applications"][0]["args"].update(model=str(checkpoint), work_dir=str(work))
+            (work / "serve.yaml").write_text(_yaml.safe_dump(cfg))
+            command = [str(METAREC.with_name("serve")), "run", str(work / "serve.yaml")]
+        else:
+            command = [
                 *(str(METAREC), "serve", "--model", str(checkpoint), "--port", str(self.port)),
                 *("--work-dir", str(work), "--max-k", "1000", "--max-ratings", "50"),
-            ],
+            ]
+        self.log = open(work / f"serve-{self.port}.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            command,
+            cwd=work,
             env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -354,3 +365,17 @@ def test_feedback_survives_a_crash_and_restart(server, checkpoint, work):
     assert [x["item"] for x in after["items"]] == [x["item"] for x in before["items"]]
     for a, b in zip(after["items"], before["items"], strict=True):
         assert abs(a["score"] - b["score"]) < 1e-5
+
+
+def test_the_shipped_serve_config_runs_with_serve_run(checkpoint, tmp_path):
+    """`serve run serve/config.yaml`: the YAML's args validate, build_app loads the model,
+    the user_config batch settings apply, and the token from the environment is enforced."""
+    server = Server(checkpoint, tmp_path, yaml=True)
+    try:
+        r = requests.post(f"{server.url}/v1/recommend", json={"k": 3}, headers=AUTH, timeout=30)
+        assert r.status_code == 200 and len(r.json()["items"]) == 3
+        assert requests.get(f"{server.url}/v1/model", timeout=10).status_code == 401
+        model = requests.get(f"{server.url}/v1/model", headers=AUTH, timeout=10).json()
+        assert model["uri"] == str(checkpoint) and model["limits"]["max_k"] == 100
+    finally:
+        server.stop()

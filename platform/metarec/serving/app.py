@@ -243,9 +243,10 @@ class MetarecServer:
         )
 
 
-def build_app(args: dict[str, Any]) -> serve.Application:
-    """Application builder for ``serve run/deploy serve/config.yaml`` (``args:`` there)."""
-    return MetarecServer.bind(ServeSettings.model_validate(args).model_dump())
+def build_app(args: ServeSettings) -> serve.Application:
+    """Application builder for ``serve run/deploy serve/config.yaml``: Serve validates the
+    YAML's ``args:`` into ``ServeSettings`` (a typo is an error before anything starts)."""
+    return MetarecServer.bind(args.model_dump())
 
 
 def serve_forever(

@@ -55,7 +55,7 @@ class Engine:
         *,
         steps: int | None = None,
         device: str | torch.device = "cpu",
-        max_rows: int = 1 << 17,
+        max_rows: int = 1 << 14,
     ) -> None:
         self.learner = learner.to(device).eval()
         self.model = learner.model
@@ -127,11 +127,13 @@ class Engine:
         for lo in range(0, self.n_items, block):
             hi = min(lo + block, self.n_items)
             items = torch.arange(lo, hi, device=self.device).expand(b, hi - lo)
-            kwargs = {}
-            if self.item_x is not None:
+            if self.item_x is None:  # embeddings adapt: encode per user, the general forward
+                scores = functional_call(self.model, params, (items, users))
+            else:
                 user_x = functional_call(
                     self.model, params, (items[:, :1], users), {"encode_only": True}
                 )[1]
-                kwargs["encoded"] = (self.item_x[lo:hi].expand(b, hi - lo, -1), user_x)
-            out[:, lo:hi] = functional_call(self.model, params, (items, users), kwargs).cpu()
+                item_x = self.item_x[lo:hi].expand(b, hi - lo, -1)
+                scores = self.model.predict_encoded(params, item_x, user_x, items)
+            out[:, lo:hi] = scores.cpu()
         return out

@@ -1,0 +1,241 @@
+"""Load test of the HTTP API: latency and throughput, micro-batching on vs off, one run.
+
+What is measured: ``POST /v1/recommend`` with 20 ratings (a real ML-100k test user's
+support set and side features), k = 10, the model's 5 inner steps, scored over the full
+ML-100k catalog (1,682 items), through the whole stack: HTTP -> Serve proxy -> replica ->
+``@serve.batch`` -> ``Engine.run`` -> JSON. Two applications are deployed side by side in
+one Serve instance and measured in alternation: ``on`` (``max_batch_size`` 32, 5 ms wait)
+and ``off`` (``max_batch_size`` 1: every request adapts alone). Identical otherwise: same
+model, same replica resources, same requests.
+
+Why it is built this way:
+
+* **Closed-loop clients at fixed concurrency** (1, 16, 32, 64): each of C asyncio clients
+  sends its next request when the previous answer arrives, over keep-alive connections
+  (aiohttp), so "concurrency 64" means 64 requests in flight. Each level runs a warm-up,
+  then a bounded number of requests (``--requests``, at least 4 per client) or until
+  ``--budget-s``; p50/p99 are over the measured requests, requests/s is completed requests
+  over the level's wall time.
+* **Bounded and loopback only**: Serve binds 127.0.0.1 on a free port; the cluster is a
+  local ``ray.init`` of this process and is shut down at the end.
+* **The model's speed does not depend on its training**: without ``--model`` the benchmark
+  builds the ``configs/ml100k.yaml`` network for the prepared ML-100k directory
+  (``--data``) untrained (same shapes, same FLOPs) — no 2-minute training before measuring.
+  ``--model`` serves any checkpoint or ``models:/`` URI instead.
+* **The client shares the machine** (2 cores here): the load generator, the Serve proxy
+  and the replica compete for the same CPUs, as they would not in production. The ratios
+  between on and off are the robust figures; absolute numbers are for this box.
+
+Human-readable lines go to stderr; the LAST line of stdout is one JSON object (keys in
+``benchmarks/README.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+CONCURRENCY = (1, 16, 32, 64)
+
+
+def build_checkpoint(data: Path, out: Path) -> Path:
+    """The ml100k config's network, untrained, saved as `metarec train` would."""
+    from metarec.batch import from_table
+    from metarec.catalog import catalog_dict
+    from metarec.checkpoint import make_checkpoint, save_checkpoint
+    from metarec.config import load_config
+    from metarec.data.prepared import open_prepared
+    from metarec.loop import TrainState, build_learner
+
+    cfg = load_config(REPO / "configs" / "ml100k.yaml")
+    ds = open_prepared(data)
+    train = from_table(ds.tasks("user_cold", "train"))
+    learner = build_learner(cfg, ds, train)
+    ckpt = make_checkpoint(
+        cfg,
+        learner,
+        None,
+        TrainState(),
+        dataset_hash=ds.manifest["dataset_hash"],
+        catalog=catalog_dict(ds, train),
+    )
+    return save_checkpoint(ckpt, out)
+
+
+def request_bodies(data: Path, n_ratings: int, limit: int = 256) -> list[dict[str, Any]]:
+    """Real test users with >= n_ratings support ratings: their first n and their features."""
+    from metarec.data.prepared import open_prepared
+
+    ds = open_prepared(data)
+    raw = ds.items().column("raw_id").to_pylist()
+    users = ds.users().to_pylist()
+    vocab = ds.manifest["vocab"]
+    ages = [None, 15, 20, 30, 40, 47, 52, 60]  # one age inside each age bucket
+    bodies = []
+    for row in ds.tasks("user_cold", "test").to_pylist():
+        if len(row["support_items"]) < n_ratings:
+            continue
+        u = users[row["user"]]
+        pairs = list(zip(row["support_items"], row["support_ratings"], strict=True))[:n_ratings]
+        bodies.append(
+            {
+                "user": {
+                    "age": ages[u["age_bucket"]],
+                    "gender": vocab["gender"][u["gender"]] if u["gender"] else None,
+                    "occupation": vocab["occupation"][u["occupation"]] if u["occupation"] else None,
+                    "zip": str(u["zip_prefix"] - 1) if u["zip_prefix"] else None,
+                },
+                "ratings": [{"item": raw[i], "rating": r} for i, r in pairs],
+                "k": 10,
+            }
+        )
+    if not bodies:
+        sys.exit(f"no test user of {data} has {n_ratings} support ratings")
+    return bodies[:limit]
+
+
+async def level(
+    url: str, bodies: list[dict], concurrency: int, n_requests: int, budget_s: float
+) -> dict[str, float]:
+    """Closed-loop load at one concurrency; latencies in ms."""
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one(k: int) -> None:
+            nonlocal errors
+            t = time.perf_counter()
+            async with session.post(url, json=bodies[k % len(bodies)]) as r:
+                await r.read()
+                errors += r.status != 200
+            latencies.append((time.perf_counter() - t) * 1e3)
+
+        async def client(c: int, stop_at: float, quota: int) -> None:
+            for k in range(quota):
+                if time.perf_counter() > stop_at:
+                    return
+                await one(c * 1000 + k)
+
+        warm = time.perf_counter() + budget_s
+        await asyncio.gather(*(client(c, warm, 2) for c in range(concurrency)))
+        latencies.clear()
+        per_client = max(4, -(-n_requests // concurrency))
+        t0 = time.perf_counter()
+        stop = t0 + budget_s
+        await asyncio.gather(*(client(c, stop, per_client) for c in range(concurrency)))
+        wall = time.perf_counter() - t0
+    lat = sorted(latencies)
+    return {
+        "requests": len(lat),
+        "errors": errors,
+        "rps": len(lat) / wall,
+        "p50_ms": statistics.median(lat),
+        "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+        "mean_ms": statistics.fmean(lat),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, default=REPO / "work" / "ml100k", help="prepared ML-100k")
+    ap.add_argument("--model", help="checkpoint or models:/ URI (default: untrained ml100k net)")
+    ap.add_argument("--ratings", type=int, default=20, help="ratings per request")
+    ap.add_argument("--requests", type=int, default=512, help="measured requests per level")
+    ap.add_argument("--budget-s", type=float, default=20.0, help="time cap per level")
+    ap.add_argument("--batch", type=int, default=32, help="max_batch_size when batching is on")
+    ap.add_argument("--wait-ms", type=float, default=5.0, help="batch_wait_timeout when on")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads/replica")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
+    args = ap.parse_args()
+    if not (args.data / "manifest.json").is_file():
+        sys.exit(
+            f"--data {args.data}: not a prepared dataset; run `metarec prepare --config "
+            "configs/ml100k.yaml --input ../shared/datasets/ml-100k --out work/ml100k`"
+        )
+
+    import ray
+    from ray import serve
+
+    from metarec.serving.app import MetarecServer, ServeSettings
+
+    tmp = Path(tempfile.mkdtemp(prefix="serve-load-"))
+    model = args.model or str(build_checkpoint(args.data, tmp / "model"))
+    bodies = request_bodies(args.data, args.ratings)
+    ray.init(logging_level="ERROR", include_dashboard=False)
+    sock = __import__("socket").socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    settings = ServeSettings(
+        model=model, work_dir=str(tmp), threads=args.threads, limits={"max_ratings": 200}
+    )
+    for name, batch, wait in (("on", args.batch, args.wait_ms / 1e3), ("off", 1, 0.0)):
+        app = MetarecServer.options(
+            name=f"metarec-{name}",
+            ray_actor_options={"num_cpus": 0.5},
+            user_config={"max_batch_size": batch, "batch_wait_timeout_s": wait},
+        ).bind(settings.model_dump())
+        serve.run(app, name=name, route_prefix=f"/{name}")
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/on/v1/model") as r:
+        info = json.loads(r.read())
+    results: dict[str, Any] = {}
+    try:
+        for c in args.concurrency:
+            for name in ("off", "on"):  # alternate, so load bursts hit both
+                r = asyncio.run(
+                    level(
+                        f"http://127.0.0.1:{port}/{name}/v1/recommend",
+                        bodies,
+                        c,
+                        args.requests,
+                        args.budget_s,
+                    )
+                )
+                results[f"{name}_c{c}"] = r
+                print(
+                    f"batching {name:<3} c={c:<3} {r['rps']:7.1f} req/s  p50 {r['p50_ms']:6.1f} ms"
+                    f"  p99 {r['p99_ms']:6.1f} ms  ({r['requests']} req, {r['errors']} errors)",
+                    file=sys.stderr,
+                )
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    top = max(args.concurrency)
+    summary = {
+        "benchmark": "serve_load",
+        "endpoint": "/v1/recommend",
+        "ratings_per_request": args.ratings,
+        "catalog_items": json.loads((args.data / "manifest.json").read_text())["counts"]["items"],
+        "inner_steps": info["inner_steps"],
+        "algorithm": info["algorithm"],
+        "max_batch_size": args.batch,
+        "batch_wait_ms": args.wait_ms,
+        "torch_threads": args.threads,
+        "cpus": os.cpu_count(),
+        "loadavg": os.getloadavg(),
+        "results": results,
+        f"throughput_ratio_on_off_c{top}": results[f"on_c{top}"]["rps"]
+        / results[f"off_c{top}"]["rps"],
+    }
+    if "on_c32" in results:
+        summary["p99_ms_on_c32"] = results["on_c32"]["p99_ms"]
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
