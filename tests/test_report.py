@@ -78,6 +78,7 @@ def test_markdown_results_bolds_the_best_of_each_column():
             "maml": _row(0.70, 0.88),
             "bias": _row(0.80, 0.88),  # tied on nDCG as printed: both bold
             "mf_foldin": _row(0.75, math.nan),  # undefined never wins
+            "user_mean": _row(0.90, 0.80),
         }
     }
     text = markdown_results(results, metrics=("mae", "ndcg@3"))
@@ -86,6 +87,8 @@ def test_markdown_results_bolds_the_best_of_each_column():
     assert "**0.8800 ± 0.0200**" in lines["maml"] and "**0.8800 ± 0.0200**" in lines["bias"]
     assert "**" not in lines["mf_foldin"]
     assert text.startswith("### user_cold")
+    all_tied = {"s": {"a": _row(0.5, 0.0), "b": _row(0.6, 0.0)}}
+    assert "**0.0000" not in markdown_results(all_tied, metrics=("mae", "ndcg@3"))
 
 
 def test_activity_buckets_split_users_by_support_size():

@@ -214,14 +214,17 @@ def markdown_results(
     """One pipe table per scenario, ``mean ± std``, the best of each column in **bold**.
 
     Best is the lowest MAE/RMSE and the highest of the rest, compared as printed (4 places),
-    so methods tied on the page are bold together; NaN (undefined) cells never win.
+    so methods tied on the page are bold together, and a column where all tie (recall of
+    new items that nobody ranks, say) has none; NaN (undefined) cells never win.
     """
     parts = []
     for scenario, methods in results.items():
         best = {}
         for m in metrics:
             vals = [round(r[m], 4) for r in methods.values() if np.isfinite(r[m])]
-            best[m] = (min if m in LOWER_IS_BETTER else max)(vals) if vals else None
+            # a column where every method ties says nothing: nothing bold there
+            tied = len(set(vals)) <= 1 and len(methods) > 1
+            best[m] = None if tied else (min if m in LOWER_IS_BETTER else max)(vals)
         lines = [f"### {scenario}", ""]
         if notes and scenario in notes:
             lines += [notes[scenario], ""]
