@@ -155,7 +155,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=512, help="measured requests per level")
     ap.add_argument("--budget-s", type=float, default=20.0, help="time cap per level")
     ap.add_argument("--batch", type=int, default=32, help="max_batch_size when batching is on")
-    ap.add_argument("--wait-ms", type=float, default=5.0, help="batch_wait_timeout when on")
+    ap.add_argument("--wait-ms", type=float, default=2.0, help="batch_wait_timeout when on")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads/replica")
     ap.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
     args = ap.parse_args()
@@ -173,7 +173,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="serve-load-"))
     model = args.model or str(build_checkpoint(args.data, tmp / "model"))
     bodies = request_bodies(args.data, args.ratings)
-    ray.init(logging_level="ERROR", include_dashboard=False)
+    ray.init(logging_level="ERROR", include_dashboard=False, log_to_driver=False)
     sock = __import__("socket").socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]

@@ -27,6 +27,13 @@ CORE = [
     "metarec.plots",
     "metarec.transfer",
     "metarec.checkpoint",
+    "metarec.catalog",
+    "metarec.data.feedback",
+    # serving's core: only its `app` module is the Ray shell
+    "metarec.serving.engine",
+    "metarec.serving.sessions",
+    "metarec.serving.schemas",
+    "metarec.serving.service",
     "metarec.cli",  # `metarec --help` must not pay for importing Ray
 ]
 

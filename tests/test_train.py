@@ -20,6 +20,7 @@ import pytest
 
 from metarec.checkpoint import load_checkpoint
 from metarec.config import apply_overrides
+from metarec.errors import ModelNotFoundError
 from metarec.loop import TrainState
 from tests.processes import free_port, stop_group
 
@@ -121,7 +122,7 @@ def test_two_workers_follow_the_one_worker_trajectory(runs):
 def test_run_is_tracked_on_a_real_mlflow_server(runs, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from metarec.tracking import promote, resolve_checkpoint
+    from metarec.tracking import describe_model, promote, resolve_checkpoint
 
     _, two = runs
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
@@ -144,6 +145,13 @@ def test_run_is_tracked_on_a_real_mlflow_server(runs, mlflow_server, tmp_path):
     assert ckpt["state"]["best_epoch"] == two.best_epoch
     promote(mlflow_server, name, version.version)
     assert client.get_model_version_by_alias(name, "champion").version == version.version
+    # What `metarec serve` reports at GET /v1/model, and what it loads: a catalog inside.
+    info = describe_model(f"models:/{name}@champion", mlflow_server)
+    assert (info["name"], info["version"], info["alias"]) == (name, version.version, "champion")
+    assert info["run_id"] == two.run_id
+    assert len(ckpt["catalog"]["raw_id"]) == ckpt["spec"]["n_items"]
+    with pytest.raises(ModelNotFoundError):
+        describe_model(f"models:/{name}@no-such-alias", mlflow_server)
 
 
 def test_resume_continues_a_stopped_run_into_the_same_mlflow_run(

@@ -157,24 +157,48 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     )
 
 
-@api.middleware("http")
-async def _guard(request: Request, call_next: Any) -> Any:
-    """Bearer token on /v1/* when METAREC_API_TOKEN is set; bounded request bodies."""
-    token = os.environ.get(TOKEN_ENV)
-    if token and request.url.path.startswith("/v1/"):
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+class Guard:
+    """Bearer token on /v1/* when METAREC_API_TOKEN is set; request bodies bounded.
+
+    A plain ASGI middleware, not ``@app.middleware("http")``: Starlette's
+    ``BaseHTTPMiddleware`` wraps every request and response in extra tasks and streams,
+    a per-request cost paid before any real work.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        token = os.environ.get(TOKEN_ENV)
+        self.expected = f"Bearer {token}".encode() if token else None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        refusal = self._refusal(scope) if scope["type"] == "http" else None
+        if refusal is not None:
+            await refusal(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    def _refusal(self, scope: dict) -> JSONResponse | None:
+        headers = dict(scope["headers"])  # ASGI: lower-case byte names
+        given = headers.get(b"authorization", b"")
+        if (
+            self.expected
+            and scope["path"].startswith("/v1/")
+            and not hmac.compare_digest(given, self.expected)
+        ):
             return JSONResponse(
                 status_code=401,
                 content={"detail": "missing or wrong bearer token (Authorization: Bearer ...)"},
                 headers={"WWW-Authenticate": "Bearer"},
             )
-    length = request.headers.get("content-length", "0")
-    if not length.isdigit() or int(length) > MAX_BODY_BYTES:
-        return JSONResponse(
-            status_code=413, content={"detail": f"request body over {MAX_BODY_BYTES} bytes"}
-        )
-    return await call_next(request)
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            return JSONResponse(
+                status_code=413, content={"detail": f"request body over {MAX_BODY_BYTES} bytes"}
+            )
+        return None
+
+
+api.add_middleware(Guard)
 
 
 K = Annotated[int, Query(ge=1, le=HARD_MAX_ITEMS)]
@@ -184,7 +208,10 @@ K = Annotated[int, Query(ge=1, le=HARD_MAX_ITEMS)]
     name="metarec",
     max_ongoing_requests=256,  # >= max_batch_size, or batches never fill
     ray_actor_options={"num_cpus": 1},
-    user_config={"max_batch_size": 32, "batch_wait_timeout_s": 0.005},
+    user_config={"max_batch_size": 32, "batch_wait_timeout_s": 0.002},
+    # Serve's per-request access log line costs ~30% of the HTTP path's throughput here
+    # (measured: /healthz ceiling 317 -> 441 req/s at 64 concurrent); metrics remain.
+    logging_config={"enable_access_log": False},
 )
 @serve.ingress(api)
 class MetarecServer:
@@ -195,52 +222,56 @@ class MetarecServer:
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Batch size and wait from ``user_config``: changed live, no replica restart."""
         self._run.set_max_batch_size(int(config.get("max_batch_size", 32)))
-        self._run.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.005)))
+        self._run.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.002)))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _run(self, jobs: list[Job]) -> list[Result]:
         return await asyncio.to_thread(self.service.engine.run, jobs)
 
     @api.get("/healthz")
-    async def healthz(self) -> dict:
-        return {"status": "ok"}
+    async def healthz(self) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
 
     @api.get("/v1/model")
-    async def model(self) -> dict:
-        return self.service.model_info
+    async def model(self) -> JSONResponse:
+        return JSONResponse(self.service.model_info)
 
     @api.post("/v1/recommend")
-    async def recommend(self, req: RecommendRequest) -> dict:
+    async def recommend(self, req: RecommendRequest) -> JSONResponse:
         """Top-k items after adapting to the given ratings (none: cold start)."""
         job = self.service.recommend_job(req)
-        return self.service.recommend_response(req, job, await self._run(job))
+        return JSONResponse(self.service.recommend_response(req, job, await self._run(job)))
 
     @api.post("/v1/predict")
-    async def predict(self, req: PredictRequest) -> dict:
+    async def predict(self, req: PredictRequest) -> JSONResponse:
         """Predicted ratings of the given items after adapting to the given ratings."""
         job = self.service.predict_job(req)
-        return self.service.predict_response(req, job, await self._run(job))
+        return JSONResponse(self.service.predict_response(req, job, await self._run(job)))
 
     @api.get("/v1/onboarding")
-    async def onboarding(self, n: K = 10) -> dict:
+    async def onboarding(self, n: K = 10) -> JSONResponse:
         """Items to ask a brand-new user to rate first."""
-        return self.service.onboarding(n)
+        return JSONResponse(self.service.onboarding(n))
 
     @api.post("/v1/users/{user_id}/feedback")
-    async def feedback(self, user_id: UserId, req: FeedbackRequest) -> dict:
+    async def feedback(self, user_id: UserId, req: FeedbackRequest) -> JSONResponse:
         """Append ratings to the user's session (durably), re-adapt, return top-k."""
         job, session, version = self.service.feedback_job(user_id, req)
         result = await self._run(job)
-        return self.service.session_response(user_id, session, version, job, result, req.k)
+        answer = self.service.session_response(user_id, session, version, job, result, req.k)
+        return JSONResponse(answer)
 
     @api.get("/v1/users/{user_id}/recommendations")
-    async def recommendations(self, user_id: UserId, k: K = 10, exclude_seen: bool = True) -> dict:
+    async def recommendations(
+        self, user_id: UserId, k: K = 10, exclude_seen: bool = True
+    ) -> JSONResponse:
         """Top-k for the session (cached fast weights; a new user gets the cold start)."""
         job, session, version = self.service.session_job(user_id, k)
         result = await self._run(job)
-        return self.service.session_response(
+        answer = self.service.session_response(
             user_id, session, version, job, result, k, exclude_seen
         )
+        return JSONResponse(answer)
 
 
 def build_app(args: ServeSettings) -> serve.Application:
@@ -257,7 +288,8 @@ def serve_forever(
     replicas: int = 1,
     num_cpus: float = 1.0,
     max_batch_size: int = 32,
-    batch_wait_timeout_s: float = 0.005,
+    batch_wait_timeout_s: float = 0.002,
+    access_log: bool = False,
 ) -> None:
     """``metarec serve``: start (or join) Ray, run the app on host:port until Ctrl-C."""
     import ray
@@ -272,6 +304,7 @@ def serve_forever(
         num_replicas=replicas,
         ray_actor_options=options,
         max_ongoing_requests=max(256, 2 * max_batch_size),
+        logging_config={"enable_access_log": access_log},
         user_config={
             "max_batch_size": max_batch_size,
             "batch_wait_timeout_s": batch_wait_timeout_s,
