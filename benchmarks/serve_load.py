@@ -50,25 +50,17 @@ CONCURRENCY = (1, 16, 32, 64)
 def build_checkpoint(data: Path, out: Path) -> Path:
     """The ml100k config's network, untrained, saved as `metarec train` would."""
     from metarec.batch import from_table
-    from metarec.catalog import catalog_dict
-    from metarec.checkpoint import make_checkpoint, save_checkpoint
+    from metarec.checkpoint import save_checkpoint, standalone_checkpoint
     from metarec.config import load_config
     from metarec.data.prepared import open_prepared
-    from metarec.loop import TrainState, build_learner
+    from metarec.loop import build_learner
 
     cfg = load_config(REPO / "configs" / "ml100k.yaml")
     ds = open_prepared(data)
     train = from_table(ds.tasks("user_cold", "train"))
-    learner = build_learner(cfg, ds, train)
-    ckpt = make_checkpoint(
-        cfg,
-        learner,
-        None,
-        TrainState(),
-        dataset_hash=ds.manifest["dataset_hash"],
-        catalog=catalog_dict(ds, train),
+    return save_checkpoint(
+        standalone_checkpoint(cfg, build_learner(cfg, ds, train), ds, train), out
     )
-    return save_checkpoint(ckpt, out)
 
 
 def request_bodies(data: Path, n_ratings: int, limit: int = 256) -> list[dict[str, Any]]:

@@ -6,12 +6,27 @@ import os
 import signal
 import socket
 import subprocess
+from pathlib import Path
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids (not ours) whose command line contains ``text``: e.g. a Ray temp dir, to check
+    that everything a test started is gone."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
 
 
 def stop_group(proc: subprocess.Popen, timeout: float) -> None:

@@ -23,23 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import free_port, stop_group
+from tests.processes import free_port, processes_mentioning, stop_group
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 RAY = VENV_BIN / "ray"
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if text.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 @pytest.fixture
@@ -95,7 +83,7 @@ def ray_head(tmp_path):
         yield address, client, tracking_uri
     finally:
         stop_group(head, timeout=60)
-        for pid in _processes_mentioning(temp):  # anything of this head that outlived it
+        for pid in processes_mentioning(temp):  # anything of this head that outlived it
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
 

@@ -24,13 +24,16 @@ import torch
 import yaml as _yaml
 
 from metarec.batch import TaskBatch, from_table
-from metarec.catalog import catalog_dict
-from metarec.checkpoint import learner_from_checkpoint, load_checkpoint, make_checkpoint
-from metarec.checkpoint import save_checkpoint as save
+from metarec.checkpoint import (
+    learner_from_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    standalone_checkpoint,
+)
 from metarec.config import apply_overrides
-from metarec.loop import TrainState, fit, predict_items
+from metarec.loop import fit, predict_items
 from metarec.serving.sessions import read_feedback
-from tests.processes import free_port
+from tests.processes import free_port, processes_mentioning
 
 REPO = Path(__file__).resolve().parents[1]
 METAREC = Path(sys.executable).with_name("metarec")
@@ -45,15 +48,8 @@ def checkpoint(tmp_path_factory, synthetic_cfg, synthetic_prepared):
     cfg = apply_overrides(synthetic_cfg, **{"train.epochs": 10})
     result = fit(cfg, ds)
     train = from_table(ds.tasks("user_cold", "train"))
-    ckpt = make_checkpoint(
-        cfg,
-        result.learner,
-        None,
-        TrainState(),
-        dataset_hash=ds.manifest["dataset_hash"],
-        catalog=catalog_dict(ds, train),
-    )
-    return save(ckpt, tmp_path_factory.mktemp("model"))
+    ckpt = standalone_checkpoint(cfg, result.learner, ds, train)
+    return save_checkpoint(ckpt, tmp_path_factory.mktemp("model"))
 
 
 class Server:
@@ -117,24 +113,12 @@ class Server:
             self.proc.wait()
         self.log.close()
         deadline = time.time() + 30
-        while _processes_mentioning(self.ray_tmp) and time.time() < deadline:
+        while processes_mentioning(self.ray_tmp) and time.time() < deadline:
             time.sleep(1)
-        left = _processes_mentioning(self.ray_tmp)
+        left = processes_mentioning(self.ray_tmp)
         for pid in left:  # make sure nothing of ours outlives the test, then fail loudly
             os.kill(pid, 9)
         assert not left, f"processes of this server's Ray outlived it: {left}"
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if text.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from metarec.batch import from_table
-from metarec.catalog import Catalog, FieldError, catalog_dict
-from metarec.checkpoint import learner_from_checkpoint, make_checkpoint
-from metarec.loop import TrainState, build_learner, predict_items
+from metarec.catalog import Catalog, FieldError
+from metarec.checkpoint import learner_from_checkpoint, standalone_checkpoint
+from metarec.loop import build_learner, predict_items
 from metarec.serving.engine import Engine, Job
 from metarec.serving.schemas import Limits, Rating, RecommendRequest
 from metarec.serving.service import Service
@@ -29,14 +29,7 @@ def served(synthetic_cfg, synthetic_prepared):
     ds = synthetic_prepared
     train = from_table(ds.tasks("user_cold", "train"))
     learner = build_learner(synthetic_cfg, ds, train)
-    ckpt = make_checkpoint(
-        synthetic_cfg,
-        learner,
-        None,
-        TrainState(),
-        dataset_hash=ds.manifest["dataset_hash"],
-        catalog=catalog_dict(ds, train),
-    )
+    ckpt = standalone_checkpoint(synthetic_cfg, learner, ds, train)
     loaded = learner_from_checkpoint(ckpt, best=False)
     catalog = Catalog.from_checkpoint(ckpt, loaded.model.item_genres, loaded.model.item_year)
     return learner, loaded, catalog

@@ -17,7 +17,10 @@ from typing import Any
 
 import torch
 
+from metarec.batch import TaskBatch
+from metarec.catalog import catalog_dict
 from metarec.config import MetarecConfig
+from metarec.data.prepared import PreparedDataset
 from metarec.errors import DataError
 from metarec.loop import TrainState
 from metarec.meta import MetaLearner
@@ -29,6 +32,7 @@ __all__ = [
     "load_checkpoint",
     "make_checkpoint",
     "save_checkpoint",
+    "standalone_checkpoint",
 ]
 
 CHECKPOINT_VERSION = 1
@@ -60,6 +64,22 @@ def make_checkpoint(
         "state": state.to_dict(),
         "catalog": catalog,
     }
+
+
+def standalone_checkpoint(
+    cfg: MetarecConfig, learner: MetaLearner, ds: PreparedDataset, train: TaskBatch
+) -> dict[str, Any]:
+    """A checkpoint of ``learner`` with no optimizer or run state, but with the catalog of
+    ``ds`` (``train``: the tasks it learned from): what a run starts from, and enough for
+    ``metarec serve`` to load it."""
+    return make_checkpoint(
+        cfg,
+        learner,
+        None,
+        TrainState(),
+        dataset_hash=ds.manifest["dataset_hash"],
+        catalog=catalog_dict(ds, train),
+    )
 
 
 def save_checkpoint(ckpt: dict[str, Any], directory: str | os.PathLike) -> Path:

@@ -30,12 +30,12 @@ import pyarrow as pa
 import torch
 
 from metarec.batch import TaskBatch, from_table
-from metarec.catalog import catalog_dict
 from metarec.checkpoint import (
     learner_from_checkpoint,
     load_checkpoint,
     make_checkpoint,
     save_checkpoint,
+    standalone_checkpoint,
 )
 from metarec.config import MetarecConfig, apply_overrides
 from metarec.data.prepared import PreparedDataset, open_prepared
@@ -269,14 +269,7 @@ def initial_checkpoint(cfg: MetarecConfig, ds: PreparedDataset) -> dict[str, Any
         )
     train_tasks = from_table(ds.tasks(scenario, "train"))
     learner = build_learner(cfg, ds, train_tasks)
-    return make_checkpoint(
-        cfg,
-        learner,
-        None,
-        TrainState(),
-        dataset_hash=ds.manifest["dataset_hash"],
-        catalog=catalog_dict(ds, train_tasks),
-    )
+    return standalone_checkpoint(cfg, learner, ds, train_tasks)
 
 
 def build_trainer(

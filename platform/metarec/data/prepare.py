@@ -14,8 +14,8 @@ from tqdm.auto import tqdm
 from metarec import __version__
 from metarec.config import SCENARIOS, MetarecConfig
 from metarec.data import synthetic
-from metarec.data.feedback import fold_feedback
 from metarec.data.features import encode
+from metarec.data.feedback import fold_feedback
 from metarec.data.prepared import PreparedDataset, open_prepared, write_prepared
 from metarec.data.sources import RawData, load_source
 from metarec.data.tasks import Protocol, auto_cut_year, build_scenarios, filter_users
