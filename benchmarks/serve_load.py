@@ -25,6 +25,12 @@ Why it is built this way:
 * **The client shares the machine** (2 cores here): the load generator, the Serve proxy
   and the replica compete for the same CPUs, as they would not in production. The ratios
   between on and off are the robust figures; absolute numbers are for this box.
+* **Where the time goes, in the same run.** ``healthz_cC``: the same server's no-work route
+  at each concurrency, the ceiling of the HTTP stack (client + Serve proxy + replica) on
+  this machine. Per level, from the replica's own counters (``GET /v1/model``): the mean
+  micro-batch size and the engine's wall and CPU ms per user (wall > CPU: the engine
+  waited for a core or the GIL). ``engine_alone``: the engine with no HTTP around it, ms
+  per user adapting alone vs in a batch of ``--batch`` (the most batching can buy).
 
 Human-readable lines go to stderr; the LAST line of stdout is one JSON object (keys in
 ``benchmarks/README.md``).
@@ -35,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import statistics
 import sys
@@ -109,7 +116,10 @@ async def level(
         async def one(k: int) -> None:
             nonlocal errors
             t = time.perf_counter()
-            async with session.post(url, json=bodies[k % len(bodies)]) as r:
+            request = (
+                session.get(url) if not bodies else session.post(url, json=bodies[k % len(bodies)])
+            )
+            async with request as r:
                 await r.read()
                 errors += r.status != 200
             latencies.append((time.perf_counter() - t) * 1e3)
@@ -137,6 +147,47 @@ async def level(
         "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
         "mean_ms": statistics.fmean(lat),
     }
+
+
+def engine_alone(model: str, bodies: list[dict], batch: int, threads: int) -> dict[str, float]:
+    """The engine with no HTTP around it: ms per user adapting alone vs in a batch."""
+    import torch
+
+    from metarec.serving.app import ServeSettings, load_service
+    from metarec.serving.schemas import RecommendRequest
+
+    torch.set_num_threads(threads)
+    svc = load_service(
+        ServeSettings(model=model, work_dir=tempfile.mkdtemp(), limits={"max_ratings": 200}),
+        writer="bench",
+    )
+    jobs = [svc.recommend_job(RecommendRequest.model_validate(b)) for b in bodies]
+    jobs = (jobs * (1 + batch // len(jobs)))[:batch]
+
+    def ms_per_user(group: int) -> float:
+        groups = [jobs[i : i + group] for i in range(0, len(jobs), group)]
+        svc.engine.run(groups[0])
+        best = math.inf
+        for _ in range(5):  # best of 5: the machine's noise only ever adds time
+            t = time.perf_counter()
+            for g in groups:
+                svc.engine.run(g)
+            best = min(best, (time.perf_counter() - t) / len(jobs) * 1e3)
+        return best
+
+    alone, batched = ms_per_user(1), ms_per_user(batch)
+    return {
+        "ms_per_user_alone": alone,
+        f"ms_per_user_batch{batch}": batched,
+        "ratio": alone / batched,
+    }
+
+
+def engine_stats(url: str) -> dict[str, float]:
+    import urllib.request
+
+    with urllib.request.urlopen(url) as r:
+        return json.loads(r.read())["engine"]
 
 
 def main() -> None:
@@ -186,27 +237,38 @@ def main() -> None:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/on/v1/model") as r:
         info = json.loads(r.read())
     results: dict[str, Any] = {}
+    base = f"http://127.0.0.1:{port}"
     try:
         for c in args.concurrency:
+            # The HTTP stack's own ceiling: the same server, a route that does no work.
+            results[f"healthz_c{c}"] = asyncio.run(
+                level(f"{base}/on/healthz", [], c, args.requests, args.budget_s)
+            )
             for name in ("off", "on"):  # alternate, so load bursts hit both
+                before = engine_stats(f"{base}/{name}/v1/model")
                 r = asyncio.run(
-                    level(
-                        f"http://127.0.0.1:{port}/{name}/v1/recommend",
-                        bodies,
-                        c,
-                        args.requests,
-                        args.budget_s,
-                    )
+                    level(f"{base}/{name}/v1/recommend", bodies, c, args.requests, args.budget_s)
+                )
+                after = engine_stats(f"{base}/{name}/v1/model")
+                jobs = max(1, after["jobs"] - before["jobs"])
+                r["mean_batch"] = jobs / max(1, after["batches"] - before["batches"])
+                r["engine_ms_per_user"] = 1e3 * (after["seconds"] - before["seconds"]) / jobs
+                r["engine_cpu_ms_per_user"] = (
+                    1e3 * (after["cpu_seconds"] - before["cpu_seconds"]) / jobs
                 )
                 results[f"{name}_c{c}"] = r
                 print(
                     f"batching {name:<3} c={c:<3} {r['rps']:7.1f} req/s  p50 {r['p50_ms']:6.1f} ms"
-                    f"  p99 {r['p99_ms']:6.1f} ms  ({r['requests']} req, {r['errors']} errors)",
+                    f"  p99 {r['p99_ms']:6.1f} ms  batch {r['mean_batch']:4.1f}  engine "
+                    f"{r['engine_ms_per_user']:.2f} ms/user ({r['engine_cpu_ms_per_user']:.2f} "
+                    f"CPU)  [healthz {results[f'healthz_c{c}']['rps']:.0f} req/s]",
                     file=sys.stderr,
                 )
     finally:
         serve.shutdown()
         ray.shutdown()
+    alone = engine_alone(model, bodies, args.batch, args.threads)
+    print(f"engine alone: {alone}", file=sys.stderr)
     top = max(args.concurrency)
     summary = {
         "benchmark": "serve_load",
@@ -221,6 +283,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "loadavg": os.getloadavg(),
         "results": results,
+        "engine_alone": alone,
         f"throughput_ratio_on_off_c{top}": results[f"on_c{top}"]["rps"]
         / results[f"off_c{top}"]["rps"],
     }

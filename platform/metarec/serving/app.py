@@ -101,6 +101,7 @@ def load_service(settings: ServeSettings, *, writer: str) -> Service:
     catalog = Catalog.from_checkpoint(ckpt, m.item_genres, m.item_year)
     if settings.threads:
         torch.set_num_threads(settings.threads)
+
     engine = Engine(learner, steps=settings.steps, device=resolve_device(settings.device))
     feedback_dir = Path(settings.feedback_dir or Path(settings.work_dir) / "feedback")
     label = f"{info['name']}/{info['version']}" if info["name"] else model
@@ -234,7 +235,7 @@ class MetarecServer:
 
     @api.get("/v1/model")
     async def model(self) -> JSONResponse:
-        return JSONResponse(self.service.model_info)
+        return JSONResponse({**self.service.model_info, "engine": self.service.engine.stats})
 
     @api.post("/v1/recommend")
     async def recommend(self, req: RecommendRequest) -> JSONResponse:

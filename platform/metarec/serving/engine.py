@@ -11,6 +11,7 @@ is scored in item blocks so memory stays bounded for large catalogs.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,9 @@ class Engine:
         lrs = learner.lrs()
         self.lrs = {n: v.detach() for n, v in lrs.items()} if isinstance(lrs, dict) else lrs
         self.n_items = int(self.model.item_genres.shape[0])
+        # Served batches, jobs and engine seconds: mean batch size and time per user are
+        # what tell whether micro-batching works (reported at GET /v1/model).
+        self.stats = {"batches": 0, "jobs": 0, "seconds": 0.0, "cpu_seconds": 0.0}
         self.n_features = 4 if self.model.use_user else 0
         # Item-side inputs of every item, once, unless adaptation changes them.
         self.item_x: Tensor | None = None
@@ -78,6 +82,15 @@ class Engine:
     @torch.no_grad()
     def run(self, jobs: list[Job]) -> list[Result]:
         """Adapt the jobs that need it (one padded batch), then score all of them."""
+        start, cpu = time.perf_counter(), time.thread_time()
+        results = self._run(jobs)
+        self.stats["batches"] += 1
+        self.stats["jobs"] += len(jobs)
+        self.stats["seconds"] += time.perf_counter() - start
+        self.stats["cpu_seconds"] += time.thread_time() - cpu
+        return results
+
+    def _run(self, jobs: list[Job]) -> list[Result]:
         todo = [j for j in jobs if j.weights is None]
         fresh = iter(self._adapt(todo) if todo else [])
         weights = [j.weights if j.weights is not None else next(fresh) for j in jobs]
