@@ -329,6 +329,7 @@ def write_json_atomic(path: Path, data: Any) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2)
+    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; results are for everyone to read
     os.replace(tmp, path)
     return path
 

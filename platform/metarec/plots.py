@@ -31,22 +31,28 @@ def _label(method: str) -> str:
     return LABELS.get(method, f"{method} (meta-learned)")
 
 
-def _grid(n_rows: int, scenarios: list[str], *, height: float = 3.0) -> tuple[Figure, Any]:
-    cols = max(len(scenarios), 1)
-    fig, axes = plt.subplots(
-        n_rows, cols, figsize=(3.4 * cols + 0.6, height * n_rows + 0.9), dpi=90, squeeze=False
-    )
-    for ax, scenario in zip(axes[0], scenarios, strict=False):
-        ax.set_title(scenario)
+def _grid(n_rows: int, titles: list[str], *, height: float = 3.0) -> tuple[Figure, Any]:
+    """``n_rows`` x ``len(titles)`` axes, titled across the top; never narrower than 7 in
+    (a title and a legend must fit even with one column)."""
+    cols = max(len(titles), 1)
+    size = (max(3.4 * cols + 0.6, 7.0), height * n_rows + 0.9)
+    fig, axes = plt.subplots(n_rows, cols, figsize=size, dpi=90, squeeze=False)
+    for ax, title in zip(axes[0], titles, strict=False):
+        ax.set_title(title)
     return fig, axes
 
 
-def _finish(fig: Figure, path: Path, title: str, *, legend_axis: Any = None) -> Path:
-    handles, labels = (legend_axis or fig.axes[0]).get_legend_handles_labels()
+def _finish(fig: Figure, path: Path, title: str) -> Path:
+    """One legend under the axes (as many columns as the width holds), title, save."""
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    bottom = 0.0
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=9)
+        ncol = min(len(labels), max(1, int(fig.get_figwidth() // 2.6)))
+        fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9)
+        rows = -(-len(labels) // ncol)
+        bottom = (0.3 * rows + 0.2) / fig.get_figheight()  # legend height, as a fraction
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.1 if handles else 0, 1, 1))
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
@@ -54,13 +60,15 @@ def _finish(fig: Figure, path: Path, title: str, *, legend_axis: Any = None) -> 
 
 
 def shot_curve(curves: dict[str, Any], path: Path) -> Path:
-    """Query MAE (top) and nDCG@3 (bottom) against support ratings per user, log2 x axis."""
+    """Query MAE and nDCG@3 against support ratings per user (log2 x axis): two rows, one
+    column per scenario; one scenario gets the two panels side by side."""
     scenarios = list(curves)
-    fig, axes = _grid(2, scenarios)
+    single = len(scenarios) == 1  # then MAE and nDCG side by side, not stacked
+    fig, axes = _grid(1, scenarios * 2) if single else _grid(2, scenarios)
     for col, scenario in enumerate(scenarios):
         c = curves[scenario]
         for row, (metric, name) in enumerate((("mae", "query MAE"), ("ndcg@3", "query nDCG@3"))):
-            ax = axes[row][col]
+            ax = axes[0][row] if single else axes[row][col]
             for method, values in c["shot_curve"].items():
                 mean, std = zip(*values[metric], strict=True)
                 ax.errorbar(

@@ -261,7 +261,7 @@ def report_header(
     method = cfg.meta.algorithm
     notes = {}
     if transfer is not None:
-        title = f"Cross-domain transfer to {manifest['source']['name']} users"
+        title = f"Cross-domain transfer to the users of {data}"
         preamble.append(
             f"- `transfer`: the model trained on dataset `{transfer['source_dataset_hash']}`, "
             "features mapped by name, every item id unseen; `transfer_noadapt`: the same "
