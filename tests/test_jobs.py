@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
+import yaml
 
 from tests.processes import free_port, processes_mentioning, stop_group
 
@@ -162,3 +164,36 @@ def test_readme_cluster_jobs_run_on_a_ray_start_head(ray_head, tmp_path):
     sweeps = [r for r in runs if r.data.tags.get("metarec.kind") == "sweep"]
     assert len(sweeps) == 1 and sweeps[0].info.status == "FINISHED"
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+
+    # README: `serve deploy serve/config.yaml` onto the same head serves the champion.
+    cfg = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    port = free_port()
+    cfg["http_options"]["port"] = port
+    cfg["applications"][0]["args"]["work_dir"] = str(work)  # model: null = the champion
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
+    serve_cli = str(VENV_BIN / "serve")
+    deployed = subprocess.run(
+        [serve_cli, "deploy", str(tmp_path / "serve.yaml"), "--address", address],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                model_info = requests.get(f"http://127.0.0.1:{port}/v1/model", timeout=5)
+                if model_info.status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.time() < deadline, "serve deploy: the app never answered"
+            time.sleep(2)
+        info = model_info.json()
+        assert (info["name"], info["version"], info["alias"]) == (name, "1", "champion")
+        answer = requests.post(f"http://127.0.0.1:{port}/v1/recommend", json={"k": 3}, timeout=30)
+        assert answer.status_code == 200 and len(answer.json()["items"]) == 3
+    finally:
+        subprocess.run([serve_cli, "shutdown", "--address", address, "-y"], env=env, timeout=120)
