@@ -199,7 +199,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=20.0, help="time cap per level")
     ap.add_argument("--batch", type=int, default=32, help="max_batch_size when batching is on")
     ap.add_argument("--wait-ms", type=float, default=2.0, help="batch_wait_timeout when on")
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads/replica")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per replica")
     ap.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
     args = ap.parse_args()
     if not (args.data / "manifest.json").is_file():
