@@ -639,7 +639,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "--access-log", action="store_true", help="Serve's per-request log line (costs ~30%%)"
     )
     p.add_argument("--steps", type=int, help="inner steps (default: the model's)")
-    p.add_argument("--max-sessions", type=int, default=10_000, help="session LRU size")
+    p.add_argument("--max-sessions", type=int, default=1000, help="session LRU size (~150 KB each)")
     p.add_argument("--max-ratings", type=int, default=200, help="ratings per request/session")
     p.add_argument("--max-k", type=int, default=100, help="largest k")
     p.add_argument("--max-items", type=int, default=1000, help="items per predict/candidates")

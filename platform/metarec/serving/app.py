@@ -65,7 +65,7 @@ class ServeSettings(BaseModel):
     steps: int | None = Field(None, ge=0, le=100)  # inner steps (default: the model's)
     device: str = "auto"
     threads: int | None = Field(None, ge=1)  # torch threads per replica
-    max_sessions: int = Field(10_000, ge=1)
+    max_sessions: int = Field(1000, ge=1)  # each caches fast weights: ~150 KB (ml100k net)
     limits: Limits = Field(default_factory=Limits)
 
 
