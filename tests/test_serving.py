@@ -167,6 +167,10 @@ def test_service_rejects_bad_requests_naming_the_field(tmp_path, served):
         with pytest.raises(FieldError, match=msg) as e:
             svc.recommend_job(request)
         assert e.value.loc == loc
+    other = catalog.raw_ids[1]
+    twice = [Rating(item=item, rating=1), Rating(item=other, rating=4), Rating(item=item, rating=5)]
+    job = svc.recommend_job(req(ratings=twice))  # a re-rated item keeps its latest rating
+    assert job.items == (0, 1) and job.ratings == (5.0, 4.0)
 
 
 def test_recommendations_respect_exclusions_and_candidates(tmp_path, served):

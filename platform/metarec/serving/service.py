@@ -63,7 +63,8 @@ class Service:
                 raise FieldError((*loc, k, "rating"), f"{r.rating} is outside [{lo}, {hi}]")
             values.append(float(r.rating))
         items = self.catalog.item_index([str(r.item) for r in ratings], loc, ("item",))
-        return items, values
+        latest = dict(zip(items, values, strict=True))  # a repeated item keeps its last rating,
+        return list(latest), list(latest.values())  # as in training data (data.features)
 
     def _k(self, k: int, loc: Loc) -> int:
         if k > self.limits.max_k:
