@@ -379,10 +379,10 @@ def _finish_evaluation(
     print(f"wrote {args.out}: " + ", ".join(f.name for f in files))
     if not args.model or not args.model.startswith(("models:/", "runs:/")):
         return
-    from metarec.tracking import log_evaluation, model_run_id, resolve_tracking_uri
+    from metarec.tracking import describe_model, log_evaluation, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri, args.work_dir)
-    run_id = model_run_id(args.model, uri)
+    run_id = describe_model(args.model, uri)["run_id"]
     if run_id is None:
         return
     m = ev.ds.manifest

@@ -31,10 +31,10 @@ from metarec.errors import ModelNotFoundError
 __all__ = [
     "EXPERIMENT",
     "EpochLogger",
+    "describe_model",
     "find_run",
     "finish_run",
     "log_evaluation",
-    "model_run_id",
     "promote",
     "resolve_checkpoint",
     "resolve_tracking_uri",
@@ -367,24 +367,6 @@ def promote(uri: str, name: str, version: str | int, alias: str = CHAMPION) -> N
     client.set_registered_model_alias(name, alias, str(version))
 
 
-def model_run_id(model: str, uri: str) -> str | None:
-    """The MLflow run that produced ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or
-    ``runs:/ID/...``; None for a checkpoint path (no run to log to)."""
-    if model.startswith("runs:/"):
-        return model.removeprefix("runs:/").split("/")[0]
-    if not model.startswith("models:/"):
-        return None
-    name, _, ref = model.removeprefix("models:/").partition("@")
-    client = _client(uri)
-    try:
-        if ref:
-            return client.get_model_version_by_alias(name, ref).run_id
-        name, _, version = name.rpartition("/")
-        return client.get_model_version(name, version).run_id
-    except mlflow.exceptions.MlflowException as e:
-        raise ModelNotFoundError(f"--model {model}: {e.message}") from e
-
-
 def log_evaluation(
     uri: str,
     run_id: str,
@@ -431,17 +413,20 @@ def resolve_checkpoint(model: str, uri: str) -> Path:
 
 
 def describe_model(model: str, uri: str) -> dict[str, Any]:
-    """Registry facts about ``model`` for ``GET /v1/model``: name, version, alias, run id.
+    """Registry facts about ``model``: name, version, alias and the run that produced it.
 
-    ``models:/NAME@ALIAS`` and ``models:/NAME/VERSION`` are looked up in the registry; a
-    run or a local checkpoint has no registry entry, so only its source is reported.
+    ``models:/NAME@ALIAS`` and ``models:/NAME/VERSION`` are looked up in the registry;
+    ``runs:/ID/...`` names its run; a local checkpoint has neither (all None). What
+    ``GET /v1/model`` reports, and where ``metarec evaluate`` logs an evaluation.
     """
     info: dict[str, Any] = {"uri": model, "name": None, "version": None, "alias": None}
+    if model.startswith("runs:/"):
+        return {**info, "run_id": model.removeprefix("runs:/").split("/")[0]}
     if not model.startswith("models:/"):
-        return info
-    ref = model.removeprefix("models:/")
-    name, alias = ref.split("@", 1) if "@" in ref else (ref, None)
-    name, _, version = name.partition("/")
+        return {**info, "run_id": None}
+    name, _, alias = model.removeprefix("models:/").partition("@")
+    if not alias:
+        name, _, version = name.rpartition("/")
     client = _client(uri)
     try:
         mv = (
@@ -451,4 +436,10 @@ def describe_model(model: str, uri: str) -> dict[str, Any]:
         )
     except mlflow.exceptions.MlflowException as e:
         raise ModelNotFoundError(f"--model {model}: {e.message}") from e
-    return {**info, "name": name, "version": str(mv.version), "alias": alias, "run_id": mv.run_id}
+    return {
+        **info,
+        "name": name,
+        "version": str(mv.version),
+        "alias": alias or None,
+        "run_id": mv.run_id,
+    }
