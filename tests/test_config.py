@@ -84,3 +84,8 @@ def test_ridge_solver_needs_a_linear_head_and_a_penalty():
         None, **{"meta.inner_solver": "ridge", "meta.adapt": "head", "meta.proximal": 1.0}
     )
     assert cfg.meta.inner_solver == "ridge"
+    ridge = {"meta.inner_solver": "ridge", "meta.adapt": "head", "meta.proximal": 1.0}
+    with pytest.raises(ConfigError, match="meta.support_prior: got 2"):
+        load_config(None, **ridge, **{"meta.support_prior": 2})
+    with pytest.raises(ConfigError, match="meta.support_prior: got -1"):
+        load_config(None, **{"meta.support_prior": -1})

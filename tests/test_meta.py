@@ -90,7 +90,8 @@ def reference_meta_loss(learner: MetaLearner, tasks: TaskBatch, *, second_order:
         fast = {n: params[n] for n in learner.adapted}
         for _ in range(cfg.inner_steps):
             pred = functional_call(model, {**params, **fast}, (tasks.support_items[t][s], user))
-            loss = ((pred - tasks.support_ratings[t][s]) ** 2).mean()
+            err2 = (pred - tasks.support_ratings[t][s]) ** 2
+            loss = err2.sum() / (len(err2) + cfg.support_prior)  # the mean when the prior is 0
             if cfg.proximal:
                 loss = loss + 0.5 * cfg.proximal * sum(
                     ((fast[n] - params[n]) ** 2).sum() for n in learner.adapted
@@ -112,24 +113,32 @@ def _grads(learner, loss):
 
 
 CASES = [
-    ("maml", "mlp", True, 0.0),
-    ("maml", "all", True, 0.0),
-    ("maml", "mlp", True, 0.7),  # proximal term
-    ("fomaml", "mlp", False, 0.0),
-    ("fomaml", "mlp", False, 0.7),
-    ("maml", "head", True, 0.3),
-    ("metasgd", "mlp", True, 0.4),  # per-entry step sizes with a proximal term
-    ("metasgd", "mlp", True, 0.0),
-    ("anil", "mlp", True, 0.0),  # anil forces head-only
+    ("maml", "mlp", True, 0.0, 0.0),
+    ("maml", "all", True, 0.0, 0.0),
+    ("maml", "mlp", True, 0.7, 0.0),  # proximal term
+    ("fomaml", "mlp", False, 0.0, 0.0),
+    ("fomaml", "mlp", False, 0.7, 0.0),
+    ("maml", "head", True, 0.3, 0.0),
+    ("metasgd", "mlp", True, 0.4, 0.0),  # per-entry step sizes with a proximal term
+    ("metasgd", "mlp", True, 0.0, 0.0),
+    ("anil", "mlp", True, 0.0, 0.0),  # anil forces head-only
+    ("maml", "mlp", True, 0.0, 4.0),  # support prior: loss sum / (n + 4), hand gradients
+    ("maml", "all", True, 0.0, 4.0),  # ... and through autograd
+    ("metasgd", "mlp", True, 0.4, 2.0),
 ]
 
 
-@pytest.mark.parametrize(("algorithm", "adapt", "second_order", "proximal"), CASES)
+@pytest.mark.parametrize(("algorithm", "adapt", "second_order", "proximal", "prior"), CASES)
 def test_vectorized_meta_loss_and_gradients_equal_per_task_loop(
-    tiny_tasks, algorithm, adapt, second_order, proximal
+    tiny_tasks, algorithm, adapt, second_order, proximal, prior
 ):
     cfg = MetaConfig(
-        algorithm=algorithm, adapt=adapt, inner_steps=3, inner_lr=0.05, proximal=proximal
+        algorithm=algorithm,
+        adapt=adapt,
+        inner_steps=3,
+        inner_lr=0.05,
+        proximal=proximal,
+        support_prior=prior,
     )
     learner = MetaLearner(tiny_model(), cfg).double()
     loss, _ = meta_loss(learner, tiny_tasks)
@@ -309,9 +318,10 @@ def test_ridge_meta_gradient_matches_per_task_solves(tiny_tasks):
         torch.testing.assert_close(got[name], want[name], atol=1e-9, rtol=1e-7)
 
 
+@pytest.mark.parametrize("prior", [0.0, 3.0])
 @pytest.mark.parametrize("users", [True, False])
 @pytest.mark.parametrize("adapt_group", ["head", "mlp"])
-def test_hand_derived_support_gradients_equal_autograd(tiny_tasks, users, adapt_group):
+def test_hand_derived_support_gradients_equal_autograd(tiny_tasks, users, adapt_group, prior):
     model = tiny_model(users=users)
     learner = MetaLearner(model, MetaConfig(adapt=adapt_group))
     names = learner.adapted
@@ -329,9 +339,11 @@ def test_hand_derived_support_gradients_equal_autograd(tiny_tasks, users, adapt_
     b = tiny_tasks
     full = {**params, **fast}
     pred = functional_call(model, full, (b.support_items, b.users))
-    loss = masked_mse(pred, b.support_ratings, b.support_mask).sum()
+    loss = masked_mse(pred, b.support_ratings, b.support_mask, prior=prior).sum()
     want = torch.autograd.grad(loss, list(fast.values()))
-    support = model.support_set(params, b.support_items, b.users, b.support_ratings, b.support_mask)
+    support = model.support_set(
+        params, b.support_items, b.users, b.support_ratings, b.support_mask, prior
+    )
     split_fast = model.split_input_weight(fast)
     keys = list(split_fast)
     split = {**model.split_input_weight(params), **split_fast}

@@ -95,6 +95,9 @@ class MetaConfig:
     inner_lr: float = 0.5  # step size of those steps (Meta-SGD: its initial value)
     inner_solver: InnerSolver = "gd"  # gd: inner_steps gradient steps; ridge: exact head solve
     proximal: float = 0.0  # lambda of the inner proximal term lambda/2 |phi - theta|^2
+    # kappa: the inner loss is the support's squared-error sum over (n + kappa), not n, so
+    # a user with 1 rating takes a step 1/(1 + kappa) the size of a mean-loss step.
+    support_prior: float = 0.0
     outer_lr: float = 5e-3  # Adam step size of the meta-update
     weight_decay: float = 0.0  # on the outer (Adam) update
     item_lr_scale: float = 1.0  # outer lr multiplier for item-id embeddings and biases
@@ -223,6 +226,13 @@ class MetarecConfig:
         _require(m.outer_lr > 0, "meta.outer_lr", m.outer_lr, "a float > 0")
         _require(m.proximal >= 0, "meta.proximal", m.proximal, "a float >= 0")
         _require(m.meta_batch_size >= 1, "meta.meta_batch_size", m.meta_batch_size, "an int >= 1")
+        _require(m.support_prior >= 0, "meta.support_prior", m.support_prior, "a number >= 0")
+        _require(
+            m.support_prior == 0 or m.inner_solver == "gd",
+            "meta.support_prior",
+            m.support_prior,
+            "0 with inner_solver ridge (its proximal term already plays that role)",
+        )
         _require(t.epochs >= 1, "train.epochs", t.epochs, "an int >= 1")
         _require(t.workers >= 1, "train.workers", t.workers, "an int >= 1")
         u = self.tune

@@ -97,6 +97,7 @@ class MetaLearner(nn.Module):
             steps=cfg.inner_steps if steps is None else steps,
             inner_lr=self.lrs() if inner_lr is None else inner_lr,
             proximal=cfg.proximal,
+            support_prior=cfg.support_prior,
             create_graph=create_graph,
             solver=cfg.inner_solver if (steps is None or steps > 0) else "gd",
         )
@@ -111,10 +112,14 @@ def _key(name: str) -> str:
     return name.replace(".", "__")  # ParameterDict keys cannot contain dots
 
 
-def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-    """Per-task mean squared error over valid entries: (T, N) -> (T,)."""
+def masked_mse(pred: Tensor, target: Tensor, mask: Tensor, *, prior: float = 0.0) -> Tensor:
+    """Per-task mean squared error over valid entries: (T, N) -> (T,).
+
+    With ``prior`` > 0 the sum is divided by (n + prior): the inner loss of
+    ``meta.support_prior``, whose gradient shrinks with few ratings.
+    """
     m = mask.to(pred.dtype)
-    return ((pred - target) ** 2 * m).sum(-1) / m.sum(-1).clamp_min(1.0)
+    return ((pred - target) ** 2 * m).sum(-1) / (m.sum(-1) + prior).clamp_min(1.0)
 
 
 def predict(model: Recommender, params: Params, items: Tensor, users: Tensor) -> Tensor:
@@ -131,6 +136,7 @@ def adapt(
     steps: int,
     inner_lr: float | Params,
     proximal: float = 0.0,
+    support_prior: float = 0.0,
     create_graph: bool = False,
     solver: str = "gd",
 ) -> Params:
@@ -140,6 +146,8 @@ def adapt(
         support: (users (T,), items (T, S), ratings (T, S), mask (T, S)).
         names: the adapted parameter names; the rest stay shared (no task dimension).
         inner_lr: one step size, or one tensor per adapted parameter (Meta-SGD).
+        support_prior: divide each task's support loss by (n + support_prior) rather than
+            n: a user with few ratings moves less from the meta-learned weights.
         create_graph: keep second-order terms (MAML). Without it the returned weights
             still depend on ``params`` to first order (FOMAML's gradient path).
         solver: ``"gd"``, or ``"ridge"``: solve the proximal inner problem for a linear head
@@ -157,7 +165,7 @@ def adapt(
         return {**params, **fast}
     step_size = inner_lr if isinstance(inner_lr, dict) else dict.fromkeys(names, inner_lr)
     if model.hand_grads_for(names):
-        support_set = model.support_set(params, items, users, ratings, mask)
+        support_set = model.support_set(params, items, users, ratings, mask, support_prior)
         fast = _adapt_mlp(
             model, params, names, support_set, steps, step_size, proximal, create_graph
         )
@@ -168,7 +176,7 @@ def adapt(
     with torch.enable_grad():
         for _ in range(steps):
             pred = functional_call(model, {**params, **fast}, (items, users))
-            loss = masked_mse(pred, ratings, mask)
+            loss = masked_mse(pred, ratings, mask, prior=support_prior)
             if proximal:
                 loss = loss + 0.5 * proximal * sum(
                     ((fast[n] - theta[n]) ** 2).flatten(1).sum(1) for n in names

@@ -266,12 +266,19 @@ class Recommender(nn.Module):
         return _unit_rms(x)
 
     def support_set(
-        self, params: Params, items: Tensor, users: Tensor, ratings: Tensor, mask: Tensor
+        self,
+        params: Params,
+        items: Tensor,
+        users: Tensor,
+        ratings: Tensor,
+        mask: Tensor,
+        prior: float = 0.0,
     ) -> SupportSet:
         """What ``support_grads`` needs of a padded support set, computed once per adapt.
 
         ``params`` are the meta-parameters (not split; embeddings and item biases do not
-        adapt on this path, so the inputs stay the same across inner steps).
+        adapt on this path, so the inputs stay the same across inner steps). ``prior``: the
+        loss is the squared-error sum over (n + prior) instead of n (``meta.support_prior``).
         """
         item_x, user_x = functional_call(self, params, (items, users), {"encode_only": True})
         offset = _gather_bias(params["item_bias"], items) + self.global_mean
@@ -280,7 +287,7 @@ class Recommender(nn.Module):
             item_x=item_x,
             user_x=user_x,
             residual=(offset - ratings).unsqueeze(-1),
-            weight=(2 * m / m.sum(-1, keepdim=True).clamp_min(1.0)).unsqueeze(-1),
+            weight=(2 * m / (m.sum(-1, keepdim=True) + prior).clamp_min(1.0)).unsqueeze(-1),
         )
 
     def support_grads(self, params: Params, names: list[str], support: SupportSet) -> list[Tensor]:
