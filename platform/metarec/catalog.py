@@ -23,11 +23,7 @@ from metarec.batch import TaskBatch
 from metarec.data.features import age_buckets, zip_prefixes
 from metarec.data.prepared import PreparedDataset
 
-__all__ = ["USER_FIELDS", "Catalog", "FieldError", "catalog_dict"]
-
-# Request field -> (encoded feature, vocabulary normalisation); the same rules as
-# ``data.features._encode_users`` (gender upper case, occupation lower case).
-USER_FIELDS = ("age", "gender", "occupation", "zip")
+__all__ = ["Catalog", "FieldError", "catalog_dict"]
 
 
 class FieldError(ValueError):

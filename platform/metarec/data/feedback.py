@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from metarec.data.sources import RawData
+from metarec.data.sources import USER_COLUMNS, RawData
 from metarec.errors import DataError
 
 __all__ = ["PATTERN", "fold_feedback", "read_feedback"]
@@ -89,10 +89,7 @@ def fold_feedback(raw: RawData, directory: str | os.PathLike) -> RawData:
     merged = pd.concat([ratings, fb], ignore_index=True)
     if users is not None and features:
         new = pd.DataFrame(
-            [
-                {"user": u, **{k: f.get(k) for k in ("age", "gender", "occupation", "zip")}}
-                for u, f in features.items()
-            ]
+            [{"user": u, **{k: f.get(k) for k in USER_COLUMNS}} for u, f in features.items()]
         )
         new["user"] = new["user"].astype(merged["user"].dtype)
         users = pd.concat([users[~users["user"].isin(new["user"])], new], ignore_index=True)

@@ -29,7 +29,7 @@ from metarec.data.readers import (
 )
 from metarec.errors import DataError
 
-__all__ = ["LOADERS", "RawData", "load_source"]
+__all__ = ["LOADERS", "USER_COLUMNS", "RawData", "load_source"]
 
 INT, FLOAT, STR = pa.int64(), pa.float64(), pa.string()
 
@@ -58,6 +58,7 @@ ML1M_OCCUPATIONS = [
     "writer",
 ]
 NO_GENRE = {"", "unknown", "(no genres listed)"}
+USER_COLUMNS = ("age", "gender", "occupation", "zip")  # a raw user table's feature columns
 
 
 @dataclass
@@ -307,7 +308,7 @@ def _generic_items(path: Path) -> pd.DataFrame:
 
 
 def _generic_users(path: Path) -> pd.DataFrame:
-    df = _feature_table(path, "user", ("age", "gender", "occupation", "zip"))
+    df = _feature_table(path, "user", USER_COLUMNS)
     out = pd.DataFrame({"user": df["user"]})
     out["age"] = pd.to_numeric(df["age"], errors="coerce") if "age" in df else np.nan
     for col in ("gender", "occupation", "zip"):

@@ -113,14 +113,13 @@ class Sessions:
         self.max_sessions, self.max_ratings = max_sessions, max_ratings
         self._index = index
         self._lru: OrderedDict[str, Session] = OrderedDict()
-        self._logged: set[str] = set()  # users with events on disk (rebuild on a miss)
         # Two passes: find the most recently active users, then replay only theirs (a
         # session evicted half-way through one pass would come back missing ratings).
         recent: OrderedDict[str, None] = OrderedDict()
         for _, _, event in read_feedback(self.log_dir):
             recent[event["user_id"]] = None
             recent.move_to_end(event["user_id"])
-        self._logged = set(recent)
+        self._logged = set(recent)  # users with events on disk (rebuilt on a miss)
         keep = set(list(recent)[-max_sessions:]) if max_sessions else set()
         replayed: dict[str, Session] = {}
         for _, _, event in read_feedback(self.log_dir):
