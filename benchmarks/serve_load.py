@@ -161,7 +161,7 @@ def engine_alone(model: str, bodies: list[dict], batch: int, threads: int) -> di
         ServeSettings(model=model, work_dir=tempfile.mkdtemp(), limits={"max_ratings": 200}),
         writer="bench",
     )
-    jobs = [svc.recommend_job(RecommendRequest.model_validate(b)) for b in bodies]
+    jobs = [svc.recommend_job(RecommendRequest.model_validate(b))[0] for b in bodies]
     jobs = (jobs * (1 + batch // len(jobs)))[:batch]
 
     def ms_per_user(group: int) -> float:

@@ -169,7 +169,7 @@ def test_service_rejects_bad_requests_naming_the_field(tmp_path, served):
         assert e.value.loc == loc
     other = catalog.raw_ids[1]
     twice = [Rating(item=item, rating=1), Rating(item=other, rating=4), Rating(item=item, rating=5)]
-    job = svc.recommend_job(req(ratings=twice))  # a re-rated item keeps its latest rating
+    job, _ = svc.recommend_job(req(ratings=twice))  # a re-rated item keeps its latest rating
     assert job.items == (0, 1) and job.ratings == (5.0, 4.0)
 
 
@@ -178,16 +178,17 @@ def test_recommendations_respect_exclusions_and_candidates(tmp_path, served):
     svc = _service(tmp_path, catalog, loaded, max_k=len(catalog))
     rated = catalog.raw_ids[:5]
     request = RecommendRequest(ratings=[Rating(item=i, rating=5) for i in rated], k=len(catalog))
-    job = svc.recommend_job(request)
+    job, candidates = svc.recommend_job(request)
     (result,) = svc.engine.run([job])
-    out = svc.recommend_response(request, job, result)
+    out = svc.recommend_response(request, job, candidates, result)
     ids = [x["item"] for x in out["items"]]
     assert len(ids) == len(catalog) - 5 and not set(ids) & set(rated)
     scores = [x["score"] for x in out["items"]]
     assert scores == sorted(scores, reverse=True)
     some = catalog.raw_ids[3:9]
     request = RecommendRequest(ratings=request.ratings, k=100, candidates=some)
-    out = svc.recommend_response(request, job, result)
+    _, candidates = svc.recommend_job(request)
+    out = svc.recommend_response(request, job, candidates, result)
     assert [x["item"] for x in out["items"]] == [i for i in ids if i in some]  # 5..8 only
 
 

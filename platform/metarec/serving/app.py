@@ -202,13 +202,15 @@ api.add_middleware(Guard)
 
 
 K = Annotated[int, Query(ge=1, le=HARD_MAX_ITEMS)]
+# Micro-batching defaults (the deployment's user_config; `serve deploy` changes them live).
+MAX_BATCH_SIZE, BATCH_WAIT_S = 32, 0.002
 
 
 @serve.deployment(
     name="metarec",
     max_ongoing_requests=256,  # >= max_batch_size, or batches never fill
     ray_actor_options={"num_cpus": 1},
-    user_config={"max_batch_size": 32, "batch_wait_timeout_s": 0.002},
+    user_config={"max_batch_size": MAX_BATCH_SIZE, "batch_wait_timeout_s": BATCH_WAIT_S},
     # Serve's per-request access log line costs ~30% of the HTTP path's throughput here
     # (measured: /healthz ceiling 317 -> 441 req/s at 64 concurrent); metrics remain.
     logging_config={"enable_access_log": False},
@@ -221,10 +223,10 @@ class MetarecServer:
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Batch size and wait from ``user_config``: changed live, no replica restart."""
-        self._run.set_max_batch_size(int(config.get("max_batch_size", 32)))
-        self._run.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.002)))
+        self._run.set_max_batch_size(int(config.get("max_batch_size", MAX_BATCH_SIZE)))
+        self._run.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", BATCH_WAIT_S)))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
     async def _run(self, jobs: list[Job]) -> list[Result]:
         # On this loop, not in a worker thread: a thread made the engine and the request
         # handling share the GIL op by op, so requests trickled in and batches stayed tiny
@@ -244,14 +246,15 @@ class MetarecServer:
     @api.post("/v1/recommend")
     async def recommend(self, req: RecommendRequest) -> JSONResponse:
         """Top-k items after adapting to the given ratings (none: cold start)."""
-        job = self.service.recommend_job(req)
-        return JSONResponse(self.service.recommend_response(req, job, await self._run(job)))
+        job, candidates = self.service.recommend_job(req)
+        result = await self._run(job)
+        return JSONResponse(self.service.recommend_response(req, job, candidates, result))
 
     @api.post("/v1/predict")
     async def predict(self, req: PredictRequest) -> JSONResponse:
         """Predicted ratings of the given items after adapting to the given ratings."""
-        job = self.service.predict_job(req)
-        return JSONResponse(self.service.predict_response(req, job, await self._run(job)))
+        job, items = self.service.predict_job(req)
+        return JSONResponse(self.service.predict_response(job, items, await self._run(job)))
 
     @api.get("/v1/onboarding")
     async def onboarding(self, n: K = 10) -> JSONResponse:
@@ -292,8 +295,8 @@ def serve_forever(
     port: int = 8000,
     replicas: int = 1,
     num_cpus: float = 1.0,
-    max_batch_size: int = 32,
-    batch_wait_timeout_s: float = 0.002,
+    max_batch_size: int = MAX_BATCH_SIZE,
+    batch_wait_timeout_s: float = BATCH_WAIT_S,
     access_log: bool = False,
 ) -> None:
     """``metarec serve``: start (or join) Ray, run the app on host:port until Ctrl-C."""

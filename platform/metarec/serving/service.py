@@ -66,10 +66,9 @@ class Service:
         latest = dict(zip(items, values, strict=True))  # a repeated item keeps its last rating,
         return list(latest), list(latest.values())  # as in training data (data.features)
 
-    def _k(self, k: int, loc: Loc) -> int:
+    def _k(self, k: int, loc: Loc) -> None:
         if k > self.limits.max_k:
             raise FieldError(loc, f"{k} is larger than the limit {self.limits.max_k}")
-        return k
 
     def _features(self, user: UserFeatures | None) -> tuple[int, ...] | None:
         if user is None:
@@ -82,17 +81,20 @@ class Service:
 
     # -- stateless endpoints ------------------------------------------------------------
 
-    def recommend_job(self, req: RecommendRequest) -> Job:
+    def recommend_job(self, req: RecommendRequest) -> tuple[Job, list[int] | None]:
+        """The job, and the candidates' catalog indices (None: rank the whole catalog)."""
         self._k(req.k, ("body", "k"))
         self._check_len(req.candidates, self.limits.max_items, ("body", "candidates"), "items")
-        if req.candidates is not None:
-            self.catalog.item_index([str(c) for c in req.candidates], ("body", "candidates"))
-        return self.adapt_job(req.user, req.ratings)
-
-    def recommend_response(self, req: RecommendRequest, job: Job, result: Result) -> dict:
         candidates = None
         if req.candidates is not None:
-            candidates = self.catalog.item_index([str(c) for c in req.candidates], ())
+            candidates = self.catalog.item_index(
+                [str(c) for c in req.candidates], ("body", "candidates")
+            )
+        return self.adapt_job(req.user, req.ratings), candidates
+
+    def recommend_response(
+        self, req: RecommendRequest, job: Job, candidates: list[int] | None, result: Result
+    ) -> dict:
         seen = job.items if req.exclude_seen else ()
         return {
             "model": self.model_info["label"],
@@ -100,20 +102,20 @@ class Service:
             "items": self.top_k(result.scores, req.k, seen, candidates),
         }
 
-    def predict_job(self, req: PredictRequest) -> Job:
+    def predict_job(self, req: PredictRequest) -> tuple[Job, list[int]]:
+        """The job, and the catalog indices of the items to predict."""
         self._check_len(req.items, self.limits.max_items, ("body", "items"), "items")
-        self.catalog.item_index([str(i) for i in req.items], ("body", "items"))
-        return self.adapt_job(req.user, req.ratings)
+        items = self.catalog.item_index([str(i) for i in req.items], ("body", "items"))
+        return self.adapt_job(req.user, req.ratings), items
 
-    def predict_response(self, req: PredictRequest, job: Job, result: Result) -> dict:
-        idx = self.catalog.item_index([str(i) for i in req.items], ())
-        scores = result.scores[idx].tolist()
+    def predict_response(self, job: Job, items: list[int], result: Result) -> dict:
+        scores = result.scores[items].tolist()
         return {
             "model": self.model_info["label"],
             "adapted_on": len(job.items),
             "predictions": [
                 {"item": self.catalog.raw_ids[i], "score": s}
-                for i, s in zip(idx, scores, strict=True)
+                for i, s in zip(items, scores, strict=True)
             ],
         }
 
