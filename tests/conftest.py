@@ -1,4 +1,8 @@
-"""Shared fixtures: the ML-100k location, small prepared datasets (session-scoped, seeded)."""
+"""Shared fixtures: the ML-100k location, small prepared datasets (session-scoped, seeded).
+
+Also the Hypothesis profile: derandomized under ``CI=true`` (a red CI run reproduces),
+random locally (each run explores new examples). Neither lowers the example counts.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,29 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from metarec.config import load_config
 from metarec.data.prepare import prepare
+from tests.ci import hypothesis_profile, skip_or_fail
 
 REPO = Path(__file__).resolve().parents[1]
 ML100K = Path(os.environ.get("METAREC_ML100K", REPO.parent / "shared" / "datasets" / "ml-100k"))
+
+# Parent "default" (Hypothesis' own defaults), not whatever profile Hypothesis auto-loaded on
+# seeing some CI variable: the choice follows tests/ci.py's rule only.
+_DEFAULTS = settings.get_profile("default")
+settings.register_profile(
+    "ci", _DEFAULTS, derandomize=True, database=None, deadline=None, print_blob=True
+)
+settings.register_profile("local", _DEFAULTS)
+settings.load_profile(hypothesis_profile())
 
 
 @pytest.fixture(scope="session")
 def ml100k_dir() -> Path:
     if not (ML100K / "u.data").is_file():
-        pytest.skip(f"ml-100k not found at {ML100K}")
+        skip_or_fail(f"ml-100k not found at {ML100K}")
     return ML100K
 
 

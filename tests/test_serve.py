@@ -33,6 +33,7 @@ from metarec.checkpoint import (
 from metarec.config import apply_overrides
 from metarec.loop import fit, predict_items
 from metarec.serving.sessions import read_feedback
+from tests.ci import require_module
 from tests.processes import free_port, processes_mentioning
 
 REPO = Path(__file__).resolve().parents[1]
@@ -298,7 +299,7 @@ def test_malformed_json_nan_and_huge_bodies_are_4xx(server):
 
 
 def test_fuzzing_the_openapi_schema_finds_no_server_error(server):
-    schemathesis = pytest.importorskip("schemathesis")
+    schemathesis = require_module("schemathesis")
     from hypothesis import HealthCheck, given, settings
     from hypothesis.errors import Unsatisfiable
     from schemathesis import GenerationMode
@@ -309,7 +310,7 @@ def test_fuzzing_the_openapi_schema_finds_no_server_error(server):
     for op in schema.get_all_operations():
         operation = op.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-
+            # derandomize (and the rest) comes from the profile tests/conftest.py loads
             @settings(
                 max_examples=50,
                 deadline=None,

@@ -22,10 +22,11 @@ from metarec.checkpoint import load_checkpoint
 from metarec.config import apply_overrides
 from metarec.errors import ModelNotFoundError
 from metarec.loop import TrainState
+from tests.ci import require_module
 from tests.processes import free_port, stop_group
 
-ray = pytest.importorskip("ray")
-mlflow = pytest.importorskip("mlflow")
+ray = require_module("ray")
+mlflow = require_module("mlflow")
 
 
 @pytest.fixture(scope="module")
