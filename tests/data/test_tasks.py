@@ -1,4 +1,10 @@
-"""Task building on ML-100k: the protocol's guarantees, checked against the raw ratings."""
+"""Task building: the protocol's guarantees, checked against the raw ratings.
+
+The leakage checks run on two sources: the synthetic dataset (always there, so they run on
+any machine) and ML-100k (skipped when it is missing, failed under CI=true).
+"""
+
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -7,10 +13,27 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from metarec.config import SCENARIOS
+from metarec.data import synthetic
+from metarec.data.prepared import PreparedDataset
 from metarec.data.sources import load_ml100k
 from metarec.data.tasks import SPLITS, Protocol, build_scenarios, tasks_table
 
 COLD_USERS = ("user_cold", "temporal", "user_item_cold")
+
+
+class Source(NamedTuple):
+    prepared: PreparedDataset
+    ratings: pd.DataFrame  # the raw ratings it was prepared from: user, item, rating, timestamp
+
+
+@pytest.fixture(scope="module", params=["synthetic", "ml100k"])
+def source(request) -> Source:
+    if request.param == "synthetic":
+        cfg = request.getfixturevalue("synthetic_cfg")
+        raw = synthetic.generate(cfg.data.synthetic, seed=cfg.seed)
+    else:
+        raw = load_ml100k(request.getfixturevalue("ml100k_dir"))
+    return Source(request.getfixturevalue(f"{request.param}_prepared"), raw.ratings)
 
 
 def _pairs(table, which):
@@ -26,12 +49,21 @@ def _users(table):
     return set(table.column("user").to_pylist())
 
 
-def test_every_scenario_and_split_is_written(ml100k_prepared):
-    m = ml100k_prepared.manifest
+def _raw(src: Source, column: str):
+    """(user index, item index) of a task row -> ``column`` of that raw rating."""
+    users = src.prepared.users().to_pandas()["raw_id"].astype(int).to_numpy()
+    items = src.prepared.items().to_pandas()["raw_id"].astype(int).to_numpy()
+    r = src.ratings
+    by_pair = dict(zip(zip(r["user"], r["item"], strict=True), r[column], strict=True))
+    return lambda u, i: by_pair[(users[u], items[i])]
+
+
+def test_every_scenario_and_split_is_written(source):
+    m = source.prepared.manifest
     assert set(m["scenarios"]) == set(SCENARIOS)
     for scenario in SCENARIOS:
         for split in SPLITS:
-            t = ml100k_prepared.tasks(scenario, split)
+            t = source.prepared.tasks(scenario, split)
             assert t.num_rows == m["scenarios"][scenario][split]["tasks"] > 0
 
 
@@ -49,75 +81,68 @@ def test_counts_follow_the_filter_and_split(ml100k_prepared):
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_query_size_and_support_floor(ml100k_prepared, scenario):
-    q = ml100k_prepared.manifest["protocol"]["query_size"]
+def test_query_size_and_support_floor(source, scenario):
+    q = source.prepared.manifest["protocol"]["query_size"]
     for split in SPLITS:
-        t = ml100k_prepared.tasks(scenario, split)
+        t = source.prepared.tasks(scenario, split)
         assert {len(x) for x in t.column("query_items").to_pylist()} == {q}
         assert min(len(x) for x in t.column("support_items").to_pylist()) >= 3
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_support_and_query_are_disjoint_and_match_the_source(ml100k_prepared, ml100k_dir, scenario):
-    raw = load_ml100k(ml100k_dir).ratings
-    users = ml100k_prepared.users().to_pandas()["raw_id"].astype(int).to_numpy()
-    items = ml100k_prepared.items().to_pandas()["raw_id"].astype(int).to_numpy()
-    truth = dict(zip(zip(raw["user"], raw["item"], strict=True), raw["rating"], strict=True))
+def test_support_and_query_are_disjoint_and_match_the_source(source, scenario):
+    rating = _raw(source, "rating")
     for split in SPLITS:
-        t = ml100k_prepared.tasks(scenario, split).to_pylist()
+        t = source.prepared.tasks(scenario, split).to_pylist()
         for row in t[:40]:
             assert not set(row["support_items"]) & set(row["query_items"])
             for which in ("support", "query"):
                 for i, r in zip(row[f"{which}_items"], row[f"{which}_ratings"], strict=True):
-                    assert truth[(users[row["user"]], items[i])] == r
+                    assert rating(row["user"], i) == r
 
 
 @pytest.mark.parametrize("scenario", COLD_USERS)
-def test_cold_scenarios_never_share_users_across_splits(ml100k_prepared, scenario):
-    train, valid, test = (_users(ml100k_prepared.tasks(scenario, s)) for s in SPLITS)
+def test_cold_scenarios_never_share_users_across_splits(source, scenario):
+    train, valid, test = (_users(source.prepared.tasks(scenario, s)) for s in SPLITS)
     if scenario != "user_item_cold":  # its train split is the warm one: existing users
         assert not train & valid and not train & test
     assert not valid & test
     if scenario == "user_item_cold":
-        cold_train = _users(ml100k_prepared.tasks("user_cold", "train"))
+        cold_train = _users(source.prepared.tasks("user_cold", "train"))
         assert not cold_train & (valid | test)
 
 
 @pytest.mark.parametrize("scenario", ["warm", "item_cold"])
-def test_warm_users_are_known_but_their_queries_never_trained(ml100k_prepared, scenario):
-    train = ml100k_prepared.tasks(scenario, "train")
+def test_warm_users_are_known_but_their_queries_never_trained(source, scenario):
+    train = source.prepared.tasks(scenario, "train")
     seen = _pairs(train, "support") | _pairs(train, "query")
     for split in ("valid", "test"):
-        t = ml100k_prepared.tasks(scenario, split)
-        assert _users(t) <= _users(ml100k_prepared.tasks("user_cold", "train"))
+        t = source.prepared.tasks(scenario, split)
+        assert _users(t) <= _users(source.prepared.tasks("user_cold", "train"))
         assert not _pairs(t, "query") & seen
 
 
-def test_new_items_never_appear_in_training(ml100k_prepared):
-    cut = ml100k_prepared.manifest["protocol"]["item_cut_year"]
-    year = ml100k_prepared.items().column("year").to_numpy()
-    train = ml100k_prepared.tasks("item_cold", "train")
+def test_new_items_never_appear_in_training(source):
+    cut = source.prepared.manifest["protocol"]["item_cut_year"]
+    year = source.prepared.items().column("year").to_numpy()
+    train = source.prepared.tasks("item_cold", "train")
     trained = _items(train, "support") | _items(train, "query")
     assert all(year[i] <= cut for i in trained)
     for scenario in ("item_cold", "user_item_cold"):
         for split in ("valid", "test"):
-            t = ml100k_prepared.tasks(scenario, split)
+            t = source.prepared.tasks(scenario, split)
             query = _items(t, "query")
             assert query and all(year[i] > cut for i in query)
             assert not query & trained
             assert all(year[i] <= cut for i in _items(t, "support"))
 
 
-def test_temporal_queries_are_each_users_latest(ml100k_prepared, ml100k_dir):
-    raw = load_ml100k(ml100k_dir).ratings
-    users = ml100k_prepared.users().to_pandas()["raw_id"].astype(int).to_numpy()
-    items = ml100k_prepared.items().to_pandas()["raw_id"].astype(int).to_numpy()
-    ts = dict(zip(zip(raw["user"], raw["item"], strict=True), raw["timestamp"], strict=True))
+def test_temporal_queries_are_each_users_latest(source):
+    ts = _raw(source, "timestamp")
     for split in SPLITS:
-        for row in ml100k_prepared.tasks("temporal", split).to_pylist():
-            u = users[row["user"]]
-            s = [ts[(u, items[i])] for i in row["support_items"]]
-            q = [ts[(u, items[i])] for i in row["query_items"]]
+        for row in source.prepared.tasks("temporal", split).to_pylist():
+            s = [ts(row["user"], i) for i in row["support_items"]]
+            q = [ts(row["user"], i) for i in row["query_items"]]
             assert max(s) <= min(q)
             assert s == sorted(s) and q == sorted(q)  # chronological within each set
 
