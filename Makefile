@@ -8,7 +8,7 @@ WORK       ?= work
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.metarec-installed
 
-.PHONY: setup demo test test-all lint bench clean
+.PHONY: setup demo test test-fast test-all lint bench clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Unit tests only, in process: no Ray, servers or subprocesses (~35 s on 2 cores).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not integration"
 
 test-all: setup
 	$(BIN)/python -m pytest -q

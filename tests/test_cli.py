@@ -8,6 +8,8 @@ import pytest
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.integration  # every test runs `metarec` in a subprocess
+
 
 def run(*args, cwd=REPO):
     return subprocess.run(

@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.integration  # a fresh interpreter per check
+
 CORE = [
     "metarec.config",
     "metarec.errors",

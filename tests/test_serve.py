@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 METAREC = Path(sys.executable).with_name("metarec")
 TOKEN = secrets.token_hex(8)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+pytestmark = pytest.mark.integration  # a `metarec serve` process with its own Ray
 
 
 @pytest.fixture(scope="module")

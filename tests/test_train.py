@@ -27,6 +27,7 @@ from tests.processes import free_port, stop_group
 
 ray = require_module("ray")
 mlflow = require_module("mlflow")
+pytestmark = pytest.mark.integration  # a local Ray cluster and a live MLflow server
 
 
 @pytest.fixture(scope="module")

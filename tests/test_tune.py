@@ -47,6 +47,7 @@ def test_good_space_parses_typed_values():
     ]
 
 
+@pytest.mark.integration
 def test_cli_rejects_a_bad_space_with_one_line(tmp_path):
     res = subprocess.run(
         [
@@ -94,6 +95,7 @@ def _tune_cmd(data: Path, work: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.integration
 def test_tiny_sweep_stops_early_nests_runs_registers_best_and_resumes(
     synthetic_cfg, synthetic_prepared, tmp_path
 ):
