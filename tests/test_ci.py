@@ -56,6 +56,8 @@ def test_profile_choice_follows_ci(local, monkeypatch):
 def test_the_loaded_profile_is_the_one_for_this_run():
     assert settings.get_current_profile_name() == hypothesis_profile()
     assert settings.default.derandomize is on_ci()
+    # an explicit @settings without a parent (test_serve's schemathesis fuzz) inherits it
+    assert settings(max_examples=50, database=None).derandomize is on_ci()
 
 
 def _drawn(profile: str) -> list[int]:
