@@ -30,7 +30,7 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# Unit tests only, in process: no Ray, servers or subprocesses (~35 s on 2 cores).
+# Unit tests only, in process: no Ray, servers or subprocesses (~34 s on 2 idle cores).
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not integration"
 
