@@ -38,7 +38,7 @@ def test_ctrl_c_ends_the_run_killed(run):
     uri, run_id = run
     with pytest.raises(KeyboardInterrupt), ends_honestly(uri, run_id):
         raise KeyboardInterrupt
-    assert _status(uri, run_id)[0] == "KILLED"
+    assert _status(uri, run_id) == ("KILLED", "interrupted: Ctrl-C")
 
 
 def test_sigterm_raises_ends_the_run_killed_and_the_handler_is_restored(run):
@@ -53,7 +53,7 @@ def test_sigterm_raises_ends_the_run_killed_and_the_handler_is_restored(run):
     with pytest.raises(Terminated) as caught:
         terminated()
     assert caught.value.code == 128 + signal.SIGTERM
-    assert _status(uri, run_id) == ("KILLED", "SIGTERM")
+    assert _status(uri, run_id) == ("KILLED", "interrupted: SIGTERM")
     assert signal.getsignal(signal.SIGTERM) is before
 
 
@@ -66,3 +66,23 @@ def test_success_leaves_the_status_to_the_block_and_reopen_clears_the_error(run)
         raise RuntimeError("worker died")
     reopen_run(uri, run_id)  # `metarec train --resume`
     assert _status(uri, run_id) == ("RUNNING", None)
+
+
+def test_sigterm_that_a_blocking_call_turns_into_another_exit_still_reads_as_sigterm(run):
+    uri, run_id = run
+
+    def ray_get_like() -> None:  # ray.get turns a handler's exception into SystemExit(1)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except Terminated:
+            raise SystemExit(1) from None
+
+    def terminated() -> None:
+        with ends_honestly(uri, run_id):
+            ray_get_like()
+
+    with pytest.raises(Terminated) as caught:
+        terminated()
+    assert caught.value.code == 128 + signal.SIGTERM
+    assert _status(uri, run_id) == ("KILLED", "interrupted: SIGTERM")

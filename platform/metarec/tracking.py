@@ -172,10 +172,6 @@ class Terminated(SystemExit):
     then exits 128 + 15 as if the signal had killed it, without a traceback."""
 
 
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated(128 + signum)
-
-
 @contextlib.contextmanager
 def ends_honestly(
     uri: str, run_id: str, *, killed: tuple[type[BaseException], ...] = ()
@@ -186,16 +182,25 @@ def ends_honestly(
 
     Without this, a run that dies after ``start_run`` stays RUNNING forever. For the block's
     duration SIGTERM raises ``Terminated`` (only the main thread can set handlers, and
-    receives the signal); the previous handler comes back afterwards.
+    receives the signal); the previous handler comes back afterwards. A signal that lands
+    inside a blocking ``ray.get`` surfaces as Ray's ``SystemExit(1)`` instead, so the
+    handler also notes that it fired, and ``Terminated`` is raised in its place.
     """
+    received: list[int] = []
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise Terminated(128 + signum)
+
     previous = None
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         yield
     except (KeyboardInterrupt, SystemExit, *killed) as e:
-        why = "SIGTERM" if isinstance(e, Terminated) else f"{type(e).__name__}: {e}"
-        _end_run(uri, run_id, "KILLED", why)
+        _end_run(uri, run_id, "KILLED", _interruption(e, received))
+        if received and not isinstance(e, Terminated):
+            raise Terminated(128 + received[0]) from e
         raise
     except BaseException as e:
         _end_run(uri, run_id, "FAILED", f"{type(e).__name__}: {e}")
@@ -203,6 +208,16 @@ def ends_honestly(
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _interruption(e: BaseException, signals: list[int]) -> str:
+    if signals:
+        return f"interrupted: {signal.Signals(signals[0]).name}"
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted: Ctrl-C"
+    if isinstance(e, SystemExit):
+        return f"interrupted: exit {e.code}"
+    return f"{type(e).__name__}: {e}"
 
 
 def _end_run(uri: str, run_id: str, status: str, why: str) -> None:
