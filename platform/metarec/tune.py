@@ -225,7 +225,9 @@ def tune(
     with tracking.ends_honestly(uri, spec["parent_run_id"], killed=(SweepInterrupted,)):
         tuner = _tuner(spec, dims, concurrent, search_alg, resume=bool(resume))
         grid = tuner.fit()
-        unfinished = len(grid) - grid.num_terminated - grid.num_errors
+        # Trials Tune had not created yet when Ctrl-C came are missing from the grid.
+        planned = cfg.tune.num_samples * math.prod(len(d.values) for d in dims if d.kind == "grid")
+        unfinished = max(planned, len(grid)) - grid.num_terminated - grid.num_errors
         if unfinished:
             raise SweepInterrupted(
                 f"sweep {name} interrupted with {unfinished} trials unfinished; continue it "
