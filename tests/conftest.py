@@ -53,3 +53,17 @@ def synthetic_cfg():
 @pytest.fixture(scope="session")
 def synthetic_prepared(synthetic_cfg, tmp_path_factory):
     return prepare(synthetic_cfg, tmp_path_factory.mktemp("syn") / "data", progress=False)
+
+
+@pytest.fixture(scope="session")
+def uneven_prepared(synthetic_cfg, tmp_path_factory):
+    """481 training tasks (601 users, 80% of them train; 481 = 13 x 37): an uneven count
+    for 2, 3 or 4 workers, where Ray's equal split would drop tasks."""
+    from metarec.config import apply_overrides
+
+    cfg = apply_overrides(
+        synthetic_cfg, **{"data.synthetic.n_users": 601, "data.scenarios": ["user_cold"]}
+    )
+    ds = prepare(cfg, tmp_path_factory.mktemp("uneven") / "data", progress=False)
+    assert ds.manifest["scenarios"]["user_cold"]["train"]["tasks"] == 481
+    return ds

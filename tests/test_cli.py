@@ -153,3 +153,60 @@ def test_jobs_entrypoint_runs_without_install(tmp_path):
     )
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "j" / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--set", "meta.inner_lr=0.1"], "--set: got 'meta.inner_lr=0.1' with --resume"),
+        (["--algorithm", "maml"], "--algorithm: got 'maml' with --resume"),
+        (["--config", "configs/demo.yaml"], "--config: got 'configs/demo.yaml' with --resume"),
+        (["--seed", "3"], "--seed: got 3 with --resume"),
+        (["--scenario", "warm"], "--scenario: got 'warm' with --resume"),
+    ],
+)
+def test_train_resume_refuses_flags_that_change_the_experiment(flags, named, capsys):
+    from metarec.cli import main
+
+    assert main(["train", "--data", "/nonexistent", "--resume", "r", *flags]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {named}; expected none: a resumed run keeps its own config")
+
+
+def test_train_resume_passes_only_the_flags_given(monkeypatch, capsys):
+    import metarec.train
+    from metarec.cli import main
+    from metarec.errors import ConfigError
+
+    calls = []
+
+    def fake_resume(run, data, **kwargs):
+        calls.append((run, data, kwargs))
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(metarec.train, "resume", fake_resume)
+    assert main(["train", "--data", "d", "--resume", "r", "--no-gpu", "--workers", "3"]) == 2
+    assert main(["train", "--data", "d", "--resume", "r", "--epochs", "9"]) == 2
+    given = [{k: v for k, v in kw.items() if v is not None} for _, _, kw in calls]
+    assert given[0] == {"workers": 3, "use_gpu": False, "work_dir": "work"}
+    assert given[1] == {"epochs": 9, "work_dir": "work"}  # nothing else: the run's own
+
+
+def test_every_train_flag_is_honoured_or_refused_on_resume():
+    import argparse
+
+    from metarec.cli import _TRAIN_RESUME_HONOURS, _TRAIN_RESUME_REFUSES, build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    options = {o for a in sub.choices["train"]._actions for o in a.option_strings}
+    honoured = {"--" + f.strip("-") for h in _TRAIN_RESUME_HONOURS for f in h.split("/")}
+    neutral = {"-h", "--help", "--data", "--resume", "--work-dir", "--tracking-uri"}
+    assert options == honoured | set(_TRAIN_RESUME_REFUSES) | neutral
+
+
+def test_tune_resume_refuses_flags_that_change_the_sweep(capsys):
+    from metarec.cli import main
+
+    assert main(["tune", "--data", "x", "--resume", "s", "--num-samples", "9"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --num-samples: got 9 with --resume; expected none")

@@ -1,13 +1,16 @@
 """Ray Train meta-training, for real: a local Ray cluster, a real `mlflow server`, a worker killed.
 
-One local Ray instance (2 CPUs) for the module. The same small synthetic dataset is trained
-with 1 and 2 workers (against the embedded SQLite store and a live MLflow server), and once
-more while a worker process is SIGKILLed mid-run.
+One local Ray instance (2 CPUs) for the module. A small synthetic dataset with an uneven
+task count (481) is trained with 1 and 2 workers (against the embedded SQLite store and a
+live MLflow server), resumed on another worker count, trained once more while a worker
+process is SIGKILLed mid-run, and once with a manifest that promises a task the data lacks.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from metarec.checkpoint import load_checkpoint
+from metarec.checkpoint import load_checkpoint, save_checkpoint
 from metarec.config import apply_overrides
-from metarec.errors import ModelNotFoundError
+from metarec.errors import ConfigError, ModelNotFoundError
 from metarec.loop import TrainState
 from tests.ci import require_module
 from tests.processes import free_port, stop_group
@@ -87,15 +90,18 @@ def mlflow_server(tmp_path_factory):
         stop_group(proc, timeout=30)
 
 
+TASKS = 481  # uneven_prepared's training tasks: 241 + 240 on two workers
+
+
 @pytest.fixture(scope="module")
-def runs(local_ray, quick, synthetic_prepared, tmp_path_factory, mlflow_server):
+def runs(local_ray, quick, uneven_prepared, tmp_path_factory, mlflow_server):
     from metarec.train import train
 
     exact = apply_overrides(quick, **{"train.dtype": "float64"})
-    one = train(exact, synthetic_prepared.root, workers=1, work_dir=tmp_path_factory.mktemp("w1"))
+    one = train(exact, uneven_prepared.root, workers=1, work_dir=tmp_path_factory.mktemp("w1"))
     two = train(
         exact,
-        synthetic_prepared.root,
+        uneven_prepared.root,
         workers=2,
         work_dir=tmp_path_factory.mktemp("w2"),
         tracking_uri=mlflow_server,
@@ -119,6 +125,8 @@ def test_two_workers_follow_the_one_worker_trajectory(runs):
     for a, b in zip(h1, h2, strict=True):
         assert b["train/query_loss"] == pytest.approx(a["train/query_loss"], rel=1e-7)
         assert b["valid/mae"] == pytest.approx(a["valid/mae"], rel=1e-7)
+    # Every task once per epoch (each worker checked it, or the run would have failed).
+    assert [r["train/tasks"] for r in h2] == [TASKS] * 3
 
 
 def test_run_is_tracked_on_a_real_mlflow_server(runs, mlflow_server, tmp_path):
@@ -156,23 +164,27 @@ def test_run_is_tracked_on_a_real_mlflow_server(runs, mlflow_server, tmp_path):
         describe_model(f"models:/{name}@no-such-alias", mlflow_server)
 
 
-def test_resume_continues_a_stopped_run_into_the_same_mlflow_run(
-    runs, local_ray, quick, synthetic_prepared
+def test_resume_trains_further_on_another_worker_count_into_the_same_mlflow_run(
+    runs, local_ray, uneven_prepared
 ):
     from mlflow.tracking import MlflowClient
 
-    from metarec.train import train
+    from metarec.train import resume
 
     one, _ = runs
     work = one.checkpoint.parents[2]
     before = _history(one)  # (the resumed run rewrites this checkpoint)
-    more = apply_overrides(quick, **{"train.epochs": 5})
-    out = train(more, synthetic_prepared.root, workers=1, work_dir=work, resume=one.run_name)
+    out = resume(one.run_name, uneven_prepared.root, epochs=5, workers=2, work_dir=work)
     assert (out.run_name, out.run_id) == (one.run_name, one.run_id)
-    history = _history(out)
+    ckpt = load_checkpoint(out.checkpoint)
+    assert ckpt["config"]["train"]["workers"] == 2  # --workers honoured
+    assert ckpt["config"]["train"]["dtype"] == "float64"  # the rest is the run's own
+    history = TrainState.from_dict(ckpt["state"]).history
     assert [r["epoch"] for r in history] == [0, 1, 2, 3, 4]
     assert history[:3] == before  # the first three epochs are the stopped run's
+    assert [r["train/tasks"] for r in history] == [TASKS] * 5
     client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    assert client.get_run(out.run_id).info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(out.run_id, "valid/mae")]
     assert steps == [0, 1, 2, 3, 4]
 
@@ -180,13 +192,52 @@ def test_resume_continues_a_stopped_run_into_the_same_mlflow_run(
 def test_resume_refuses_a_checkpoint_of_another_dataset(runs, local_ray, quick, tmp_path):
     from metarec.data.prepare import prepare
     from metarec.errors import DataError
-    from metarec.train import train
+    from metarec.train import resume
 
     one, _ = runs
     other = prepare(apply_overrides(quick, seed=7), tmp_path / "other", progress=False)
     work = one.checkpoint.parents[2]
     with pytest.raises(DataError, match="trained on prepared dataset"):
-        train(quick, other.root, workers=1, work_dir=work, resume=one.run_name)
+        resume(one.run_name, other.root, epochs=9, work_dir=work)
+
+
+def _ckpt(quick, epoch: int, **state) -> dict:
+    return {
+        "schema_version": 1,
+        "config": quick.to_dict(),
+        "state": TrainState(epoch=epoch, **state).to_dict(),
+    }
+
+
+def test_resume_keeps_the_epochs_unless_asked_and_honours_resources(quick):
+    from metarec.train import resumed_config
+
+    stopped = _ckpt(quick, 1)  # interrupted after 1 of quick's 3 epochs
+    assert resumed_config(stopped, run_name="r").train == quick.train  # 3, not a default
+    cfg = resumed_config(
+        stopped, run_name="r", epochs=7, workers=3, use_gpu=False, cpus_per_worker=0.5
+    )
+    assert (cfg.train.epochs, cfg.train.workers, cfg.train.use_gpu) == (7, 3, False)
+    assert cfg.train.cpus_per_worker == 0.5 and cfg.meta == quick.meta
+    with pytest.raises(ConfigError, match="--epochs: got 1; expected more than the 1 epochs"):
+        resumed_config(stopped, run_name="r", epochs=1)
+    with pytest.raises(ConfigError, match="has done all its 3 epochs.*Pass --epochs N"):
+        resumed_config(_ckpt(quick, 3), run_name="r")
+    with pytest.raises(ConfigError, match="early stopping ended after 2 epochs"):
+        resumed_config(_ckpt(quick, 2, stopped=True), run_name="r", epochs=9)
+
+
+def test_checkpoints_are_ordered_by_epoch_not_mtime(quick, tmp_path):
+    from metarec.train import run_checkpoints
+
+    epochs = {"checkpoint_2026-11-23_10-19-26.1": 2, "checkpoint_2026-11-23_10-19-27.0": 10}
+    epochs |= {"checkpoint_2026-11-23_10-19-25.9": 3}  # names not in epoch order either
+    for i, (name, epoch) in enumerate(epochs.items()):
+        path = save_checkpoint(_ckpt(quick, epoch), tmp_path / name)
+        os.utime(path, (1e9 - 1000 * epoch, 1e9 - 1000 * epoch))  # newest epoch oldest
+        os.utime(path.parent, (1e9 + i, 1e9 + i))
+    found = run_checkpoints(tmp_path)
+    assert [epochs[p.parent.name] for p in found] == [2, 3, 10]
 
 
 def _descendants(pid: int) -> dict[int, str]:
@@ -217,7 +268,9 @@ def _train_workers() -> set[int]:
     return {p for p, cmd in _descendants(os.getpid()).items() if "RayTrainWorker" in cmd}
 
 
-def test_killed_worker_resumes_from_last_checkpoint(local_ray, quick, synthetic_prepared, tmp_path):
+def test_killed_worker_resumes_from_last_checkpoint_and_still_sees_every_task(
+    local_ray, quick, uneven_prepared, tmp_path
+):
     from mlflow.tracking import MlflowClient
 
     from metarec.train import train
@@ -226,7 +279,7 @@ def test_killed_worker_resumes_from_last_checkpoint(local_ray, quick, synthetic_
     outcome: dict = {}
     thread = threading.Thread(
         target=lambda: outcome.update(
-            out=train(cfg, synthetic_prepared.root, workers=2, work_dir=tmp_path)
+            out=train(cfg, uneven_prepared.root, workers=2, work_dir=tmp_path)
         ),
         daemon=True,
     )
@@ -248,7 +301,30 @@ def test_killed_worker_resumes_from_last_checkpoint(local_ray, quick, synthetic_
     out = outcome["out"]
     history = TrainState.from_dict(load_checkpoint(out.checkpoint)["state"]).history
     assert [r["epoch"] for r in history] == list(range(6))  # none lost, none repeated
+    assert [r["train/tasks"] for r in history] == [TASKS] * 6  # before and after the restart
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     steps = sorted(m.step for m in client.get_metric_history(out.run_id, "valid/mae"))
     assert steps == list(range(6))
     assert list((tmp_path / "mlartifacts").rglob("checkpoint.pt"))  # beside the store
+
+
+def test_a_run_that_fails_inside_fit_is_failed_in_mlflow(
+    local_ray, quick, uneven_prepared, tmp_path
+):
+    """A manifest that promises one task more than the data holds: as if the split had lost
+    one. Every worker stops before training; the run is FAILED, with the reason."""
+    from mlflow.tracking import MlflowClient
+
+    from metarec.train import train
+
+    data = tmp_path / "data"
+    shutil.copytree(uneven_prepared.root, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["scenarios"]["user_cold"]["train"]["tasks"] = TASKS + 1
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(Exception, match="expected all 482 training tasks"):
+        train(quick, data, workers=2, work_dir=tmp_path / "work", max_failures=0)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("metarec").experiment_id])
+    assert run.info.status == "FAILED"
+    assert "hold 481 tasks; expected all 482 training tasks" in run.data.tags["metarec.error"]

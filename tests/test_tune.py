@@ -85,8 +85,6 @@ def _tune_cmd(data: Path, work: Path, *extra: str) -> list[str]:
         "-m",
         "metarec.cli",
         "tune",
-        "--config",
-        str(REPO / "configs" / "demo.yaml"),
         "--data",
         str(data),
         "--work-dir",
@@ -105,7 +103,9 @@ def test_tiny_sweep_stops_early_nests_runs_registers_best_and_resumes(
     from mlflow.tracking import MlflowClient
 
     work = tmp_path / "work"
-    space = [
+    space = [  # (a resumed sweep keeps these: --resume refuses them)
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
         "--space",
         "meta.inner_lr=grid(0.3,0.5,3.0,8.0)",
         "--num-samples",
@@ -139,6 +139,11 @@ def test_tiny_sweep_stops_early_nests_runs_registers_best_and_resumes(
     out, _ = first.communicate(timeout=300)
     assert "interrupted" in out, out[-3000:]
     sweep = json.loads((work / "last_sweep.json").read_text())["name"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name("metarec").experiment_id], "tags.`metarec.kind` = 'sweep'"
+    )
+    assert parent.info.status == "KILLED" and "interrupted" in parent.data.tags["metarec.error"]
 
     second = subprocess.run(
         _tune_cmd(synthetic_prepared.root, work, "--resume"),
@@ -150,7 +155,6 @@ def test_tiny_sweep_stops_early_nests_runs_registers_best_and_resumes(
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"sweep:      {sweep} (4 trials)" in second.stdout
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
     exp = client.get_experiment_by_name("metarec")
     runs = client.search_runs([exp.experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("metarec.kind") == "sweep"]
@@ -161,6 +165,7 @@ def test_tiny_sweep_stops_early_nests_runs_registers_best_and_resumes(
     for r in trials:  # no epoch logged twice, even for the trial the interrupt cut short
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "valid/mae")]
         assert steps == sorted(set(steps))
+    assert parent.info.status == "FINISHED"  # KILLED by the interrupt, reopened by --resume
     registered = [r for r in trials if "metarec.registered" in r.data.tags]
     assert len(registered) == 1
 

@@ -455,7 +455,12 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--algorithm", help="meta.algorithm (maml|fomaml|metasgd|anil|reptile)")
     p.add_argument("--epochs", type=int, help="train.epochs")
-    p.add_argument("--resume", metavar="RUN", help="continue the stopped run of this name")
+    p.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue the interrupted run of this name with its own config; only --epochs "
+        "(to train further), --workers, --gpu and --cpus-per-worker may change",
+    )
     p.add_argument("--work-dir", default="work", help="Ray results, checkpoints, MLflow store")
     p.add_argument(
         "--tracking-uri",
@@ -465,31 +470,74 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_train)
 
 
+# Flags that define the experiment. With --resume the run keeps its own config, so these are
+# refused (train: see metarec.train.resumed_config; tune: Tuner.restore keeps its space).
+_TRAIN_RESUME_REFUSES = {
+    "--config": "config",
+    "--set": "overrides",
+    "--seed": "seed",
+    "--algorithm": "algorithm",
+    "--scenario": "scenario",
+}
+_TRAIN_RESUME_HONOURS = ("--epochs", "--workers", "--gpu/--no-gpu", "--cpus-per-worker")
+_TUNE_RESUME_REFUSES = {
+    "--config": "config",
+    "--set": "overrides",
+    "--seed": "seed",
+    "--epochs": "epochs",
+    "--num-samples": "num_samples",
+    "--space": "space",
+    "--max-concurrent": "max_concurrent",
+}
+
+
+def _refuse_on_resume(args: argparse.Namespace, refused: dict[str, str], honoured: str) -> None:
+    """Name the first flag given on the command line that ``--resume`` cannot honour."""
+    for flag, dest in refused.items():
+        value = getattr(args, dest)
+        if value is None or value == []:
+            continue
+        shown = value[0] if isinstance(value, list) else value
+        raise ConfigError(
+            f"{flag}: got {shown!r} with --resume; expected none: a resumed run keeps its own "
+            f"config ({honoured}). Start a new run to change it."
+        )
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from metarec.evaluate import write_json_atomic
     from metarec.tracking import resolve_tracking_uri
-    from metarec.train import train
+    from metarec.train import resume, train
 
-    cfg = load_config(
-        args.config,
-        overrides=args.overrides,
-        **{
-            "seed": args.seed,
-            "meta.algorithm": args.algorithm,
-            "train.epochs": args.epochs,
-            "train.scenario": args.scenario,
-            "train.workers": args.workers,
-            "train.use_gpu": args.gpu,
-            "train.cpus_per_worker": args.cpus_per_worker,
-        },
-    )
-    out = train(
-        cfg,
-        args.data,
-        work_dir=args.work_dir,
-        tracking_uri=args.tracking_uri,
-        resume=args.resume,
-    )
+    if args.resume:
+        _refuse_on_resume(
+            args, _TRAIN_RESUME_REFUSES, "only " + ", ".join(_TRAIN_RESUME_HONOURS) + " apply"
+        )
+        out = resume(
+            args.resume,
+            args.data,
+            epochs=args.epochs,
+            workers=args.workers,
+            use_gpu=args.gpu,
+            cpus_per_worker=args.cpus_per_worker,
+            work_dir=args.work_dir,
+            tracking_uri=args.tracking_uri,
+        )
+    else:
+        cfg = load_config(
+            args.config,
+            overrides=args.overrides,
+            **{
+                "seed": args.seed,
+                "meta.algorithm": args.algorithm,
+                "train.epochs": args.epochs,
+                "train.scenario": args.scenario,
+                "train.workers": args.workers,
+                "train.use_gpu": args.gpu,
+                "train.cpus_per_worker": args.cpus_per_worker,
+            },
+        )
+        out = train(cfg, args.data, work_dir=args.work_dir, tracking_uri=args.tracking_uri)
     uri = resolve_tracking_uri(args.tracking_uri, args.work_dir)
     record = {
         "run_name": out.run_name,
@@ -536,7 +584,8 @@ def _tune_parser(sub: argparse._SubParsersAction) -> None:
         nargs="?",
         const="last",
         metavar="SWEEP",
-        help="continue an interrupted sweep (default: the last one in --work-dir)",
+        help="continue an interrupted sweep as it was started (default: the last one in "
+        "--work-dir)",
     )
     p.add_argument("--work-dir", default="work", help="Ray results, MLflow store")
     p.add_argument("--tracking-uri", help="MLflow tracking URI")
@@ -549,6 +598,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
     from metarec.tune import tune
 
+    if args.resume:
+        _refuse_on_resume(args, _TUNE_RESUME_REFUSES, "the sweep resumes as it was started")
     cfg = load_config(
         args.config,
         overrides=args.overrides,

@@ -27,11 +27,14 @@ from metarec.model import Recommender, dataset_features
 __all__ = [
     "FitResult",
     "Shard",
+    "TaskCoverageError",
     "TrainState",
     "build_learner",
+    "check_coverage",
     "fit",
     "predict_items",
     "predict_query",
+    "rank_rows",
     "resolve_device",
     "run_epochs",
     "shard_summary",
@@ -136,6 +139,17 @@ class Shard:
         return cls(tasks, lengths, local, max(q for _, _, q in summaries))
 
 
+def rank_rows(users: Tensor, rank: int, world: int) -> Tensor:
+    """Rows (into ``users``, (T,)) of the tasks worker ``rank`` of ``world`` trains on.
+
+    Every ``world``-th task in user-id order, starting at ``rank``: a partition (each task
+    goes to exactly one rank, whatever T and world are), balanced to within one task, and a
+    function of the task ids alone, so it is the same whatever order or blocks the tasks
+    were read in, and the same again after a worker group restarts.
+    """
+    return users.argsort(stable=True)[rank::world]
+
+
 def shard_summary(tasks: TaskBatch) -> tuple[Tensor, Tensor, int]:
     """What a worker shares with the others to build its ``Shard`` (all-gather this)."""
     lengths = tasks.support_mask.sum(1) + tasks.query_mask.sum(1)
@@ -143,6 +157,32 @@ def shard_summary(tasks: TaskBatch) -> tuple[Tensor, Tensor, int]:
 
 
 AllReduce = Callable[[Tensor], None]  # in-place sum across workers
+
+
+class TaskCoverageError(RuntimeError):
+    """An epoch did not train on every training task exactly once: the split lost tasks."""
+
+
+def check_coverage(
+    seen: Tensor, expected: int, *, epoch: int, all_reduce: AllReduce | None = None
+) -> int:
+    """Sum every worker's per-task visit counts; raise unless each of ``expected`` tasks
+    was trained on exactly once this epoch. Returns the tasks trained on.
+
+    Args:
+        seen: (N,) int64, how often this worker trained on each task of the canonical list.
+        expected: the training tasks the prepared dataset holds (its manifest's count).
+    """
+    if all_reduce is not None:
+        all_reduce(seen)  # every worker gets the same sum, so all raise or none does
+    missed, repeated = int((seen == 0).sum()), int((seen > 1).sum())
+    if len(seen) != expected or missed or repeated:
+        raise TaskCoverageError(
+            f"epoch {epoch}: of the {len(seen)} tasks the workers hold, {missed} were not "
+            f"trained on and {repeated} more than once; expected each of the {expected} "
+            "training tasks exactly once. The data split across workers lost or duplicated tasks."
+        )
+    return int(seen.sum())
 
 
 def _sum_across_workers(params: list[Tensor], loss: Tensor, all_reduce: AllReduce) -> Tensor:
@@ -168,18 +208,23 @@ def train_epoch(
     generator: torch.Generator,
     *,
     all_reduce: AllReduce | None = None,
-) -> float:
-    """One pass over every task in bucketed meta-batches; returns the mean query loss.
+) -> tuple[float, Tensor]:
+    """One pass over every task in bucketed meta-batches.
 
     Every worker runs the same sequence of batches (and of ``all_reduce`` calls, one per
     meta-batch: gradients and loss in one flat tensor); a worker holding none of a batch
     contributes zeros.
+
+    Returns:
+        The mean query loss, and (N,) int64: how often this worker trained on each task of
+        the canonical list (``check_coverage`` sums it over workers).
     """
     cfg = learner.cfg
     device = _device(learner)
     params = [p for p in learner.parameters() if p.requires_grad]
     longest = int(shard.lengths.max())
     total = torch.zeros((), dtype=torch.float64)
+    seen = torch.zeros(len(shard.lengths), dtype=torch.int64)
     for index in bucketed_batches(shard.lengths, cfg.meta_batch_size, generator):
         keys = torch.rand(len(index), longest, generator=generator) if cfg.resample_query else None
         rows = shard.local[index]
@@ -188,6 +233,7 @@ def train_epoch(
         loss = torch.zeros((), device=device)
         if bool(mine.any()):
             batch = shard.tasks.select(rows[mine])
+            seen.index_add_(0, index[mine], torch.ones(len(batch.users), dtype=torch.int64))
             if keys is not None:
                 batch = batch.resampled(shard.query_size, keys[mine])
             metrics = meta_gradients(learner, batch.to(device), denominator=len(index))
@@ -196,7 +242,7 @@ def train_epoch(
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         total += float(loss) * len(index)
-    return float(total / len(shard.lengths))
+    return float(total / len(shard.lengths)), seen
 
 
 def _device(learner: MetaLearner) -> torch.device:
@@ -288,13 +334,24 @@ def run_epochs(
     *,
     all_reduce: AllReduce | None = None,
     on_epoch: Callable[[TrainState, dict[str, float]], None] | None = None,
+    expected_tasks: int | None = None,
 ) -> TrainState:
     """Epochs from ``state.epoch`` on, validation after each, early stopping on valid MAE.
 
     The one training loop: ``fit`` runs it in-process, each Ray Train worker runs it on its
     shard (``metarec.train``). Only workers given ``valid`` validate; ``all_reduce`` shares
     their MAE so every worker takes the same early-stopping decision.
+
+    Each epoch checks that the workers together trained on every one of ``expected_tasks``
+    (default: the tasks in ``shard``) exactly once, and raises ``TaskCoverageError`` if not:
+    a data split that drops tasks must fail, not train on less data unnoticed.
     """
+    expected = len(shard.lengths) if expected_tasks is None else expected_tasks
+    if len(shard.lengths) != expected:
+        raise TaskCoverageError(
+            f"the workers hold {len(shard.lengths)} tasks; expected all {expected} training "
+            "tasks. The data split across workers lost tasks."
+        )
     generator = torch.Generator()
     if state.rng is None:
         generator.manual_seed(cfg.seed)
@@ -304,7 +361,8 @@ def run_epochs(
         if state.stopped:
             break
         learner.train()
-        loss = train_epoch(learner, optimizer, shard, generator, all_reduce=all_reduce)
+        loss, seen = train_epoch(learner, optimizer, shard, generator, all_reduce=all_reduce)
+        tasks = check_coverage(seen, expected, epoch=epoch, all_reduce=all_reduce)
         mae = 0.0
         if valid is not None:
             mae = masked_mae(predict_query(learner, valid, chunk=cfg.train.eval_batch_size), valid)
@@ -312,7 +370,7 @@ def run_epochs(
             shared = torch.tensor([mae], dtype=torch.float64)
             all_reduce(shared)
             mae = float(shared)
-        row = {"epoch": epoch, "train/query_loss": loss, "valid/mae": mae}
+        row = {"epoch": epoch, "train/query_loss": loss, "valid/mae": mae, "train/tasks": tasks}
         state.history.append(row)
         state.epoch, state.rng = epoch + 1, generator.get_state()
         if mae < state.best_valid_mae:

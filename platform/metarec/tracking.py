@@ -14,9 +14,12 @@ A trained model is logged as an MLflow pyfunc whose artifact is the metarec chec
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import signal
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,11 +34,14 @@ from metarec.errors import ModelNotFoundError
 __all__ = [
     "EXPERIMENT",
     "EpochLogger",
+    "Terminated",
     "describe_model",
+    "ends_honestly",
     "find_run",
     "finish_run",
     "log_evaluation",
     "promote",
+    "reopen_run",
     "resolve_checkpoint",
     "resolve_tracking_uri",
     "set_trial_status",
@@ -44,6 +50,8 @@ __all__ = [
 
 EXPERIMENT = "metarec"
 CANDIDATE, CHAMPION = "candidate", "champion"
+ERROR_TAG = "metarec.error"
+log = logging.getLogger(__name__)
 
 
 def resolve_tracking_uri(explicit: str | None, work_dir: str | os.PathLike) -> str:
@@ -157,6 +165,82 @@ def find_run_by_tag(uri: str, tag: str, value: str) -> str | None:
         return None
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{tag}` = '{value}'")
     return runs[0].info.run_id if runs else None
+
+
+class Terminated(SystemExit):
+    """SIGTERM, raised where the main thread is, so ``finally`` blocks run; the process
+    then exits 128 + 15 as if the signal had killed it, without a traceback."""
+
+
+@contextlib.contextmanager
+def ends_honestly(
+    uri: str, run_id: str, *, killed: tuple[type[BaseException], ...] = ()
+) -> Iterator[None]:
+    """End the run FAILED if the block raises, KILLED if it is interrupted (Ctrl-C,
+    SIGTERM, ``sys.exit``, or one of ``killed``), recording why in the tag
+    ``metarec.error`` and the run's note; then re-raise.
+
+    Without this, a run that dies after ``start_run`` stays RUNNING forever. For the block's
+    duration SIGTERM raises ``Terminated`` (only the main thread can set handlers, and
+    receives the signal); the previous handler comes back afterwards. A signal that lands
+    inside a blocking ``ray.get`` surfaces as Ray's ``SystemExit(1)`` instead, so the
+    handler also notes that it fired, and ``Terminated`` is raised in its place.
+    """
+    received: list[int] = []
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise Terminated(128 + signum)
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit, *killed) as e:
+        _end_run(uri, run_id, "KILLED", _interruption(e, received))
+        if received and not isinstance(e, Terminated):
+            raise Terminated(128 + received[0]) from e
+        raise
+    except BaseException as e:
+        _end_run(uri, run_id, "FAILED", f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interruption(e: BaseException, signals: list[int]) -> str:
+    if signals:
+        return f"interrupted: {signal.Signals(signals[0]).name}"
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted: Ctrl-C"
+    if isinstance(e, SystemExit):
+        return f"interrupted: exit {e.code}"
+    return f"{type(e).__name__}: {e}"
+
+
+def _end_run(uri: str, run_id: str, status: str, why: str) -> None:
+    """Best effort: the error being raised matters more than a tracking server that is
+    down, so a failure to record it is logged, not raised over it."""
+    why = why.strip()[:5000]  # MLflow's tag value limit is 8000 characters
+    try:
+        client = _client(uri)
+        client.set_tag(run_id, ERROR_TAG, why)
+        client.set_tag(run_id, "mlflow.note.content", f"{status}: {why}")
+        client.set_terminated(run_id, status)
+    except (mlflow.exceptions.MlflowException, OSError) as e:
+        log.warning("could not mark MLflow run %s %s (%s): %s", run_id, status, why[:200], e)
+
+
+def reopen_run(uri: str, run_id: str) -> None:
+    """Mark a resumed run RUNNING again and drop the error of the attempt it continues."""
+    client = _client(uri)
+    tags = client.get_run(run_id).data.tags
+    for tag in (ERROR_TAG, "mlflow.note.content"):
+        if tag in tags:
+            client.delete_tag(run_id, tag)
+    client.update_run(run_id, status="RUNNING")
 
 
 class EpochLogger:

@@ -1,12 +1,25 @@
 """``metarec train``: the meta-training loop on Ray Train, tracked in MLflow.
 
 The driver builds the initial model (item factors need every training rating), starts an
-MLflow run and a ``TorchTrainer``. Ray Data reads the prepared task Parquet and splits the
-training tasks across workers; each worker runs ``loop.run_epochs`` on its shard, summing
-meta-gradients across workers with one all-reduce per meta-batch (gloo on CPU, NCCL on
-GPU), so N workers take the same steps as one process (see ``loop.Shard``). Rank 0
+MLflow run and a ``TorchTrainer``. Each worker reads the prepared training tasks through Ray
+Data and keeps its own part (``loop.rank_rows``); each runs ``loop.run_epochs`` on it,
+summing meta-gradients across workers with one all-reduce per meta-batch (gloo on CPU, NCCL
+on GPU), so N workers take the same steps as one process (see ``loop.Shard``). Rank 0
 validates, checkpoints every epoch and logs the epoch to MLflow; a worker group that dies
 restarts from the last checkpoint (``FailureConfig``), with no epoch lost or repeated.
+
+Why every worker reads all training tasks and keeps every ``world``-th one (in user-id
+order, from its rank) rather than taking a split from Ray Train: Ray Train's
+``DataConfig(datasets_to_split=...)`` always calls ``streaming_split(equal=True)``, which
+truncates up to N-1 rows, a different set each run and after each restart. The alternative,
+``streaming_split(equal=False)``, hands whole blocks to whichever worker asks first: no row
+is lost, but a single-file task table (one block) can land entirely on one worker, leaving
+the other with nothing, and which worker holds a task changes from run to run. The
+``rank::world`` split is a partition that depends on the task ids alone: the same for any
+read order, block layout or restart, balanced to one task. The cost is that each worker
+reads the whole task table once (one row per user) before keeping its part. Every epoch
+then checks, with one all-reduce of per-task counts, that each of the manifest's training
+tasks was trained on exactly once (``loop.check_coverage``), and fails the run otherwise.
 
 Why not ``prepare_model`` (DDP): the meta-gradient comes from a functional second-order
 pass, not from one ``forward`` of the module, and gradients of the parameter groups
@@ -26,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -46,11 +60,12 @@ from metarec.loop import (
     build_learner,
     build_optimizer,
     cfg_dtype,
+    rank_rows,
     run_epochs,
     shard_summary,
 )
 
-__all__ = ["TrainOutcome", "train"]
+__all__ = ["TrainOutcome", "resume", "resumed_config", "run_checkpoints", "train"]
 
 
 @dataclass(frozen=True)
@@ -92,7 +107,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(ckpt["optimizer"])
         state = TrainState.from_dict(ckpt["state"])
 
-    tasks = _read(ray.train.get_dataset_shard("train"))
+    tasks = _read(ray.train.get_dataset_shard("train"), rank=rank, world=world)
     summaries = [shard_summary(tasks)]
     all_reduce = None
     if world > 1:
@@ -137,16 +152,29 @@ def _worker_loop(config: dict[str, Any]) -> None:
             logger.log([row])
 
     run_epochs(
-        cfg, learner, optimizer, shard, valid, state, all_reduce=all_reduce, on_epoch=on_epoch
+        cfg,
+        learner,
+        optimizer,
+        shard,
+        valid,
+        state,
+        all_reduce=all_reduce,
+        on_epoch=on_epoch,
+        expected_tasks=config["expected_tasks"],
     )
 
 
-def _read(iterator: Any) -> TaskBatch:
-    """A Ray Data shard of a tasks table -> one padded TaskBatch."""
+def _read(iterator: Any, *, rank: int = 0, world: int = 1) -> TaskBatch:
+    """A whole tasks table from Ray Data -> the padded TaskBatch of ``rank``'s tasks
+    (``loop.rank_rows``; all of them when ``world`` is 1)."""
     tables = [b for b in iterator.iter_batches(batch_format="pyarrow", batch_size=None)]
     if not tables:
         raise ConfigError("train: a worker received no tasks; use fewer workers")
-    return from_table(pa.concat_tables(tables).combine_chunks())
+    table = pa.concat_tables(tables).combine_chunks()
+    if world > 1:
+        users = torch.as_tensor(table.column("user").to_numpy().astype(np.int64))
+        table = table.take(pa.array(rank_rows(users, rank, world).numpy()))
+    return from_table(table)
 
 
 def default_cpus_per_worker(workers: int, cluster_cpus: float) -> float:
@@ -163,7 +191,6 @@ def train(
     cpus_per_worker: float | None = None,
     work_dir: str | os.PathLike = "work",
     tracking_uri: str | None = None,
-    resume: str | None = None,
     max_failures: int = 2,
 ) -> TrainOutcome:
     """Meta-train ``cfg`` on a prepared dataset with Ray Train; track it in MLflow.
@@ -173,65 +200,112 @@ def train(
             GPU each, default when CUDA is present; logical CPUs each, default: leave one
             for Ray Data's reads).
         work_dir: where Ray Train's run directories and the default MLflow store live.
-        resume: continue the run of this name (its config and latest checkpoint).
     """
     from metarec import tracking
 
     ds = open_prepared(data_dir)
-    dataset_hash = ds.manifest["dataset_hash"]
-    uri = tracking.resolve_tracking_uri(tracking_uri, work_dir)
-    storage = Path(work_dir).resolve() / "ray_results"
-    resume_from = None
-    if resume:
-        run_name, run_dir = resume, storage / resume
-        latest = _latest_checkpoint(run_dir)
-        ckpt = load_checkpoint(latest, dataset_hash=dataset_hash)
-        cfg = _resumed_config(ckpt, cfg)
-        run_id, resume_from = tracking.find_run(uri, run_name), str(latest)
-    else:
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_name = f"{cfg.meta.algorithm}-{cfg.train.scenario}-{stamp}"
+    cfg = _with_resources(cfg, workers=workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_name = f"{cfg.meta.algorithm}-{cfg.train.scenario}-{stamp}"
     init = initial_checkpoint(cfg, ds)
-    if not resume:
-        run_id = tracking.start_run(
-            uri, run_name=run_name, config=cfg.to_dict(), manifest=ds.manifest
-        )
-    connect_ray()
-    trainer = build_trainer(
-        cfg,
-        ds,
-        init=init,
-        name=run_name,
-        storage=storage,
-        tracking_uri=uri,
-        run_id=run_id,
+    uri = tracking.resolve_tracking_uri(tracking_uri, work_dir)
+    _check_workers(cfg, ds)  # a user error must not leave a FAILED run behind
+    connect_ray()  # before the run's guard: ray.init replaces the SIGTERM handler
+    run_id = tracking.start_run(uri, run_name=run_name, config=cfg.to_dict(), manifest=ds.manifest)
+    return _run(cfg, ds, init, run_name, run_id, uri, work_dir, None, max_failures)
+
+
+def resume(
+    run_name: str,
+    data_dir: str | os.PathLike,
+    *,
+    epochs: int | None = None,
+    workers: int | None = None,
+    use_gpu: bool | None = None,
+    cpus_per_worker: float | None = None,
+    work_dir: str | os.PathLike = "work",
+    tracking_uri: str | None = None,
+    max_failures: int = 2,
+) -> TrainOutcome:
+    """Continue the run ``run_name`` from its latest checkpoint, into the same MLflow run.
+
+    It keeps its own config (``resumed_config``): only the arguments here change it.
+
+    Args:
+        epochs: train until this many epochs in all (default: the run's own count).
+        workers, use_gpu, cpus_per_worker: as ``train``; default: what the run last used.
+    """
+    from metarec import tracking
+
+    ds = open_prepared(data_dir)
+    run_dir = Path(work_dir).resolve() / "ray_results" / run_name
+    latest = _latest_checkpoint(run_dir)
+    ckpt = load_checkpoint(latest, dataset_hash=ds.manifest["dataset_hash"])
+    cfg = resumed_config(
+        ckpt,
+        run_name=run_name,
+        epochs=epochs,
         workers=workers,
         use_gpu=use_gpu,
         cpus_per_worker=cpus_per_worker,
-        resume_from=resume_from,
-        max_failures=max_failures,
     )
-    t0 = time.perf_counter()
-    result = trainer.fit()
-    wall = time.perf_counter() - t0
-    with result.checkpoint.as_directory() as d:
-        final = load_checkpoint(d, dataset_hash=dataset_hash)
-    state = TrainState.from_dict(final["state"])
-    local = Path(work_dir).resolve() / "checkpoints" / run_name
-    save_checkpoint(final, local)
-    model_uri = tracking.finish_run(
-        uri,
-        run_id,
-        checkpoint_dir=local,
-        history=state.history,
-        summary={
-            "best/valid_mae": state.best_valid_mae,
-            "best/epoch": state.best_epoch,
-            "wall_s": wall,
-            "train/tasks_per_s_mean": _mean(r.get("train/tasks_per_s") for r in state.history),
-        },
-        model_name=model_name(ds.manifest),
-    )
+    _check_workers(cfg, ds)
+    uri = tracking.resolve_tracking_uri(tracking_uri, work_dir)
+    run_id = tracking.find_run(uri, run_name)
+    init = initial_checkpoint(cfg, ds)
+    connect_ray()
+    tracking.reopen_run(uri, run_id)
+    return _run(cfg, ds, init, run_name, run_id, uri, work_dir, str(latest), max_failures)
+
+
+def _run(
+    cfg: MetarecConfig,
+    ds: PreparedDataset,
+    init: dict[str, Any],
+    run_name: str,
+    run_id: str,
+    uri: str,
+    work_dir: str | os.PathLike,
+    resume_from: str | None,
+    max_failures: int,
+) -> TrainOutcome:
+    """Fit on Ray Train and register the model; the MLflow run ends FAILED or KILLED if
+    anything here raises or is interrupted (``tracking.ends_honestly``)."""
+    from metarec import tracking
+
+    with tracking.ends_honestly(uri, run_id):
+        trainer = build_trainer(
+            cfg,
+            ds,
+            init=init,
+            name=run_name,
+            storage=Path(work_dir).resolve() / "ray_results",
+            tracking_uri=uri,
+            run_id=run_id,
+            resume_from=resume_from,
+            max_failures=max_failures,
+        )
+        t0 = time.perf_counter()
+        result = trainer.fit()
+        wall = time.perf_counter() - t0
+        with result.checkpoint.as_directory() as d:
+            final = load_checkpoint(d, dataset_hash=ds.manifest["dataset_hash"])
+        state = TrainState.from_dict(final["state"])
+        local = Path(work_dir).resolve() / "checkpoints" / run_name
+        save_checkpoint(final, local)
+        model_uri = tracking.finish_run(
+            uri,
+            run_id,
+            checkpoint_dir=local,
+            history=state.history,
+            summary={
+                "best/valid_mae": state.best_valid_mae,
+                "best/epoch": state.best_epoch,
+                "wall_s": wall,
+                "train/tasks_per_s_mean": _mean(r.get("train/tasks_per_s") for r in state.history),
+            },
+            model_name=model_name(ds.manifest),
+        )
     return TrainOutcome(
         run_name=run_name,
         run_id=run_id,
@@ -241,6 +315,24 @@ def train(
         epochs_run=state.epoch,
         checkpoint=local / "checkpoint.pt",
     )
+
+
+def _with_resources(
+    cfg: MetarecConfig,
+    *,
+    workers: int | None,
+    use_gpu: bool | None,
+    cpus_per_worker: float | None,
+    epochs: int | None = None,
+) -> MetarecConfig:
+    """``cfg`` with the given (not None) worker resources and epochs."""
+    given = {
+        "train.workers": workers,
+        "train.use_gpu": use_gpu,
+        "train.cpus_per_worker": cpus_per_worker,
+        "train.epochs": epochs,
+    }
+    return apply_overrides(cfg, **{k: v for k, v in given.items() if v is not None})
 
 
 def connect_ray() -> None:
@@ -298,9 +390,7 @@ def build_trainer(
     use_gpu = cfg.train.use_gpu if use_gpu is None else use_gpu
     use_gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
     cpus_per_worker = cfg.train.cpus_per_worker if cpus_per_worker is None else cpus_per_worker
-    n_tasks = int(ds.manifest["scenarios"][cfg.train.scenario]["train"]["tasks"])
-    if workers < 1 or workers > n_tasks:
-        raise ConfigError(f"--workers: got {workers}; expected 1..{n_tasks}")
+    n_tasks = _check_workers(cfg, ds, workers)
     if cpus_per_worker is None:
         cpus_per_worker = default_cpus_per_worker(workers, ray.cluster_resources().get("CPU", 1))
     tasks_dir = Path(ds.root).resolve() / "tasks" / cfg.train.scenario
@@ -316,6 +406,7 @@ def build_trainer(
             "tracking_uri": tracking_uri,
             "run_id": run_id,
             "threads": max(1, math.floor(cpus_per_worker)),
+            "expected_tasks": n_tasks,
         },
         scaling_config=ScalingConfig(
             num_workers=workers,
@@ -333,8 +424,18 @@ def build_trainer(
             "train": ray.data.read_parquet(str(tasks_dir / "train.parquet"), **read),
             "valid": ray.data.read_parquet(str(tasks_dir / "valid.parquet"), **read),
         },
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        # No Ray split (it drops up to N-1 tasks): each worker keeps its rank's tasks itself.
+        dataset_config=DataConfig(datasets_to_split=[]),
     )
+
+
+def _check_workers(cfg: MetarecConfig, ds: PreparedDataset, workers: int | None = None) -> int:
+    """The scenario's training-task count (the manifest's); at most one worker per task."""
+    workers = cfg.train.workers if workers is None else workers
+    n_tasks = int(ds.manifest["scenarios"][cfg.train.scenario]["train"]["tasks"])
+    if workers < 1 or workers > n_tasks:
+        raise ConfigError(f"--workers: got {workers}; expected 1..{n_tasks}")
+    return n_tasks
 
 
 def model_name(manifest: dict[str, Any]) -> str:
@@ -348,8 +449,14 @@ def _mean(values: Any) -> float:
 
 
 def run_checkpoints(run_dir: Path) -> list[Path]:
-    """The epoch checkpoints Ray Train kept for one run directory, oldest first."""
-    return sorted(run_dir.glob("checkpoint_*/checkpoint.pt"), key=os.path.getmtime)
+    """The epoch checkpoints Ray Train kept for one run directory, oldest epoch first.
+
+    Ordered by the epoch count stored in each checkpoint, not by modification time or
+    directory name (Ray 2.60 names them by wall-clock time): a copied, restored or
+    re-synced run directory keeps its order.
+    """
+    found = run_dir.glob("checkpoint_*/checkpoint.pt")
+    return sorted(found, key=lambda p: (int(load_checkpoint(p)["state"]["epoch"]), p.parent.name))
 
 
 def _latest_checkpoint(run_dir: Path) -> Path:
@@ -359,7 +466,45 @@ def _latest_checkpoint(run_dir: Path) -> Path:
     return found[-1]
 
 
-def _resumed_config(ckpt: dict[str, Any], cli: MetarecConfig) -> MetarecConfig:
-    """The run's own config; only ``train.epochs`` may grow on resume."""
+def resumed_config(
+    ckpt: dict[str, Any],
+    *,
+    run_name: str,
+    epochs: int | None = None,
+    workers: int | None = None,
+    use_gpu: bool | None = None,
+    cpus_per_worker: float | None = None,
+) -> MetarecConfig:
+    """The stopped run's own config, with what may change on resume applied.
+
+    Workers, GPUs and CPUs only change how the same steps are computed (meta-batches are
+    cut from all tasks whatever the worker count: ``loop.Shard``), so they are honoured.
+    Epochs change only when asked, and only upwards: a resume without ``epochs`` finishes
+    the epochs the run was started with. Anything else (algorithm, learning rates, seed,
+    scenario) would continue another experiment's optimizer state and history under this
+    run's name, so the CLI refuses those flags with ``--resume``.
+
+    Raises:
+        ConfigError: the run has nothing left to do, or ``epochs`` is not above its count.
+    """
     cfg = MetarecConfig.from_dict(ckpt["config"], where="checkpoint config")
-    return apply_overrides(cfg, **{"train.epochs": max(cfg.train.epochs, cli.train.epochs)})
+    state = TrainState.from_dict(ckpt["state"])
+    done = state.epoch
+    if state.stopped:
+        raise ConfigError(
+            f"--resume {run_name}: got a run that early stopping ended after {done} epochs "
+            f"(train.patience {cfg.train.patience}); expected one that was interrupted. "
+            "Start a new run to train longer."
+        )
+    if epochs is None and done >= cfg.train.epochs:
+        raise ConfigError(
+            f"--resume {run_name}: got a run that has done all its {done} epochs; expected an "
+            f"interrupted one. Pass --epochs N (N > {done}) to train it further."
+        )
+    if epochs is not None and epochs <= done:
+        raise ConfigError(
+            f"--epochs: got {epochs}; expected more than the {done} epochs {run_name} has done"
+        )
+    return _with_resources(
+        cfg, workers=workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, epochs=epochs
+    )

@@ -164,9 +164,6 @@ def tune(
     resume: str | None = None,
 ) -> SweepOutcome:
     """Run (or, with ``resume=<sweep name>``, continue) a sweep; register its best model."""
-    from ray import tune as ray_tune
-    from ray.tune.schedulers import ASHAScheduler
-
     from metarec import tracking
 
     work = Path(work_dir).resolve()
@@ -179,6 +176,7 @@ def tune(
         cfg = MetarecConfig.from_dict(spec["config"], where=str(spec_path))
     ds = open_prepared(data_dir)
     dims = parse_space(cfg.tune.space, cfg)  # fails before Ray starts
+    search_alg = None
     if cfg.tune.search == "optuna":
         try:
             from ray.tune.search.optuna import OptunaSearch
@@ -186,6 +184,7 @@ def tune(
             raise ConfigError("tune.search: got 'optuna', which is not installed") from e
         if any(d.kind == "grid" for d in dims):
             raise ConfigError("tune.search: optuna cannot take grid(...) entries; use choice")
+        search_alg = OptunaSearch()
     connect_ray()
     import ray
 
@@ -217,41 +216,61 @@ def tune(
         }
         (sweeps / name).mkdir(parents=True, exist_ok=True)
         (sweeps / name / "metarec_sweep.json").write_text(json.dumps(spec, indent=2))
+    (work / "last_sweep.json").write_text(json.dumps({"name": spec["name"]}))
     name, uri = spec["name"], spec["tracking_uri"]
-    (work / "last_sweep.json").write_text(json.dumps({"name": name}))
+    if resume:
+        tracking.reopen_run(uri, spec["parent_run_id"])
+    # The parent run ends FAILED on an error, KILLED on Ctrl-C/SIGTERM; the trials' runs
+    # end in _finish (an interrupted trial's stays RUNNING until the sweep is resumed).
+    with tracking.ends_honestly(uri, spec["parent_run_id"], killed=(SweepInterrupted,)):
+        tuner = _tuner(spec, dims, concurrent, search_alg, resume=bool(resume))
+        grid = tuner.fit()
+        # Trials Tune had not created yet when Ctrl-C came are missing from the grid.
+        planned = cfg.tune.num_samples * math.prod(len(d.values) for d in dims if d.kind == "grid")
+        unfinished = max(planned, len(grid)) - grid.num_terminated - grid.num_errors
+        if unfinished:
+            raise SweepInterrupted(
+                f"sweep {name} interrupted with {unfinished} trials unfinished; continue it "
+                f"with `metarec tune --data {data_dir} --resume {name}`"
+            )
+        return _finish(grid, spec, dims, ds.manifest)
+
+
+def _tuner(
+    spec: dict[str, Any], dims: list[Dimension], concurrent: int, search_alg: Any, *, resume: bool
+) -> Any:
+    """The sweep's ``Tuner``: a new one, or (``resume``) the interrupted one restored."""
+    from ray import tune as ray_tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    cfg = MetarecConfig.from_dict(spec["config"])
+    name = spec["name"]
+    sweeps = Path(spec["storage"]) / "sweeps"
     trainable = ray_tune.with_resources(
         ray_tune.with_parameters(_trial, spec=spec), {"CPU": TRIAL_CPUS}
     )
     if resume:
-        tuner = ray_tune.Tuner.restore(
+        return ray_tune.Tuner.restore(
             str(sweeps / name), trainable=trainable, resume_unfinished=True, resume_errored=True
         )
-    else:
-        tuner = ray_tune.Tuner(
-            trainable,
-            param_space=_ray_space(dims),
-            tune_config=ray_tune.TuneConfig(
-                metric=METRIC,
-                mode="min",
-                num_samples=cfg.tune.num_samples,
-                max_concurrent_trials=concurrent,
-                search_alg=OptunaSearch() if cfg.tune.search == "optuna" else None,
-                scheduler=ASHAScheduler(
-                    time_attr="epochs_done",
-                    max_t=cfg.train.epochs,
-                    grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
-                    reduction_factor=cfg.tune.reduction_factor,
-                ),
+    return ray_tune.Tuner(
+        trainable,
+        param_space=_ray_space(dims),
+        tune_config=ray_tune.TuneConfig(
+            metric=METRIC,
+            mode="min",
+            num_samples=cfg.tune.num_samples,
+            max_concurrent_trials=concurrent,
+            search_alg=search_alg,
+            scheduler=ASHAScheduler(
+                time_attr="epochs_done",
+                max_t=cfg.train.epochs,
+                grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
+                reduction_factor=cfg.tune.reduction_factor,
             ),
-            run_config=ray_tune.RunConfig(storage_path=str(sweeps), name=name),
-        )
-    grid = tuner.fit()
-    if grid.num_terminated + grid.num_errors < len(grid):
-        raise SweepInterrupted(
-            f"sweep {name} interrupted with {len(grid) - grid.num_terminated - grid.num_errors} "
-            f"trials unfinished; continue it with `metarec tune --data {data_dir} --resume {name}`"
-        )
-    return _finish(grid, spec, dims, ds.manifest)
+        ),
+        run_config=ray_tune.RunConfig(storage_path=str(sweeps), name=name),
+    )
 
 
 class SweepInterrupted(MetarecError):
