@@ -30,7 +30,7 @@ def _permuted_copy(ds, out, rng):
     """The same ratings with genre and occupation vocabularies in another order: what
     another dataset's encoding of the same names looks like."""
     vocab = {k: list(v) for k, v in ds.manifest["vocab"].items()}
-    tables = {"items": ds.items(), "users": ds.users()}
+    tables = {"items": ds.items(), "users": ds.users(), "ratings": ds.ratings()}
     for feature, table, column in (
         ("genre", "items", "genres"),
         ("occupation", "users", "occupation"),

@@ -82,6 +82,12 @@ def _prepare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--item-cut-year", type=int, help="items released after this year are new (default: auto)"
     )
+    p.add_argument(
+        "--split-seed",
+        type=int,
+        help="seed of the user split and query draws (data.split_seed; default: --seed). "
+        "`evaluate --split-seeds N` rebuilds exactly this split in memory",
+    )
     p.add_argument("--users", type=int, help="synthetic: number of users")
     p.add_argument("--items", type=int, help="synthetic: number of items")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -109,6 +115,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
             "data.min_ratings": args.min_ratings,
             "data.max_ratings": args.max_ratings,
             "data.item_cut_year": args.item_cut_year,
+            "data.split_seed": args.split_seed,
             "data.synthetic.n_users": args.users,
             "data.synthetic.n_items": args.items,
         },

@@ -69,6 +69,7 @@ class DataConfig:
     min_ratings: int = 13  # users outside [min_ratings, max_ratings] are dropped (MeLU)
     max_ratings: int = 100
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train/valid/test share of users
+    split_seed: int | None = None  # seeds the user split and query draws; None: the run's seed
     item_cut_year: int | None = None  # items released after this year are "new"; None: auto
     new_item_share: float = 0.2  # auto cut: the year leaving about this share of ratings new
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
@@ -71,7 +72,7 @@ def prepare(cfg: MetarecConfig, out: str | Path, *, progress: bool = True) -> Pr
             max_ratings=d.max_ratings,
             split=d.split,
             cut_year=cut if cut is not None else 0,
-            seed=cfg.seed,
+            seed=cfg.seed if d.split_seed is None else d.split_seed,
         )
         tasks = build_scenarios(ratings, enc.item_year, protocol, scenarios)
         step("write")
@@ -86,7 +87,14 @@ def prepare(cfg: MetarecConfig, out: str | Path, *, progress: bool = True) -> Pr
             skipped,
             cut_auto=d.item_cut_year is None,
         )
-        write_prepared(Path(out), items=enc.items, users=enc.users, tasks=tasks, manifest=manifest)
+        write_prepared(
+            Path(out),
+            items=enc.items,
+            users=enc.users,
+            ratings=pa.Table.from_pandas(enc.ratings, preserve_index=False),
+            tasks=tasks,
+            manifest=manifest,
+        )
         step("verify")
         ds = open_prepared(out)
         step("done")

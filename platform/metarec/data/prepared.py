@@ -4,6 +4,8 @@ Layout::
 
     DIR/manifest.json                      schema version, protocol, counts, vocab, checksums
     DIR/items.parquet, DIR/users.parquet   integer-encoded side features
+    DIR/ratings.parquet                    every encoded rating before the user filter
+                                           (what `evaluate --split-seeds/--splits` re-split)
     DIR/tasks/<scenario>/<split>.parquet   one row per user task (list columns)
 
 Training reads this directory only; it never sees raw files, so every run of every stage
@@ -44,6 +46,7 @@ def write_prepared(
     *,
     items: pa.Table,
     users: pa.Table,
+    ratings: pa.Table,
     tasks: dict[str, dict[str, pa.Table]],
     manifest: dict[str, Any],
 ) -> Path:
@@ -61,7 +64,7 @@ def write_prepared(
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         files: dict[str, str] = {}
-        tables = {"items.parquet": items, "users.parquet": users}
+        tables = {"items.parquet": items, "users.parquet": users, "ratings.parquet": ratings}
         for scenario, splits in tasks.items():
             for split, table in splits.items():
                 tables[f"tasks/{scenario}/{split}.parquet"] = table
@@ -103,10 +106,15 @@ def _sha256(path: Path) -> str:
 
 @dataclass(frozen=True)
 class PreparedDataset:
-    """Read access to a prepared directory; tables load lazily, one file each."""
+    """Read access to a prepared directory; tables load lazily, one file each.
+
+    ``split`` holds task tables built in memory (``metarec.data.splits``: another user
+    split of the same ratings); when set, ``tasks`` serves them instead of the files.
+    """
 
     root: Path
     manifest: dict[str, Any]
+    split: dict[str, dict[str, pa.Table]] | None = None
 
     @property
     def scenarios(self) -> list[str]:
@@ -126,7 +134,20 @@ class PreparedDataset:
         return self.root / "tasks" / scenario / f"{split}.parquet"
 
     def tasks(self, scenario: str, split: str) -> pa.Table:
-        return pq.read_table(self.task_path(scenario, split))
+        path = self.task_path(scenario, split)  # also validates the names
+        if self.split is not None:
+            return self.split[scenario][split]
+        return pq.read_table(path)
+
+    def ratings(self) -> pa.Table:
+        """Every encoded rating, before the user filter (user, item, rating[, timestamp])."""
+        path = self.root / "ratings.parquet"
+        if not path.is_file():
+            raise DataError(
+                f"{self.root}: no ratings.parquet (prepared by an older metarec); re-run "
+                "`metarec prepare` to re-split users"
+            )
+        return pq.read_table(path)
 
     def items(self) -> pa.Table:
         return pq.read_table(self.root / "items.parquet")

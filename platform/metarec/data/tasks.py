@@ -26,7 +26,16 @@ import pyarrow as pa
 
 from metarec.errors import DataError
 
-__all__ = ["SPLITS", "Protocol", "auto_cut_year", "build_scenarios", "filter_users", "tasks_table"]
+__all__ = [
+    "SPLITS",
+    "Protocol",
+    "auto_cut_year",
+    "build_scenarios",
+    "filter_users",
+    "group_rank",
+    "random_keys",
+    "tasks_table",
+]
 
 SPLITS = ("train", "valid", "test")
 TASK_SCHEMA = pa.schema(
@@ -170,7 +179,7 @@ def _partition_users(users: np.ndarray, protocol: Protocol) -> np.ndarray:
     return part
 
 
-def _random_keys(g: np.random.Generator, n: int) -> np.ndarray:
+def random_keys(g: np.random.Generator, n: int) -> np.ndarray:
     return g.integers(0, 1 << 32, size=n, dtype=np.int64)
 
 
@@ -200,7 +209,7 @@ def _time_keys(ratings: pd.DataFrame) -> np.ndarray:
     return rank
 
 
-def _group_rank(
+def group_rank(
     users: np.ndarray, key: np.ndarray, flag: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rank of each row within its user by (flag, key) (0 = smallest) and the user's count."""
@@ -224,8 +233,8 @@ def _enough(df: pd.DataFrame, need: int) -> pd.DataFrame:
 def _random_tasks(df: pd.DataFrame, q: int, min_support: int, g: np.random.Generator) -> pa.Table:
     """Query = ``q`` ratings drawn uniformly per user; support = the rest."""
     df = _enough(df, q + min_support)
-    order_key = _random_keys(g, len(df))
-    rank, _ = _group_rank(df["user"].to_numpy(), order_key)
+    order_key = random_keys(g, len(df))
+    rank, _ = group_rank(df["user"].to_numpy(), order_key)
     return tasks_table(df, is_query=rank < q, order_key=order_key)
 
 
@@ -233,7 +242,7 @@ def _temporal_tasks(df: pd.DataFrame, q: int, min_support: int) -> pa.Table:
     """Query = each user's ``q`` latest ratings (ties broken by item id)."""
     df = _enough(df, q + min_support)
     ts = df["time_key"].to_numpy()
-    rank, count = _group_rank(df["user"].to_numpy(), ts)
+    rank, count = group_rank(df["user"].to_numpy(), ts)
     return tasks_table(df, is_query=rank >= count - q, order_key=ts)
 
 
@@ -244,9 +253,9 @@ def _warm(
     q = p.query_size
     old = r[(r.part == 0) & ~r.new]
     counts = np.bincount(old["user"].to_numpy(), minlength=1)
-    key = _random_keys(g, len(old))
+    key = random_keys(g, len(old))
     users = old["user"].to_numpy()
-    rank, _ = _group_rank(users, key)
+    rank, _ = group_rank(users, key)
     # Only users who keep a full train task after the hold-out are evaluated warm.
     evaluable = counts[users] >= 2 * q + p.min_support
     held = evaluable & (rank < q)
@@ -274,9 +283,9 @@ def _new_item_tasks(df: pd.DataFrame, q: int, min_support: int, g: np.random.Gen
     n_old = np.bincount(users[~new], minlength=len(n_new))
     ok = (n_new[users] >= q) & (n_old[users] >= min_support)
     df, new = df[ok], new[ok]
-    key = _random_keys(g, len(df))
+    key = random_keys(g, len(df))
     # Rank new-item rows among themselves: old rows sort after every new one.
-    rank, _ = _group_rank(df["user"].to_numpy(), key, flag=~new)
+    rank, _ = group_rank(df["user"].to_numpy(), key, flag=~new)
     is_query = new & (rank < q)
     keep = is_query | ~new  # new-item ratings beyond the query are not shown to the model
     return tasks_table(df[keep], is_query=is_query[keep], order_key=key[keep])
