@@ -9,8 +9,18 @@ import torch
 from metarec.baselines import Bias
 from metarec.batch import from_table
 from metarec.config import apply_overrides
-from metarec.evaluate import model_fits, score_tasks
-from metarec.loop import fit
+from metarec.data.splits import resplit
+from metarec.evaluate import (
+    AdaptedScorer,
+    adaptation_grid,
+    evaluate,
+    fit_methods,
+    method_rows,
+    model_fits,
+    relevance_threshold,
+    score_tasks,
+)
+from metarec.loop import fit, masked_mae
 
 
 def test_model_fits_only_where_it_saw_no_held_out_rating(synthetic_prepared):
@@ -22,6 +32,73 @@ def test_model_fits_only_where_it_saw_no_held_out_rating(synthetic_prepared):
     # user_cold trains on the ratings warm/item_cold hold out of training users
     for scenario in ("warm", "item_cold", "user_item_cold"):
         assert not model_fits(ds, "user_cold", scenario)
+    # another user split puts some of the model's training users in test
+    assert model_fits(ds, "user_cold", "user_cold", resplit(ds, ds.manifest["protocol"]["seed"]))
+    assert not model_fits(ds, "user_cold", "user_cold", resplit(ds, 7))
+
+
+def test_relevance_threshold_scales_with_the_rating_range():
+    assert relevance_threshold({"ratings": {"min": 1.0, "max": 5.0}}) == 4.0
+    assert relevance_threshold({"ratings": {"min": 0.5, "max": 5.0}}) == 4.0
+    assert relevance_threshold({"ratings": {"min": 1.0, "max": 10.0}}) == 8.0
+
+
+@pytest.fixture(scope="module")
+def quick(synthetic_cfg):
+    return apply_overrides(
+        synthetic_cfg, **{"train.epochs": 2, "meta.inner_steps": 2, "meta.support_prior": 10}
+    )
+
+
+def test_adaptation_is_chosen_on_validation_users(quick, synthetic_prepared):
+    ds = synthetic_prepared
+    fitted = fit_methods(quick, ds, "user_cold", ())
+    meta = fitted.scorers[quick.meta.algorithm]
+    valid = from_table(ds.tasks("user_cold", "valid"))
+    grid = adaptation_grid(quick.meta)
+    assert grid[0] == {"steps": 2, "lr_scale": 1.0, "support_prior": 10}  # trained first
+    maes = [
+        masked_mae(AdaptedScorer(meta.learner, **hp).predict_items(valid, valid.query_items), valid)
+        for hp in grid
+    ]
+    assert fitted.adapt["valid_mae"] == pytest.approx(min(maes))
+    chosen = grid[maes.index(min(maes))]
+    assert {k: fitted.adapt[k] for k in chosen} == chosen
+
+
+def test_evaluate_over_split_seeds_reports_spread_and_paired_cis(quick, synthetic_prepared):
+    ds = synthetic_prepared
+    splits = [(0, resplit(ds, 0)), (1, resplit(ds, 1)), (2, resplit(ds, 2))]
+    results = evaluate(
+        quick,
+        ds,
+        scenarios=["user_cold"],
+        seeds=[0],
+        splits=splits,
+        baselines=("bias",),
+        resamples=1000,
+    )
+    rows = results["user_cold"]
+    method = quick.meta.algorithm
+    assert set(method_rows(rows)) == {method, "bias"}
+    for row in method_rows(rows).values():
+        assert len(row["per_split"]["mae"]) == 3
+        assert row["mae"] == pytest.approx(sum(row["per_split"]["mae"]) / 3)
+        mean = row["mae"]
+        std = (sum((v - mean) ** 2 for v in row["per_split"]["mae"]) / 2) ** 0.5  # ddof=1
+        assert row["std"]["mae"] == pytest.approx(std)
+    paired = rows["_paired"][method]["bias"]
+    for d in paired.values():
+        lo, hi = d["ci95"]
+        assert lo <= d["diff"] <= hi
+    proto = rows["_protocol"]
+    assert proto["split_seeds"] == [0, 1, 2] and proto["tuned_on"] == "valid"
+    assert proto["relevance_threshold"] == relevance_threshold(ds.manifest)
+    assert set(proto["adapt"]) >= {"steps", "inner_lr", "support_prior"}
+    assert len(proto["adapt_per_fit"]) == 3
+    assert proto["test_users"] == [
+        s.manifest["scenarios"]["user_cold"]["test"]["tasks"] for _, s in splits
+    ]
 
 
 def test_scoring_in_chunks_equals_scoring_at_once(synthetic_prepared):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from metarec.config import apply_overrides
-from metarec.evaluate import BASELINES, REPORTED, evaluate
+from metarec.evaluate import BASELINES, REPORTED, evaluate, method_rows
 from metarec.loop import fit
 
 
@@ -40,12 +40,14 @@ def test_every_algorithm_trains_without_nan(quick_cfg, synthetic_prepared, algor
 
 def test_evaluate_reports_every_method_and_metric(quick_cfg, synthetic_prepared):
     results = evaluate(quick_cfg, synthetic_prepared, scenarios=["user_cold"], seeds=[0, 1])
-    methods = results["user_cold"]
+    methods = method_rows(results["user_cold"])
     assert set(methods) == {quick_cfg.meta.algorithm, *BASELINES}
     for row in methods.values():
         assert set(REPORTED) <= set(row)
-        assert len(row["per_seed"]["mae"]) == 2
+        assert len(row["per_split"]["mae"]) == 1  # one split; std over the 2 init seeds
+        assert row["std"]["mae"] >= 0
         assert 0 < row["mae"] < 2 and 0 <= row["ndcg@3"] <= 1
+    assert results["user_cold"]["_protocol"]["std_over"] == "init seeds"
     # planted per-user signal: adapting to the support set beats the global mean
     assert methods[quick_cfg.meta.algorithm]["mae"] < methods["global_mean"]["mae"]
     assert methods["user_mean"]["mae"] < methods["global_mean"]["mae"]
@@ -72,7 +74,7 @@ def test_evaluate_cli_writes_results_json(synthetic_prepared, tmp_path):
     )
     assert code == 0
     results = json.loads((out / "results.json").read_text())
-    assert set(results["user_cold"]) == {"maml", "global_mean", "bias"}
+    assert set(results["user_cold"]) == {"maml", "global_mean", "bias", "_paired", "_protocol"}
     assert (
         main(
             [

@@ -163,3 +163,29 @@ def test_report_writes_results_for_every_scenario_and_four_plots(tiny, tmp_path)
     assert set(shot) == {"fomaml", "finetune"} and len(shot["fomaml"]["mae"]) == 3
     assert len(curves["user_cold"]["step_curve"]["fomaml"]) == 4
     assert len(curves["warm"]["learning_curves"]) == 1
+
+
+def test_markdown_results_shows_paired_cis_and_calls_a_tie_a_tie():
+    ci = {
+        "mae": {"diff": -0.02, "ci95": [-0.03, -0.01]},  # excludes 0, lower is better: win
+        "ndcg@3": {"diff": 0.01, "ci95": [-0.005, 0.02]},  # contains 0: tie
+    }
+    results = {
+        "user_cold": {
+            "maml": _row(0.70, 0.88),
+            "bias": _row(0.72, 0.87),
+            "_paired": {"maml": {"bias": ci}},
+            "_protocol": {
+                "split_seeds": [0, 1],
+                "test_users": [50, 50],
+                "relevance_threshold": 4.0,
+                "adapt": {"steps": 5},
+            },
+        }
+    }
+    text = markdown_results(results, metrics=("mae", "ndcg@3"))
+    row = next(line for line in text.splitlines() if line.startswith("| bias | **-0.0200"))
+    assert "**-0.0200 [-0.0300, -0.0100] win**" in row
+    assert "+0.0100 [-0.0050, +0.0200] tie" in row
+    assert "100 test users of splits [0, 1]" in text
+    assert "_paired" not in text.split("`maml` minus")[0]  # not a method row

@@ -160,7 +160,39 @@ def _add_evaluation_args(p: argparse.ArgumentParser, *, seeds: list[int], scenar
         nargs="+",
         default=seeds,
         metavar="N",
-        help="training seeds; results are mean ± std over them",
+        help="init seeds within each user split (network init, batching, MF)",
+    )
+    p.add_argument(
+        "--split-seeds",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="re-split the users of each scenario with these seeds (the split `prepare "
+        "--split-seed N` would write) and evaluate on every split; results are mean ± std "
+        "over splits, differences pooled over their test users (default: the prepared split)",
+    )
+    p.add_argument(
+        "--splits",
+        metavar="FILE.json",
+        help="evaluate user_cold on a split given from outside (a paper's exact users and "
+        "query items; format in README 'Evaluation protocol')",
+    )
+    p.add_argument(
+        "--relevance-threshold",
+        type=float,
+        metavar="R",
+        help="ratings >= R are relevant for P@5, nDCG@5, MRR@5, recall/nDCG@10 "
+        "(default: 0.8 x the top rating: 4 on 1-5 and 0.5-5, 8 on 1-10)",
+    )
+    p.add_argument(
+        "--no-tune-adaptation",
+        dest="tune_adaptation",
+        action="store_false",
+        help="score the meta-learner with its trained steps, step size and support prior "
+        "instead of choosing them on validation users",
+    )
+    p.add_argument(
+        "--bootstrap", type=int, default=2000, metavar="B", help="resamples of the paired CIs"
     )
     p.add_argument(
         "--baselines", default="all", help="comma-separated subset of baselines, 'all' or 'none'"
@@ -246,20 +278,25 @@ class _Evaluation:
     history: list[dict[str, float]] | None = None  # its training history
     extra: dict[str, Any] | None = None  # --cross-domain: the transferred model's scorers
     transfer: dict[str, Any] | None = None  # --cross-domain: what was mapped (transfer.json)
+    splits: list[Any] | None = None  # (label, dataset) per user split
 
-    def run(self, seeds: list[int], on_seed: Any = None) -> dict[str, dict[str, Any]]:
+    def run(self, args: argparse.Namespace, on_seed: Any = None) -> dict[str, dict[str, Any]]:
         from metarec.evaluate import evaluate
 
         return evaluate(
             self.cfg,
             self.ds,
             scenarios=self.scenarios,
-            seeds=seeds,
+            seeds=args.seeds,
+            splits=self.splits,
             baselines=self.baselines,
             log=lambda msg: print(msg, file=sys.stderr, flush=True),
             learner=self.learner,
             extra=self.extra,
             on_seed=on_seed,
+            threshold=args.relevance_threshold,
+            tune_adaptation=args.tune_adaptation,
+            resamples=args.bootstrap,
         )
 
 
@@ -281,7 +318,30 @@ def _evaluation(args: argparse.Namespace, default_scenario: str | None) -> _Eval
     for s in ev.scenarios:
         ds.task_path(s, "test")  # unknown scenario -> clear error before any training
     ev.baselines = _baselines(args.baselines)
+    ev.splits = _splits(args, ds, ev.scenarios)
     return ev
+
+
+def _splits(args: argparse.Namespace, ds: Any, scenarios: list[str]) -> list[Any] | None:
+    """``--split-seeds`` / ``--splits``: the user splits to evaluate on (None: the prepared)."""
+    from metarec.data.splits import external_split, resplit
+
+    if args.splits and args.split_seeds:
+        raise ConfigError("--splits: got it with --split-seeds; expected one or the other")
+    if args.bootstrap < 1000:
+        raise ConfigError(f"--bootstrap: got {args.bootstrap}; expected at least 1000")
+    if args.splits:
+        if scenarios != ["user_cold"]:
+            raise ConfigError(
+                f"--scenario: got {scenarios} with --splits; expected user_cold only (a split "
+                "file defines user_cold's users and queries)"
+            )
+        return [(Path(args.splits).name, external_split(ds, args.splits))]
+    if args.split_seeds:
+        if len(set(args.split_seeds)) != len(args.split_seeds):
+            raise ConfigError(f"--split-seeds: got {args.split_seeds}; expected distinct seeds")
+        return [(s, resplit(ds, s)) for s in args.split_seeds]
+    return None
 
 
 def _baselines(arg: str) -> tuple[str, ...]:
@@ -404,7 +464,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from metarec.evaluate import format_table, write_results
 
     ev = _evaluation(args, None)
-    results = ev.run(args.seeds)
+    results = ev.run(args)
     print(format_table(results))
     _finish_evaluation(args, ev, results, [write_results(results, args.out)])
     return 0
@@ -417,7 +477,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     collector = CurveCollector(
         shots=args.shots, steps=range(args.curve_steps + 1), history=ev.history
     )
-    results = ev.run(args.seeds, on_seed=collector)
+    results = ev.run(args, on_seed=collector)
     title, preamble, notes = report_header(
         ev.ds.manifest,
         ev.cfg,

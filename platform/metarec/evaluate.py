@@ -1,9 +1,12 @@
-"""Scenario x method evaluation: the meta-learner against every baseline, over seeds.
+"""Scenario x method evaluation: the meta-learner against every baseline, over user splits.
 
 Every method is a *scorer*: given evaluation tasks and items, it returns ratings using only
 each task's support set. The meta-learner and the fine-tuned global model score through the
 same ``meta.adapt`` that serving uses, so what is measured here is what a user gets.
-Baselines are tuned on validation users (grids in ``baselines``), then scored on test users.
+Everything that is chosen is chosen on validation users: the baselines' hyperparameters
+(grids in ``baselines``) and the meta-learner's test-time adaptation (``adaptation_grid``).
+Test users only ever get scored. Differences are paired per user and carry a bootstrap CI
+(``metarec.stats``), so a win is claimed only where the CI excludes zero.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,11 +28,12 @@ from tqdm.auto import tqdm
 
 from metarec.baselines import classic_baselines
 from metarec.batch import TaskBatch, from_table
-from metarec.config import MetarecConfig, apply_overrides
+from metarec.config import MetaConfig, MetarecConfig, apply_overrides
 from metarec.data.prepared import PreparedDataset
 from metarec.loop import FitResult, fit, masked_mae, predict_items
 from metarec.meta import MetaLearner
 from metarec.metrics import catalog_metrics, mean_metrics, query_metrics
+from metarec.stats import LOWER_IS_BETTER, paired_differences, verdict
 
 __all__ = [
     "BASELINES",
@@ -36,11 +41,14 @@ __all__ = [
     "AdaptedScorer",
     "SeedFit",
     "SeedScores",
+    "Split",
+    "adaptation_grid",
     "evaluate",
     "fit_methods",
     "format_table",
+    "method_rows",
     "model_fits",
-    "score",
+    "relevance_threshold",
     "score_tasks",
     "write_json_atomic",
     "write_results",
@@ -63,21 +71,80 @@ class Scorer(Protocol):
     def predict_items(self, tasks: TaskBatch, items: Tensor) -> Tensor: ...
 
 
+def relevance_threshold(manifest: dict[str, Any]) -> float:
+    """The rating from which a query item counts as relevant: 0.8 x the scale's top.
+
+    4 on 1-5 and on 0.5-5 (MeLU's and most papers' "4 stars or more"), 8 on 1-10: the top
+    fifth of the scale, whatever its bottom. ``--relevance-threshold`` overrides it.
+    """
+    return 0.8 * float(manifest["ratings"]["max"])
+
+
+@dataclass(frozen=True)
 class AdaptedScorer:
     """A network adapted per task on its support set (``loop.predict_items``).
 
-    Args:
-        steps, inner_lr: the adaptation; defaults are the learner's own (meta-learned lrs
-            for Meta-SGD), overridden for the fine-tune and global-model baselines.
+    Each knob left ``None`` is the learner's own (meta-learned lrs for Meta-SGD); the
+    fine-tune baseline sets ``inner_lr``, adaptation tuning sets ``steps``, ``lr_scale``
+    (a multiplier of whatever the step sizes are) and ``support_prior``.
     """
 
-    def __init__(
-        self, learner: MetaLearner, *, steps: int | None = None, inner_lr: float | None = None
-    ) -> None:
-        self.learner, self.steps, self.inner_lr = learner, steps, inner_lr
+    learner: MetaLearner
+    steps: int | None = None
+    inner_lr: float | None = None
+    lr_scale: float = 1.0
+    support_prior: float | None = None
 
     def predict_items(self, tasks: TaskBatch, items: Tensor) -> Tensor:
-        return predict_items(self.learner, tasks, items, steps=self.steps, inner_lr=self.inner_lr)
+        return predict_items(
+            self.learner,
+            tasks,
+            items,
+            steps=self.steps,
+            inner_lr=self._lrs(),
+            support_prior=self.support_prior,
+        )
+
+    def _lrs(self) -> float | dict[str, Tensor] | None:
+        if self.lr_scale == 1.0:
+            return self.inner_lr
+        lrs = self.learner.lrs() if self.inner_lr is None else self.inner_lr
+        if isinstance(lrs, dict):
+            return {n: v.detach() * self.lr_scale for n, v in lrs.items()}
+        return lrs * self.lr_scale
+
+    def knobs(self) -> dict[str, Any]:
+        """The adaptation actually run (what results.json and MLflow record)."""
+        cfg = self.learner.cfg
+        return {
+            "steps": cfg.inner_steps if self.steps is None else self.steps,
+            "inner_lr": "learned"
+            if cfg.algorithm == "metasgd" and self.inner_lr is None
+            else (cfg.inner_lr if self.inner_lr is None else self.inner_lr) * self.lr_scale,
+            "lr_scale": self.lr_scale,
+            "support_prior": cfg.support_prior
+            if self.support_prior is None
+            else self.support_prior,
+        }
+
+
+def adaptation_grid(cfg: MetaConfig) -> list[dict[str, Any]]:
+    """Test-time knobs tried on validation users, the trained ones first (kept on ties).
+
+    A small grid around what was trained: half/double the steps and step size, and the
+    support prior kappa at half/double (or 0, 5, 20 when trained without one). Choosing
+    them on validation users is the courtesy every baseline gets; it needs no retraining.
+    """
+    s, k = cfg.inner_steps, cfg.support_prior
+    steps = [s] if s == 0 else list(dict.fromkeys([s, max(1, s // 2), 2 * s]))
+    priors = list(dict.fromkeys([k, k / 2, 2 * k] if k > 0 else [0.0, 5.0, 20.0]))
+    scales = [1.0, 0.5, 2.0]
+    return [
+        {"steps": st, "lr_scale": sc, "support_prior": kp}
+        for st in steps
+        for sc in scales
+        for kp in priors
+    ]
 
 
 def score_tasks(
@@ -85,6 +152,7 @@ def score_tasks(
     tasks: TaskBatch,
     n_items: int | None = None,
     *,
+    relevance_threshold: float,
     chunk: int = 1024,
     desc: str | None = None,
 ) -> dict[str, Tensor]:
@@ -99,15 +167,22 @@ def score_tasks(
     with tqdm(total=tasks.num_tasks, desc=desc, unit="user", disable=None, leave=False) as bar:
         for lo in range(0, tasks.num_tasks, chunk):
             part = tasks.select(torch.arange(lo, min(lo + chunk, tasks.num_tasks)))
-            for k, v in _score_chunk(scorer, part, n_items).items():
+            for k, v in _score_chunk(scorer, part, n_items, relevance_threshold).items():
                 out.setdefault(k, []).append(v)
             bar.update(part.num_tasks)
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def _score_chunk(scorer: Scorer, tasks: TaskBatch, n_items: int | None) -> dict[str, Tensor]:
+def _score_chunk(
+    scorer: Scorer, tasks: TaskBatch, n_items: int | None, threshold: float
+) -> dict[str, Tensor]:
     pred = scorer.predict_items(tasks, tasks.query_items)
-    metrics = query_metrics(pred.double(), tasks.query_ratings.double(), tasks.query_mask)
+    metrics = query_metrics(
+        pred.double(),
+        tasks.query_ratings.double(),
+        tasks.query_mask,
+        relevance_threshold=threshold,
+    )
     if n_items is None:
         return metrics
     catalog = torch.arange(n_items).expand(tasks.num_tasks, n_items)
@@ -119,26 +194,24 @@ def _score_chunk(scorer: Scorer, tasks: TaskBatch, n_items: int | None) -> dict[
         tasks.support_items[tasks.support_mask],
     ] = True
     positives = torch.zeros_like(exclude)
-    relevant = tasks.query_mask & (tasks.query_ratings >= 4.0)
+    relevant = tasks.query_mask & (tasks.query_ratings >= threshold)
     positives[rows.expand_as(tasks.query_items)[relevant], tasks.query_items[relevant]] = True
     return metrics | catalog_metrics(scores.double(), positives, exclude, k=10)
 
 
-def score(scorer: Scorer, tasks: TaskBatch, n_items: int) -> dict[str, float]:
-    """Query metrics and full-catalogue ranking metrics, averaged over tasks."""
-    return mean_metrics(score_tasks(scorer, tasks, n_items))
-
-
-def _tuned(make: Callable[[dict], Scorer], grid: Iterable[dict], valid: TaskBatch) -> Scorer:
-    """The scorer of the grid point with the lowest validation MAE (first one on ties)."""
-    best: tuple[float, Scorer] | None = None
+def _tuned(
+    make: Callable[[dict], Scorer], grid: Iterable[dict], valid: TaskBatch
+) -> tuple[Scorer, dict, float]:
+    """The scorer of the grid point with the lowest validation MAE (first one on ties),
+    its grid point and that MAE."""
+    best: tuple[float, Scorer, dict] | None = None
     for hp in grid:
         scorer = make(hp)
         mae = masked_mae(scorer.predict_items(valid, valid.query_items), valid)
         if best is None or mae < best[0]:
-            best = (mae, scorer)
+            best = (mae, scorer, hp)
     assert best is not None
-    return best[1]
+    return best[1], best[2], best[0]
 
 
 def _fit_with_bar(cfg: MetarecConfig, ds: PreparedDataset, scenario: str, desc: str) -> FitResult:
@@ -154,10 +227,11 @@ def _fit_with_bar(cfg: MetarecConfig, ds: PreparedDataset, scenario: str, desc: 
 
 @dataclass
 class SeedFit:
-    """Every method of one (scenario, seed), trained and tuned, ready to score test users.
+    """Every method of one (scenario, split, seed), trained and tuned, ready to score test
+    users.
 
     ``history`` is the meta-learner's learning curve when it was trained here (None when a
-    given model was scored).
+    given model was scored); ``adapt`` the test-time knobs chosen on validation users.
     """
 
     scenario: str
@@ -165,6 +239,7 @@ class SeedFit:
     method: str  # the meta-learner's name (its algorithm)
     scorers: dict[str, Scorer]
     history: list[dict[str, float]] | None = None
+    adapt: dict[str, Any] = field(default_factory=dict)
 
 
 def fit_methods(
@@ -176,11 +251,14 @@ def fit_methods(
     log: Callable[[str], None] = lambda _: None,
     learner: MetaLearner | None = None,
     extra: dict[str, Scorer] | None = None,
+    tune_adaptation: bool = True,
 ) -> SeedFit:
     """Meta-train (unless ``learner`` is given) and tune every baseline for ``cfg.seed``.
 
     Args:
         extra: scorers built elsewhere (a transferred model), scored like the rest.
+        tune_adaptation: choose the meta-learner's test-time steps, step size and support
+            prior on validation users (``adaptation_grid``); else score the trained ones.
     """
     train, valid = (from_table(ds.tasks(scenario, s)) for s in ("train", "valid"))
     n_items = ds.manifest["counts"]["items"]
@@ -190,13 +268,17 @@ def fit_methods(
         log(f"[seed {cfg.seed}] meta-training {method} on {scenario}")
         fitted = _fit_with_bar(cfg, ds, scenario, f"{method} seed {cfg.seed}")
         learner, history = fitted.learner, fitted.history
-    scorers: dict[str, Scorer] = {method: AdaptedScorer(learner), **(extra or {})}
+    grid = adaptation_grid(learner.cfg) if tune_adaptation else [{}]
+    meta, _, valid_mae = _tuned(lambda hp: AdaptedScorer(learner, **hp), grid, valid)
+    assert isinstance(meta, AdaptedScorer)
+    adapt = {**meta.knobs(), "valid_mae": valid_mae, "grid_points": len(grid)}
+    scorers: dict[str, Scorer] = {method: meta, **(extra or {})}
     grids = classic_baselines(seed=cfg.seed)
     for name in (b for b in baselines if b in grids):
         g = grids[name]
         scorers[name] = _tuned(
             lambda hp, g=g: g.cls(**hp).fit(train, n_items=n_items), g.grid, valid
-        )
+        )[0]
     if {"global_model", "finetune"} & set(baselines):
         log(f"[seed {cfg.seed}] training the global model (no adaptation)")
         plain = apply_overrides(cfg, **{"meta.inner_steps": 0, "meta.algorithm": "fomaml"})
@@ -209,8 +291,8 @@ def fit_methods(
             lrs = sorted({*FINETUNE_LRS, cfg.meta.inner_lr})
             scorers["finetune"] = _tuned(
                 lambda hp: AdaptedScorer(glob, inner_lr=hp["lr"]), [{"lr": lr} for lr in lrs], valid
-            )
-    return SeedFit(scenario, cfg.seed, method, scorers, history)
+            )[0]
+    return SeedFit(scenario, cfg.seed, method, scorers, history, adapt)
 
 
 def _train_pairs(ds: PreparedDataset, scenario: str) -> np.ndarray:
@@ -223,20 +305,25 @@ def _train_pairs(ds: PreparedDataset, scenario: str) -> np.ndarray:
     return np.unique(keys.numpy())
 
 
-def model_fits(ds: PreparedDataset, trained_on: str, scenario: str) -> bool:
-    """Whether a model trained on ``trained_on`` may be scored on ``scenario``'s test users.
+def model_fits(
+    ds: PreparedDataset, trained_on: str, scenario: str, target: PreparedDataset | None = None
+) -> bool:
+    """Whether a model trained on ``ds``'s ``trained_on`` may be scored on the test users
+    of ``target``'s (default ``ds``) ``scenario``.
 
     Only if it saw no rating that ``scenario``'s own training may not: scenarios share a
     user split, but e.g. ``warm`` and ``item_cold`` hold out ratings of *training* users
     (and new items) that ``user_cold`` trains on, so a ``user_cold`` model scored there
     would be tested on ratings it learned from. ``user_cold`` and ``temporal`` train on
-    the same ratings; a ``warm`` model fits ``user_cold`` (it saw less).
+    the same ratings; a ``warm`` model fits ``user_cold`` (it saw less). Another user split
+    (``--split-seeds``) puts some of its training users in test: it never fits there.
     """
-    if trained_on == scenario:
+    target = ds if target is None else target
+    if target is ds and trained_on == scenario:
         return True
-    if trained_on not in ds.scenarios:
+    if trained_on not in ds.scenarios or scenario not in target.scenarios:
         return False
-    return bool(np.isin(_train_pairs(ds, trained_on), _train_pairs(ds, scenario)).all())
+    return bool(np.isin(_train_pairs(ds, trained_on), _train_pairs(target, scenario)).all())
 
 
 @dataclass
@@ -246,6 +333,11 @@ class SeedScores:
     fit: SeedFit
     test: TaskBatch
     per_task: dict[str, dict[str, Tensor]]  # method -> metric -> (T,)
+    relevance_threshold: float
+    split: int | str = 0
+
+
+Split = tuple[int | str, PreparedDataset]  # (split seed or file name, the dataset so split)
 
 
 def evaluate(
@@ -254,68 +346,156 @@ def evaluate(
     *,
     scenarios: Iterable[str],
     seeds: Iterable[int],
+    splits: Sequence[Split] | None = None,
     baselines: Iterable[str] = BASELINES,
     log: Callable[[str], None] = lambda _: None,
     learner: MetaLearner | None = None,
     extra: dict[str, Scorer] | None = None,
     on_seed: Callable[[SeedScores], None] | None = None,
+    threshold: float | None = None,
+    tune_adaptation: bool = True,
+    resamples: int = 2000,
 ) -> dict[str, dict[str, Any]]:
-    """``{scenario: {method: {metric: mean, "std": {...}, "per_seed": {...}}}}``.
+    """``{scenario: {method: {metric: mean, "std": {...}, "per_split": {...}},
+    "_paired": {...}, "_protocol": {...}}}``.
+
+    Every split (``splits``; default: the prepared one) trains and tunes every method for
+    every init seed in ``seeds`` and scores its test users. Per user, metrics are averaged
+    over init seeds; a split's value is the mean over its users (RMSE pooled over its query
+    ratings); the reported mean and sample std (ddof=1) are over splits (over init seeds
+    when there is one split). ``_paired`` compares each meta method (the meta-learner, a
+    transferred model) with each other method: the difference pooled over every test user
+    of every split, with a 95% bootstrap CI (users resampled within splits).
 
     Args:
         learner: a trained model (``--model``) to score instead of meta-training one per
-            seed; seeds then vary only the baselines that train (MF, global model). It is
-            scored only where it fits (``model_fits`` with its ``cfg.train.scenario``); other
-            scenarios meta-train per seed with its config. The meta-learner's row says which
-            (``"source"``: ``"model"`` or ``"fit"``).
+            seed. It is scored only where it fits (``model_fits``: its own split and
+            scenarios whose held-out ratings it never saw); elsewhere the meta-learner is
+            trained in process with its config. The row's ``"source"`` says which.
         extra: more scorers to score on every scenario and seed (a transferred model).
         on_seed: called with each seed's per-task scores (the report's plots use them).
+        threshold: relevance threshold (default ``relevance_threshold(manifest)``).
+        tune_adaptation: see ``fit_methods``.
+        resamples: bootstrap resamples of the paired CIs.
     """
     out: dict[str, dict[str, Any]] = {}
     seeds = list(seeds)
+    splits = list(splits) if splits else [(ds.manifest["protocol"]["seed"], ds)]
+    threshold = relevance_threshold(ds.manifest) if threshold is None else threshold
     n_items = ds.manifest["counts"]["items"]
+    method = cfg.meta.algorithm
     for scenario in scenarios:
-        given = learner
-        if learner is not None and not model_fits(ds, cfg.train.scenario, scenario):
-            log(
-                f"{scenario}: the model (trained on {cfg.train.scenario}) saw ratings this "
-                f"scenario holds out; meta-training {scenario} in process per seed instead"
-            )
-            given = None
-        test = from_table(ds.tasks(scenario, "test"))
-        runs = []
-        for s in seeds:
-            fitted = fit_methods(
-                apply_overrides(cfg, seed=s),
-                ds,
-                scenario,
-                tuple(baselines),
-                log=log,
-                learner=given,
-                extra=extra,
-            )
-            per_task = {
-                m: score_tasks(sc, test, n_items, desc=f"{scenario} seed {s}: {m}")
-                for m, sc in fitted.scorers.items()
+        per_split, seed_means, sources, fits = [], [], [], []
+        for label, view in splits:
+            given = learner
+            if learner is not None and not model_fits(ds, cfg.train.scenario, scenario, view):
+                log(
+                    f"{scenario} split {label}: the model (trained on {cfg.train.scenario} of "
+                    f"split {ds.manifest['protocol']['seed']}) saw ratings this split holds "
+                    "out; meta-training in process per seed instead"
+                )
+                given = None
+            sources.append("model" if given is not None else "fit")
+            test = from_table(view.tasks(scenario, "test"))
+            runs = []
+            for s in seeds:
+                fitted = fit_methods(
+                    apply_overrides(cfg, seed=s),
+                    view,
+                    scenario,
+                    tuple(baselines),
+                    log=log,
+                    learner=given,
+                    extra=extra,
+                    tune_adaptation=tune_adaptation,
+                )
+                per_task = {
+                    m: score_tasks(
+                        sc,
+                        test,
+                        n_items,
+                        relevance_threshold=threshold,
+                        desc=f"{scenario} split {label} seed {s}: {m}",
+                    )
+                    for m, sc in fitted.scorers.items()
+                }
+                runs.append(per_task)
+                fits.append({"split": label, "seed": s, **fitted.adapt})
+                if on_seed is not None:
+                    on_seed(SeedScores(fitted, test, per_task, threshold, label))
+            seed_means.append([{m: mean_metrics(v) for m, v in r.items()} for r in runs])
+            per_split.append(_users_over_seeds(runs))
+        rows = _aggregate(per_split, seed_means)
+        rows[method]["source"] = sources[0] if len(set(sources)) == 1 else "model+fit"
+        metas = [m for m in rows if m == method or m in (extra or {})]
+        rows["_paired"] = {
+            a: {
+                b: paired_differences(
+                    [p[a] for p in per_split],
+                    [p[b] for p in per_split],
+                    REPORTED,
+                    resamples=resamples,
+                )
+                for b in rows
+                if b != a and not b.startswith("_")
             }
-            runs.append({m: mean_metrics(v) for m, v in per_task.items()})
-            if on_seed is not None:
-                on_seed(SeedScores(fitted, test, per_task))
-        out[scenario] = {m: _aggregate([r[m] for r in runs]) for m in runs[0]}
-        out[scenario][cfg.meta.algorithm]["source"] = "model" if given is not None else "fit"
+            for a in metas
+        }
+        rows["_protocol"] = {
+            "split_seeds": [label for label, _ in splits],
+            "init_seeds": seeds,
+            "std_over": "splits" if len(splits) > 1 else "init seeds",
+            "test_users": [len(p[method]["mae"]) for p in per_split],
+            "relevance_threshold": threshold,
+            "tuned_on": "valid",
+            "adapt": _modal_adapt(fits),
+            "adapt_per_fit": fits,
+            "meta_source_per_split": sources,
+            "bootstrap": {"resamples": resamples, "seed": 0, "level": 0.95},
+        }
+        out[scenario] = rows
     return out
 
 
-def _aggregate(per_seed: list[dict[str, float]]) -> dict[str, Any]:
-    row: dict[str, Any] = {}
-    std: dict[str, float] = {}
-    for k in REPORTED:
-        vals = torch.tensor([r[k] for r in per_seed], dtype=torch.float64)
-        row[k] = float(vals.mean())
-        std[k] = float(vals.std(unbiased=False)) if len(vals) > 1 else 0.0
-    row["std"] = std
-    row["per_seed"] = {k: [r[k] for r in per_seed] for k in REPORTED}
-    return row
+def _users_over_seeds(runs: list[dict[str, dict[str, Tensor]]]) -> dict[str, dict[str, np.ndarray]]:
+    """method -> metric -> (T,) per-user value averaged over init seeds (NaN stays NaN)."""
+    return {
+        m: {k: torch.stack([r[m][k] for r in runs]).double().mean(0).numpy() for k in runs[0][m]}
+        for m in runs[0]
+    }
+
+
+def _aggregate(
+    per_split: list[dict[str, dict[str, np.ndarray]]],
+    seed_means: list[list[dict[str, dict[str, float]]]],
+) -> dict[str, Any]:
+    rows: dict[str, Any] = {}
+    for m in per_split[0]:
+        split_vals = [
+            mean_metrics({k: torch.from_numpy(v) for k, v in p[m].items()}) for p in per_split
+        ]
+        # one split: the spread over init seeds is all there is
+        spread = split_vals if len(per_split) > 1 else [r[m] for r in seed_means[0]]
+        row: dict[str, Any] = {k: float(np.mean([v[k] for v in split_vals])) for k in REPORTED}
+        row["std"] = {
+            k: float(np.std([v[k] for v in spread], ddof=1)) if len(spread) > 1 else 0.0
+            for k in REPORTED
+        }
+        row["per_split"] = {k: [v[k] for v in split_vals] for k in REPORTED}
+        rows[m] = row
+    return rows
+
+
+def _modal_adapt(fits: list[dict[str, Any]]) -> dict[str, Any]:
+    """The adaptation chosen most often over fits (each fit's choice is in adapt_per_fit)."""
+    keys = ("steps", "inner_lr", "lr_scale", "support_prior")
+    counts = Counter(tuple(f[k] for k in keys) for f in fits)
+    return dict(zip(keys, counts.most_common(1)[0][0], strict=True))
+
+
+def method_rows(rows: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A scenario's method rows, without its ``_paired``/``_protocol`` entries."""
+    return {m: r for m, r in rows.items() if not m.startswith("_")}
 
 
 def write_results(results: dict, out_dir: str | Path) -> Path:
@@ -337,14 +517,21 @@ def write_json_atomic(path: Path, data: Any) -> Path:
 def format_table(
     results: dict, *, metrics: tuple[str, ...] = ("mae", "rmse", "ndcg@3", "p@5", "recall@10")
 ) -> str:
-    """A plain-text table per scenario: mean ± std over seeds, best per column marked *."""
+    """A plain-text table per scenario (mean ± std, best mean per column marked *), then
+    each meta method's paired difference with every other method: ``diff [95% CI]`` and
+    win/loss only where the CI excludes 0, else tie."""
     lines = []
-    for scenario, methods in results.items():
-        lines.append(f"\n{scenario}")
-        lines.append(f"{'method':<14}" + "".join(f"{m:>17}" for m in metrics))
+    for scenario, rows in results.items():
+        methods = method_rows(rows)
+        proto = rows.get("_protocol", {})
+        lines.append(
+            f"\n{scenario}  (splits {proto.get('split_seeds')}, test users "
+            f"{sum(proto.get('test_users', []))}, std over {proto.get('std_over')})"
+        )
+        lines.append(f"{'method':<16}" + "".join(f"{m:>17}" for m in metrics))
         best = {
-            m: (min if m in ("mae", "rmse") else max)(
-                r[m] for r in methods.values() if not math.isnan(r[m])
+            m: (min if m in LOWER_IS_BETTER else max)(
+                (r[m] for r in methods.values() if not math.isnan(r[m])), default=math.nan
             )
             for m in metrics
         }
@@ -352,5 +539,19 @@ def format_table(
             cells = [
                 f"{r[m]:.4f}±{r['std'][m]:.4f}{'*' if r[m] == best[m] else ' '}" for m in metrics
             ]
-            lines.append(f"{name:<14}" + "".join(f"{c:>17}" for c in cells))
+            lines.append(f"{name:<16}" + "".join(f"{c:>17}" for c in cells))
+        for a, against in rows.get("_paired", {}).items():
+            lines.append(
+                f"\n{a} minus each method: diff [95% CI], win/loss only if the CI excludes 0"
+            )
+            lines.append(f"{'vs':<16}" + "".join(f"{m:>27}" for m in metrics))
+            for b, diffs in against.items():
+                cells = [
+                    f"{d['diff']:+.4f} [{d['ci95'][0]:+.3f},{d['ci95'][1]:+.3f}] "
+                    f"{verdict(m, d['diff'], d['ci95'])[0].upper()}"
+                    for m, d in ((m, diffs[m]) for m in metrics)
+                ]
+                lines.append(f"{b:<16}" + "".join(f"{c:>27}" for c in cells))
+        if "adapt" in proto:
+            lines.append(f"adaptation chosen on valid users: {proto['adapt']}")
     return "\n".join(lines)

@@ -255,13 +255,15 @@ def predict_items(
     items: Tensor,
     *,
     steps: int | None = None,
-    inner_lr: float | None = None,
+    inner_lr: float | dict[str, Tensor] | None = None,
+    support_prior: float | None = None,
     chunk: int = 256,
 ) -> Tensor:
     """Adapt on each task's support set, then score ``items`` (T, N): (T, N), chunked.
 
     The one evaluation/serving path: the same ``learner.adapt`` as training, with the
-    learner's own steps and (meta-learned) step sizes unless overridden (fine-tune baseline).
+    learner's own steps, (meta-learned) step sizes and support prior unless overridden (the
+    fine-tune baseline; evaluation's adaptation tuning).
     """
     params = {n: p.detach() for n, p in learner.params().items()}
     lrs = learner.lrs() if inner_lr is None else inner_lr
@@ -272,7 +274,9 @@ def predict_items(
         idx = torch.arange(lo, min(lo + chunk, tasks.num_tasks))
         b = tasks.select(idx).to(device)
         support = (b.users, b.support_items, b.support_ratings, b.support_mask)
-        fast = learner.adapt(params, support, steps=steps, inner_lr=lrs)
+        fast = learner.adapt(
+            params, support, steps=steps, inner_lr=lrs, support_prior=support_prior
+        )
         with torch.no_grad():
             out.append(predict(learner.model, fast, items[idx].to(device), b.users).cpu())
     return torch.cat(out)

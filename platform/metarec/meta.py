@@ -85,9 +85,11 @@ class MetaLearner(nn.Module):
         *,
         steps: int | None = None,
         inner_lr: float | Params | None = None,
+        support_prior: float | None = None,
         create_graph: bool = False,
     ) -> Params:
-        """``adapt`` with this learner's settings (training, evaluation and serving)."""
+        """``adapt`` with this learner's settings (training, evaluation and serving); the
+        keyword arguments override them (evaluation tunes them on validation users)."""
         cfg = self.cfg
         return adapt(
             self.model,
@@ -97,7 +99,7 @@ class MetaLearner(nn.Module):
             steps=cfg.inner_steps if steps is None else steps,
             inner_lr=self.lrs() if inner_lr is None else inner_lr,
             proximal=cfg.proximal,
-            support_prior=cfg.support_prior,
+            support_prior=cfg.support_prior if support_prior is None else support_prior,
             create_graph=create_graph,
             solver=cfg.inner_solver if (steps is None or steps > 0) else "gd",
         )

@@ -34,11 +34,13 @@ from metarec.evaluate import (
     REPORTED,
     AdaptedScorer,
     SeedScores,
+    method_rows,
     score_tasks,
     write_json_atomic,
     write_results,
 )
 from metarec.metrics import mean_metrics
+from metarec.stats import LOWER_IS_BETTER, verdict
 
 __all__ = [
     "SHOTS",
@@ -55,7 +57,6 @@ __all__ = [
 SHOTS = (1, 2, 4, 8, 16, 32)
 STEPS = tuple(range(11))
 CURVE_BASELINES = ("finetune", "mf_foldin", "transfer")  # beside the meta-learner
-LOWER_IS_BETTER = ("mae", "rmse")
 PLOTS = ("shot_curve.png", "step_curve.png", "per_user.png", "learning_curves.png")
 
 
@@ -145,33 +146,38 @@ class CurveCollector:
         self.by_scenario: dict[str, _ScenarioCurves] = {}
 
     def __call__(self, seed: SeedScores) -> None:
-        fit, test = seed.fit, seed.test
+        fit, test, threshold = seed.fit, seed.test, seed.relevance_threshold
         cur = self.by_scenario.setdefault(fit.scenario, _ScenarioCurves())
         methods = [m for m in (fit.method, *CURVE_BASELINES) if m in fit.scorers]
         keys = support_keys(test, fit.seed)
         truncated = [truncate_support(test, k, keys) for k in self.shots]
         for m in methods:
-            per_k = [mean_metrics(score_tasks(fit.scorers[m], t)) for t in truncated]
+            per_k = [
+                mean_metrics(score_tasks(fit.scorers[m], t, relevance_threshold=threshold))
+                for t in truncated
+            ]
             rows = cur.shots.setdefault(m, {"mae": [], "ndcg@3": []})
             for metric, seeds in rows.items():
                 seeds.append([r[metric] for r in per_k])
             if isinstance(fit.scorers[m], AdaptedScorer):
-                cur.steps.setdefault(m, []).append(self._step_curve(fit.scorers[m], test))
+                curve = self._step_curve(fit.scorers[m], test, threshold)
+                cur.steps.setdefault(m, []).append(curve)
             cur.user_mae.setdefault(m, []).append(seed.per_task[m]["mae"].numpy())
         cur.support_size = test.support_mask.sum(1).numpy()
         first = fit.scorers[fit.method]
         assert isinstance(first, AdaptedScorer)
-        cur.trained_steps = first.learner.cfg.inner_steps
+        cur.trained_steps = first.knobs()["steps"]
         if fit.history is not None:
             cur.histories.append({"label": f"seed {fit.seed}", "rows": fit.history})
         elif self.history is not None:  # the given model: drawn once, where first scored
             cur.histories.append({"label": "the given model", "rows": self.history})
             self.history = None
 
-    def _step_curve(self, scorer: AdaptedScorer, tasks: TaskBatch) -> list[float]:
+    def _step_curve(self, scorer: AdaptedScorer, tasks: TaskBatch, threshold: float) -> list[float]:
+        """MAE after each number of steps, every other knob as tuned."""
         return [
             mean_metrics(
-                score_tasks(AdaptedScorer(scorer.learner, steps=s, inner_lr=scorer.inner_lr), tasks)
+                score_tasks(replace(scorer, steps=s), tasks, relevance_threshold=threshold)
             )["mae"]
             for s in self.steps
         ]
@@ -218,7 +224,8 @@ def markdown_results(
     new items that nobody ranks, say) has none; NaN (undefined) cells never win.
     """
     parts = []
-    for scenario, methods in results.items():
+    for scenario, rows in results.items():
+        methods = method_rows(rows)
         best = {}
         for m in metrics:
             vals = [round(r[m], 4) for r in methods.values() if np.isfinite(r[m])]
@@ -235,8 +242,42 @@ def markdown_results(
                 for m in metrics
             ]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += _paired_lines(rows, metrics)
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
+
+
+def _paired_lines(rows: dict[str, Any], metrics: Sequence[str]) -> list[str]:
+    """Per meta method, a table of its paired difference with every other method."""
+    proto = rows.get("_protocol", {})
+    lines: list[str] = []
+    for a, against in rows.get("_paired", {}).items():
+        lines += [
+            "",
+            f"`{a}` minus each method, paired over {sum(proto.get('test_users', []))} test "
+            f"users of splits {proto.get('split_seeds')}: difference [95% bootstrap CI]. "
+            "**win**/*loss* only where the CI excludes 0; otherwise a tie.",
+            "",
+            "| vs | " + " | ".join(metrics) + " |",
+            "|---" * (len(metrics) + 1) + "|",
+        ]
+        for b, diffs in against.items():
+            cells = []
+            for m in metrics:
+                d = diffs[m]
+                v = verdict(m, d["diff"], d["ci95"])
+                text = f"{d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"
+                cells.append(
+                    {"win": f"**{text} win**", "loss": f"*{text} loss*"}.get(v, f"{text} tie")
+                )
+            lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    if "adapt" in proto:
+        lines += [
+            "",
+            f"Adaptation chosen on validation users: `{json.dumps(proto['adapt'])}`; "
+            f"relevance threshold {proto['relevance_threshold']:g}.",
+        ]
+    return lines
 
 
 def report_header(
@@ -256,7 +297,8 @@ def report_header(
         f"- data: `{data}` ({manifest['source']['name']}, dataset hash "
         f"`{manifest['dataset_hash']}`, protocol `{json.dumps(manifest['protocol'])}`)",
         f"- model: `{model}`" if model else "- model: meta-trained in process per seed",
-        f"- seeds: {' '.join(map(str, seeds))}; meta config: `{json.dumps(cfg.to_dict()['meta'])}`",
+        f"- user splits: {_splits_of(results)}; init seeds within each: "
+        f"{' '.join(map(str, seeds))}; meta config: `{json.dumps(cfg.to_dict()['meta'])}`",
     ]
     method = cfg.meta.algorithm
     notes = {}
@@ -277,6 +319,13 @@ def report_header(
                     "meta-trained in process per seed with the model's config."
                 )
     return title, preamble, notes
+
+
+def _splits_of(results: dict[str, dict[str, Any]]) -> str:
+    for rows in results.values():
+        if "_protocol" in rows:
+            return " ".join(map(str, rows["_protocol"]["split_seeds"]))
+    return "the prepared one"
 
 
 def write_report(
@@ -307,8 +356,10 @@ def write_report(
     body += [
         "## Results",
         "",
-        "Test users of each scenario, mean ± std over seeds; best per column in **bold** "
-        "(lowest MAE/RMSE, highest otherwise).",
+        "Test users of each scenario, mean ± std over user splits (over init seeds when "
+        "there is one split); best mean per column in **bold** (lowest MAE/RMSE, highest "
+        "otherwise). Below each table, the meta-learner's paired differences with 95% "
+        "bootstrap CIs: only those are evidence of a win.",
         "",
         markdown_results(results, notes=notes),
         "## Plots",

@@ -14,6 +14,7 @@ A trained model is logged as an MLflow pyfunc whose artifact is the metarec chec
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -459,18 +460,37 @@ def log_evaluation(
     *,
     prefix: str,
 ) -> None:
-    """Attach an evaluation to the model's run: every file under ``<prefix>/`` and every
-    mean metric as ``<prefix>/<scenario>/<method>/<metric>`` (``@`` spelled ``_at_``: MLflow
-    names allow no ``@``). Logging again overwrites the files and adds metric values."""
+    """Attach an evaluation to the model's run: every file under ``<prefix>/``, every mean
+    metric as ``<prefix>/<scenario>/<method>/<metric>``, each paired difference and its CI
+    as ``<prefix>/<scenario>/paired/<meta>-vs-<method>/<metric>/{diff,ci_lo,ci_hi}``
+    (``@`` spelled ``_at_``: MLflow names allow no ``@``), and the protocol (splits,
+    relevance threshold, the adaptation chosen on validation users) as the tag
+    ``<prefix>/<scenario>/protocol``. Logging again overwrites files and tags and adds
+    metric values."""
     client = _client(uri)
+    flat: list[tuple[str, float]] = []
+    for scenario, rows in results.items():
+        for method, row in rows.items():
+            if not method.startswith("_"):
+                flat += [
+                    (f"{scenario}/{method}/{k}", v) for k, v in row.items() if isinstance(v, float)
+                ]
+        for a, against in rows.get("_paired", {}).items():
+            for b, diffs in against.items():
+                for k, d in diffs.items():
+                    lo, hi = d["ci95"]
+                    base = f"{scenario}/paired/{a}-vs-{b}/{k}"
+                    flat += [
+                        (f"{base}/diff", d["diff"]),
+                        (f"{base}/ci_lo", lo),
+                        (f"{base}/ci_hi", hi),
+                    ]
+        if "_protocol" in rows:
+            protocol = {k: v for k, v in rows["_protocol"].items() if k != "adapt_per_fit"}
+            client.set_tag(run_id, f"{prefix}/{scenario}/protocol", json.dumps(protocol))
     metrics = [
-        mlflow.entities.Metric(
-            f"{prefix}/{scenario}/{method}/{name.replace('@', '_at_')}", float(value), 0, 0
-        )
-        for scenario, methods in results.items()
-        for method, row in methods.items()
-        for name, value in row.items()
-        if isinstance(value, float)
+        mlflow.entities.Metric(f"{prefix}/{name.replace('@', '_at_')}", float(v), 0, 0)
+        for name, v in flat
     ]
     for lo in range(0, len(metrics), 1000):  # the REST API takes at most 1000 metrics a call
         client.log_batch(run_id, metrics=metrics[lo : lo + 1000])
