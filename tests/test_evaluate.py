@@ -107,8 +107,8 @@ def test_scoring_in_chunks_equals_scoring_at_once(synthetic_prepared):
     test = from_table(ds.tasks("user_cold", "test"))
     n_items = ds.manifest["counts"]["items"]
     bias = Bias().fit(train, n_items=n_items)
-    whole = score_tasks(bias, test, n_items, chunk=10_000)
-    parts = score_tasks(bias, test, n_items, chunk=7)
+    whole = score_tasks(bias, test, n_items, relevance_threshold=4.0, chunk=10_000)
+    parts = score_tasks(bias, test, n_items, relevance_threshold=4.0, chunk=7)
     assert set(whole) >= {"mae", "ndcg@3", "recall@10"}
     for k in whole:
         torch.testing.assert_close(parts[k], whole[k], equal_nan=True)

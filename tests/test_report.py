@@ -10,6 +10,7 @@ import torch
 from metarec.batch import TaskBatch
 from metarec.config import load_config
 from metarec.data.prepare import prepare
+from metarec.evaluate import method_rows
 from metarec.report import activity_buckets, markdown_results, truncate_support
 from tests.conftest import REPO
 
@@ -149,14 +150,16 @@ def test_report_writes_results_for_every_scenario_and_four_plots(tiny, tmp_path)
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results) == tiny.scenarios == list(tiny.manifest["scenarios"])
-    for methods in results.values():
-        assert set(methods) == {"fomaml", "finetune"}
-        assert methods["fomaml"]["source"] == "fit"
+    for rows in results.values():
+        assert set(method_rows(rows)) == {"fomaml", "finetune"}
+        assert rows["fomaml"]["source"] == "fit"
+        assert set(rows["_paired"]["fomaml"]) == {"finetune"}
     for name in ("shot_curve", "step_curve", "per_user", "learning_curves"):
         png = out / f"{name}.png"
         assert png.read_bytes()[:8] == PNG and png.stat().st_size > 10_000
     report = (out / "report.md").read_text()
     assert all(f"### {s}" in report for s in tiny.scenarios)
+    assert "`fomaml` minus each method" in report and "95% bootstrap CI" in report
     assert "**" in report and "![Shot curve" in report and tiny.manifest["dataset_hash"] in report
     curves = json.loads((out / "curves.json").read_text())
     shot = curves["user_cold"]["shot_curve"]

@@ -16,10 +16,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from metarec.metrics import POOLED  # metric -> (numerator, denominator) per user
+
 __all__ = ["LOWER_IS_BETTER", "paired_differences", "verdict"]
 
 LOWER_IS_BETTER = ("mae", "rmse")
-_POOLED = {"rmse": ("sse", "count")}  # metric -> (numerator, denominator) per user
+
 
 PerUser = dict[str, np.ndarray]  # metric -> (users,), NaN where undefined for that user
 
@@ -27,8 +29,8 @@ PerUser = dict[str, np.ndarray]  # metric -> (users,), NaN where undefined for t
 def _statistic(a: PerUser, b: PerUser, metric: str, rows: np.ndarray) -> np.ndarray:
     """Method ``a`` minus ``b`` on users ``rows`` (R, n): the (R,) resampled differences'
     numerator and denominator stacked as (2, R), so splits add before the ratio."""
-    if metric in _POOLED:
-        num, den = _POOLED[metric]
+    if metric in POOLED:
+        num, den = POOLED[metric]
         return np.stack([a[num][rows].sum(-1), b[num][rows].sum(-1), a[den][rows].sum(-1)])
     d = a[metric] - b[metric]
     ok = ~np.isnan(d)
@@ -36,7 +38,7 @@ def _statistic(a: PerUser, b: PerUser, metric: str, rows: np.ndarray) -> np.ndar
 
 
 def _finish(metric: str, parts: np.ndarray) -> np.ndarray:
-    if metric in _POOLED:
+    if metric in POOLED:
         sse_a, sse_b, n = parts
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.sqrt(sse_a / n) - np.sqrt(sse_b / n)
