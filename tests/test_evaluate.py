@@ -166,3 +166,47 @@ def test_report_of_a_registered_model_is_logged_to_its_run(
     assert {"eval/report.md", "eval/results.json", "eval/shot_curve.png"} <= logged
     metric = client.get_run(run_id).data.metrics["eval/user_cold/fomaml/ndcg_at_3"]
     assert metric == pytest.approx(results["user_cold"]["fomaml"]["ndcg@3"])
+
+
+@pytest.mark.integration  # end to end through the CLI: four evaluations
+def test_cli_split_seeds_and_split_file(synthetic_prepared, tmp_path):
+    from metarec.cli import main
+
+    ds = synthetic_prepared
+    fast = ["--epochs", "1", "--baselines", "bias", "--set", "meta.inner_steps=1"]
+    base = ["evaluate", "--data", str(ds.root), *fast]
+    assert main([*base, "--out", str(tmp_path / "a"), "--split-seeds", "0", "5"]) == 0
+    rows = json.loads((tmp_path / "a" / "results.json").read_text())["user_cold"]
+    assert rows["_protocol"]["split_seeds"] == [0, 5]
+    assert len(rows["maml"]["per_split"]["mae"]) == 2
+    assert set(rows["_paired"]["maml"]["bias"]["mae"]) == {"diff", "ci95"}
+
+    # the prepared split itself, as a split file of raw ids
+    users = dict(zip(*(ds.users().column(c).to_pylist() for c in ("user", "raw_id")), strict=True))
+    items = dict(zip(*(ds.items().column(c).to_pylist() for c in ("item", "raw_id")), strict=True))
+    spec = {
+        s: [users[u] for u in ds.tasks("user_cold", s).column("user").to_pylist()]
+        for s in ("train", "valid", "test")
+    }
+    spec["query"] = {
+        users[r["user"]]: [items[i] for i in r["query_items"]]
+        for s in ("valid", "test")
+        for r in ds.tasks("user_cold", s).to_pylist()
+    }
+    path = tmp_path / "paper.json"
+    path.write_text(json.dumps(spec))
+    assert main([*base, "--out", str(tmp_path / "b"), "--splits", str(path)]) == 0
+    rows = json.loads((tmp_path / "b" / "results.json").read_text())["user_cold"]
+    assert rows["_protocol"]["split_seeds"] == ["paper.json"]
+    assert rows["_protocol"]["test_users"] == [len(spec["test"])]
+
+    spec["test"].append("nobody")
+    path.write_text(json.dumps(spec))
+    refused = [
+        ["--splits", str(path)],  # names the bad id
+        ["--splits", str(path), "--split-seeds", "1"],
+        ["--split-seeds", "1", "1"],
+        ["--bootstrap", "10"],
+    ]
+    for extra in refused:
+        assert main([*base, "--out", str(tmp_path / "c"), *extra]) == 2
