@@ -118,12 +118,13 @@ def external_split(ds: PreparedDataset, path: str | Path) -> PreparedDataset:
                     "expected disjoint user lists"
                 )
             part[u] = i
-    is_query = _query_flags(spec["query"], ratings, part, user_of, item_of, path)
+    raw_user = ds.users().column("raw_id").to_pylist()  # internal user id -> raw id
+    is_query = _query_flags(spec["query"], ratings, part, user_of, item_of, raw_user, path)
     users = ratings["user"].to_numpy()
     r = ratings.assign(part=part[users])
     q = ds.manifest["protocol"]["query_size"]
     train = r[r.part == 0]
-    tasks = {"train": _train_tasks(train, q, np.random.default_rng(0), path, user_of)}
+    tasks = {"train": _train_tasks(train, q, np.random.default_rng(0), path, raw_user)}
     for i, split in enumerate(SPLITS[1:], start=1):
         rows = (r.part == i).to_numpy()
         key = np.arange(int(rows.sum()), dtype=np.int64)  # support and query in file order
@@ -162,6 +163,7 @@ def _query_flags(
     part: np.ndarray,
     user_of: dict[str, int],
     item_of: dict[str, int],
+    raw_ids: list[str],
     path: Path,
 ) -> np.ndarray:
     """(ratings,) bool: the rating is in its user's query. Every check names the first bad id."""
@@ -191,7 +193,6 @@ def _query_flags(
     evaluated = part[users] >= 1
     n_query = np.bincount(users[flags], minlength=len(part))
     n_all = np.bincount(users[evaluated], minlength=len(part))
-    raw_ids = {v: k for k, v in user_of.items()}
     for bad, why in (
         ((part >= 1) & (n_query == 0), "has no query items"),
         ((part >= 1) & (n_query > 0) & (n_query == n_all), "has no rating left for support"),
@@ -202,13 +203,13 @@ def _query_flags(
 
 
 def _train_tasks(
-    df: pd.DataFrame, q: int, rng: np.random.Generator, path: Path, user_of: dict[str, int]
+    df: pd.DataFrame, q: int, rng: np.random.Generator, path: Path, raw_user: list[str]
 ) -> pa.Table:
     """Train users' tasks: a random query of up to ``q`` ratings, at least one support."""
     users = df["user"].to_numpy()
     counts = np.bincount(users, minlength=1)
     if (single := (counts == 1)).any():
-        raw = {v: k for k, v in user_of.items()}[int(np.argmax(single))]
+        raw = raw_user[int(np.argmax(single))]
         raise DataError(f"{path}: train user {raw!r} has one rating; a task needs two")
     key = random_keys(rng, len(df))
     rank, count = group_rank(users, key)
