@@ -76,16 +76,27 @@ def test_bad_yaml_and_non_mapping(tmp_path):
 
 
 def test_ridge_solver_needs_a_linear_head_and_a_penalty():
+    ridge = {"meta.inner_solver": "ridge", "meta.adapt": "head", "meta.proximal": 0.0}
     with pytest.raises(ConfigError, match="meta.adapt: got 'mlp'; expected 'head'"):
-        load_config(None, **{"meta.inner_solver": "ridge", "meta.proximal": 1.0})
-    with pytest.raises(ConfigError, match="meta.proximal: got 0.0; expected a float > 0"):
-        load_config(None, **{"meta.inner_solver": "ridge", "meta.adapt": "head"})
-    cfg = load_config(
-        None, **{"meta.inner_solver": "ridge", "meta.adapt": "head", "meta.proximal": 1.0}
-    )
-    assert cfg.meta.inner_solver == "ridge"
-    ridge = {"meta.inner_solver": "ridge", "meta.adapt": "head", "meta.proximal": 1.0}
+        load_config(None, **{**ridge, "meta.adapt": "mlp"})
+    with pytest.raises(ConfigError, match="meta.prior_precision: got 0.0; expected a float > 0"):
+        load_config(None, **ridge, **{"meta.prior_precision": 0.0})
+    with pytest.raises(ConfigError, match="meta.proximal: got 1.0; expected 0 with"):
+        load_config(None, **{**ridge, "meta.proximal": 1.0})
+    cfg = load_config(None, **ridge, **{"meta.prior_precision": 3.0})
+    assert (cfg.meta.inner_solver, cfg.meta.prior_precision) == ("ridge", 3.0)
     with pytest.raises(ConfigError, match="meta.support_prior: got 2"):
         load_config(None, **ridge, **{"meta.support_prior": 2})
+
+
+def test_factor_head_needs_the_ridge_solver_and_item_embeddings():
+    gd = {"meta.inner_solver": "gd", "meta.adapt": "mlp", "model.factor_head": True}
+    with pytest.raises(ConfigError, match="meta.inner_solver: got 'gd'; expected 'ridge'"):
+        load_config(None, **gd)
+    ridge = {"meta.inner_solver": "ridge", "meta.adapt": "head", "meta.proximal": 0.0}
+    with pytest.raises(ConfigError, match="model.item_id_embedding: got False"):
+        load_config(
+            None, **ridge, **{"model.factor_head": True, "model.item_id_embedding": False}
+        )
     with pytest.raises(ConfigError, match="meta.support_prior: got -1"):
         load_config(None, **{"meta.support_prior": -1})

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from metarec.baselines import MFFoldIn
 from metarec.batch import TaskBatch
 from metarec.config import MetaConfig
 from metarec.meta import (
@@ -20,14 +21,16 @@ from metarec.meta import (
     meta_gradients,
     meta_loss,
     predict,
-    ridge_head,
 )
+from metarec.loop import predict_items
 from metarec.model import Features, Recommender
 
 N_ITEMS, N_USERS = 12, 6
 
 
-def tiny_model(*, item_ids: bool = True, users: bool = True) -> Recommender:
+def tiny_model(
+    *, item_ids: bool = True, users: bool = True, factor_head: bool = False
+) -> Recommender:
     g = torch.Generator().manual_seed(0)
     genres = (torch.rand(N_ITEMS, 4, generator=g) > 0.5).double()
     genres /= genres.sum(1, keepdim=True).clamp_min(1)
@@ -53,6 +56,7 @@ def tiny_model(*, item_ids: bool = True, users: bool = True) -> Recommender:
         item_id_embedding=item_ids,
         use_user_features=users,
         global_mean=3.0,
+        factor_head=factor_head,
     ).double()
     with torch.no_grad():
         model.item_bias.normal_(0, 0.3)
@@ -270,31 +274,87 @@ def test_unknown_algorithm_is_rejected():
         MetaLearner(tiny_model(), MetaConfig(algorithm="mamal"))
 
 
-def test_ridge_head_is_the_limit_of_many_proximal_gradient_steps(tiny_tasks):
-    """The closed-form head equals plain GD run to convergence on the same proximal loss."""
-    learner = MetaLearner(tiny_model(), MetaConfig(adapt="head", proximal=0.5)).double()
+def _ridge_objective(model, fast, support, precision, theta):
+    """sum_S (pred - y)² + (w - θ)ᵀ Λ (w - θ) per task, predictions by the plain forward."""
+    users, items, ratings, mask = support
+    pred = functional_call(model, fast, (items, users))
+    w = torch.cat([fast[n].flatten(1) for n in sorted(theta)], 1)
+    t = torch.cat([theta[n].flatten() for n in sorted(theta)])
+    lam = torch.cat([precision[n].flatten() for n in sorted(theta)])
+    return (((pred - ratings) ** 2) * mask).sum(1) + (((w - t) ** 2) * lam).sum(1)
+
+
+@pytest.mark.parametrize("factor", [False, True])
+def test_ridge_head_is_the_minimum_of_its_objective(tiny_tasks, factor):
+    """The closed-form head zeroes the gradient of the Bayesian ridge objective, computed
+    through the ordinary forward (not ``head_inputs``), with a per-input precision."""
+    cfg = MetaConfig(adapt="head", inner_solver="ridge")
+    learner = MetaLearner(tiny_model(factor_head=factor), cfg).double()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        learner.log_precision.copy_(torch.randn(learner.log_precision.shape, generator=g))
+        for p in learner.model.head.values():
+            p.normal_(0, 0.5, generator=g)
     params = {n: p.detach() for n, p in learner.params().items()}
     b = tiny_tasks
     support = (b.users, b.support_items, b.support_ratings, b.support_mask)
-    exact = ridge_head(learner.model, params, support, proximal=0.5)
-    iterated = adapt(
-        learner.model,
-        params,
-        support,
-        names=learner.adapted,
-        steps=3000,
-        inner_lr=0.3,
-        proximal=0.5,
+    fast = learner.adapt(params, support)
+    names = [n for n in params if n.startswith("head.")]
+    assert ("head.factor" in names) == factor
+    # the precision vector in head_inputs order: [weight, factor, bias]
+    lam = learner.log_precision.detach().exp()
+    hw, d = params["head.weight"].shape[0], params["head.factor"].numel() if factor else 0
+    precision = {"head.weight": lam[:hw], "head.bias": lam[-1:]}
+    if factor:
+        precision["head.factor"] = lam[hw : hw + d]
+    w = {n: fast[n].detach().clone().requires_grad_() for n in names}
+    obj = _ridge_objective(
+        learner.model, {**params, **w}, support, precision, {n: params[n] for n in names}
     )
-    for name in ("head.weight", "head.bias"):
-        torch.testing.assert_close(exact[name], iterated[name], atol=1e-7, rtol=1e-6)
+    grads = torch.autograd.grad(obj.sum(), list(w.values()))
+    for name, grad in zip(w, grads, strict=True):
+        torch.testing.assert_close(grad, torch.zeros_like(grad), atol=1e-9, rtol=0)
 
 
-def test_ridge_meta_gradient_matches_per_task_solves(tiny_tasks):
-    cfg = MetaConfig(algorithm="maml", adapt="head", inner_solver="ridge", proximal=0.5)
-    learner = MetaLearner(tiny_model(), cfg).double()
+def test_factor_head_with_a_stiff_mlp_prior_is_exactly_mf_foldin(tiny_tasks):
+    """The ridge learner contains MF fold-in: with ALS item factors and biases, a zero
+    prior mean and MF's penalty on [p_u, b_u], and an infinitely stiff prior on the MLP
+    part of the head, its predictions are MF fold-in's, whatever the MLP computes."""
+    dim, reg = 3, 2.0
+    tasks = tiny_tasks
+    mf = MFFoldIn(dim=dim, reg=reg, iters=6, seed=0).fit(tasks, n_items=N_ITEMS)
+    model = tiny_model(factor_head=True)
+    learner = MetaLearner(model, MetaConfig(adapt="head", inner_solver="ridge")).double()
+    hw = model.head["weight"].shape[0]
+    with torch.no_grad():
+        model.emb["item"][1:] = mf.item_factors_
+        model.item_id_index.copy_(torch.arange(1, N_ITEMS + 1))  # every item has its factors
+        model.item_bias.copy_(mf.item_bias_)
+        model.global_mean.fill_(mf.mu_)
+        lam = torch.full_like(learner.log_precision, reg)
+        lam[:hw] = 1e12
+        learner.log_precision.copy_(lam.log())
+    items = torch.arange(N_ITEMS).expand(tasks.num_tasks, N_ITEMS)
+    got = predict_items(learner, tasks, items)
+    torch.testing.assert_close(got, mf.predict_items(tasks, items).double(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("factor", [False, True])
+def test_ridge_meta_gradient_matches_per_task_solves(tiny_tasks, factor):
+    cfg = MetaConfig(algorithm="maml", adapt="head", inner_solver="ridge", prior_precision=0.5)
+    learner = MetaLearner(tiny_model(factor_head=factor), cfg).double()
+    with torch.no_grad():
+        learner.log_precision.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+        for p in learner.model.head.values():
+            p.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
     loss, _ = meta_loss(learner, tiny_tasks)
     params = learner.params()
+    lam = learner.log_precision.exp()
+    theta = torch.cat(
+        [params["head.weight"][:, 0]]
+        + ([params["head.factor"]] if factor else [])
+        + [params["head.bias"]]
+    )
     losses = []
     for t in range(tiny_tasks.num_tasks):  # reference: one small solve per task, unpadded
         s, q, u = tiny_tasks.support_mask[t], tiny_tasks.query_mask[t], tiny_tasks.users[t]
@@ -303,9 +363,7 @@ def test_ridge_meta_gradient_matches_per_task_solves(tiny_tasks):
         )
         x = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], 1)
         y = tiny_tasks.support_ratings[t][s] - off
-        theta = torch.cat([params["head.weight"][:, 0], params["head.bias"]])
-        a = 2 * x.T @ x / len(y) + 0.5 * torch.eye(x.shape[1], dtype=x.dtype)
-        w = torch.linalg.solve(a, 2 * x.T @ y / len(y) + 0.5 * theta)
+        w = torch.linalg.solve(x.T @ x + torch.diag(lam), x.T @ y + lam * theta)
         hq, offq = functional_call(
             learner.model, params, (tiny_tasks.query_items[t][q], u), {"head_inputs": True}
         )
@@ -314,6 +372,7 @@ def test_ridge_meta_gradient_matches_per_task_solves(tiny_tasks):
     ref = torch.stack(losses).mean()
     torch.testing.assert_close(loss, ref)
     got, want = _grads(learner, loss), _grads(learner, ref)
+    assert "log_precision" in want  # the prior's precision is meta-learned
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-9, rtol=1e-7)
 

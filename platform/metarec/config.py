@@ -84,6 +84,7 @@ class ModelConfig:
     item_id_embedding: bool = True  # per-item embedding; unseen items fall back to features
     pretrain_items: bool = False  # start item embeddings/biases at ALS matrix-factor values
     user_features: bool = True  # embed user features when the dataset has them
+    factor_head: bool = False  # the head also weighs q_i (p_u . q_i of MF); ridge solver only
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,9 @@ class MetaConfig:
     inner_lr: float = 0.5  # step size of those steps (Meta-SGD: its initial value)
     inner_solver: InnerSolver = "gd"  # gd: inner_steps gradient steps; ridge: exact head solve
     proximal: float = 0.0  # lambda of the inner proximal term lambda/2 |phi - theta|^2
+    # ridge: initial precision of the head prior (learned per input from there on); with
+    # pretrain_items it is also the ALS penalty, so training starts at MF fold-in
+    prior_precision: float = 10.0
     # kappa: the inner loss is the support's squared-error sum over (n + kappa), not n, so
     # a user with 1 rating takes a step 1/(1 + kappa) the size of a mean-loss step.
     support_prior: float = 0.0
@@ -202,6 +206,19 @@ class MetarecConfig:
             f"a non-empty subset of {list(SCENARIOS)}",
         )
         m, t = self.meta, self.train
+        if self.model.factor_head:
+            _require(
+                m.inner_solver == "ridge",
+                "meta.inner_solver",
+                m.inner_solver,
+                "'ridge' with model.factor_head (the factor head adapts in closed form)",
+            )
+            _require(
+                self.model.item_id_embedding,
+                "model.item_id_embedding",
+                self.model.item_id_embedding,
+                "true with model.factor_head (p_u multiplies the item's embedding q_i)",
+            )
         _require(m.inner_steps >= 0, "meta.inner_steps", m.inner_steps, "an int >= 0")
         if m.inner_solver == "ridge":
             _require(
@@ -212,10 +229,16 @@ class MetarecConfig:
                 "head has a closed-form inner solution",
             )
             _require(
-                m.proximal > 0,
+                m.prior_precision > 0,
+                "meta.prior_precision",
+                m.prior_precision,
+                "a float > 0 with meta.inner_solver ridge (it is the ridge penalty)",
+            )
+            _require(
+                m.proximal == 0,
                 "meta.proximal",
                 m.proximal,
-                "a float > 0 with meta.inner_solver ridge (it is the ridge penalty)",
+                "0 with meta.inner_solver ridge (meta.prior_precision is its penalty)",
             )
             _require(
                 m.algorithm != "metasgd",
@@ -232,7 +255,7 @@ class MetarecConfig:
             m.support_prior == 0 or m.inner_solver == "gd",
             "meta.support_prior",
             m.support_prior,
-            "0 with inner_solver ridge (its proximal term already plays that role)",
+            "0 with inner_solver ridge (its prior precision already plays that role)",
         )
         _require(t.epochs >= 1, "train.epochs", t.epochs, "an int >= 1")
         _require(t.workers >= 1, "train.workers", t.workers, "an int >= 1")

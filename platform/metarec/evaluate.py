@@ -86,7 +86,8 @@ class AdaptedScorer:
 
     Each knob left ``None`` is the learner's own (meta-learned lrs for Meta-SGD); the
     fine-tune baseline sets ``inner_lr``, adaptation tuning sets ``steps``, ``lr_scale``
-    (a multiplier of whatever the step sizes are) and ``support_prior``.
+    (a multiplier of whatever the step sizes are) and ``support_prior``, or for the ridge
+    solver ``prior_scale`` (a multiplier of the learned prior precision).
     """
 
     learner: MetaLearner
@@ -94,6 +95,7 @@ class AdaptedScorer:
     inner_lr: float | None = None
     lr_scale: float = 1.0
     support_prior: float | None = None
+    prior_scale: float = 1.0
 
     def predict_items(self, tasks: TaskBatch, items: Tensor) -> Tensor:
         return predict_items(
@@ -103,6 +105,7 @@ class AdaptedScorer:
             steps=self.steps,
             inner_lr=self._lrs(),
             support_prior=self.support_prior,
+            prior_scale=self.prior_scale,
         )
 
     def _lrs(self) -> float | dict[str, Tensor] | None:
@@ -116,6 +119,8 @@ class AdaptedScorer:
     def knobs(self) -> dict[str, Any]:
         """The adaptation actually run (what results.json and MLflow record)."""
         cfg = self.learner.cfg
+        if cfg.inner_solver == "ridge" and self.steps != 0:
+            return {"solver": "ridge", "prior_scale": self.prior_scale}
         return {
             "steps": cfg.inner_steps if self.steps is None else self.steps,
             "inner_lr": "learned"
@@ -134,7 +139,10 @@ def adaptation_grid(cfg: MetaConfig) -> list[dict[str, Any]]:
     A small grid around what was trained: half/double the steps and step size, and the
     support prior kappa at half/double (or 0, 5, 20 when trained without one). Choosing
     them on validation users is the courtesy every baseline gets; it needs no retraining.
+    The ridge solver has no steps: its learned prior precision is scaled by 1/4 .. 4.
     """
+    if cfg.inner_solver == "ridge":
+        return [{"prior_scale": c} for c in (1.0, 0.5, 2.0, 0.25, 4.0)]
     s, k = cfg.inner_steps, cfg.support_prior
     steps = [s] if s == 0 else list(dict.fromkeys([s, max(1, s // 2), 2 * s]))
     priors = list(dict.fromkeys([k, k / 2, 2 * k] if k > 0 else [0.0, 5.0, 20.0]))
@@ -288,10 +296,11 @@ def fit_methods(
         if "global_model" in baselines:
             scorers["global_model"] = AdaptedScorer(glob, steps=0)
         if "finetune" in baselines:
-            lrs = sorted({*FINETUNE_LRS, cfg.meta.inner_lr})
-            scorers["finetune"] = _tuned(
-                lambda hp: AdaptedScorer(glob, inner_lr=hp["lr"]), [{"lr": lr} for lr in lrs], valid
-            )[0]
+            if cfg.meta.inner_solver == "ridge":  # fold the head in under the untrained prior
+                grid = adaptation_grid(cfg.meta)
+            else:
+                grid = [{"inner_lr": lr} for lr in sorted({*FINETUNE_LRS, cfg.meta.inner_lr})]
+            scorers["finetune"] = _tuned(lambda hp: AdaptedScorer(glob, **hp), grid, valid)[0]
     return SeedFit(scenario, cfg.seed, method, scorers, history, adapt)
 
 

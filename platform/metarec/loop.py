@@ -72,27 +72,36 @@ def build_learner(cfg: MetarecConfig, ds: PreparedDataset, train: TaskBatch) -> 
         item_id_embedding=m.item_id_embedding,
         use_user_features=m.user_features,
         global_mean=train_ratings_mean(train),
+        factor_head=m.factor_head,
     )
     with torch.no_grad():  # start item biases at shrunk item means: hours of Adam saved
         model.item_bias.copy_(_item_bias_init(train, len(seen), model.global_mean))
         if m.pretrain_items and m.item_id_embedding:
-            _pretrain_item_embeddings(model, train, seed=cfg.seed)
+            # With a factor head the ALS penalty is the head prior's initial precision, so
+            # the untrained model is exactly MF fold-in.
+            reg = cfg.meta.prior_precision if m.factor_head else 10.0
+            _pretrain_item_embeddings(model, train, seed=cfg.seed, reg=reg)
     return MetaLearner(model, cfg.meta)
 
 
-def _pretrain_item_embeddings(model: Recommender, train: TaskBatch, *, seed: int) -> None:
+def _pretrain_item_embeddings(
+    model: Recommender, train: TaskBatch, *, seed: int, reg: float
+) -> None:
     """Start item-id embeddings (and biases) at biased-MF item factors of the training users.
 
     ALS sees every training rating at once and regularizes rare items toward zero, which a
     few hundred meta-batches cannot match; meta-training then refines the factors for
-    few-step adaptation instead of discovering them.
+    few-step adaptation instead of discovering them. A factor head uses the factors as they
+    are (their scale is part of MF's solution); otherwise they are rescaled to the MLP
+    input scale of a fresh embedding.
     """
     table = model.emb["item"]
-    mf = MFFoldIn(dim=table.shape[1], reg=10.0, iters=8, seed=seed)
+    mf = MFFoldIn(dim=table.shape[1], reg=reg, iters=8, seed=seed)
     mf.fit(train, n_items=table.shape[0] - 1)
     factors = mf.item_factors_.to(table.dtype)
-    scale = table[1:].std() / factors.std().clamp_min(1e-8)
-    table[1:] = factors * scale
+    if not model.has_factor_head:
+        factors = factors * (table[1:].std() / factors.std().clamp_min(1e-8))
+    table[1:] = factors
     model.item_bias.copy_(mf.item_bias_.to(model.item_bias.dtype))
 
 
@@ -257,6 +266,7 @@ def predict_items(
     steps: int | None = None,
     inner_lr: float | dict[str, Tensor] | None = None,
     support_prior: float | None = None,
+    prior_scale: float = 1.0,
     chunk: int = 256,
 ) -> Tensor:
     """Adapt on each task's support set, then score ``items`` (T, N): (T, N), chunked.
@@ -274,10 +284,15 @@ def predict_items(
         idx = torch.arange(lo, min(lo + chunk, tasks.num_tasks))
         b = tasks.select(idx).to(device)
         support = (b.users, b.support_items, b.support_ratings, b.support_mask)
-        fast = learner.adapt(
-            params, support, steps=steps, inner_lr=lrs, support_prior=support_prior
-        )
-        with torch.no_grad():
+        with torch.no_grad():  # inference: gradient-based adaptation re-enables what it needs
+            fast = learner.adapt(
+                params,
+                support,
+                steps=steps,
+                inner_lr=lrs,
+                support_prior=support_prior,
+                prior_scale=prior_scale,
+            )
             out.append(predict(learner.model, fast, items[idx].to(device), b.users).cpu())
     return torch.cat(out)
 

@@ -50,7 +50,8 @@ __all__ = [
 
 
 class MetaLearner(nn.Module):
-    """The model θ plus, for Meta-SGD, learned inner learning rates α (same shapes as θ).
+    """The model θ plus, for Meta-SGD, learned inner learning rates α (same shapes as θ), and
+    for the ridge solver the learned prior precision of the head (one per head input).
 
     Args:
         model: the recommender whose parameters are meta-learned.
@@ -74,6 +75,12 @@ class MetaLearner(nn.Module):
                 self.log_inner_lrs[_key(n)] = nn.Parameter(
                     torch.full_like(p, math.log(cfg.inner_lr))
                 )
+        # Ridge: log of the head prior's per-input precision, from meta.prior_precision
+        # (MF fold-in's ridge penalty when the factor head starts at ALS item factors).
+        self.log_precision = None
+        if cfg.inner_solver == "ridge":
+            n = sum(p.numel() for p in model.head.values())
+            self.log_precision = nn.Parameter(torch.full((n,), math.log(cfg.prior_precision)))
 
     def params(self) -> Params:
         return dict(self.model.named_parameters())
@@ -86,11 +93,16 @@ class MetaLearner(nn.Module):
         steps: int | None = None,
         inner_lr: float | Params | None = None,
         support_prior: float | None = None,
+        prior_scale: float = 1.0,
         create_graph: bool = False,
     ) -> Params:
         """``adapt`` with this learner's settings (training, evaluation and serving); the
-        keyword arguments override them (evaluation tunes them on validation users)."""
+        keyword arguments override them (evaluation tunes them on validation users).
+        ``prior_scale`` multiplies the ridge solver's learned prior precision."""
         cfg = self.cfg
+        precision = None
+        if self.log_precision is not None:
+            precision = self.log_precision.exp() * prior_scale
         return adapt(
             self.model,
             params,
@@ -102,6 +114,7 @@ class MetaLearner(nn.Module):
             support_prior=cfg.support_prior if support_prior is None else support_prior,
             create_graph=create_graph,
             solver=cfg.inner_solver if (steps is None or steps > 0) else "gd",
+            precision=precision,
         )
 
     def lrs(self) -> Params | float:
@@ -141,6 +154,7 @@ def adapt(
     support_prior: float = 0.0,
     create_graph: bool = False,
     solver: str = "gd",
+    precision: Tensor | None = None,
 ) -> Params:
     """Fast weights after ``steps`` gradient steps on each task's support set, all at once.
 
@@ -152,13 +166,16 @@ def adapt(
             n: a user with few ratings moves less from the meta-learned weights.
         create_graph: keep second-order terms (MAML). Without it the returned weights
             still depend on ``params`` to first order (FOMAML's gradient path).
-        solver: ``"gd"``, or ``"ridge"``: solve the proximal inner problem for a linear head
-            exactly (the point infinitely many steps converge to), see ``ridge_head``.
+        solver: ``"gd"``, or ``"ridge"``: the head's exact posterior mean under a Gaussian
+            prior of mean θ and diagonal ``precision`` (default: ``proximal``), see
+            ``ridge_head``.
     Returns:
         A full parameter dict; adapted entries have shape (T, *param.shape).
     """
     if solver == "ridge":
-        return ridge_head(model, params, support, proximal=proximal, create_graph=create_graph)
+        if precision is None:
+            precision = torch.tensor(proximal)
+        return ridge_head(model, params, support, precision=precision, create_graph=create_graph)
     users, items, ratings, mask = support
     t = users.shape[0]
     theta = {n: params[n].expand(t, *params[n].shape) for n in names}  # (T, ...)
@@ -266,16 +283,23 @@ def ridge_head(
     params: Params,
     support: tuple[Tensor, Tensor, Tensor, Tensor],
     *,
-    proximal: float,
+    precision: Tensor,
     create_graph: bool = True,
 ) -> Params:
-    """Closed-form inner loop for the head: argmin_w mean_S (x.w - y)² + λ/2 |w - θ|².
+    """Closed-form inner loop for the head: the posterior mean of a Bayesian linear model.
 
-    x = [h, 1] are the head inputs (unit-norm features and a bias column), y the rating
-    minus the item bias and μ; θ the meta-learned head is the prior the user starts from.
-    One batched (T, H+1, H+1) solve replaces the inner steps; gradients flow through it
-    exactly (implicit MAML's fixed point, computed directly). Without ``create_graph`` the
-    features are detached, so only the prior θ learns from the query loss (first order).
+    argmin_w sum_S (x.w - y)² + (w - θ)ᵀ Λ (w - θ), with x = [h, q_i, 1] the head inputs
+    (unit-norm MLP features, the item factors when the model has a factor head, a bias
+    column), y the rating minus the item bias and μ, θ the meta-learned head (the prior
+    mean a user starts from) and Λ = diag(``precision``). A *sum* over ratings, not a mean:
+    the prior weighs as much as Λ ratings whatever the support size, so a user with one
+    rating stays near θ and one with a hundred follows the data. With θ = 0, Λ = λI and
+    ALS item factors, this is exactly MF fold-in; meta-training θ, Λ, the MLP and q_i on
+    query loss moves away from it only where that helps.
+
+    One batched (T, F, F) solve replaces the inner steps; gradients flow through it exactly
+    (implicit MAML's fixed point, computed directly). Without ``create_graph`` the inputs
+    are detached, so only the prior θ, Λ learns from the query loss (first order).
 
     References: L. Bertinetto et al., Meta-learning with differentiable closed-form solvers,
     ICLR 2019, https://arxiv.org/abs/1805.08136; A. Rajeswaran et al., Meta-Learning with
@@ -286,16 +310,23 @@ def ridge_head(
     if not create_graph:
         h, offset = h.detach(), offset.detach()
     m = mask.to(h.dtype)
-    x = torch.cat([h, torch.ones_like(h[..., :1])], -1) * m.unsqueeze(-1)  # (T, S, H+1)
+    x = torch.cat([h, torch.ones_like(h[..., :1])], -1) * m.unsqueeze(-1)  # (T, S, F)
     y = (ratings - offset) * m  # (T, S)
-    n = m.sum(1).clamp_min(1.0)[:, None]  # (T, 1)
-    xt = x.transpose(1, 2)  # (T, H+1, S)
-    eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
-    theta = torch.cat([params["head.weight"][:, 0], params["head.bias"]])  # (H+1,)
-    a = 2 * (xt @ x) / n.unsqueeze(-1) + proximal * eye  # (T, H+1, H+1)
-    b = 2 * (xt @ y.unsqueeze(-1)).squeeze(-1) / n + proximal * theta  # (T, H+1)
-    w = torch.linalg.solve(a, b)  # (T, H+1)
-    return {**params, "head.weight": w[:, :-1, None], "head.bias": w[:, -1:]}
+    xt = x.transpose(1, 2)  # (T, F, S)
+    theta = torch.cat(
+        [params["head.weight"][:, 0]]
+        + ([params["head.factor"]] if "head.factor" in params else [])
+        + [params["head.bias"]]
+    )  # (F,)
+    lam = precision.to(x.dtype).expand(x.shape[-1])
+    a = xt @ x + torch.diag_embed(lam)  # (T, F, F)
+    b = (xt @ y.unsqueeze(-1)).squeeze(-1) + lam * theta  # (T, F)
+    w = torch.linalg.solve(a, b)  # (T, F)
+    hw = params["head.weight"].shape[0]
+    out = {**params, "head.weight": w[:, :hw, None], "head.bias": w[:, -1:]}
+    if "head.factor" in params:
+        out["head.factor"] = w[:, hw:-1]
+    return out
 
 
 def meta_loss(

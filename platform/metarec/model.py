@@ -2,10 +2,13 @@
 
 Prediction for user ``u`` and item ``i``::
 
-    r̂ = μ + b_i + head(MLP([genres_i, year_i, id_i, features_u]))
+    r̂ = μ + b_i + head(MLP([genres_i, year_i, id_i, features_u])) [+ p_u · q_i]
 
 The item bias and item-side embeddings carry what all users agree on; the MLP and head are
-what adapts to one user (``adapt``: ``head`` | ``mlp`` | ``all``). Every weight is used as
+what adapts to one user (``adapt``: ``head`` | ``mlp`` | ``all``). With ``factor_head`` the
+head also sees the item-id embedding q_i directly: its weights p_u on q_i and its bias b_u
+make the model contain biased matrix factorization, so a closed-form fold-in of the head
+(``meta.ridge_head``) starts exactly where MF fold-in is and meta-training can only add. Every weight is used as
 ``x @ W`` with ``W`` of shape (..., in, out), so the *same* forward runs for one task with
 plain parameters (the per-task reference in tests) and for T tasks at once with fast weights
 carrying a leading task dimension (the vectorized inner loop): no Python loop over tasks.
@@ -104,6 +107,8 @@ class Recommender(nn.Module):
             map to a shared zero row, so new items fall back to their features.
         use_user_features: embed user features when the dataset has them.
         global_mean: μ, the training ratings' mean (so the network learns residuals).
+        factor_head: give the head a weight per item-id embedding dimension (``head.factor``,
+            p_u of MF) so the prediction contains p_u · q_i; needs ``item_id_embedding``.
     """
 
     def __init__(
@@ -115,8 +120,11 @@ class Recommender(nn.Module):
         item_id_embedding: bool = True,
         use_user_features: bool = True,
         global_mean: float = 3.5,
+        factor_head: bool = False,
     ) -> None:
         super().__init__()
+        if factor_head and not item_id_embedding:
+            raise ValueError("factor_head needs item_id_embedding: p_u multiplies the item's q_i")
         d = embedding_dim
         n_items = features.item_genres.shape[0]
         self.register_buffer("item_genres", features.item_genres)
@@ -149,9 +157,13 @@ class Recommender(nn.Module):
         for k, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
             self.mlp[f"{k}_weight"] = _init_linear(fan_in, fan_out)
             self.mlp[f"{k}_bias"] = nn.Parameter(torch.zeros(fan_out))
-        self.head = nn.ParameterDict(
-            {"weight": _init_linear(widths[-1], 1), "bias": nn.Parameter(torch.zeros(1))}
-        )
+        head = {"weight": _init_linear(widths[-1], 1), "bias": nn.Parameter(torch.zeros(1))}
+        if factor_head:
+            # The MF part starts as MF fold-in's prior (p_u = 0) and the MLP part at zero,
+            # so the initial model is exactly MF fold-in; meta-training moves it from there.
+            head["weight"] = nn.Parameter(torch.zeros(widths[-1], 1))
+            head["factor"] = nn.Parameter(torch.zeros(d))
+        self.head = nn.ParameterDict(head)
 
     def forward(
         self,
@@ -170,8 +182,9 @@ class Recommender(nn.Module):
             encoded: ``encode_parts(items, users)`` computed earlier: the inner loop encodes
                 once when no embedding adapts, instead of at every step.
             encode_only: return ``encode_parts(items, users)``.
-            head_inputs: return ``(h, offset)`` instead, where the prediction is
-                ``h @ head.weight + head.bias + offset``: what a closed-form head solver needs.
+            head_inputs: return ``(x, offset)`` instead, where the prediction is
+                ``x @ [head.weight; head.factor] + head.bias + offset``: what a closed-form
+                head solver needs (x is (..., N, H + D) with a factor head, else (..., N, H)).
         Returns:
             (..., N) predicted ratings.
         """
@@ -182,10 +195,24 @@ class Recommender(nn.Module):
         offset = _gather_bias(self.item_bias, items) + self.global_mean  # (..., N)
         scale = 1.0 / math.sqrt(z.shape[-1])  # |z| / sqrt(H) = 1: see hidden()
         if head_inputs:
-            return z * scale, offset
+            x = z * scale
+            return (
+                torch.cat([x, self.item_factors(parts[0])], -1) if self.has_factor_head else x
+            ), offset
         # Scaling the (..., N) output rather than the (..., N, H) features: same math,
         # fewer elementwise ops in every backward and double backward.
-        return (z @ self.head["weight"]).squeeze(-1) * scale + self.head["bias"] + offset
+        out = (z @ self.head["weight"]).squeeze(-1) * scale + self.head["bias"] + offset
+        if self.has_factor_head:
+            out = out + _dot(self.item_factors(parts[0]), self.head["factor"])
+        return out
+
+    @property
+    def has_factor_head(self) -> bool:
+        return "factor" in self.head
+
+    def item_factors(self, item_x: Tensor) -> Tensor:
+        """q_i, the item-id embedding, from the item-side inputs (its last D columns)."""
+        return item_x[..., -self.emb["item"].shape[-1] :]
 
     def encode(self, items: Tensor, users: Tensor) -> Tensor:
         """Input features of (user, item) pairs, as the first layer sees them: (..., N, F)."""
@@ -247,6 +274,8 @@ class Recommender(nn.Module):
         r = (x.square().mean(-1) + _RMS_EPS).rsqrt_()  # (T, N)
         cv = (x @ params["head.weight"]).squeeze(-1)  # (T, N): c @ v
         offset = _gather_bias(params["item_bias"], items) + self.global_mean
+        if self.has_factor_head:
+            offset = offset + _dot(self.item_factors(item_x), params["head.factor"])
         return cv.mul_(r).mul_(width**-0.5).add_(params["head.bias"]).add_(offset)
 
     def hidden(self, item_x: Tensor, user_x: Tensor | None = None) -> Tensor:
@@ -387,6 +416,8 @@ class Recommender(nn.Module):
 
     def hand_grads_for(self, names: list[str]) -> bool:
         """Whether ``support_grads`` covers adapting exactly ``names``."""
+        if self.has_factor_head:  # support_grads knows no factor term
+            return False
         head = {n for n, _ in self.named_parameters() if n.startswith("head.")}
         mlp = {n for n, _ in self.named_parameters() if n.startswith("mlp.")}
         return set(names) in (head, head | mlp)
@@ -430,6 +461,11 @@ def _lookup(table: Tensor, idx: Tensor) -> Tensor:
 def _bag(table: Tensor, weights: Tensor) -> Tensor:
     """Mean embedding of a multi-hot bag: weights (..., N, G) @ table ((T,) G, D)."""
     return weights @ table
+
+
+def _dot(q: Tensor, p: Tensor) -> Tensor:
+    """q (..., N, D) · p, with p (D,) shared or (T, D) per task: (..., N)."""
+    return (q @ p.unsqueeze(-1)).squeeze(-1)
 
 
 def _gather_bias(bias: Tensor, items: Tensor) -> Tensor:

@@ -133,6 +133,7 @@ def transfer_learner(
         item_id_embedding=src.item_id_embedding,
         use_user_features=src.use_user,
         global_mean=float(src.global_mean),
+        factor_head=src.has_factor_head,
     )
     out = MetaLearner(model, learner.cfg)
     state = out.state_dict()
