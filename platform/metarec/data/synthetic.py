@@ -20,8 +20,9 @@ them removes the per-user bias and taste, so adaptation keeps something to recov
   proportional to rank^-a, ranked by the same random latent popularity that feeds item
   bias. Most items get a handful of ratings, so item effects are hard to learn and a user's
   support carries more of the signal.
-- ``drift`` (``drift: 3.0``): taste moves far along each timeline; the early support still
-  predicts the near future better than the late past (and ``temporal`` has drift to chase).
+- ``drift`` (``drift: 3.0``): taste moves far along each timeline, yet a user's early and
+  late per-genre taste still correlate (~0.56 vs ~0.72 without drift), and the user bias
+  does not drift at all; ``temporal`` gets real drift to chase.
 - ``few_ratings`` (13-30 ratings per user): MeLU's regime; every user still passes the
   default ``data.min_ratings: 13`` filter with ``data.query_size: 10``, leaving 3-20 support
   ratings to adapt from.
