@@ -35,6 +35,7 @@ Adapt = Literal["head", "mlp", "all"]
 InnerSolver = Literal["gd", "ridge"]
 Dtype = Literal["float32", "float64"]
 SearchAlg = Literal["random", "optuna"]
+RatingScale = Literal["1-5", "0.5-5", "1-10"]
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 Source = Literal["synthetic", "ml-100k", "ml-1m", "ml-latest", "ratings"]
 SCENARIOS: tuple[str, ...] = get_args(Scenario)
@@ -52,6 +53,9 @@ class SyntheticConfig:
     latent_dim: int = 8  # rank of the planted user x item preference
     noise: float = 0.35  # std of rating noise, in stars
     drift: float = 1.0  # how far a user's taste moves between first and last rating
+    user_features: bool = True  # false: no user table (age still shapes ratings, unseen)
+    scale: RatingScale = "1-5"  # whole stars, half stars (MovieLens latest) or 1-10 points
+    popularity_zipf: float = 0.0  # 0: log-normal item popularity; a > 0: P(rank r) ~ r^-a
 
 
 @dataclass(frozen=True)
@@ -297,6 +301,15 @@ class MetarecConfig:
         )
         _require(s.latent_dim >= 1, "data.synthetic.latent_dim", s.latent_dim, "an int >= 1")
         _require(s.noise >= 0, "data.synthetic.noise", s.noise, "a float >= 0")
+        _require(s.drift >= 0, "data.synthetic.drift", s.drift, "a float >= 0")
+        # Steeper Zipf heads repeat so often that users lose ratings to de-duplication
+        # (already ~13% fewer at 1.2), which would quietly change the per-user counts.
+        _require(
+            0 <= s.popularity_zipf <= 1.2,
+            "data.synthetic.popularity_zipf",
+            s.popularity_zipf,
+            "a float in [0, 1.2] (0: log-normal popularity; 1: classic Zipf long tail)",
+        )
         return self
 
 

@@ -6,17 +6,40 @@ rating bias and drift over time are only recoverable from that user's own rating
 adapting to a support set measurably beats a global model, and the ``temporal`` scenario
 has real drift to chase. Everything is vectorized and chunked, so 10M+ ratings generate in
 seconds with bounded memory.
+
+Variants (``VARIANTS``, named ``data.synthetic.*`` overrides) stress one thing each; none of
+them removes the per-user bias and taste, so adaptation keeps something to recover:
+
+- ``no_user_features`` (``user_features: false``): no user table, like ``ml-latest``. Users
+  still have a hidden age that drives the age x year effect, so that effect moves from
+  "learnable from features" to "only recoverable from the user's ratings".
+- ``half_star`` / ``ten_point`` (``scale``): the same latent score, rounded to 0.5 steps on
+  0.5-5, or mapped linearly onto 1-10 (1 -> 1, 5 -> 10) so the spread relative to the scale
+  is today's. Rounding is the only change; user bias and taste survive it.
+- ``long_tail`` (``n_items: 10000``, ``popularity_zipf: 1.0``): items drawn with probability
+  proportional to rank^-a, ranked by the same random latent popularity that feeds item
+  bias. Most items get a handful of ratings, so item effects are hard to learn and a user's
+  support carries more of the signal.
+- ``drift`` (``drift: 3.0``): taste moves far along each timeline, yet a user's early and
+  late per-genre taste still correlate (~0.56 vs ~0.72 without drift), and the user bias
+  does not drift at all; ``temporal`` gets real drift to chase.
+- ``few_ratings`` (13-30 ratings per user): MeLU's regime; every user still passes the
+  default ``data.min_ratings: 13`` filter with ``data.query_size: 10``, leaving 3-20 support
+  ratings to adapt from.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
-from metarec.config import SyntheticConfig
+from metarec.config import MetarecConfig, SyntheticConfig, apply_overrides
 from metarec.data.sources import RawData
+from metarec.errors import ConfigError
 
-__all__ = ["GENRES", "generate"]
+__all__ = ["GENRES", "SCALES", "VARIANTS", "apply_variant", "generate"]
 
 GENRES = (
     "Action",
@@ -53,6 +76,27 @@ OCCUPATIONS = (
     "writer",
     "other",
 )
+# Named presets for benchmarks and users: dotted config keys -> values (``--set`` syntax).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "no_user_features": {"data.synthetic.user_features": False},
+    "half_star": {"data.synthetic.scale": "0.5-5"},
+    "ten_point": {"data.synthetic.scale": "1-10"},
+    "long_tail": {"data.synthetic.n_items": 10_000, "data.synthetic.popularity_zipf": 1.0},
+    "drift": {"data.synthetic.drift": 3.0},
+    "few_ratings": {
+        "data.synthetic.min_ratings_per_user": 13,
+        "data.synthetic.max_ratings_per_user": 30,
+    },
+}
+# Rating scale -> (lowest, highest, step). The latent score lives on 1-5 and is stretched
+# linearly so 1 stays 1 and 5 becomes the top: identity for half stars (0.5 is what rounds
+# from below 0.75, as a "worse than 1 star" verdict), x 9/4 around 1 for 1-10.
+SCALES: dict[str, tuple[float, float, float]] = {
+    "1-5": (1.0, 5.0, 1.0),
+    "0.5-5": (0.5, 5.0, 0.5),
+    "1-10": (1.0, 10.0, 1.0),
+}
 _CHUNK = 1 << 20  # rows per vectorized chunk: bounds peak memory at 10M+ ratings
 _T0, _T1 = 946_684_800, 1_609_459_200  # 2000-01-01 .. 2021-01-01, unix seconds
 
@@ -81,7 +125,7 @@ def generate(cfg: SyntheticConfig, *, seed: int) -> RawData:
     user_bias = (0.45 * rng.normal(size=n_u)).astype(np.float32)
     age_z = ((age - 35.0) / 12.0).astype(np.float32)
     # Which items each user rates: popularity-skewed, no repeats.
-    user, item = _sample_pairs(rng, n_u, n_i, cfg, popularity)
+    user, item = _sample_pairs(rng, n_u, cfg, _item_choice(cfg, popularity))
     start = rng.uniform(_T0, _T1 - 3e7, size=n_u)
     span = rng.exponential(3e7, size=n_u) + 86_400
     tau = rng.random(len(user)).astype(np.float32)  # position in the user's timeline
@@ -100,7 +144,7 @@ def generate(cfg: SyntheticConfig, *, seed: int) -> RawData:
             - 0.25 * age_z[uu] * year_z[ii]  # older users prefer older films
             + cfg.noise * rng.normal(size=len(uu)).astype(np.float32)
         )
-    rating = np.clip(np.rint(score), 1, 5).astype(np.float64)
+    rating = _to_scale(score, cfg.scale)
     ratings = pd.DataFrame(
         {
             "user": user + 1,
@@ -119,7 +163,23 @@ def generate(cfg: SyntheticConfig, *, seed: int) -> RawData:
             "year": year.astype(float),
         }
     )
-    users = pd.DataFrame(
+    users = _user_table(rng, age) if cfg.user_features else None
+    return RawData(ratings, items, users, [], "synthetic")
+
+
+def apply_variant(cfg: MetarecConfig, name: str) -> MetarecConfig:
+    """``cfg`` with the named ``VARIANTS`` preset applied, so a benchmark or test asks for
+    "long_tail" rather than repeating its keys (explicit overrides can follow)."""
+    if name not in VARIANTS:
+        raise ConfigError(f"synthetic variant: got {name!r}; expected one of {sorted(VARIANTS)}")
+    return apply_overrides(cfg, **VARIANTS[name])
+
+
+def _user_table(rng: np.random.Generator, age: np.ndarray) -> pd.DataFrame:
+    """The observable demographics; the other columns carry no planted effect (noise
+    features a model must learn to ignore)."""
+    n_u = len(age)
+    return pd.DataFrame(
         {
             "user": np.arange(1, n_u + 1),
             "age": age.astype(float),
@@ -128,19 +188,45 @@ def generate(cfg: SyntheticConfig, *, seed: int) -> RawData:
             "zip": [f"{z:05d}" for z in rng.integers(0, 100_000, size=n_u)],
         }
     )
-    return RawData(ratings, items, users, [], "synthetic")
+
+
+def _to_scale(score: np.ndarray, scale: str) -> np.ndarray:
+    """Round latent 1-5 scores onto the rating grid of ``scale`` (see ``SCALES``)."""
+    lo, hi, step = SCALES[scale]
+    if hi != 5.0:  # skipped on 1-5 and 0.5-5, so their arithmetic stays bit-identical
+        score = 1 + (score - 1) * np.float32((hi - 1) / 4)
+    return np.clip(np.rint(score / step) * step, lo, hi).astype(np.float64)
+
+
+def _item_choice(cfg: SyntheticConfig, popularity: np.ndarray) -> np.ndarray:
+    """Probability that a draw picks each item.
+
+    Default: ``exp(0.8 * popularity)``, a log-normal spread with no real tail. With
+    ``popularity_zipf`` a > 0: Zipf, p ~ rank^-a, ranking items by the same latent
+    popularity (i.i.d., so a random permutation) that raises their bias: popular items are
+    still liked more, and the tail is long.
+    """
+    if cfg.popularity_zipf > 0:
+        rank = np.empty(len(popularity))
+        rank[np.argsort(-popularity, kind="stable")] = np.arange(1, len(popularity) + 1)
+        p = rank**-cfg.popularity_zipf
+    else:
+        p = np.exp(0.8 * popularity)
+    return p / p.sum()
 
 
 def _sample_pairs(
-    rng: np.random.Generator, n_u: int, n_i: int, cfg: SyntheticConfig, popularity: np.ndarray
+    rng: np.random.Generator, n_u: int, cfg: SyntheticConfig, p: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Draw each user's rated items without replacement, vectorized over users.
+    """Draw each user's rated items (item i with probability ``p[i]``) without replacement,
+    vectorized over users.
 
-    Oversample with replacement, drop repeats, keep the first ``n_u`` per user (random order).
+    Oversample with replacement, drop repeats, keep the first ``want`` per user (random
+    order). A user whose draws repeat a lot (a small catalogue, a steep Zipf head) can end
+    up with a few fewer ratings than asked.
     """
+    n_i = len(p)
     want = rng.integers(cfg.min_ratings_per_user, cfg.max_ratings_per_user + 1, size=n_u)
-    p = np.exp(0.8 * popularity)
-    p /= p.sum()
     draws = (want * 1.5).astype(np.int64) + 5
     user = np.repeat(np.arange(n_u, dtype=np.int64), draws)
     item = rng.choice(n_i, size=len(user), p=p)
