@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from metarec.checkpoint import load_checkpoint, save_checkpoint
+from metarec.checkpoint import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
 from metarec.config import apply_overrides
 from metarec.errors import ConfigError, ModelNotFoundError
 from metarec.loop import TrainState
@@ -203,7 +203,7 @@ def test_resume_refuses_a_checkpoint_of_another_dataset(runs, local_ray, quick, 
 
 def _ckpt(quick, epoch: int, **state) -> dict:
     return {
-        "schema_version": 1,
+        "schema_version": CHECKPOINT_VERSION,
         "config": quick.to_dict(),
         "state": TrainState(epoch=epoch, **state).to_dict(),
     }
