@@ -30,9 +30,9 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# Unit tests only, in process: no Ray, servers or subprocesses (~34 s on 2 idle cores).
+# Unit tests only: no Ray, servers or subprocesses; one pytest process per core.
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow and not integration"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow and not integration"
 
 test-all: setup
 	$(BIN)/python -m pytest -q

@@ -28,6 +28,11 @@ settings.register_profile(
 settings.register_profile("local", _DEFAULTS)
 settings.load_profile(hypothesis_profile())
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test-fast` runs one process per core
+    import torch
+
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def ml100k_dir() -> Path:

@@ -46,22 +46,36 @@ def test_relevance_threshold_scales_with_the_rating_range():
 @pytest.fixture(scope="module")
 def quick(synthetic_cfg):
     return apply_overrides(
-        synthetic_cfg, **{"train.epochs": 2, "meta.inner_steps": 2, "meta.support_prior": 10}
+        synthetic_cfg,
+        **{
+            "train.epochs": 2,
+            "meta.inner_solver": "gd",
+            "meta.adapt": "mlp",
+            "meta.inner_steps": 2,
+            "meta.support_prior": 10,
+        },
     )
 
 
-def test_adaptation_is_chosen_on_validation_users(quick, synthetic_prepared):
+@pytest.mark.parametrize("solver", ["gd", "ridge"])
+def test_adaptation_is_chosen_on_validation_users(quick, synthetic_cfg, synthetic_prepared, solver):
     ds = synthetic_prepared
+    if solver == "ridge":  # the defaults: the prior precision is scaled, there are no steps
+        quick = apply_overrides(synthetic_cfg, **{"train.epochs": 2})
     fitted = fit_methods(quick, ds, "user_cold", ())
     meta = fitted.scorers[quick.meta.algorithm]
     valid = from_table(ds.tasks("user_cold", "valid"))
     grid = adaptation_grid(quick.meta)
-    assert grid[0] == {"steps": 2, "lr_scale": 1.0, "support_prior": 10}  # trained first
+    first = {"steps": 2, "lr_scale": 1.0, "support_prior": 10} if solver == "gd" else {
+        "prior_scale": 1.0
+    }
+    assert grid[0] == first  # trained first
     maes = [
         masked_mae(AdaptedScorer(meta.learner, **hp).predict_items(valid, valid.query_items), valid)
         for hp in grid
     ]
     assert fitted.adapt["valid_mae"] == pytest.approx(min(maes))
+    assert len(set(maes)) == len(maes)  # every knob changes the prediction
     chosen = grid[maes.index(min(maes))]
     assert {k: fitted.adapt[k] for k in chosen} == chosen
 
@@ -142,6 +156,7 @@ def registered(synthetic_cfg, synthetic_prepared, tmp_path_factory):
     return work, uri, run_id, model
 
 
+@pytest.mark.integration  # a whole CLI report, logged to MLflow
 def test_report_of_a_registered_model_is_logged_to_its_run(
     registered, synthetic_prepared, tmp_path
 ):

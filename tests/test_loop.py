@@ -31,15 +31,23 @@ def test_fit_keeps_the_best_validation_epoch(quick_cfg, synthetic_prepared):
     assert res.best_valid_mae == min(r["valid/mae"] for r in res.history)
 
 
-@pytest.mark.parametrize("algorithm", ["fomaml", "metasgd", "anil", "reptile"])
-def test_every_algorithm_trains_without_nan(quick_cfg, synthetic_prepared, algorithm):
-    cfg = apply_overrides(quick_cfg, **{"meta.algorithm": algorithm, "train.epochs": 2})
+@pytest.mark.parametrize(
+    ("algorithm", "solver"),
+    [("fomaml", "gd"), ("metasgd", "gd"), ("anil", "gd"), ("reptile", "gd"), ("reptile", "ridge")],
+)
+def test_every_algorithm_trains_without_nan(quick_cfg, synthetic_prepared, algorithm, solver):
+    gd = {"meta.adapt": "mlp"} if solver == "gd" else {}
+    cfg = apply_overrides(
+        quick_cfg,
+        **{"meta.algorithm": algorithm, "meta.inner_solver": solver, **gd, "train.epochs": 2},
+    )
     res = fit(cfg, synthetic_prepared)
     assert all(math.isfinite(r["valid/mae"]) for r in res.history)
 
 
 def test_evaluate_reports_every_method_and_metric(quick_cfg, synthetic_prepared):
-    results = evaluate(quick_cfg, synthetic_prepared, scenarios=["user_cold"], seeds=[0, 1])
+    cfg = apply_overrides(quick_cfg, **{"train.epochs": 1})
+    results = evaluate(cfg, synthetic_prepared, scenarios=["user_cold"], seeds=[0, 1])
     methods = method_rows(results["user_cold"])
     assert set(methods) == {quick_cfg.meta.algorithm, *BASELINES}
     for row in methods.values():

@@ -137,6 +137,7 @@ def test_vectorized_meta_loss_and_gradients_equal_per_task_loop(
     tiny_tasks, algorithm, adapt, second_order, proximal, prior
 ):
     cfg = MetaConfig(
+        inner_solver="gd",
         algorithm=algorithm,
         adapt=adapt,
         inner_steps=3,
@@ -159,8 +160,8 @@ def test_vectorized_meta_loss_and_gradients_equal_per_task_loop(
 
 
 def test_fomaml_equals_maml_without_second_order_terms(tiny_tasks):
-    fo = MetaLearner(tiny_model(), MetaConfig(algorithm="fomaml", inner_steps=2)).double()
-    so = MetaLearner(tiny_model(), MetaConfig(algorithm="maml", inner_steps=2)).double()
+    fo = MetaLearner(tiny_model(), MetaConfig(inner_solver="gd", algorithm="fomaml", inner_steps=2)).double()
+    so = MetaLearner(tiny_model(), MetaConfig(inner_solver="gd", algorithm="maml", inner_steps=2)).double()
     fo_grads = _grads(fo, meta_loss(fo, tiny_tasks)[0])
     ref = _grads(so, reference_meta_loss(so, tiny_tasks, second_order=False))
     for name in ref:
@@ -170,7 +171,7 @@ def test_fomaml_equals_maml_without_second_order_terms(tiny_tasks):
 
 
 def test_reptile_gradient_is_theta_minus_mean_adapted_weights(tiny_tasks):
-    cfg = MetaConfig(algorithm="reptile", adapt="mlp", inner_steps=3, inner_lr=0.05)
+    cfg = MetaConfig(inner_solver="gd", algorithm="reptile", adapt="mlp", inner_steps=3, inner_lr=0.05)
     learner = MetaLearner(tiny_model(), cfg).double()
     learner.zero_grad()
     meta_gradients(learner, tiny_tasks)
@@ -214,7 +215,7 @@ def _pad_more(tasks: TaskBatch, extra: int) -> TaskBatch:
 
 @pytest.mark.parametrize("algorithm", ["maml", "metasgd", "reptile"])
 def test_padding_never_changes_a_result(tiny_tasks, algorithm):
-    cfg = MetaConfig(algorithm=algorithm, adapt="all", inner_steps=2, inner_lr=0.1)
+    cfg = MetaConfig(inner_solver="gd", algorithm=algorithm, adapt="all", inner_steps=2, inner_lr=0.1)
     results = []
     for tasks in (tiny_tasks, _pad_more(tiny_tasks, 5)):
         learner = MetaLearner(tiny_model(), cfg).double()
@@ -228,7 +229,7 @@ def test_padding_never_changes_a_result(tiny_tasks, algorithm):
 
 
 def test_second_order_meta_gradient_passes_gradcheck(tiny_tasks):
-    learner = MetaLearner(tiny_model(users=False), MetaConfig(inner_steps=2, inner_lr=0.1))
+    learner = MetaLearner(tiny_model(users=False), MetaConfig(inner_solver="gd", inner_steps=2, inner_lr=0.1))
     learner = learner.double()
     head = learner.model.head["weight"]
 
@@ -261,7 +262,7 @@ def test_unseen_items_share_the_zero_id_row():
 
 
 def test_zero_inner_steps_is_plain_regression_on_all_ratings(tiny_tasks):
-    learner = MetaLearner(tiny_model(), MetaConfig(inner_steps=0)).double()
+    learner = MetaLearner(tiny_model(), MetaConfig(inner_solver="gd", inner_steps=0)).double()
     loss, _ = meta_loss(learner, tiny_tasks)
     items, ratings, mask = tiny_tasks.merged()
     pred = learner.model(items, tiny_tasks.users)
@@ -382,7 +383,7 @@ def test_ridge_meta_gradient_matches_per_task_solves(tiny_tasks, factor):
 @pytest.mark.parametrize("adapt_group", ["head", "mlp"])
 def test_hand_derived_support_gradients_equal_autograd(tiny_tasks, users, adapt_group, prior):
     model = tiny_model(users=users)
-    learner = MetaLearner(model, MetaConfig(adapt=adapt_group))
+    learner = MetaLearner(model, MetaConfig(inner_solver="gd", adapt=adapt_group))
     names = learner.adapted
     assert model.hand_grads_for(names)
     t = tiny_tasks.num_tasks
@@ -416,4 +417,4 @@ def test_hand_derived_support_gradients_equal_autograd(tiny_tasks, users, adapt_
 def test_hand_derived_gradients_cover_only_whole_head_or_mlp_groups():
     model = tiny_model()
     assert not model.hand_grads_for(["head.weight"])
-    assert not model.hand_grads_for(MetaLearner(model, MetaConfig(adapt="all")).adapted)
+    assert not model.hand_grads_for(MetaLearner(model, MetaConfig(inner_solver="gd", adapt="all")).adapted)

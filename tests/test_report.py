@@ -114,6 +114,7 @@ def tiny(tmp_path_factory):
     return prepare(cfg, tmp_path_factory.mktemp("tiny") / "data", progress=False)
 
 
+@pytest.mark.integration  # a whole CLI report: five scenarios, four plots
 def test_report_writes_results_for_every_scenario_and_four_plots(tiny, tmp_path):
     from metarec.cli import main
 
@@ -141,6 +142,8 @@ def test_report_writes_results_for_every_scenario_and_four_plots(tiny, tmp_path)
             "16",
             "--curve-steps",
             "3",
+            "--set",
+            "meta.inner_solver=gd",
             "--set",
             "meta.inner_steps=1",
             "--set",

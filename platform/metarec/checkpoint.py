@@ -153,7 +153,7 @@ def learner_from_checkpoint(ckpt: dict[str, Any], *, best: bool = True) -> MetaL
         hidden=m.hidden,
         item_id_embedding=m.item_id_embedding,
         use_user_features=m.user_features,
-        factor_head=m.factor_head,
+        factor_head=cfg.factor_head,
     )
     learner = MetaLearner(model, cfg.meta)
     state = ckpt["state"]["best_params"] if best and ckpt["state"]["best_params"] else None

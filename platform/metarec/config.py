@@ -86,9 +86,10 @@ class ModelConfig:
     embedding_dim: int = 32  # D of every feature embedding (MeLU uses 32)
     hidden: tuple[int, ...] = (64, 64)  # MLP widths
     item_id_embedding: bool = True  # per-item embedding; unseen items fall back to features
-    pretrain_items: bool = False  # start item embeddings/biases at ALS matrix-factor values
+    pretrain_items: bool = True  # start item embeddings/biases at ALS matrix-factor values
     user_features: bool = True  # embed user features when the dataset has them
-    factor_head: bool = False  # the head also weighs q_i (p_u . q_i of MF); ridge solver only
+    # the head also weighs q_i (p_u . q_i of MF); None: whenever the ridge solver can use it
+    factor_head: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -96,10 +97,10 @@ class MetaConfig:
     """The meta-learning algorithm (``metarec.meta``)."""
 
     algorithm: Algorithm = "maml"
-    adapt: Adapt = "mlp"  # which parameters adapt per user; anil forces "head"
-    inner_steps: int = 5  # gradient steps on a user's support set
+    adapt: Adapt = "head"  # which parameters adapt per user; anil forces "head"
+    inner_steps: int = 5  # gradient steps on a user's support set (0: no adaptation)
     inner_lr: float = 0.5  # step size of those steps (Meta-SGD: its initial value)
-    inner_solver: InnerSolver = "gd"  # gd: inner_steps gradient steps; ridge: exact head solve
+    inner_solver: InnerSolver = "ridge"  # ridge: exact head solve; gd: inner_steps steps
     proximal: float = 0.0  # lambda of the inner proximal term lambda/2 |phi - theta|^2
     # ridge: initial precision of the head prior (learned per input from there on); with
     # pretrain_items it is also the ALS penalty, so training starts at MF fold-in
@@ -109,7 +110,8 @@ class MetaConfig:
     support_prior: float = 0.0
     outer_lr: float = 5e-3  # Adam step size of the meta-update
     weight_decay: float = 0.0  # on the outer (Adam) update
-    item_lr_scale: float = 1.0  # outer lr multiplier for item-id embeddings and biases
+    # outer lr multiplier for item-id embeddings and biases; 0 keeps the ALS-pretrained ones
+    item_lr_scale: float = 0.0
     grad_clip: float = 10.0  # max norm of the meta-gradient (guards against rare spikes)
     meta_batch_size: int = 32  # tasks per meta-update
     resample_query: bool = True  # re-split each training user's ratings every epoch
@@ -141,10 +143,9 @@ class TuneConfig:
 
     num_samples: int = 8  # trials (with grid entries: repeats of the whole grid)
     space: tuple[str, ...] = (
-        "meta.inner_lr=loguniform(0.05,1.0)",
+        "meta.prior_precision=loguniform(2.0,50.0)",
         "meta.outer_lr=loguniform(0.001,0.02)",
-        "meta.inner_steps=choice(1,3,5)",
-        "meta.algorithm=choice(maml,fomaml,metasgd)",
+        "meta.item_lr_scale=choice(0.0,0.1)",
     )
     search: SearchAlg = "random"  # random (incl. grid entries) | optuna (TPE; if installed)
     grace_period: int = 2  # ASHA: epochs every trial runs before it can be stopped
@@ -174,6 +175,14 @@ class MetarecConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def factor_head(self) -> bool:
+        """``model.factor_head`` resolved: its ``None`` means on exactly when the ridge
+        solver and item-id embeddings are there to carry it."""
+        if self.model.factor_head is not None:
+            return self.model.factor_head
+        return self.meta.inner_solver == "ridge" and self.model.item_id_embedding
 
     def validate(self) -> MetarecConfig:
         """Check cross-field constraints that types alone cannot express."""
@@ -210,7 +219,7 @@ class MetarecConfig:
             f"a non-empty subset of {list(SCENARIOS)}",
         )
         m, t = self.meta, self.train
-        if self.model.factor_head:
+        if self.model.factor_head:  # asked for explicitly
             _require(
                 m.inner_solver == "ridge",
                 "meta.inner_solver",
@@ -248,7 +257,8 @@ class MetarecConfig:
                 m.algorithm != "metasgd",
                 "meta.algorithm",
                 m.algorithm,
-                "not metasgd with meta.inner_solver ridge (there are no steps to learn)",
+                "not metasgd with meta.inner_solver ridge (there are no steps to learn); "
+                "set meta.inner_solver gd to learn step sizes",
             )
         _require(m.inner_lr > 0, "meta.inner_lr", m.inner_lr, "a float > 0")
         _require(m.outer_lr > 0, "meta.outer_lr", m.outer_lr, "a float > 0")

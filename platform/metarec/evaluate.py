@@ -497,9 +497,8 @@ def _aggregate(
 
 def _modal_adapt(fits: list[dict[str, Any]]) -> dict[str, Any]:
     """The adaptation chosen most often over fits (each fit's choice is in adapt_per_fit)."""
-    keys = ("steps", "inner_lr", "lr_scale", "support_prior")
-    counts = Counter(tuple(f[k] for k in keys) for f in fits)
-    return dict(zip(keys, counts.most_common(1)[0][0], strict=True))
+    counts = Counter(tuple(sorted(f.items())) for f in fits)
+    return dict(counts.most_common(1)[0][0])
 
 
 def method_rows(rows: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -72,14 +72,14 @@ def build_learner(cfg: MetarecConfig, ds: PreparedDataset, train: TaskBatch) -> 
         item_id_embedding=m.item_id_embedding,
         use_user_features=m.user_features,
         global_mean=train_ratings_mean(train),
-        factor_head=m.factor_head,
+        factor_head=cfg.factor_head,
     )
     with torch.no_grad():  # start item biases at shrunk item means: hours of Adam saved
         model.item_bias.copy_(_item_bias_init(train, len(seen), model.global_mean))
         if m.pretrain_items and m.item_id_embedding:
             # With a factor head the ALS penalty is the head prior's initial precision, so
             # the untrained model is exactly MF fold-in.
-            reg = cfg.meta.prior_precision if m.factor_head else 10.0
+            reg = cfg.meta.prior_precision if cfg.factor_head else 10.0
             _pretrain_item_embeddings(model, train, seed=cfg.seed, reg=reg)
     return MetaLearner(model, cfg.meta)
 

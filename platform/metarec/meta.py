@@ -103,17 +103,18 @@ class MetaLearner(nn.Module):
         precision = None
         if self.log_precision is not None:
             precision = self.log_precision.exp() * prior_scale
+        steps = cfg.inner_steps if steps is None else steps  # 0: no adaptation, any solver
         return adapt(
             self.model,
             params,
             support,
             names=self.adapted,
-            steps=cfg.inner_steps if steps is None else steps,
+            steps=steps,
             inner_lr=self.lrs() if inner_lr is None else inner_lr,
             proximal=cfg.proximal,
             support_prior=cfg.support_prior if support_prior is None else support_prior,
             create_graph=create_graph,
-            solver=cfg.inner_solver if (steps is None or steps > 0) else "gd",
+            solver=cfg.inner_solver if steps > 0 else "gd",
             precision=precision,
         )
 

@@ -256,11 +256,13 @@ class Recommender(nn.Module):
         this halves them. ``tests/test_serving.py`` checks it against ``forward``.
 
         Args:
-            params: full parameters; ``mlp.*`` and ``head.*`` carry a task dim T.
+            params: full parameters; the adapted ones carry a task dim T (the others are
+                shared and broadcast as expanded views).
             item_x: (T, N, Fi) item-side inputs (an expanded view of one (N, Fi) is fine).
             user_x: (T, 1, Fu) user-side inputs, or None.
             items: (T, N) item indices (for the item biases).
         """
+        params = self._with_task_dim(params, item_x.shape[0])
         w0, bias = params["mlp.0_weight"], params["mlp.0_bias"].unsqueeze(-2)
         if user_x is not None:
             w0, w_user = w0.split([item_x.shape[-1], user_x.shape[-1]], dim=-2)
@@ -277,6 +279,16 @@ class Recommender(nn.Module):
         if self.has_factor_head:
             offset = offset + _dot(self.item_factors(item_x), params["head.factor"])
         return cv.mul_(r).mul_(width**-0.5).add_(params["head.bias"]).add_(offset)
+
+    def _with_task_dim(self, params: Params, tasks: int) -> Params:
+        """MLP and head parameters with a leading task dim (a view where they are shared)."""
+        own = dict(self.named_parameters())
+        return {
+            k: v.expand(tasks, *v.shape)
+            if k.startswith(("mlp.", "head.")) and v.dim() == own[k].dim()
+            else v
+            for k, v in params.items()
+        }
 
     def hidden(self, item_x: Tensor, user_x: Tensor | None = None) -> Tensor:
         """MLP on encoded inputs -> unit-RMS features (..., N, H)."""

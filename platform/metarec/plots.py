@@ -89,6 +89,10 @@ def step_curve(curves: dict[str, Any], path: Path) -> Path:
     fig, axes = _grid(1, scenarios)
     for col, scenario in enumerate(scenarios):
         c, ax = curves[scenario], axes[0][col]
+        if not c["step_curve"]:  # the ridge head is solved in closed form: no steps to vary
+            ax.text(0.5, 0.5, "no gradient-step adaptation\n(ridge solver)", ha="center",
+                    va="center", transform=ax.transAxes)  # fmt: skip
+            continue
         for method, values in c["step_curve"].items():
             mean, std = zip(*values, strict=True)
             ax.errorbar(

@@ -159,14 +159,14 @@ class CurveCollector:
             rows = cur.shots.setdefault(m, {"mae": [], "ndcg@3": []})
             for metric, seeds in rows.items():
                 seeds.append([r[metric] for r in per_k])
-            if isinstance(fit.scorers[m], AdaptedScorer):
+            if isinstance(fit.scorers[m], AdaptedScorer) and _stepped(fit.scorers[m]):
                 curve = self._step_curve(fit.scorers[m], test, threshold)
                 cur.steps.setdefault(m, []).append(curve)
             cur.user_mae.setdefault(m, []).append(seed.per_task[m]["mae"].numpy())
         cur.support_size = test.support_mask.sum(1).numpy()
         first = fit.scorers[fit.method]
         assert isinstance(first, AdaptedScorer)
-        cur.trained_steps = first.knobs()["steps"]
+        cur.trained_steps = first.knobs().get("steps", 0)
         if fit.history is not None:
             cur.histories.append({"label": f"seed {fit.seed}", "rows": fit.history})
         elif self.history is not None:  # the given model: drawn once, where first scored
@@ -205,6 +205,11 @@ class CurveCollector:
                 "learning_curves": cur.histories,
             }
         return out
+
+
+def _stepped(scorer: AdaptedScorer) -> bool:
+    """Whether the scorer adapts by gradient steps (a ridge head is solved, not stepped)."""
+    return scorer.learner.cfg.inner_solver == "gd"
 
 
 def _cell(row: dict[str, Any], metric: str) -> str:

@@ -390,7 +390,8 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 
 def _plot_sweep(frame: pd.DataFrame, path: Path) -> None:
-    """Best valid MAE of each trial against its inner and outer lr, coloured by algorithm.
+    """Best valid MAE of each trial against its outer lr and its inner lr (gradient steps)
+    or prior precision (ridge solver), coloured by algorithm.
 
     Log axes: learning rates span decades, and a diverged trial's error is orders of
     magnitude above the rest (it would flatten every other point onto the axis).
@@ -401,7 +402,8 @@ def _plot_sweep(frame: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
-    keys = ["meta.inner_lr", "meta.outer_lr"]
+    ridge = (frame["meta.inner_solver"] == "ridge").all()
+    keys = ["meta.prior_precision" if ridge else "meta.inner_lr", "meta.outer_lr"]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), dpi=100, sharey=True)
     mae = frame["best_valid_mae"]
     algorithms = sorted(frame["meta.algorithm"].unique())

@@ -277,7 +277,14 @@ class SweepInterrupted(MetarecError):
     """Tune stopped before every trial ended (Ctrl-C): nothing is registered yet."""
 
 
-ALWAYS = ("meta.algorithm", "meta.inner_lr", "meta.outer_lr", "meta.inner_steps")
+ALWAYS = (
+    "meta.algorithm",
+    "meta.inner_solver",
+    "meta.prior_precision",
+    "meta.inner_lr",
+    "meta.outer_lr",
+    "meta.inner_steps",
+)
 
 
 def _get(cfg: MetarecConfig, key: str) -> Any:
