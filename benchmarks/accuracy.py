@@ -132,7 +132,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if args.quick:
                 cfg = apply_overrides(
                     cfg,
-                    **{"train.epochs": 2, "data.synthetic.n_users": 300, "data.synthetic.n_items": 200},
+                    **{
+                        "train.epochs": 2,
+                        "data.synthetic.n_users": 300,
+                        "data.synthetic.n_items": 200,
+                    },
                 )
                 seeds = seeds[:1]
             print(f"[{name}] splits {seeds}", file=sys.stderr, flush=True)

@@ -47,15 +47,20 @@ def main() -> None:
             valid = from_table(ds.tasks("user_cold", "valid"))
             for name, scorer in fit.scorers.items():
                 m = score_tasks(scorer, valid, relevance_threshold=threshold)
-                per.setdefault(name, []).append({k: m[k].numpy() for k in ("mae", "sse", "count", "ndcg@3")})
+                per.setdefault(name, []).append(
+                    {k: m[k].numpy() for k in ("mae", "sse", "count", "ndcg@3")}
+                )
         out = {"data": args.data, "try": overrides, "seconds": round(time.time() - t0, 1)}
         for name, runs in per.items():
             mae = np.concatenate([r["mae"] for r in runs])
             sse = np.concatenate([r["sse"] for r in runs])
             cnt = np.concatenate([r["count"] for r in runs])
             nd = np.concatenate([r["ndcg@3"] for r in runs])
-            out[name] = {"mae": round(float(mae.mean()), 4), "rmse": round(float(np.sqrt(sse.sum() / cnt.sum())), 4), "ndcg@3": round(float(nd.mean()), 4)}
-        meta = next(n for n in per if n not in ("bias", "mf_foldin"))
+            out[name] = {
+                "mae": round(float(mae.mean()), 4),
+                "rmse": round(float(np.sqrt(sse.sum() / cnt.sum())), 4),
+                "ndcg@3": round(float(nd.mean()), 4),
+            }
         out["adapt"] = fit.adapt
         if fit.history:
             best = min(fit.history, key=lambda r: r["valid/mae"])

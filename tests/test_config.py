@@ -95,8 +95,6 @@ def test_factor_head_needs_the_ridge_solver_and_item_embeddings():
         load_config(None, **gd)
     ridge = {"meta.inner_solver": "ridge", "meta.adapt": "head", "meta.proximal": 0.0}
     with pytest.raises(ConfigError, match="model.item_id_embedding: got False"):
-        load_config(
-            None, **ridge, **{"model.factor_head": True, "model.item_id_embedding": False}
-        )
+        load_config(None, **ridge, **{"model.factor_head": True, "model.item_id_embedding": False})
     with pytest.raises(ConfigError, match="meta.support_prior: got -1"):
         load_config(None, **{"meta.support_prior": -1})

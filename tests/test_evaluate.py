@@ -66,9 +66,11 @@ def test_adaptation_is_chosen_on_validation_users(quick, synthetic_cfg, syntheti
     meta = fitted.scorers[quick.meta.algorithm]
     valid = from_table(ds.tasks("user_cold", "valid"))
     grid = adaptation_grid(quick.meta)
-    first = {"steps": 2, "lr_scale": 1.0, "support_prior": 10} if solver == "gd" else {
-        "prior_scale": 1.0
-    }
+    first = (
+        {"steps": 2, "lr_scale": 1.0, "support_prior": 10}
+        if solver == "gd"
+        else {"prior_scale": 1.0}
+    )
     assert grid[0] == first  # trained first
     maes = [
         masked_mae(AdaptedScorer(meta.learner, **hp).predict_items(valid, valid.query_items), valid)

@@ -8,10 +8,11 @@ The item bias and item-side embeddings carry what all users agree on; the MLP an
 what adapts to one user (``adapt``: ``head`` | ``mlp`` | ``all``). With ``factor_head`` the
 head also sees the item-id embedding q_i directly: its weights p_u on q_i and its bias b_u
 make the model contain biased matrix factorization, so a closed-form fold-in of the head
-(``meta.ridge_head``) starts exactly where MF fold-in is and meta-training can only add. Every weight is used as
-``x @ W`` with ``W`` of shape (..., in, out), so the *same* forward runs for one task with
-plain parameters (the per-task reference in tests) and for T tasks at once with fast weights
-carrying a leading task dimension (the vectorized inner loop): no Python loop over tasks.
+(``meta.ridge_head``) starts exactly where MF fold-in is and meta-training can only add.
+Every weight is used as ``x @ W`` with ``W`` of shape (..., in, out), so the *same* forward
+runs for one task with plain parameters (the per-task reference in tests) and for T tasks at
+once with fast weights carrying a leading task dimension (the vectorized inner loop): no
+Python loop over tasks.
 
 Reference: H. Lee et al., MeLU: Meta-Learned User Preference Estimator for Cold-Start
 Recommendation, KDD 2019, https://arxiv.org/abs/1908.00413
