@@ -65,8 +65,11 @@ def test_truncated_subsets_are_nested_and_survive_select():
         # kept entries sit in front, so trimming to the longest valid prefix loses none
         again = cut.select(torch.arange(3))
         assert again.support_mask.sum().item() == cut.support_mask.sum().item()
-    with pytest.raises(ValueError, match="k: got 0"):
-        truncate_support(tasks, 0, keys)
+    cold = truncate_support(tasks, 0, keys)  # zero shots: every user is a cold start
+    assert cold.support_mask.shape == (3, 1) and not cold.support_mask.any()
+    assert torch.equal(cold.query_items, tasks.query_items)
+    with pytest.raises(ValueError, match="k: got -1"):
+        truncate_support(tasks, -1, keys)
 
 
 def _row(mae, ndcg):

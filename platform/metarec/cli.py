@@ -256,9 +256,9 @@ def _report_parser(sub: argparse._SubParsersAction) -> None:
         "--shots",
         type=int,
         nargs="+",
-        default=[1, 2, 4, 8, 16, 32],
+        default=[0, 1, 2, 4, 8, 16, 32],
         metavar="K",
-        help="shot curve: support ratings per test user",
+        help="shot curve: support ratings per test user (0: cold start, no adaptation data)",
     )
     p.add_argument(
         "--curve-steps", type=int, default=10, metavar="N", help="step curve: 0..N inner steps"

@@ -60,8 +60,8 @@ def _finish(fig: Figure, path: Path, title: str) -> Path:
 
 
 def shot_curve(curves: dict[str, Any], path: Path) -> Path:
-    """Query MAE and nDCG@3 against support ratings per user (log2 x axis): two rows, one
-    column per scenario; one scenario gets the two panels side by side."""
+    """Query MAE and nDCG@3 against support ratings per user (log2 x axis, 0 included): two
+    rows, one column per scenario; one scenario gets the two panels side by side."""
     scenarios = list(curves)
     single = len(scenarios) == 1  # then MAE and nDCG side by side, not stacked
     fig, axes = _grid(1, scenarios * 2) if single else _grid(2, scenarios)
@@ -75,7 +75,7 @@ def shot_curve(curves: dict[str, Any], path: Path) -> Path:
                     c["shots"], mean, yerr=std, marker="o", ms=3, capsize=2,
                     color=_colour(method), label=_label(method),
                 )  # fmt: skip
-            ax.set_xscale("log", base=2)
+            ax.set_xscale("symlog", base=2, linthresh=1)  # log2, and 0 shots fits on it
             ax.set_xticks(c["shots"], [str(k) for k in c["shots"]])
             ax.set_xlabel("support ratings per user (at most)")
             ax.set_ylabel(name)

@@ -77,11 +77,12 @@ def truncate_support(tasks: TaskBatch, k: int, keys: Tensor) -> TaskBatch:
         tasks: (T, S) support tensors; queries are left as they are.
         keys: (T, S) floats, e.g. ``support_keys(tasks, seed)``.
     """
-    if k < 1:
-        raise ValueError(f"k: got {k}; expected an int >= 1")
+    if k < 0:
+        raise ValueError(f"k: got {k}; expected an int >= 0")
     mask = tasks.support_mask
-    order = keys.masked_fill(~mask, torch.inf).argsort(1)[:, :k]  # (T, min(k, S)) valid first
-    kept = mask.gather(1, order)  # False only where a task has fewer than k ratings
+    # (T, min(k, S)) valid first; k = 0 keeps one all-padding column (a cold-start user)
+    order = keys.masked_fill(~mask, torch.inf).argsort(1)[:, : max(k, 1)]
+    kept = mask.gather(1, order) & (k > 0)  # False where a task has fewer than k ratings
     return replace(
         tasks,
         support_items=tasks.support_items.gather(1, order),
