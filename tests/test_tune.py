@@ -120,6 +120,10 @@ def test_tiny_sweep_stops_early_nests_runs_registers_best_and_resumes(
         "tune.reduction_factor=2",
         "--set",
         "meta.inner_steps=2",
+        "--set",
+        "meta.inner_solver=gd",  # inner lrs exist only for gradient steps
+        "--set",
+        "meta.adapt=mlp",
     ]
     env = {**os.environ, "RAY_ADDRESS": "local"}
     first = subprocess.Popen(
