@@ -210,3 +210,23 @@ def test_tune_resume_refuses_flags_that_change_the_sweep(capsys):
     assert main(["tune", "--data", "x", "--resume", "s", "--num-samples", "9"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --num-samples: got 9 with --resume; expected none")
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("work/ray/run/checkpoint.pt", "--model work/ray/run/checkpoint.pt: no such file"),
+        ("models:/metarec-nope@champion", "--model models:/metarec-nope@champion: "),
+    ],
+)
+def test_serve_with_a_bad_model_is_one_line_and_exit_2_before_serve_starts(
+    tmp_path, model, message
+):
+    import time
+
+    t0 = time.perf_counter()
+    res = run("serve", "--model", model, "--work-dir", str(tmp_path), "--port", "1")
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.startswith(f"error: {message}") and res.stderr.count("\n") == 1
+    assert "Traceback" not in res.stderr and "metarec serving at" not in res.stdout
+    assert time.perf_counter() - t0 < 30  # no Ray start, no replica retries

@@ -22,8 +22,9 @@ from torch import Tensor
 from metarec.batch import TaskBatch
 from metarec.data.features import age_buckets, zip_prefixes
 from metarec.data.prepared import PreparedDataset
+from metarec.errors import DataError
 
-__all__ = ["Catalog", "FieldError", "catalog_dict"]
+__all__ = ["Catalog", "FieldError", "catalog_dict", "require_catalog"]
 
 
 class FieldError(ValueError):
@@ -64,6 +65,17 @@ def catalog_dict(ds: PreparedDataset, train: TaskBatch) -> dict[str, Any]:
     }
 
 
+def require_catalog(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's catalog, or a ``DataError`` saying why a model cannot be served."""
+    c = ckpt.get("catalog")
+    if not c:
+        raise DataError(
+            "checkpoint has no catalog (written by a metarec before serving existed); "
+            "retrain the model to serve it"
+        )
+    return c
+
+
 @dataclass(frozen=True)
 class Catalog:
     """Raw ids <-> encoded indices, titles, and item statistics of one trained model."""
@@ -84,12 +96,7 @@ class Catalog:
     def from_checkpoint(cls, ckpt: dict[str, Any], item_genres: Tensor, item_year: Tensor):
         """Build from a checkpoint's ``catalog`` plus the model's own feature buffers
         (genre names and years are decoded from them, so they are never stored twice)."""
-        c = ckpt.get("catalog")
-        if not c:
-            raise ValueError(
-                "checkpoint has no catalog (written by a metarec before serving existed); "
-                "retrain the model to serve it"
-            )
+        c = require_catalog(ckpt)
         vocab = c["vocab"]
         genre_names = vocab["genre"]
         genres = [[genre_names[g] for g in row.nonzero().flatten().tolist()] for row in item_genres]

@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from metarec import __version__
-from metarec.catalog import Catalog, FieldError
+from metarec.catalog import Catalog, FieldError, require_catalog
 from metarec.checkpoint import learner_from_checkpoint, load_checkpoint
 from metarec.errors import ModelNotFoundError
 from metarec.loop import resolve_device
@@ -81,8 +81,10 @@ def default_model(work_dir: str | os.PathLike) -> str:
     return f"models:/{name.split('@')[0].split('/')[0]}@champion"
 
 
-def load_service(settings: ServeSettings, *, writer: str) -> Service:
-    """Load the model and open the feedback log (``writer`` names this process's file)."""
+def resolve_model(settings: ServeSettings) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """The model to serve: its URI, registry facts and checkpoint, or a one-line
+    ``MetarecError`` (the CLI calls this before starting Serve, so a typo in ``--model``
+    is an input error in a second, not replica tracebacks a minute later)."""
     from metarec.tracking import describe_model, resolve_checkpoint, resolve_tracking_uri
 
     uri = resolve_tracking_uri(settings.tracking_uri, settings.work_dir)
@@ -94,7 +96,12 @@ def load_service(settings: ServeSettings, *, writer: str) -> Service:
             f"{e} (promote a version with `metarec promote NAME VERSION`, or serve "
             "models:/NAME@candidate explicitly)"
         ) from e
-    ckpt = load_checkpoint(resolve_checkpoint(model, uri))
+    return model, info, load_checkpoint(resolve_checkpoint(model, uri))
+
+
+def load_service(settings: ServeSettings, *, writer: str) -> Service:
+    """Load the model and open the feedback log (``writer`` names this process's file)."""
+    model, info, ckpt = resolve_model(settings)
     learner = learner_from_checkpoint(ckpt)
     m = learner.model
     catalog = Catalog.from_checkpoint(ckpt, m.item_genres, m.item_year)
@@ -304,6 +311,9 @@ def serve_forever(
 
     from metarec.train import connect_ray
 
+    model, _, ckpt = resolve_model(settings)  # fails fast, before Ray starts
+    require_catalog(ckpt)
+    settings = settings.model_copy(update={"model": model})
     connect_ray()
     options: dict[str, Any] = {"num_cpus": num_cpus}
     if os.environ.get(TOKEN_ENV):  # replicas of a joined cluster do not share our env
