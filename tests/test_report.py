@@ -95,6 +95,18 @@ def test_markdown_results_bolds_the_best_of_each_column():
     assert "**0.0000" not in markdown_results(all_tied, metrics=("mae", "ndcg@3"))
 
 
+def test_one_run_prints_means_without_a_made_up_spread():
+    from metarec.evaluate import format_table
+
+    one = {"split_seeds": [0], "init_seeds": [0], "test_users": [58]}
+    results = {"user_cold": {"maml": _row(0.70, 0.88), "_protocol": one}}
+    assert "±" not in markdown_results(results, metrics=("mae", "ndcg@3"))
+    assert "±" not in format_table(results, metrics=("mae", "ndcg@3"))
+    results["user_cold"]["_protocol"] = {**one, "init_seeds": [0, 1]}
+    assert "0.7000 ± 0.0100" in markdown_results(results, metrics=("mae", "ndcg@3"))
+    assert "0.7000±0.0100" in format_table(results, metrics=("mae", "ndcg@3"))
+
+
 def test_activity_buckets_split_users_by_support_size():
     sizes = np.array([3, 3, 4, 10, 11, 40, 41, 90])
     bucket, labels = activity_buckets(sizes)

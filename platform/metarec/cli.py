@@ -22,6 +22,16 @@ from metarec.errors import ConfigError, MetarecError
 __all__ = ["main"]
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """States each default once: not where it is None/False, nor where the help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action) or text
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="YAML", help="experiment config (configs/*.yaml)")
     p.add_argument(
@@ -42,7 +52,7 @@ def _prepare_parser(sub: argparse._SubParsersAction) -> None:
         description="Read raw ratings (MovieLens, a generic CSV/Parquet, or the built-in "
         "synthetic generator), validate them, build per-user tasks for every "
         "scenario, and write a prepared dataset directory atomically.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--source", choices=SOURCES, help="where ratings come from (data.source)")
     p.add_argument(
@@ -235,7 +245,7 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
         "a trained model with --model), tune the baselines on validation users, and score "
         "every method on test users of each scenario. Writes OUT/results.json and prints "
         "a table.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     _add_evaluation_args(p, seeds=[0], scenario="train.scenario")
     p.set_defaults(func=_cmd_evaluate)
@@ -250,7 +260,7 @@ def _report_parser(sub: argparse._SubParsersAction) -> None:
         "adaptation-step curve, per-user errors by activity and the learning curves. "
         "Writes OUT/results.json, curves.json, report.md and four PNGs; with a models:/ or "
         "runs:/ --model, logs them to that MLflow run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     _add_evaluation_args(p, seeds=[0, 1, 2], scenario="all")
     p.add_argument(
@@ -504,7 +514,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         "a checkpoint every epoch, restart on worker failure), log the run to MLflow and "
         "register the best model with the alias 'candidate'. Uses the Ray cluster in "
         "RAY_ADDRESS (or one started with `ray start`), else starts a local one.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--data", required=True, metavar="DIR", help="prepared dataset directory")
     p.add_argument("--scenario", help="train.scenario (default: the config's)")
@@ -634,7 +644,7 @@ def _tune_parser(sub: argparse._SubParsersAction) -> None:
         "MLflow run, and the best trial's model is registered as 'candidate'. Space entries: "
         "KEY=loguniform(lo,hi) | uniform(lo,hi) | randint(lo,hi) | choice(a,b,..) | "
         "grid(a,b,..).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--data", required=True, metavar="DIR", help="prepared dataset directory")
     p.add_argument("--num-samples", type=int, help="trials (tune.num_samples)")
@@ -709,11 +719,11 @@ def _promote_parser(sub: argparse._SubParsersAction) -> None:
         help="point a registered model's alias (champion) at a version",
         description="Move an alias of a registered model (default 'champion', what "
         "`metarec serve` loads) to the given version.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("name", help="registered model name (printed by `metarec train`)")
     p.add_argument("version", help="model version")
-    p.add_argument("--alias", default="champion")
+    p.add_argument("--alias", default="champion", help="the alias to point at VERSION")
     p.add_argument("--work-dir", default="work", help="where the default MLflow store lives")
     p.add_argument("--tracking-uri", help="MLflow tracking URI")
     p.set_defaults(func=_cmd_promote)
@@ -737,7 +747,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "Ray, or on the cluster in RAY_ADDRESS, until Ctrl-C. Set METAREC_API_TOKEN to "
         "require 'Authorization: Bearer <token>' on /v1/*. For YAML deployments see "
         "serve/config.yaml.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--model",
@@ -745,11 +755,11 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "(default: models:/<last trained model>@champion)",
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 = all)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--work-dir", default="work", help="MLflow store, feedback log")
     p.add_argument("--tracking-uri", help="MLflow tracking URI")
     p.add_argument("--feedback-dir", help="feedback log directory (default WORK/feedback)")
-    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--replicas", type=int, default=1, help="Serve replicas (processes)")
     p.add_argument("--num-cpus", type=float, default=1.0, help="Ray CPUs per replica")
     p.add_argument("--threads", type=int, help="torch threads per replica")
     p.add_argument("--max-batch-size", type=int, default=32, help="1 = no micro-batching")

@@ -522,6 +522,13 @@ def write_json_atomic(path: Path, data: Any) -> Path:
     return path
 
 
+def has_spread(protocol: dict[str, Any]) -> bool:
+    """Whether a std was measured (over 2+ splits or init seeds): with one run there is
+    none, and tables print the mean alone rather than a misleading ``± 0.0000``."""
+    runs = protocol.get("split_seeds", [])
+    return len(runs) > 1 or len(protocol.get("init_seeds", [])) > 1
+
+
 def format_table(
     results: dict, *, metrics: tuple[str, ...] = ("mae", "rmse", "ndcg@3", "p@5", "recall@10")
 ) -> str:
@@ -543,9 +550,13 @@ def format_table(
             )
             for m in metrics
         }
+        spread = has_spread(proto)
         for name, r in methods.items():
             cells = [
-                f"{r[m]:.4f}±{r['std'][m]:.4f}{'*' if r[m] == best[m] else ' '}" for m in metrics
+                f"{r[m]:.4f}"
+                + (f"±{r['std'][m]:.4f}" if spread else "")
+                + ("*" if r[m] == best[m] else " ")
+                for m in metrics
             ]
             lines.append(f"{name:<16}" + "".join(f"{c:>17}" for c in cells))
         for a, against in rows.get("_paired", {}).items():

@@ -34,6 +34,7 @@ from metarec.evaluate import (
     REPORTED,
     AdaptedScorer,
     SeedScores,
+    has_spread,
     method_rows,
     score_tasks,
     write_json_atomic,
@@ -213,8 +214,8 @@ def _stepped(scorer: AdaptedScorer) -> bool:
     return scorer.learner.cfg.inner_solver == "gd"
 
 
-def _cell(row: dict[str, Any], metric: str) -> str:
-    return f"{row[metric]:.4f} ± {row['std'][metric]:.4f}"
+def _cell(row: dict[str, Any], metric: str, spread: bool = True) -> str:
+    return f"{row[metric]:.4f} ± {row['std'][metric]:.4f}" if spread else f"{row[metric]:.4f}"
 
 
 def markdown_results(
@@ -223,7 +224,8 @@ def markdown_results(
     metrics: Sequence[str] = REPORTED,
     notes: dict[str, str] | None = None,
 ) -> str:
-    """One pipe table per scenario, ``mean ± std``, the best of each column in **bold**.
+    """One pipe table per scenario, ``mean ± std`` (the mean alone where only one run was
+    measured), the best of each column in **bold**.
 
     Best is the lowest MAE/RMSE and the highest of the rest, compared as printed (4 places),
     so methods tied on the page are bold together, and a column where all tie (recall of
@@ -242,9 +244,12 @@ def markdown_results(
         if notes and scenario in notes:
             lines += [notes[scenario], ""]
         lines += ["| method | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+        spread = has_spread(rows.get("_protocol", {"init_seeds": [0, 1]}))
         for name, row in methods.items():
             cells = [
-                f"**{_cell(row, m)}**" if round(row[m], 4) == best[m] else _cell(row, m)
+                f"**{_cell(row, m, spread)}**"
+                if round(row[m], 4) == best[m]
+                else _cell(row, m, spread)
                 for m in metrics
             ]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
