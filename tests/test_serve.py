@@ -152,6 +152,12 @@ def test_every_endpoint_answers(server, checkpoint, synthetic_prepared):
     assert len(onboarding["items"]) == 5 and "Rashid" in onboarding["rule"]
     first = onboarding["items"][0]
     assert {"item", "title", "genres", "year"} <= set(first)
+    word = first["title"].split()[0].upper()  # any case finds it
+    found = get(server, "/v1/items", params={"q": word, "n": 300}).json()["items"]
+    assert first["item"] in {x["item"] for x in found}
+    assert all(word.casefold() in x["title"].casefold() for x in found)
+    pred = post(server, "/v1/predict", {"items": [first["item"]]}).json()["predictions"]
+    assert pred[0]["title"] == first["title"] and set(pred[0]) >= {"item", "genres", "score"}
 
     cold = post(server, "/v1/recommend", {"k": 4}).json()  # no ratings: the meta-init answers
     assert cold["adapted_on"] == 0 and len(cold["items"]) == 4
@@ -279,6 +285,9 @@ BAD = [
     ("post", "/v1/users/bob/feedback", {"ratings": []}, "ratings"),
     ("get", "/v1/users/bob/recommendations?k=-1", None, "k"),
     ("get", "/v1/onboarding?n=abc", None, "n"),
+    ("get", "/v1/items?q=", None, "q"),
+    ("get", "/v1/items", None, "q"),
+    ("get", "/v1/items?q=a&n=0", None, "n"),
 ]
 
 

@@ -213,3 +213,17 @@ def test_feedback_is_on_disk_before_the_answer(tmp_path, served):
     assert session.weights is not None  # cached: the next GET skips adaptation
     again, _, _ = svc.session_job("alice", 3)
     assert again.weights is session.weights
+
+
+def test_search_finds_titles_by_every_word_most_rated_first(tmp_path, served):
+    _, loaded, catalog = served
+    svc = _service(tmp_path, catalog, loaded, max_k=len(catalog))
+    title = catalog.titles[7]
+    words = title.split()
+    out = svc.search(" ".join(w.upper() for w in words), len(catalog))
+    assert 7 in [catalog.index[x["item"]] for x in out["items"]]
+    counts = [int(catalog.item_count[catalog.index[x["item"]]]) for x in out["items"]]
+    assert counts == sorted(counts, reverse=True)
+    assert svc.search("no title has this", 5)["items"] == []
+    with pytest.raises(FieldError, match="limit"):
+        svc.search("a", len(catalog) + 1)

@@ -118,6 +118,7 @@ class Catalog:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_index", {r: i for i, r in enumerate(self.raw_ids)})
+        object.__setattr__(self, "_folded", [str(t).casefold() for t in self.titles])
 
     @property
     def index(self) -> dict[str, int]:
@@ -142,6 +143,11 @@ class Catalog:
                 )
             out.append(i)
         return out
+
+    def search(self, q: str) -> list[int]:
+        """Indices of items whose title contains every word of ``q``, ignoring case."""
+        words = q.casefold().split()
+        return [i for i, t in enumerate(self._folded) if all(w in t for w in words)]
 
     def item(self, i: int) -> dict[str, Any]:
         return {

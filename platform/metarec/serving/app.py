@@ -263,6 +263,14 @@ class MetarecServer:
         job, items = self.service.predict_job(req)
         return JSONResponse(self.service.predict_response(job, items, await self._run(job)))
 
+    @api.get("/v1/items")
+    async def items(
+        self, q: Annotated[str, Query(min_length=1, max_length=200, examples=["star wars"])],
+        n: K = 10,
+    ) -> JSONResponse:
+        """Search the catalog by title (every word, any case), most rated first."""
+        return JSONResponse(self.service.search(q, n))
+
     @api.get("/v1/onboarding")
     async def onboarding(self, n: K = 10) -> JSONResponse:
         """Items to ask a brand-new user to rate first."""

@@ -114,10 +114,17 @@ class Service:
             "model": self.model_info["label"],
             "adapted_on": len(job.items),
             "predictions": [
-                {"item": self.catalog.raw_ids[i], "score": s}
-                for i, s in zip(items, scores, strict=True)
+                {**self.catalog.item(i), "score": s} for i, s in zip(items, scores, strict=True)
             ],
         }
+
+    def search(self, q: str, n: int) -> dict[str, Any]:
+        """Catalog items whose title contains every word of ``q`` (case-insensitive), the
+        most rated first: how a person finds the ids the other endpoints take."""
+        self._k(n, ("query", "n"))
+        found = self.catalog.search(q)
+        found.sort(key=lambda i: -int(self.catalog.item_count[i]))
+        return {"query": q, "items": [self.catalog.item(i) for i in found[:n]]}
 
     def top_k(
         self,
