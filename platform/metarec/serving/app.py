@@ -265,7 +265,8 @@ class MetarecServer:
 
     @api.get("/v1/items")
     async def items(
-        self, q: Annotated[str, Query(min_length=1, max_length=200, examples=["star wars"])],
+        self,
+        q: Annotated[str, Query(min_length=1, max_length=200, examples=["star wars"])],
         n: K = 10,
     ) -> JSONResponse:
         """Search the catalog by title (every word, any case), most rated first."""
