@@ -9,6 +9,7 @@ run against the OpenAPI schema, taste following feedback, served numbers equal t
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -141,6 +142,14 @@ def post(server, path, body, **kw):
 
 def get(server, path, **kw):
     return requests.get(f"{server['server'].url}{path}", headers=AUTH, timeout=30, **kw)
+
+
+def test_api_docs_load_with_no_external_url(server):
+    base = server["server"].url
+    html = requests.get(f"{base}/docs", timeout=10).text
+    assert "SwaggerUIBundle" in html and "http://" not in html and "https://" not in html
+    for asset in re.findall(r'(?:src|href)="([^"]+)"', html):
+        assert requests.get(f"{base}{asset}", timeout=10).status_code == 200, asset
 
 
 def test_every_endpoint_answers(server, checkpoint, synthetic_prepared):

@@ -26,6 +26,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 from ray import serve
 
@@ -142,7 +143,9 @@ def _unprocessable(detail: list[dict[str, Any]]) -> JSONResponse:
     return JSONResponse(status_code=422, content={"detail": detail})
 
 
-api = FastAPI(
+# Swagger UI's assets are served from the installed package, not a CDN: /docs works on
+# machines and clusters with no internet.
+api = FastAPIOffline(
     title="metarec",
     version=__version__,
     description="Per-user adaptation of a meta-learned recommender: send a few ratings, "
