@@ -152,6 +152,13 @@ def test_api_docs_load_with_no_external_url(server):
         assert requests.get(f"{base}{asset}", timeout=10).status_code == 200, asset
 
 
+def test_openapi_examples_are_real_requests(server):
+    schemas = get(server, "/openapi.json").json()["components"]["schemas"]
+    for name, path in (("RecommendRequest", "/v1/recommend"), ("PredictRequest", "/v1/predict")):
+        (example,) = schemas[name]["examples"]
+        assert post(server, path, example).status_code == 200, (name, example)
+
+
 def test_every_endpoint_answers(server, checkpoint, synthetic_prepared):
     assert requests.get(f"{server['server'].url}/healthz", timeout=5).json() == {"status": "ok"}
     model = get(server, "/v1/model").json()

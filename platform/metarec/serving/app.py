@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
+from fastapi import Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
@@ -230,6 +230,9 @@ class MetarecServer:
     def __init__(self, settings: dict[str, Any]) -> None:
         ctx = serve.get_replica_context()
         self.service = load_service(ServeSettings.model_validate(settings), writer=ctx.replica_tag)
+        schema = api.openapi()  # built once and cached by FastAPI: add the catalog's examples
+        for name, example in self.service.request_examples().items():
+            schema["components"]["schemas"][name]["examples"] = [example]
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Batch size and wait from ``user_config``: changed live, no replica restart."""

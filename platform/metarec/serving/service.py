@@ -118,6 +118,19 @@ class Service:
             ],
         }
 
+    def request_examples(self) -> dict[str, dict[str, Any]]:
+        """One valid body per request schema, with real ids of this catalog (onboarding
+        items), for the OpenAPI page: Swagger's "Try it out" then works as it is."""
+        a, b, c = (self.catalog.raw_ids[i] for i in self.catalog.onboarding(3))
+        lo, hi = self.catalog.rating_range
+        ratings = [{"item": a, "rating": hi}, {"item": b, "rating": lo}]
+        user = {"user": {"age": 30}} if self.catalog.has_user_features else {}
+        return {
+            "RecommendRequest": {**user, "ratings": ratings, "k": 5},
+            "PredictRequest": {**user, "ratings": ratings, "items": [c]},
+            "FeedbackRequest": {"ratings": ratings[:1], "k": 5},
+        }
+
     def search(self, q: str, n: int) -> dict[str, Any]:
         """Catalog items whose title contains every word of ``q`` (case-insensitive), the
         most rated first: how a person finds the ids the other endpoints take."""
