@@ -104,12 +104,38 @@ def test_pretrained_item_embeddings_are_scaled_mf_factors(quick_cfg, synthetic_p
     from metarec.batch import from_table
     from metarec.loop import build_learner
 
-    cfg = apply_overrides(quick_cfg, **{"model.pretrain_items": True})
+    gd = {"meta.inner_solver": "gd", "meta.adapt": "mlp"}  # no factor head: MLP inputs
+    cfg = apply_overrides(quick_cfg, **{"model.pretrain_items": True, **gd})
     train = from_table(synthetic_prepared.tasks("user_cold", "train"))
     learner = build_learner(cfg, synthetic_prepared, train)
     table = learner.model.emb["item"].detach()[1:]
     n_items = table.shape[0]
-    mf = MFFoldIn(dim=table.shape[1], reg=10.0, iters=8, seed=cfg.seed).fit(train, n_items=n_items)
+    mf = MFFoldIn(dim=table.shape[1], reg=10.0, seed=cfg.seed).fit(train, n_items=n_items)
     ratio = table / mf.item_factors_.float()
     assert torch.allclose(ratio, ratio[0, 0].expand_as(ratio), rtol=1e-3)
     assert torch.allclose(learner.model.item_bias.detach(), mf.item_bias_.float(), atol=1e-5)
+
+
+def test_factor_head_starts_at_the_mf_foldin_chosen_on_validation_users(
+    synthetic_cfg, synthetic_prepared
+):
+    from metarec.baselines import MFFoldIn, classic_baselines
+    from metarec.batch import from_table
+    from metarec.loop import build_learner, masked_mae
+
+    train = from_table(synthetic_prepared.tasks("user_cold", "train"))
+    valid = from_table(synthetic_prepared.tasks("user_cold", "valid"))
+    n_items = synthetic_prepared.manifest["counts"]["items"]
+    assert synthetic_cfg.meta.prior_precision is None and synthetic_cfg.factor_head
+    learner = build_learner(synthetic_cfg, synthetic_prepared, train, valid)
+    grid = classic_baselines(seed=synthetic_cfg.seed)["mf_foldin"].grid
+    fits = [MFFoldIn(**hp).fit(train, n_items=n_items) for hp in grid]
+    best = min(fits, key=lambda f: masked_mae(f.predict(valid), valid))
+    table = learner.model.emb["item"].detach()[1:]
+    torch.testing.assert_close(table[:, : best.dim], best.item_factors_.float())
+    assert not table[:, best.dim :].any()  # fewer factors than dimensions: zero-padded
+    assert learner.cfg.prior_precision == best.reg
+    torch.testing.assert_close(learner.log_precision.exp().detach(), torch.full_like(
+        learner.log_precision, best.reg))  # fmt: skip
+    fixed = apply_overrides(synthetic_cfg, **{"meta.prior_precision": 4.0})
+    assert build_learner(fixed, synthetic_prepared, train, valid).cfg.prior_precision == 4.0

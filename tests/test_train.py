@@ -328,3 +328,28 @@ def test_a_run_that_fails_inside_fit_is_failed_in_mlflow(
     (run,) = client.search_runs([client.get_experiment_by_name("metarec").experiment_id])
     assert run.info.status == "FAILED"
     assert "hold 481 tasks; expected all 482 training tasks" in run.data.tags["metarec.error"]
+
+
+def test_train_prints_one_line_per_epoch_and_keeps_ray_logs_out(uneven_prepared, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
+    out = subprocess.run(
+        [
+            *(sys.executable, "-m", "metarec.cli", "train", "--data", str(uneven_prepared.root)),
+            *("--epochs", "3", "--workers", "2", "--work-dir", str(tmp_path)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        start_new_session=True,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert [e.split()[1] for e in epochs] == ["1/3", "2/3", "3/3"], out.stdout
+    assert all("valid MAE" in e and "tasks/s" in e for e in epochs)
+    assert len(lines) <= len(epochs) + 10, out.stdout  # epochs, the log path and a summary
+    assert any(line.startswith("Ray's worker logs: ") for line in lines)
+    both = out.stdout + out.stderr
+    for noise in ("Reporting training result", "PreemptionWatcher", "Traceback", "Warning"):
+        assert noise not in both, (noise, both[-3000:])

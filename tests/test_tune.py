@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -181,3 +182,9 @@ def test_tiny_sweep_stops_early_nests_runs_registers_best_and_resumes(
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"trials.csv", "trials.md", "sweep.png"} <= artifacts
     assert parent.data.tags["metarec.best_trial"]
+    # Ray's own summary names the same winner (its metric is the best-so-far valid MAE)
+    text = second.stdout + second.stderr
+    named = re.findall(r"Current best trial: ([0-9a-f]{5}_\d{5}) with best/valid_mae=", text)
+    assert named, text[-3000:]
+    assert named[-1] in parent.data.tags["metarec.best_trial"]
+    assert "tensorboard" not in text.lower()

@@ -42,6 +42,9 @@ SCENARIOS: tuple[str, ...] = get_args(Scenario)
 SOURCES: tuple[str, ...] = get_args(Source)
 
 
+DEFAULT_PRIOR_PRECISION = 10.0  # ridge prior precision / ALS penalty when nothing chooses
+
+
 @dataclass(frozen=True)
 class SyntheticConfig:
     """Planted-preference generator; see ``metarec.data.synthetic``."""
@@ -103,8 +106,9 @@ class MetaConfig:
     inner_solver: InnerSolver = "ridge"  # ridge: exact head solve; gd: inner_steps steps
     proximal: float = 0.0  # lambda of the inner proximal term lambda/2 |phi - theta|^2
     # ridge: initial precision of the head prior (learned per input from there on); with
-    # pretrain_items it is also the ALS penalty, so training starts at MF fold-in
-    prior_precision: float = 10.0
+    # pretrain_items it is also the ALS penalty, so training starts at MF fold-in. null:
+    # penalty and factor count chosen on validation users (the mf_foldin baseline's grid)
+    prior_precision: float | None = None
     # kappa: the inner loss is the support's squared-error sum over (n + kappa), not n, so
     # a user with 1 rating takes a step 1/(1 + kappa) the size of a mean-loss step.
     support_prior: float = 0.0
@@ -242,10 +246,10 @@ class MetarecConfig:
                 "head has a closed-form inner solution",
             )
             _require(
-                m.prior_precision > 0,
+                m.prior_precision is None or m.prior_precision > 0,
                 "meta.prior_precision",
                 m.prior_precision,
-                "a float > 0 with meta.inner_solver ridge (it is the ridge penalty)",
+                "null (chosen on validation users) or a float > 0 with meta.inner_solver ridge",
             )
             _require(
                 m.proximal == 0,

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metarec.baselines import MFFoldIn
+from metarec.baselines import MFFoldIn, classic_baselines
 from metarec.batch import TaskBatch, bucketed_batches, from_table
-from metarec.config import MetarecConfig
+from metarec.config import DEFAULT_PRIOR_PRECISION, MetarecConfig
 from metarec.data.prepared import PreparedDataset
 from metarec.meta import MetaLearner, meta_gradients, predict
 from metarec.model import Recommender, dataset_features
@@ -57,14 +57,23 @@ def train_ratings_mean(train: TaskBatch) -> float:
     return float(ratings[mask].mean())
 
 
-def build_learner(cfg: MetarecConfig, ds: PreparedDataset, train: TaskBatch) -> MetaLearner:
+def build_learner(
+    cfg: MetarecConfig, ds: PreparedDataset, train: TaskBatch, valid: TaskBatch | None = None
+) -> MetaLearner:
     """The model sized for ``ds``, initialised from ``cfg.seed``; items rated in ``train``
-    get id embeddings, all others fall back to their features."""
+    get id embeddings, all others fall back to their features.
+
+    With ``model.pretrain_items``, item factors start at biased ALS on ``train``. With a
+    factor head and ``meta.prior_precision: null`` (the default), the ALS dimension and
+    penalty are chosen on ``valid`` users from the ``mf_foldin`` baseline's grid, and the
+    penalty becomes the head prior's initial precision: the untrained model is then the
+    tuned MF fold-in, whatever the data's scale or taste dynamics.
+    """
     torch.manual_seed(cfg.seed)  # parameter init only; batching uses its own generator
     items, _, mask = train.merged()
     seen = torch.zeros(ds.manifest["counts"]["items"], dtype=torch.bool)
     seen[items[mask]] = True
-    m = cfg.model
+    m, meta = cfg.model, cfg.meta
     model = Recommender(
         dataset_features(ds, seen_items=seen),
         embedding_dim=m.embedding_dim,
@@ -77,31 +86,44 @@ def build_learner(cfg: MetarecConfig, ds: PreparedDataset, train: TaskBatch) -> 
     with torch.no_grad():  # start item biases at shrunk item means: hours of Adam saved
         model.item_bias.copy_(_item_bias_init(train, len(seen), model.global_mean))
         if m.pretrain_items and m.item_id_embedding:
-            # With a factor head the ALS penalty is the head prior's initial precision, so
-            # the untrained model is exactly MF fold-in.
-            reg = cfg.meta.prior_precision if cfg.factor_head else 10.0
-            _pretrain_item_embeddings(model, train, seed=cfg.seed, reg=reg)
-    return MetaLearner(model, cfg.meta)
+            mf = _item_factors(cfg, train, valid, len(seen))
+            _set_item_embeddings(model, mf)
+            if cfg.factor_head:  # the ALS penalty is the head prior's initial precision
+                meta = dataclasses.replace(meta, prior_precision=mf.reg)
+    return MetaLearner(model, meta)
 
 
-def _pretrain_item_embeddings(
-    model: Recommender, train: TaskBatch, *, seed: int, reg: float
-) -> None:
-    """Start item-id embeddings (and biases) at biased-MF item factors of the training users.
+def _item_factors(
+    cfg: MetarecConfig, train: TaskBatch, valid: TaskBatch | None, n_items: int
+) -> MFFoldIn:
+    """Biased ALS on the training users: at ``meta.prior_precision`` if set (or without a
+    factor head, or without validation users), else the ``mf_foldin`` grid point with the
+    lowest fold-in MAE on ``valid`` (dimensions up to ``model.embedding_dim``)."""
+    dim, fixed = cfg.model.embedding_dim, cfg.meta.prior_precision
+    if fixed is not None or not cfg.factor_head or valid is None:
+        reg = fixed if fixed is not None and cfg.factor_head else DEFAULT_PRIOR_PRECISION
+        return MFFoldIn(dim=dim, reg=reg, seed=cfg.seed).fit(train, n_items=n_items)
+    grid = [hp for hp in classic_baselines(seed=cfg.seed)["mf_foldin"].grid if hp["dim"] <= dim]
+    fits = [MFFoldIn(**hp).fit(train, n_items=n_items) for hp in grid]
+    maes = [masked_mae(f.predict(valid), valid) for f in fits]
+    return fits[maes.index(min(maes))]
+
+
+def _set_item_embeddings(model: Recommender, mf: MFFoldIn) -> None:
+    """Item-id embeddings (and biases) from biased-MF item factors of the training users.
 
     ALS sees every training rating at once and regularizes rare items toward zero, which a
     few hundred meta-batches cannot match; meta-training then refines the factors for
     few-step adaptation instead of discovering them. A factor head uses the factors as they
-    are (their scale is part of MF's solution); otherwise they are rescaled to the MLP
-    input scale of a fresh embedding.
+    are (their scale is part of MF's solution; fewer factors than embedding dimensions are
+    zero-padded); otherwise they are rescaled to the MLP input scale of a fresh embedding.
     """
     table = model.emb["item"]
-    mf = MFFoldIn(dim=table.shape[1], reg=reg, iters=8, seed=seed)
-    mf.fit(train, n_items=table.shape[0] - 1)
     factors = mf.item_factors_.to(table.dtype)
     if not model.has_factor_head:
         factors = factors * (table[1:].std() / factors.std().clamp_min(1e-8))
-    table[1:] = factors
+    table[1:] = 0.0
+    table[1:, : factors.shape[1]] = factors
     model.item_bias.copy_(mf.item_bias_.to(model.item_bias.dtype))
 
 
@@ -423,7 +445,8 @@ def fit(
     scenario = scenario or cfg.train.scenario
     train = from_table(ds.tasks(scenario, "train"))
     valid = from_table(ds.tasks(scenario, "valid"))
-    learner = build_learner(cfg, ds, train).to(resolve_device(cfg.train.device), cfg_dtype(cfg))
+    learner = build_learner(cfg, ds, train, valid)
+    learner = learner.to(resolve_device(cfg.train.device), cfg_dtype(cfg))
     optimizer = build_optimizer(learner, cfg)
     state = run_epochs(
         cfg,

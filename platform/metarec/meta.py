@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metarec.batch import TaskBatch
-from metarec.config import ALGORITHMS, MetaConfig
+from metarec.config import ALGORITHMS, DEFAULT_PRIOR_PRECISION, MetaConfig
 from metarec.model import (
     ADAPT_GROUPS,
     W0_USER,
@@ -80,7 +80,8 @@ class MetaLearner(nn.Module):
         self.log_precision = None
         if cfg.inner_solver == "ridge":
             n = sum(p.numel() for p in model.head.values())
-            self.log_precision = nn.Parameter(torch.full((n,), math.log(cfg.prior_precision)))
+            init = cfg.prior_precision or DEFAULT_PRIOR_PRECISION  # None: a checkpoint loads it
+            self.log_precision = nn.Parameter(torch.full((n,), math.log(init)))
 
     def params(self) -> Params:
         return dict(self.model.named_parameters())

@@ -244,6 +244,24 @@ def reopen_run(uri: str, run_id: str) -> None:
     client.update_run(run_id, status="RUNNING")
 
 
+EPOCH_METRICS = ("train/query_loss", "valid/mae", "train/tasks_per_s", "train/epoch_s")
+
+
+def logged_epochs(uri: str, run_id: str, after: int = -1) -> list[dict[str, float]]:
+    """The per-epoch rows (``EPOCH_METRICS``) rank 0 has logged to the run, epochs > ``after``.
+
+    What the driver prints while Ray trains: the run is the one record every worker and
+    the driver can reach, locally or on a cluster.
+    """
+    client = _client(uri)
+    rows: dict[int, dict[str, float]] = {}
+    for key in EPOCH_METRICS:
+        for m in client.get_metric_history(run_id, key):
+            if m.step > after:
+                rows.setdefault(m.step, {"epoch": m.step})[key] = m.value
+    return [rows[e] for e in sorted(rows) if len(rows[e]) == len(EPOCH_METRICS) + 1]
+
+
 class EpochLogger:
     """Per-epoch metrics of one run (rank 0 only), idempotent across worker restarts.
 

@@ -29,12 +29,16 @@ worker. One explicit flat all-reduce does both, and is what DDP's bucketed reduc
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import math
 import os
+import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +70,9 @@ from metarec.loop import (
 )
 
 __all__ = ["TrainOutcome", "resume", "resumed_config", "run_checkpoints", "train"]
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -146,7 +153,13 @@ def _worker_loop(config: dict[str, Any]) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             finished = state.stopped or state.epoch >= cfg.train.epochs
             # epochs_done/finished: for Tune's scheduler and the sweep summary (not MLflow)
-            report = {**row, "epochs_done": state.epoch, "finished": float(finished)}
+            # best/valid_mae: the best so far, what metarec ranks trials by (Tune's metric)
+            report = {
+                **row,
+                "best/valid_mae": state.best_valid_mae,
+                "epochs_done": state.epoch,
+                "finished": float(finished),
+            }
             ray.train.report(report, checkpoint=checkpoint)
         if logger is not None:
             logger.log([row])
@@ -286,7 +299,8 @@ def _run(
             max_failures=max_failures,
         )
         t0 = time.perf_counter()
-        result = trainer.fit()
+        with _epoch_lines(uri, run_id, cfg.train.epochs):
+            result = trainer.fit()
         wall = time.perf_counter() - t0
         with result.checkpoint.as_directory() as d:
             final = load_checkpoint(d, dataset_hash=ds.manifest["dataset_hash"])
@@ -336,15 +350,81 @@ def _with_resources(
 
 
 def connect_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (or one `ray start`ed here), else start a local one."""
+    """Join the cluster in RAY_ADDRESS (or one `ray start`ed here), else start a local one.
+
+    Workers' own output (Ray Train's "Reporting training result ...", core-worker
+    warnings) stays in Ray's session logs unless ``metarec --verbose``: the user reads
+    one metarec line per epoch (``_epoch_lines``), and the path of those logs.
+    """
     import ray
     import ray.data
 
     if not ray.is_initialized():
+        verbose = logging.getLogger("metarec").isEnabledFor(logging.DEBUG)
         # With the dashboard (on 127.0.0.1): Ray Train's PlacementGroupCleaner asks the
         # state API whether a controller died; without it, the placement groups of a Tune
         # trial that was stopped early are never freed and later trials starve.
-        ray.init(logging_level=logging.WARNING)
+        ray.init(logging_level=logging.WARNING, log_to_driver=verbose)
+        if not verbose:
+            logs = Path(_session_dir()) / "logs"
+            print(f"Ray's worker logs: {logs} (metarec --verbose shows them here)")
+
+
+def _session_dir() -> str:
+    """The session directory of the Ray this process joined (where its logs are)."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # no public accessor in 2.60
+    return node.get_session_dir_path() if node is not None else "/tmp/ray/session_latest"
+
+
+@contextlib.contextmanager
+def _epoch_lines(uri: str, run_id: str, epochs: int) -> Iterator[None]:
+    """While the block runs, print one line per epoch as rank 0 logs it to the MLflow run,
+    above a tqdm bar: what a user reads instead of Ray's worker logs."""
+    from tqdm import tqdm
+
+    from metarec import tracking
+
+    done = tracking.logged_epochs(uri, run_id)  # a resumed run: those are not news
+    state = {
+        "last": done[-1]["epoch"] if done else -1,
+        "best": min((r["valid/mae"] for r in done), default=math.inf),
+    }
+    bar = tqdm(total=epochs, initial=len(done), unit="epoch", leave=False, file=sys.stderr)
+    stop = threading.Event()
+
+    def poll() -> None:
+        for row in tracking.logged_epochs(uri, run_id, after=int(state["last"])):
+            best = row["valid/mae"] < state["best"]
+            state["best"] = min(state["best"], row["valid/mae"])
+            bar.write(
+                f"epoch {int(row['epoch']) + 1:>3}/{epochs}  "
+                f"train loss {row['train/query_loss']:.4f}  "
+                f"valid MAE {row['valid/mae']:.4f}{' *' if best else '  '}  "
+                f"{row['train/tasks_per_s']:,.0f} tasks/s  {row['train/epoch_s']:.1f} s",
+                file=sys.stdout,
+            )
+            bar.update(1)
+            state["last"] = row["epoch"]
+
+    def loop() -> None:
+        while not stop.wait(1.0):
+            try:
+                poll()
+            except Exception as e:  # a busy store must never stop training; say why once
+                log.debug("epoch lines: %s", e)
+
+    thread = threading.Thread(target=loop, name="metarec-epoch-lines", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        with contextlib.suppress(Exception):
+            poll()
+        bar.close()
 
 
 def initial_checkpoint(cfg: MetarecConfig, ds: PreparedDataset) -> dict[str, Any]:
@@ -360,7 +440,7 @@ def initial_checkpoint(cfg: MetarecConfig, ds: PreparedDataset) -> dict[str, Any
             f"train.scenario: got {scenario!r}; {ds.root} has {sorted(ds.manifest['scenarios'])}"
         )
     train_tasks = from_table(ds.tasks(scenario, "train"))
-    learner = build_learner(cfg, ds, train_tasks)
+    learner = build_learner(cfg, ds, train_tasks, from_table(ds.tasks(scenario, "valid")))
     return standalone_checkpoint(cfg, learner, ds, train_tasks)
 
 

@@ -39,7 +39,9 @@ from metarec.train import (
 __all__ = ["Dimension", "SweepOutcome", "parse_space", "tune"]
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
-METRIC = "valid/mae"
+# The best validation MAE so far: the trial's checkpointed model and what metarec ranks
+# trials by, so Ray's "Current best trial" names the trial metarec registers.
+METRIC = "best/valid_mae"
 TRIAL_CPUS = 0.1  # the trial's own actor, which only drives its TorchTrainer
 _ENTRY = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*=\s*(\w+)\s*\((.*)\)\s*$")
 
@@ -241,8 +243,12 @@ def _tuner(
 ) -> Any:
     """The sweep's ``Tuner``: a new one, or (``resume``) the interrupted one restored."""
     from ray import tune as ray_tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
 
+    # Tune's per-trial CSV/JSON logs, but not its TensorBoard logger: tensorboardX is not
+    # installed, and Ray would suggest a `tensorboard` command that cannot run.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     cfg = MetarecConfig.from_dict(spec["config"])
     name = spec["name"]
     sweeps = Path(spec["storage"]) / "sweeps"
@@ -269,7 +275,11 @@ def _tuner(
                 reduction_factor=cfg.tune.reduction_factor,
             ),
         ),
-        run_config=ray_tune.RunConfig(storage_path=str(sweeps), name=name),
+        run_config=ray_tune.RunConfig(
+            storage_path=str(sweeps),
+            name=name,
+            callbacks=[CSVLoggerCallback(), JsonLoggerCallback()],
+        ),
     )
 
 
