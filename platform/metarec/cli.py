@@ -827,6 +827,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not args.verbose:  # MLflow's store set-up chatter is not the user's business
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow loads
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # if it already has
     try:
         return args.func(args)

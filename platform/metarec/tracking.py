@@ -348,6 +348,14 @@ class _Pyfunc(mlflow.pyfunc.PythonModel):
         return [res.scores[idx].tolist() for res, idx in zip(results, wanted, strict=True)]
 
 
+@contextlib.contextmanager
+def _restore_level(logger: logging.Logger, level: int) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def finish_run(
     uri: str,
     run_id: str,
@@ -373,7 +381,11 @@ def finish_run(
         _plot_learning_curve(history, png)
         client.log_artifact(run_id, str(png))
     client.log_artifacts(run_id, str(checkpoint_dir), artifact_path="checkpoint")
-    with _using(uri), mlflow.start_run(run_id=run_id):
+    # (its CloudPickle caution and "cannot infer a signature" are about this very class:
+    # documented in README, not news to print at every run)
+    quiet = logging.getLogger("mlflow.pyfunc")
+    level, quiet.level = quiet.level, logging.ERROR
+    with _using(uri), mlflow.start_run(run_id=run_id), _restore_level(quiet, level):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=_Pyfunc(),
