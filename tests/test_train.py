@@ -129,7 +129,7 @@ def test_two_workers_follow_the_one_worker_trajectory(runs):
     assert [r["train/tasks"] for r in h2] == [TASKS] * 3
 
 
-def test_run_is_tracked_on_a_real_mlflow_server(runs, mlflow_server, tmp_path):
+def test_run_is_tracked_on_a_real_mlflow_server(runs, quick, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from metarec.tracking import describe_model, promote, resolve_checkpoint
@@ -138,7 +138,8 @@ def test_run_is_tracked_on_a_real_mlflow_server(runs, mlflow_server, tmp_path):
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     run = client.get_run(two.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params["meta.algorithm"] == "metasgd"
+    assert run.data.params["meta.algorithm"] == quick.meta.algorithm
+    assert run.data.params["meta.inner_solver"] == quick.meta.inner_solver
     assert run.data.params["train.dtype"] == "float64"
     assert run.data.params["dataset.hash"] == run.data.tags["metarec.dataset_hash"]
     steps = [m.step for m in client.get_metric_history(two.run_id, "valid/mae")]
