@@ -391,7 +391,14 @@ def _epoch_lines(uri: str, run_id: str, epochs: int) -> Iterator[None]:
         "last": done[-1]["epoch"] if done else -1,
         "best": min((r["valid/mae"] for r in done), default=math.inf),
     }
-    bar = tqdm(total=epochs, initial=len(done), unit="epoch", leave=False, file=sys.stderr)
+    bar = tqdm(  # a bar only on a terminal: in a log file it is noise between the lines
+        total=epochs,
+        initial=len(done),
+        unit="epoch",
+        leave=False,
+        file=sys.stderr,
+        disable=not sys.stderr.isatty(),
+    )
     stop = threading.Event()
 
     def poll() -> None:
