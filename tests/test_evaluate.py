@@ -82,6 +82,7 @@ def test_adaptation_is_chosen_on_validation_users(quick, synthetic_cfg, syntheti
     assert {k: fitted.adapt[k] for k in chosen} == chosen
 
 
+@pytest.mark.integration  # whole evaluations over 3 splits
 def test_evaluate_over_split_seeds_reports_spread_and_paired_cis(quick, synthetic_prepared):
     ds = synthetic_prepared
     splits = [(0, resplit(ds, 0)), (1, resplit(ds, 1)), (2, resplit(ds, 2))]

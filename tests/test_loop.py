@@ -45,6 +45,7 @@ def test_every_algorithm_trains_without_nan(quick_cfg, synthetic_prepared, algor
     assert all(math.isfinite(r["valid/mae"]) for r in res.history)
 
 
+@pytest.mark.integration  # whole evaluations: 2 seeds, every baseline tuned
 def test_evaluate_reports_every_method_and_metric(quick_cfg, synthetic_prepared):
     cfg = apply_overrides(quick_cfg, **{"train.epochs": 1})
     results = evaluate(cfg, synthetic_prepared, scenarios=["user_cold"], seeds=[0, 1])
@@ -61,6 +62,7 @@ def test_evaluate_reports_every_method_and_metric(quick_cfg, synthetic_prepared)
     assert methods["user_mean"]["mae"] < methods["global_mean"]["mae"]
 
 
+@pytest.mark.integration  # a whole CLI evaluation
 def test_evaluate_cli_writes_results_json(synthetic_prepared, tmp_path):
     from metarec.cli import main
 
@@ -126,9 +128,10 @@ def test_factor_head_starts_at_the_mf_foldin_chosen_on_validation_users(
     train = from_table(synthetic_prepared.tasks("user_cold", "train"))
     valid = from_table(synthetic_prepared.tasks("user_cold", "valid"))
     n_items = synthetic_prepared.manifest["counts"]["items"]
-    assert synthetic_cfg.meta.prior_precision is None and synthetic_cfg.factor_head
-    learner = build_learner(synthetic_cfg, synthetic_prepared, train, valid)
-    grid = classic_baselines(seed=synthetic_cfg.seed)["mf_foldin"].grid
+    auto = apply_overrides(synthetic_cfg, **{"meta.prior_precision": None})
+    assert auto.meta.prior_precision is None and auto.factor_head
+    learner = build_learner(auto, synthetic_prepared, train, valid)
+    grid = classic_baselines(seed=auto.seed)["mf_foldin"].grid
     fits = [MFFoldIn(**hp).fit(train, n_items=n_items) for hp in grid]
     best = min(fits, key=lambda f: masked_mae(f.predict(valid), valid))
     table = learner.model.emb["item"].detach()[1:]
