@@ -23,6 +23,7 @@ from metarec.config import load_config
 from metarec.data.prepared import open_prepared
 from metarec.data.splits import resplit
 from metarec.evaluate import fit_methods, relevance_threshold, score_tasks
+from metarec.report import support_keys, truncate_support
 
 METRICS = ("mae", "rmse", "ndcg@3")
 
@@ -33,6 +34,14 @@ def main() -> None:
     ap.add_argument("--split-seeds", type=int, nargs="+", default=[100, 101, 102])
     ap.add_argument("--try", dest="tries", action="append", default=[], help="JSON overrides")
     ap.add_argument("--config", default=None)
+    ap.add_argument(
+        "--shots",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="K",
+        help="also report validation MAE with each user's support cut to K ratings",
+    )
     args = ap.parse_args()
     base = open_prepared(args.data)
     threshold = relevance_threshold(base.manifest)
@@ -45,11 +54,16 @@ def main() -> None:
             ds = resplit(base, seed)
             fit = fit_methods(cfg, ds, "user_cold", ("bias", "mf_foldin"))
             valid = from_table(ds.tasks("user_cold", "valid"))
+            keys = support_keys(valid, seed)
             for name, scorer in fit.scorers.items():
                 m = score_tasks(scorer, valid, relevance_threshold=threshold)
-                per.setdefault(name, []).append(
-                    {k: m[k].numpy() for k in ("mae", "sse", "count", "ndcg@3")}
-                )
+                row = {k: m[k].numpy() for k in ("mae", "sse", "count", "ndcg@3")}
+                for k in args.shots:
+                    cut = truncate_support(valid, k, keys)
+                    row[f"mae@{k}"] = score_tasks(scorer, cut, relevance_threshold=threshold)[
+                        "mae"
+                    ].numpy()
+                per.setdefault(name, []).append(row)
         out = {"data": args.data, "try": overrides, "seconds": round(time.time() - t0, 1)}
         for name, runs in per.items():
             mae = np.concatenate([r["mae"] for r in runs])
@@ -61,6 +75,9 @@ def main() -> None:
                 "rmse": round(float(np.sqrt(sse.sum() / cnt.sum())), 4),
                 "ndcg@3": round(float(nd.mean()), 4),
             }
+            for k in args.shots:
+                shot = np.concatenate([r[f"mae@{k}"] for r in runs])
+                out[name][f"mae@{k}"] = round(float(shot.mean()), 4)
         out["adapt"] = fit.adapt
         if fit.history:
             best = min(fit.history, key=lambda r: r["valid/mae"])

@@ -79,3 +79,11 @@ def test_bucketed_batches_cover_every_task_once_with_similar_lengths():
     assert sorted(flat.tolist()) == list(range(1000))
     spread = torch.tensor([float(lengths[b].max() - lengths[b].min()) for b in batches])
     assert spread.mean() < 0.5 * (lengths.max() - lengths.min())  # far less padding than random
+
+
+def test_shortened_keeps_the_first_fraction_of_each_support():
+    b = from_table(small_table())
+    cut = b.shortened(torch.tensor([0.7, 0.0]))
+    assert cut.support_mask.tolist() == [[True, True, False], [False, False, False]]
+    assert torch.equal(cut.query_mask, b.query_mask)  # queries untouched
+    assert torch.equal(b.shortened(torch.ones(2)).support_mask, b.support_mask)

@@ -92,6 +92,22 @@ class TaskBatch:
             query_mask=in_query[:, :query_size],
         )
 
+    def shortened(self, keep: Tensor) -> TaskBatch:
+        """Each task keeps the first ``floor(keep[t] * n_t)`` of its n_t support ratings.
+
+        Meta-training on short supports trains the prior where it decides the answer
+        (``meta.short_supports``); after ``resampled`` the support order is random, so the
+        first ratings are a random subset.
+
+        Args:
+            keep: (T,) fractions in [0, 1].
+        """
+        mask = self.support_mask
+        n = mask.sum(1, keepdim=True)
+        rank = mask.cumsum(1) - 1
+        kept = mask & (rank < (keep.to(mask.device)[:, None] * n).floor())
+        return replace(self, support_mask=kept)
+
 
 def _pad(column: pa.ChunkedArray, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """A list column -> (T, L) padded values and (T, L) mask, without a loop over rows."""

@@ -119,6 +119,9 @@ class MetaConfig:
     grad_clip: float = 10.0  # max norm of the meta-gradient (guards against rare spikes)
     meta_batch_size: int = 32  # tasks per meta-update
     resample_query: bool = True  # re-split each training user's ratings every epoch
+    # share of training tasks per meta-batch whose support is cut to a uniform random
+    # fraction (0 included): trains the prior for users with few or no ratings
+    short_supports: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -269,6 +272,9 @@ class MetarecConfig:
         _require(m.proximal >= 0, "meta.proximal", m.proximal, "a float >= 0")
         _require(m.meta_batch_size >= 1, "meta.meta_batch_size", m.meta_batch_size, "an int >= 1")
         _require(m.support_prior >= 0, "meta.support_prior", m.support_prior, "a number >= 0")
+        _require(
+            0 <= m.short_supports <= 1, "meta.short_supports", m.short_supports, "a share in [0, 1]"
+        )
         _require(
             m.support_prior == 0 or m.inner_solver == "gd",
             "meta.support_prior",

@@ -258,6 +258,10 @@ def train_epoch(
     seen = torch.zeros(len(shard.lengths), dtype=torch.int64)
     for index in bucketed_batches(shard.lengths, cfg.meta_batch_size, generator):
         keys = torch.rand(len(index), longest, generator=generator) if cfg.resample_query else None
+        short = None
+        if cfg.short_supports > 0:  # this share of tasks keeps a uniform fraction of its support
+            draw = torch.rand(len(index), 2, generator=generator)
+            short = torch.where(draw[:, 0] < cfg.short_supports, draw[:, 1], 1.0)
         rows = shard.local[index]
         mine = rows >= 0
         optimizer.zero_grad(set_to_none=False)
@@ -267,6 +271,8 @@ def train_epoch(
             seen.index_add_(0, index[mine], torch.ones(len(batch.users), dtype=torch.int64))
             if keys is not None:
                 batch = batch.resampled(shard.query_size, keys[mine])
+            if short is not None:
+                batch = batch.shortened(short[mine])
             metrics = meta_gradients(learner, batch.to(device), denominator=len(index))
             loss = metrics["query_loss"]
         loss = _sum_across_workers(params, loss, all_reduce or (lambda _: None))
