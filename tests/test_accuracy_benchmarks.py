@@ -15,7 +15,8 @@ import pytest
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.integration  # fresh interpreters, whole evaluations
+# fresh interpreters, whole evaluations: `make test-all` runs them (make test stays in budget)
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _run(*args: str) -> str:
