@@ -112,6 +112,7 @@ def test_evaluate_over_split_seeds_reports_spread_and_paired_cis(quick, syntheti
     assert proto["split_seeds"] == [0, 1, 2] and proto["tuned_on"] == "valid"
     assert proto["relevance_threshold"] == relevance_threshold(ds.manifest)
     assert set(proto["adapt"]) >= {"steps", "inner_lr", "support_prior"}
+    assert not {"split", "seed", "valid_mae"} & set(proto["adapt"])  # knobs, not bookkeeping
     assert len(proto["adapt_per_fit"]) == 3
     assert proto["test_users"] == [
         s.manifest["scenarios"]["user_cold"]["test"]["tasks"] for _, s in splits
@@ -228,3 +229,14 @@ def test_cli_split_seeds_and_split_file(synthetic_prepared, tmp_path):
     ]
     for extra in refused:
         assert main([*base, "--out", str(tmp_path / "c"), *extra]) == 2
+
+
+def test_the_modal_adaptation_counts_knobs_not_bookkeeping():
+    from metarec.evaluate import _modal_adapt
+
+    fits = [
+        {"split": 0, "seed": 0, "solver": "ridge", "prior_scale": 0.5, "valid_mae": 0.81},
+        {"split": 1, "seed": 0, "solver": "ridge", "prior_scale": 1.0, "valid_mae": 0.80},
+        {"split": 2, "seed": 0, "solver": "ridge", "prior_scale": 1.0, "valid_mae": 0.79},
+    ]
+    assert _modal_adapt(fits) == {"solver": "ridge", "prior_scale": 1.0}

@@ -496,8 +496,12 @@ def _aggregate(
 
 
 def _modal_adapt(fits: list[dict[str, Any]]) -> dict[str, Any]:
-    """The adaptation chosen most often over fits (each fit's choice is in adapt_per_fit)."""
-    counts = Counter(tuple(sorted(f.items())) for f in fits)
+    """The adaptation chosen most often over fits (each fit's choice is in adapt_per_fit):
+    its knobs only, not the per-fit bookkeeping (split, seed, valid MAE, grid size)."""
+    bookkeeping = {"split", "seed", "valid_mae", "grid_points"}
+    counts = Counter(
+        tuple(sorted((k, v) for k, v in f.items() if k not in bookkeeping)) for f in fits
+    )
     return dict(counts.most_common(1)[0][0])
 
 
