@@ -349,11 +349,15 @@ class _Pyfunc(mlflow.pyfunc.PythonModel):
 
 
 @contextlib.contextmanager
-def _restore_level(logger: logging.Logger, level: int) -> Iterator[None]:
+def _at_level(name: str, level: int) -> Iterator[None]:
+    """Logger ``name`` at ``level`` for a block (``setLevel``, so its cache is cleared)."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        logger.setLevel(before)
 
 
 def finish_run(
@@ -382,10 +386,8 @@ def finish_run(
         client.log_artifact(run_id, str(png))
     client.log_artifacts(run_id, str(checkpoint_dir), artifact_path="checkpoint")
     # (its CloudPickle caution and "cannot infer a signature" are about this very class:
-    # documented in README, not news to print at every run)
-    quiet = logging.getLogger("mlflow.pyfunc")
-    level, quiet.level = quiet.level, logging.ERROR
-    with _using(uri), mlflow.start_run(run_id=run_id), _restore_level(quiet, level):
+    # known and harmless: not news to print at every run)
+    with _using(uri), mlflow.start_run(run_id=run_id), _at_level("mlflow.pyfunc", logging.ERROR):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=_Pyfunc(),
