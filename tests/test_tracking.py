@@ -3,6 +3,7 @@ recorded; a resumed run is RUNNING again. A real SQLite-backed MLflow store, no 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -86,3 +87,52 @@ def test_sigterm_that_a_blocking_call_turns_into_another_exit_still_reads_as_sig
         terminated()
     assert caught.value.code == 128 + signal.SIGTERM
     assert _status(uri, run_id) == ("KILLED", "interrupted: SIGTERM")
+
+
+def _registered(uri: str, name: str, mae: float, scenario: str = "user_cold") -> str:
+    """A finished run with a best valid MAE, registered as the next version of ``name``."""
+    config = {"meta": {"algorithm": "maml"}, "train": {"scenario": scenario}}
+    manifest = {"dataset_hash": "h", "source": {"name": "synthetic"}, "counts": {}}
+    run_id = start_run(uri, run_name="r", config=config, manifest=manifest)
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    client.log_metric(run_id, "best/valid_mae", mae)
+    with contextlib.suppress(mlflow.exceptions.MlflowException):
+        client.create_registered_model(name)
+    mv = client.create_model_version(name, f"runs:/{run_id}/model", run_id)
+    client.set_tag(run_id, "metarec.registered", f"{name}/{mv.version}")
+    client.set_registered_model_alias(name, "candidate", mv.version)
+    return run_id
+
+
+def test_train_ends_with_the_champion_comparison_and_never_moves_champion(tmp_path, capsys):
+    from metarec.cli import _print_against_champion
+    from metarec.tracking import against_champion, promote
+
+    uri, name = f"sqlite:///{tmp_path / 'mlflow.db'}", "metarec-synthetic-h"
+    model = f"models:/{name}@candidate"
+    first = _registered(uri, name, 0.60)
+    _print_against_champion(uri, model, first)
+    assert f"none yet; serve this one with: metarec promote {name} 1" in capsys.readouterr().out
+
+    promote(uri, name, 1)
+    worse = _registered(uri, name, 0.65)
+    c = against_champion(uri, model, worse)
+    assert c["version"] == "2" and c["champion"] == {
+        "version": "1",
+        "valid_mae": 0.60,
+        "comparable": True,
+    }
+    _print_against_champion(uri, model, worse)
+    line = capsys.readouterr().out
+    assert "version 1, valid MAE 0.6000; this one 0.6500 (+0.0500, not better)" in line
+    assert f"champion unchanged. To replace it: metarec promote {name} 2" in line
+
+    better = _registered(uri, name, 0.55)
+    _print_against_champion(uri, model, better)
+    assert "(-0.0500, better); champion unchanged" in capsys.readouterr().out
+    other = _registered(uri, name, 0.10, scenario="item_cold")
+    _print_against_champion(uri, model, other)
+    assert "validated on other users (another scenario): not compared" in capsys.readouterr().out
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(name, "candidate").version) == "4"

@@ -630,8 +630,35 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"MLflow run: {out.run_id}")
     print(f"model:      {out.model_uri}")
     print(f"checkpoint: {out.checkpoint}")
+    _print_against_champion(uri, out.model_uri, out.run_id)
     print(f"see it:     mlflow ui --backend-store-uri {uri}")
     return 0
+
+
+def _print_against_champion(uri: str, model: str, run_id: str) -> None:
+    """One line: this model against the champion, and the promote command; never moves it."""
+    from metarec.tracking import against_champion
+
+    c = against_champion(uri, model, run_id)
+    promote = f"metarec promote {c['name']} {c['version']}"
+    champ = c["champion"]
+    if champ is None:
+        print(f"champion:   none yet; serve this one with: {promote}")
+    elif champ["version"] == c["version"]:
+        print(f"champion:   this version ({c['version']})")
+    elif not champ["comparable"] or champ["valid_mae"] is None or c["valid_mae"] is None:
+        print(
+            f"champion:   version {champ['version']}, validated on other users (another "
+            f"scenario): not compared; unchanged. To replace it: {promote}"
+        )
+    else:
+        diff = c["valid_mae"] - champ["valid_mae"]
+        verdict = "better" if diff < 0 else "not better"
+        print(
+            f"champion:   version {champ['version']}, valid MAE {champ['valid_mae']:.4f}; this "
+            f"one {c['valid_mae']:.4f} ({diff:+.4f}, {verdict}); champion unchanged. "
+            f"To replace it: {promote}"
+        )
 
 
 def _tune_parser(sub: argparse._SubParsersAction) -> None:
@@ -674,6 +701,7 @@ def _tune_parser(sub: argparse._SubParsersAction) -> None:
 def _cmd_tune(args: argparse.Namespace) -> int:
     import json
 
+    from metarec.tracking import resolve_tracking_uri
     from metarec.tune import tune
 
     if args.resume:
@@ -710,6 +738,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         print(f"  {row['best_valid_mae']:.4f}  {row['status']:<13} {row['epochs']:>3} ep  {cfgs}")
     print(f"MLflow run: {out.parent_run_id} (parent; trials nested)")
     print(f"model:      {out.model_uri}")
+    if out.model_uri is not None:
+        uri = resolve_tracking_uri(args.tracking_uri, args.work_dir)
+        _print_against_champion(uri, out.model_uri, out.best["run_id"])
     return 0
 
 

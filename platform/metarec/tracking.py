@@ -36,6 +36,7 @@ __all__ = [
     "EXPERIMENT",
     "EpochLogger",
     "Terminated",
+    "against_champion",
     "describe_model",
     "ends_honestly",
     "find_run",
@@ -507,6 +508,39 @@ def promote(uri: str, name: str, version: str | int, alias: str = CHAMPION) -> N
     except mlflow.exceptions.MlflowException as e:
         raise ModelNotFoundError(f"{name} version {version}: not in the registry at {uri}") from e
     client.set_registered_model_alias(name, alias, str(version))
+
+
+def against_champion(uri: str, model: str, run_id: str) -> dict[str, Any]:
+    """This run's best validation MAE beside the current champion's of the same registered
+    model (one dataset), so that ``train`` and ``tune`` can say whether promoting is worth
+    it. Nothing moves: ``champion`` changes only through ``promote``.
+
+    Returns ``{"name", "version" (this run's), "valid_mae", "champion": None | {"version",
+    "valid_mae", "comparable"}}``; ``comparable`` is False when the two runs validated on
+    different users (another scenario), and then the MAEs say nothing about each other.
+    """
+    client = _client(uri)
+    name = model.removeprefix("models:/").split("@")[0]
+    mine = client.get_run(run_id).data
+    version = mine.tags.get("metarec.registered", "/").rpartition("/")[2]
+    out: dict[str, Any] = {
+        "name": name,
+        "version": version,
+        "valid_mae": mine.metrics.get("best/valid_mae"),
+        "champion": None,
+    }
+    try:
+        mv = client.get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return out  # no champion yet
+    theirs = client.get_run(mv.run_id).data
+    scenario = "train.scenario"
+    out["champion"] = {
+        "version": str(mv.version),
+        "valid_mae": theirs.metrics.get("best/valid_mae"),
+        "comparable": theirs.params.get(scenario) == mine.params.get(scenario),
+    }
+    return out
 
 
 def log_evaluation(
