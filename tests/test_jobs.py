@@ -25,7 +25,15 @@ import pytest
 import requests
 import yaml
 
-from tests.processes import free_port, processes_mentioning, stop_group
+from metarec.train import loopback_only_ray
+from tests.processes import (
+    free_port,
+    is_loopback,
+    listening_sockets,
+    processes_mentioning,
+    session_pids,
+    stop_group,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -37,10 +45,11 @@ def ray_head(tmp_path):
     """A `ray start --head --block` on 127.0.0.1 with its own temp dir; stopped by pid.
 
     (`ray stop` would end every Ray process on the machine, not just this head.) Yields the
-    dashboard address, the client's environment and the head's MLflow tracking URI.
+    dashboard address, the client's environment, the head's MLflow tracking URI, its
+    `ray start` process and its GCS port.
     """
     temp = tempfile.mkdtemp(prefix="rayt", dir="/tmp")  # short: Ray's socket paths have a limit
-    dash = free_port()
+    dash, gcs = free_port(), free_port()
     client = {
         **os.environ,
         "RAY_AUTH_MODE": "token",  # be explicit: token auth on for the head and its clients
@@ -50,6 +59,7 @@ def ray_head(tmp_path):
         client.pop(var, None)
     tracking_uri = f"sqlite:///{tmp_path / 'head-mlflow' / 'mlflow.db'}"
     (tmp_path / "head-mlflow").mkdir()
+    loopback_only_ray(client)  # README: every port of the head on 127.0.0.1
     head_env = {
         **client,
         "MLFLOW_TRACKING_URI": tracking_uri,  # what cluster.yaml's ~/metarec.env does
@@ -61,7 +71,7 @@ def ray_head(tmp_path):
             "start",
             "--head",
             "--block",
-            f"--port={free_port()}",
+            f"--port={gcs}",
             "--node-ip-address=127.0.0.1",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
@@ -82,9 +92,14 @@ def ray_head(tmp_path):
         ).returncode:
             assert head.poll() is None and time.time() < deadline, "ray head did not start"
             time.sleep(1)
-        yield address, client, tracking_uri
+        yield address, client, tracking_uri, head, gcs
     finally:
-        stop_group(head, timeout=60)
+        head.terminate()  # README: stop just this head (its `ray start --block` pid)
+        try:
+            head.wait(timeout=60)
+        finally:
+            if session_pids(head.pid):
+                stop_group(head, timeout=60)
         for pid in processes_mentioning(temp):  # anything of this head that outlived it
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
@@ -115,11 +130,45 @@ def _submit(env: dict[str, str], entrypoint: str) -> str:
     return out
 
 
+@pytest.mark.integration
+def test_a_local_head_listens_on_loopback_only_and_stops_alone(ray_head):
+    address, env, _, head, gcs = ray_head
+    deadline = time.time() + 60
+    while not any(n.startswith("ray::Dashboard") for n, *_ in listening_sockets(head.pid)):
+        assert time.time() < deadline, listening_sockets(head.pid)  # its agent: the last up
+        time.sleep(1)
+    listening = listening_sockets(head.pid)
+    ports = {port for _, _, port in listening}
+    assert {gcs, int(address.rsplit(":", 1)[1])} <= ports, listening  # GCS, the job API
+    assert "raylet" in {name for name, *_ in listening}, listening
+    exposed = [s for s in listening if not is_loopback(s[1])]
+    assert not exposed, f"listening beyond 127.0.0.1: {exposed}"
+    deadline = time.time() + 60
+    while True:  # README: `ray status` takes the GCS address, no scheme
+        status = subprocess.run(
+            [str(RAY), "status", "--address", f"127.0.0.1:{gcs}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if "Active:" in status.stdout or time.time() > deadline:  # else: autoscaler not up
+            break
+        time.sleep(2)
+    assert status.returncode == 0 and "Active:" in status.stdout, status.stdout + status.stderr
+    head.terminate()  # README's stop: SIGTERM to this head's pid ends all of it, nothing else
+    head.wait(timeout=60)
+    deadline = time.time() + 60
+    while session_pids(head.pid) and time.time() < deadline:
+        time.sleep(1)
+    assert not session_pids(head.pid)
+
+
 @pytest.mark.slow
 def test_readme_cluster_jobs_run_on_a_ray_start_head(ray_head, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    address, env, tracking_uri = ray_head
+    address, env, tracking_uri, _, _ = ray_head
     no_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
     refused = subprocess.run(
         [str(RAY), "job", "list", "--address", address], env=no_token, capture_output=True

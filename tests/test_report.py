@@ -130,7 +130,7 @@ def tiny(tmp_path_factory):
 
 
 @pytest.mark.integration  # a whole CLI report: five scenarios, four plots
-def test_report_writes_results_for_every_scenario_and_four_plots(tiny, tmp_path):
+def test_report_writes_results_for_every_scenario_and_four_plots(tiny, tmp_path, capsys):
     from metarec.cli import main
 
     out = tmp_path / "report"
@@ -166,6 +166,13 @@ def test_report_writes_results_for_every_scenario_and_four_plots(tiny, tmp_path)
         ]
     )
     assert code == 0
+    printed = capsys.readouterr()
+    assert f"report:     {out / 'report.md'}" in printed.out
+    assert "## " not in printed.out  # the path, not the file
+    n = len(tiny.scenarios)
+    progress = [line for line in printed.err.splitlines() if line.startswith("[")]
+    assert [p.split("]")[0] for p in progress] == [f"[{i}/{n}" for i in range(1, n + 1)]
+    assert all("left)" in p for p in progress[:-1]) and "left" not in progress[-1]
     results = json.loads((out / "results.json").read_text())
     assert list(results) == tiny.scenarios == list(tiny.manifest["scenarios"])
     for rows in results.values():

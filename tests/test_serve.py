@@ -35,7 +35,7 @@ from metarec.config import apply_overrides
 from metarec.loop import fit, predict_items
 from metarec.serving.sessions import read_feedback
 from tests.ci import require_module
-from tests.processes import free_port, processes_mentioning
+from tests.processes import free_port, is_loopback, listening_sockets, processes_mentioning
 
 REPO = Path(__file__).resolve().parents[1]
 METAREC = Path(sys.executable).with_name("metarec")
@@ -150,6 +150,15 @@ def test_api_docs_load_with_no_external_url(server):
     assert "SwaggerUIBundle" in html and "http://" not in html and "https://" not in html
     for asset in re.findall(r'(?:src|href)="([^"]+)"', html):
         assert requests.get(f"{base}{asset}", timeout=10).status_code == 200, asset
+
+
+def test_metarec_serve_and_its_own_ray_listen_on_loopback_only(server):
+    sockets = listening_sockets(server["server"].proc.pid)
+    names = {name for name, *_ in sockets}
+    assert {"gcs_server", "raylet"} <= names, sockets  # the Ray that `metarec serve` started
+    assert server["server"].port in {port for *_, port in sockets}
+    exposed = [s for s in sockets if not is_loopback(s[1])]
+    assert not exposed, f"listening beyond 127.0.0.1: {exposed}"
 
 
 def test_openapi_examples_are_real_requests(server):

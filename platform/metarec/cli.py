@@ -501,8 +501,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     files = write_report(
         args.out, results, collector.summary(), title=title, preamble=preamble, notes=notes
     )
-    print((Path(args.out) / "report.md").read_text().split("## Plots")[0])
     _finish_evaluation(args, ev, results, files)
+    print(f"report:     {Path(args.out) / 'report.md'}")
     return 0
 
 

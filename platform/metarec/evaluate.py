@@ -15,6 +15,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -393,6 +394,7 @@ def evaluate(
     threshold = relevance_threshold(ds.manifest) if threshold is None else threshold
     n_items = ds.manifest["counts"]["items"]
     method = cfg.meta.algorithm
+    eta = _Eta(len(scenarios) * len(splits) * len(seeds), log)
     for scenario in scenarios:
         per_split, seed_means, sources, fits = [], [], [], []
         for label, view in splits:
@@ -432,6 +434,7 @@ def evaluate(
                 fits.append({"split": label, "seed": s, **fitted.adapt})
                 if on_seed is not None:
                     on_seed(SeedScores(fitted, test, per_task, threshold, label))
+                eta.step(f"{scenario} split {label} seed {s}")
             seed_means.append([{m: mean_metrics(v) for m, v in r.items()} for r in runs])
             per_split.append(_users_over_seeds(runs))
         rows = _aggregate(per_split, seed_means)
@@ -464,6 +467,26 @@ def evaluate(
         }
         out[scenario] = rows
     return out
+
+
+class _Eta:
+    """One line per finished (scenario, split, seed) with the time left, extrapolated from
+    the mean so far: an evaluation runs for minutes, and a log file shows no progress bar."""
+
+    def __init__(self, total: int, log: Callable[[str], None]) -> None:
+        self.total, self.done, self.log = total, 0, log
+        self.start = time.perf_counter()
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        spent = time.perf_counter() - self.start
+        left = spent / self.done * (self.total - self.done)
+        tail = f", about {_duration(left)} left" if self.done < self.total else ""
+        self.log(f"[{self.done}/{self.total}] {what} scored ({_duration(spent)} so far{tail})")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 def _users_over_seeds(runs: list[dict[str, dict[str, Tensor]]]) -> dict[str, dict[str, np.ndarray]]:

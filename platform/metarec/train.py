@@ -38,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -355,7 +355,12 @@ def connect_ray() -> None:
     Workers' own output (Ray Train's "Reporting training result ...", core-worker
     warnings) stays in Ray's session logs unless ``metarec --verbose``: the user reads
     one metarec line per epoch (``_epoch_lines``), and the path of those logs.
+
+    A Ray started here listens on 127.0.0.1 only (``loopback_only_ray``).
     """
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address == "local" or (not address and not Path(RAY_CURRENT_CLUSTER).exists()):
+        loopback_only_ray(os.environ)  # a new Ray is started here
     import ray
     import ray.data
 
@@ -368,6 +373,26 @@ def connect_ray() -> None:
         if not verbose:
             logs = Path(_session_dir()) / "logs"
             print(f"Ray's worker logs: {logs} (metarec --verbose shows them here)")
+
+
+# Where `ray start` (default --temp-dir) records its address; ray.init() joins that head.
+RAY_CURRENT_CLUSTER = "/tmp/ray/ray_current_cluster"
+SINGLE_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def loopback_only_ray(env: MutableMapping[str, str]) -> None:
+    """Make a Ray started with ``env`` a one-machine Ray whose every port is on 127.0.0.1.
+
+    Ray 2.60 replaces ``--node-ip-address=127.0.0.1`` by the machine's routable address and
+    binds GCS and raylet to all interfaces. Its single-machine mode (the default on macOS
+    and Windows, this variable set to 0 elsewhere) uses 127.0.0.1 as the node address, so
+    every server binds there. No other machine can join such a head, which is the point.
+    """
+    env.setdefault(SINGLE_NODE, "0")
+    if "ray" in sys.modules:  # read at import; child processes read the variable
+        import ray._private.ray_constants as constants
+
+        constants.ENABLE_RAY_CLUSTER = env[SINGLE_NODE] not in ("0", "false", "False")
 
 
 def _session_dir() -> str:

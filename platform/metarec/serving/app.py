@@ -216,6 +216,29 @@ K = Annotated[int, Query(ge=1, le=HARD_MAX_ITEMS)]
 MAX_BATCH_SIZE, BATCH_WAIT_S = 32, 0.002
 
 
+def _replica_grpc_on_loopback() -> None:
+    """On a one-machine Ray (node address 127.0.0.1, ``train.loopback_only_ray``), bind this
+    replica's inter-deployment gRPC server to 127.0.0.1 instead of every interface.
+
+    Serve 2.60 hard-codes ``[::]:0`` for it (``serve/_private/replica.py``) and offers no
+    setting; it starts after this constructor, through the module-level helper patched
+    here, in this replica's process only. On a multi-node cluster it is left alone: other
+    nodes must reach it.
+    """
+    import ray
+    from ray.serve._private import replica
+
+    bind = replica.add_port_to_grpc_server
+    if ray.util.get_node_ip_address() != "127.0.0.1" or getattr(bind, "loopback", False):
+        return
+
+    def loopback(server: Any, address: str) -> int:
+        return bind(server, address.replace("[::]", "127.0.0.1", 1))
+
+    loopback.loopback = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = loopback
+
+
 @serve.deployment(
     name="metarec",
     max_ongoing_requests=256,  # >= max_batch_size, or batches never fill
@@ -228,6 +251,7 @@ MAX_BATCH_SIZE, BATCH_WAIT_S = 32, 0.002
 @serve.ingress(api)
 class MetarecServer:
     def __init__(self, settings: dict[str, Any]) -> None:
+        _replica_grpc_on_loopback()
         ctx = serve.get_replica_context()
         self.service = load_service(ServeSettings.model_validate(settings), writer=ctx.replica_tag)
         schema = api.openapi()  # built once and cached by FastAPI: add the catalog's examples
