@@ -14,6 +14,7 @@ A trained model is logged as an MLflow pyfunc whose artifact is the metarec chec
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -395,7 +396,8 @@ def finish_run(
             artifacts={"checkpoint": str(Path(checkpoint_dir) / FILENAME)},
             pip_requirements=["metarec", "torch", "pandas"],
         )
-        version = mlflow.register_model(info.model_uri, model_name).version
+        with contextlib.redirect_stderr(io.StringIO()):  # its "Successfully registered..."
+            version = mlflow.register_model(info.model_uri, model_name).version
     client.set_registered_model_alias(model_name, alias, version)
     client.set_tag(run_id, "metarec.registered", f"{model_name}/{version}")
     if end_status is not None:

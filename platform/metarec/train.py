@@ -1,8 +1,11 @@
 """``metarec train``: the meta-training loop on Ray Train, tracked in MLflow.
 
 The driver builds the initial model (item factors need every training rating), starts an
-MLflow run and a ``TorchTrainer``. Each worker reads the prepared training tasks through Ray
-Data and keeps its own part (``loop.rank_rows``); each runs ``loop.run_epochs`` on it,
+MLflow run and a ``TorchTrainer``. The driver, which has read the task tables for that
+anyway, hands them to Ray Data as in-memory Arrow blocks (``from_arrow``): a
+``read_parquet`` would make each worker run its own read, start a Python process per read
+task, and spent most of a short run's start-up there. Each worker takes the tables through
+Ray Data and keeps its own part (``loop.rank_rows``); each runs ``loop.run_epochs`` on it,
 summing meta-gradients across workers with one all-reduce per meta-batch (gloo on CPU, NCCL
 on GPU), so N workers take the same steps as one process (see ``loop.Shard``). Rank 0
 validates, checkpoints every epoch and logs the epoch to MLflow; a worker group that dies
@@ -366,6 +369,8 @@ def connect_ray() -> None:
 
     if not ray.is_initialized():
         verbose = logging.getLogger("metarec").isEnabledFor(logging.DEBUG)
+        if not verbose:  # "Token authentication is enabled": the default, not news
+            logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
         # With the dashboard (on 127.0.0.1): Ray Train's PlacementGroupCleaner asks the
         # state API whether a controller died; without it, the placement groups of a Tune
         # trial that was stopped early are never freed and later trials starve.
@@ -505,11 +510,7 @@ def build_trainer(
     n_tasks = _check_workers(cfg, ds, workers)
     if cpus_per_worker is None:
         cpus_per_worker = default_cpus_per_worker(workers, ray.cluster_resources().get("CPU", 1))
-    tasks_dir = Path(ds.root).resolve() / "tasks" / cfg.train.scenario
     ray.data.DataContext.get_current().enable_progress_bars = False  # epochs have their own
-    # Reading a tasks file is light: a quarter CPU per read task keeps Ray Data from waiting
-    # for a whole CPU that the Train workers (and Tune trials) already hold.
-    read = {"num_cpus": 0.25}
     return TorchTrainer(
         _worker_loop,
         train_loop_config={
@@ -533,8 +534,8 @@ def build_trainer(
             callbacks=callbacks,
         ),
         datasets={
-            "train": ray.data.read_parquet(str(tasks_dir / "train.parquet"), **read),
-            "valid": ray.data.read_parquet(str(tasks_dir / "valid.parquet"), **read),
+            "train": ray.data.from_arrow(ds.tasks(cfg.train.scenario, "train")),
+            "valid": ray.data.from_arrow(ds.tasks(cfg.train.scenario, "valid")),
         },
         # No Ray split (it drops up to N-1 tasks): each worker keeps its rank's tasks itself.
         dataset_config=DataConfig(datasets_to_split=[]),
