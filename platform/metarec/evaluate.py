@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from metarec.baselines import classic_baselines
+from metarec.baselines import MFFoldIn, classic_baselines
 from metarec.batch import TaskBatch, from_table
 from metarec.config import MetaConfig, MetarecConfig, apply_overrides
 from metarec.data.prepared import PreparedDataset
@@ -223,7 +223,13 @@ def _tuned(
     return best[1], best[2], best[0]
 
 
-def _fit_with_bar(cfg: MetarecConfig, ds: PreparedDataset, scenario: str, desc: str) -> FitResult:
+def _fit_with_bar(
+    cfg: MetarecConfig,
+    ds: PreparedDataset,
+    scenario: str,
+    desc: str,
+    tuned_mf: MFFoldIn | None = None,
+) -> FitResult:
     """``fit`` with an epoch progress bar (terminals only: logs stay clean)."""
     with tqdm(total=cfg.train.epochs, desc=desc, unit="epoch", disable=None, leave=False) as bar:
 
@@ -231,7 +237,7 @@ def _fit_with_bar(cfg: MetarecConfig, ds: PreparedDataset, scenario: str, desc: 
             bar.update(1)
             bar.set_postfix({"valid_mae": f"{row['valid/mae']:.4f}"})
 
-        return fit(cfg, ds, scenario=scenario, progress=progress)
+        return fit(cfg, ds, scenario=scenario, progress=progress, tuned_mf=tuned_mf)
 
 
 @dataclass
@@ -273,25 +279,32 @@ def fit_methods(
     n_items = ds.manifest["counts"]["items"]
     method = cfg.meta.algorithm
     history = None
+    grids = classic_baselines(seed=cfg.seed)
+    classic = {  # first: the networks start from the tuned mf_foldin's items (no refit)
+        name: _tuned(
+            lambda hp, g=grids[name]: g.cls(**hp).fit(train, n_items=n_items),
+            grids[name].grid,
+            valid,
+        )[0]
+        for name in baselines
+        if name in grids
+    }
+    mf = classic.get("mf_foldin")
+    tuned_mf = mf if isinstance(mf, MFFoldIn) else None
     if learner is None:
         log(f"[seed {cfg.seed}] meta-training {method} on {scenario}")
-        fitted = _fit_with_bar(cfg, ds, scenario, f"{method} seed {cfg.seed}")
+        fitted = _fit_with_bar(cfg, ds, scenario, f"{method} seed {cfg.seed}", tuned_mf)
         learner, history = fitted.learner, fitted.history
     grid = adaptation_grid(learner.cfg) if tune_adaptation else [{}]
     meta, _, valid_mae = _tuned(lambda hp: AdaptedScorer(learner, **hp), grid, valid)
     assert isinstance(meta, AdaptedScorer)
     adapt = {**meta.knobs(), "valid_mae": valid_mae, "grid_points": len(grid)}
-    scorers: dict[str, Scorer] = {method: meta, **(extra or {})}
-    grids = classic_baselines(seed=cfg.seed)
-    for name in (b for b in baselines if b in grids):
-        g = grids[name]
-        scorers[name] = _tuned(
-            lambda hp, g=g: g.cls(**hp).fit(train, n_items=n_items), g.grid, valid
-        )[0]
+    scorers: dict[str, Scorer] = {method: meta, **(extra or {}), **classic}
     if {"global_model", "finetune"} & set(baselines):
         log(f"[seed {cfg.seed}] training the global model (no adaptation)")
         plain = apply_overrides(cfg, **{"meta.inner_steps": 0, "meta.algorithm": "fomaml"})
-        glob = _fit_with_bar(plain, ds, scenario, f"global model seed {cfg.seed}").learner
+        desc = f"global model seed {cfg.seed}"
+        glob = _fit_with_bar(plain, ds, scenario, desc, tuned_mf).learner
         glob.cfg = cfg.meta  # adapt the same parameter group as the meta-learner
         glob.adapted = learner.adapted
         if "global_model" in baselines:

@@ -58,7 +58,12 @@ def train_ratings_mean(train: TaskBatch) -> float:
 
 
 def build_learner(
-    cfg: MetarecConfig, ds: PreparedDataset, train: TaskBatch, valid: TaskBatch | None = None
+    cfg: MetarecConfig,
+    ds: PreparedDataset,
+    train: TaskBatch,
+    valid: TaskBatch | None = None,
+    *,
+    tuned_mf: MFFoldIn | None = None,
 ) -> MetaLearner:
     """The model sized for ``ds``, initialised from ``cfg.seed``; items rated in ``train``
     get id embeddings, all others fall back to their features.
@@ -67,7 +72,9 @@ def build_learner(
     factor head and ``meta.prior_precision: null`` (the default), the ALS dimension and
     penalty are chosen on ``valid`` users from the ``mf_foldin`` baseline's grid, and the
     penalty becomes the head prior's initial precision: the untrained model is then the
-    tuned MF fold-in, whatever the data's scale or taste dynamics.
+    tuned MF fold-in, whatever the data's scale or taste dynamics. ``tuned_mf``: that
+    choice, already made on these ``train`` and ``valid`` users (evaluation tunes the
+    ``mf_foldin`` baseline on the same grid), so that it is not fitted twice.
     """
     torch.manual_seed(cfg.seed)  # parameter init only; batching uses its own generator
     items, _, mask = train.merged()
@@ -86,7 +93,7 @@ def build_learner(
     with torch.no_grad():  # start item biases at shrunk item means: hours of Adam saved
         model.item_bias.copy_(_item_bias_init(train, len(seen), model.global_mean))
         if m.pretrain_items and m.item_id_embedding:
-            mf = _item_factors(cfg, train, valid, len(seen))
+            mf = _item_factors(cfg, train, valid, len(seen), tuned_mf)
             _set_item_embeddings(model, mf)
             if cfg.factor_head:  # the ALS penalty is the head prior's initial precision
                 meta = dataclasses.replace(meta, prior_precision=mf.reg)
@@ -94,16 +101,24 @@ def build_learner(
 
 
 def _item_factors(
-    cfg: MetarecConfig, train: TaskBatch, valid: TaskBatch | None, n_items: int
+    cfg: MetarecConfig,
+    train: TaskBatch,
+    valid: TaskBatch | None,
+    n_items: int,
+    tuned: MFFoldIn | None = None,
 ) -> MFFoldIn:
     """Biased ALS on the training users: at ``meta.prior_precision`` if set (or without a
     factor head, or without validation users), else the ``mf_foldin`` grid point with the
-    lowest fold-in MAE on ``valid`` (dimensions up to ``model.embedding_dim``)."""
+    lowest fold-in MAE on ``valid`` (dimensions up to ``model.embedding_dim``): ``tuned``
+    when given and inside that grid."""
     dim, fixed = cfg.model.embedding_dim, cfg.meta.prior_precision
     if fixed is not None or not cfg.factor_head or valid is None:
         reg = fixed if fixed is not None and cfg.factor_head else DEFAULT_PRIOR_PRECISION
         return MFFoldIn(dim=dim, reg=reg, seed=cfg.seed).fit(train, n_items=n_items)
     grid = [hp for hp in classic_baselines(seed=cfg.seed)["mf_foldin"].grid if hp["dim"] <= dim]
+    full = len(grid) == len(classic_baselines(seed=cfg.seed)["mf_foldin"].grid)
+    if tuned is not None and full:  # the same choice, made on the same users
+        return tuned
     fits = [MFFoldIn(**hp).fit(train, n_items=n_items) for hp in grid]
     maes = [masked_mae(f.predict(valid), valid) for f in fits]
     return fits[maes.index(min(maes))]
@@ -443,15 +458,17 @@ def fit(
     *,
     scenario: str | None = None,
     progress: Callable[[dict[str, float]], None] | None = None,
+    tuned_mf: MFFoldIn | None = None,
 ) -> FitResult:
     """Meta-train in this process on ``scenario``'s train split (see ``run_epochs``).
 
-    Returns the learner with the weights of its best validation epoch.
+    Returns the learner with the weights of its best validation epoch. ``tuned_mf``: see
+    ``build_learner``.
     """
     scenario = scenario or cfg.train.scenario
     train = from_table(ds.tasks(scenario, "train"))
     valid = from_table(ds.tasks(scenario, "valid"))
-    learner = build_learner(cfg, ds, train, valid)
+    learner = build_learner(cfg, ds, train, valid, tuned_mf=tuned_mf)
     learner = learner.to(resolve_device(cfg.train.device), cfg_dtype(cfg))
     optimizer = build_optimizer(learner, cfg)
     state = run_epochs(

@@ -364,6 +364,9 @@ def connect_ray() -> None:
     address = os.environ.get("RAY_ADDRESS", "")
     if address == "local" or (not address and not Path(RAY_CURRENT_CLUSTER).exists()):
         loopback_only_ray(os.environ)  # a new Ray is started here
+        # Ray Train's controller takes one report per poll (every 2 s by default) and a
+        # worker's report blocks until it does, so an epoch shorter than that would wait.
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     import ray
     import ray.data
 
