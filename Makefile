@@ -27,8 +27,11 @@ demo: setup
 		--model "$$($(BIN)/python -c 'import json; print(json.load(open("$(WORK)/last_run.json"))["model_uri"])')"
 	@echo "MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(WORK))/mlflow.db"
 
+# One pytest process per core; a test file stays in one process (its module fixtures, a
+# local Ray or server, are built once). Most of an integration test is waiting on process
+# start-up and Ray's polls, so two at once share the two cores well.
 test: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 # Unit tests only: no Ray, servers or subprocesses; one pytest process per core.
 test-fast: setup

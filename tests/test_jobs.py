@@ -25,7 +25,7 @@ import pytest
 import requests
 import yaml
 
-from metarec.train import loopback_only_ray
+from metarec.train import local_ray_settings
 from tests.processes import (
     free_port,
     is_loopback,
@@ -59,7 +59,7 @@ def ray_head(tmp_path):
         client.pop(var, None)
     tracking_uri = f"sqlite:///{tmp_path / 'head-mlflow' / 'mlflow.db'}"
     (tmp_path / "head-mlflow").mkdir()
-    loopback_only_ray(client)  # README: every port of the head on 127.0.0.1
+    local_ray_settings(client)  # README: every port of the head on 127.0.0.1
     head_env = {
         **client,
         "MLFLOW_TRACKING_URI": tracking_uri,  # what cluster.yaml's ~/metarec.env does

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -170,7 +171,7 @@ def test_report_writes_results_for_every_scenario_and_four_plots(tiny, tmp_path,
     assert f"report:     {out / 'report.md'}" in printed.out
     assert "## " not in printed.out  # the path, not the file
     n = len(tiny.scenarios)
-    progress = [line for line in printed.err.splitlines() if line.startswith("[")]
+    progress = [line for line in printed.err.splitlines() if re.match(r"\[\d+/\d+\] ", line)]
     assert [p.split("]")[0] for p in progress] == [f"[{i}/{n}" for i in range(1, n + 1)]
     assert all("left)" in p for p in progress[:-1]) and "left" not in progress[-1]
     results = json.loads((out / "results.json").read_text())

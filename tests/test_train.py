@@ -35,6 +35,9 @@ pytestmark = pytest.mark.integration  # a local Ray cluster and a live MLflow se
 
 @pytest.fixture(scope="module")
 def local_ray():
+    from metarec.train import local_ray_settings
+
+    local_ray_settings(os.environ)  # as `metarec train` starts its own Ray
     ray.init(address="local", num_cpus=2, logging_level="ERROR")
     yield
     ray.shutdown()
@@ -353,5 +356,8 @@ def test_train_prints_one_line_per_epoch_and_keeps_ray_logs_out(uneven_prepared,
     assert any(line.startswith("Ray's worker logs: ") for line in lines)
     both = out.stdout + out.stderr
     ray_noise = ("Reporting training result", "PreemptionWatcher", "Traceback")
-    for noise in (*ray_noise, "CloudPickle", "infer model signature", "Downloading artifacts"):
+    mlflow_noise = ("CloudPickle", "infer model signature", "Downloading artifacts")
+    mlflow_noise += ("Successfully registered model", "Created version")
+    ray_noise += ("Token authentication is enabled", "PYTHON worker processes")
+    for noise in (*ray_noise, *mlflow_noise):
         assert noise not in both, (noise, both[-3000:])

@@ -359,14 +359,11 @@ def connect_ray() -> None:
     warnings) stays in Ray's session logs unless ``metarec --verbose``: the user reads
     one metarec line per epoch (``_epoch_lines``), and the path of those logs.
 
-    A Ray started here listens on 127.0.0.1 only (``loopback_only_ray``).
+    A Ray started here listens on 127.0.0.1 only (``local_ray_settings``).
     """
     address = os.environ.get("RAY_ADDRESS", "")
     if address == "local" or (not address and not Path(RAY_CURRENT_CLUSTER).exists()):
-        loopback_only_ray(os.environ)  # a new Ray is started here
-        # Ray Train's controller takes one report per poll (every 2 s by default) and a
-        # worker's report blocks until it does, so an epoch shorter than that would wait.
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+        local_ray_settings(os.environ)  # a new Ray is started here
     import ray
     import ray.data
 
@@ -388,14 +385,18 @@ RAY_CURRENT_CLUSTER = "/tmp/ray/ray_current_cluster"
 SINGLE_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def loopback_only_ray(env: MutableMapping[str, str]) -> None:
-    """Make a Ray started with ``env`` a one-machine Ray whose every port is on 127.0.0.1.
+def local_ray_settings(env: MutableMapping[str, str]) -> None:
+    """Settings for a Ray that metarec (or a test) starts on this machine, through ``env``.
 
-    Ray 2.60 replaces ``--node-ip-address=127.0.0.1`` by the machine's routable address and
-    binds GCS and raylet to all interfaces. Its single-machine mode (the default on macOS
-    and Windows, this variable set to 0 elsewhere) uses 127.0.0.1 as the node address, so
-    every server binds there. No other machine can join such a head, which is the point.
+    - Every port on 127.0.0.1. Ray 2.60 replaces ``--node-ip-address=127.0.0.1`` by the
+      machine's routable address and binds GCS and raylet to all interfaces. Its
+      single-machine mode (the default on macOS and Windows, this variable set to 0
+      elsewhere) uses 127.0.0.1 as the node address, so every server binds there. No other
+      machine can join such a head, which is the point.
+    - Ray Train's controller takes one report per poll (every 2 s by default), and a
+      worker's report blocks until it does: an epoch shorter than that would wait.
     """
+    env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     env.setdefault(SINGLE_NODE, "0")
     if "ray" in sys.modules:  # read at import; child processes read the variable
         import ray._private.ray_constants as constants

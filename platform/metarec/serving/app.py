@@ -217,7 +217,7 @@ MAX_BATCH_SIZE, BATCH_WAIT_S = 32, 0.002
 
 
 def _replica_grpc_on_loopback() -> None:
-    """On a one-machine Ray (node address 127.0.0.1, ``train.loopback_only_ray``), bind this
+    """On a one-machine Ray (node address 127.0.0.1, ``train.local_ray_settings``), bind this
     replica's inter-deployment gRPC server to 127.0.0.1 instead of every interface.
 
     Serve 2.60 hard-codes ``[::]:0`` for it (``serve/_private/replica.py``) and offers no
