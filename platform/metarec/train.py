@@ -194,7 +194,8 @@ def _read(iterator: Any, *, rank: int = 0, world: int = 1) -> TaskBatch:
 
 
 def default_cpus_per_worker(workers: int, cluster_cpus: float) -> float:
-    """Leave a CPU for Ray Data's read tasks (or Train deadlocks on a 2-CPU box)."""
+    """Leave a CPU beside the Train workers for Ray's own tasks (Ray Data, a Tune trial's
+    driver): on a 2-CPU box, workers holding both CPUs once deadlocked Ray Data's reads."""
     return max(0.25, min(1.0, (cluster_cpus - 1) / workers))
 
 
