@@ -190,6 +190,14 @@ def test_report_writes_results_for_every_scenario_and_four_plots(tiny, tmp_path,
     curves = json.loads((out / "curves.json").read_text())
     shot = curves["user_cold"]["shot_curve"]
     assert set(shot) == {"fomaml", "finetune"} and len(shot["fomaml"]["mae"]) == 3
+    paired = curves["user_cold"]["shot_paired"]
+    assert set(paired) == {"finetune"} and len(paired["finetune"]) == 3  # per shot
+    for k, d in enumerate(paired["finetune"]):  # one split, one seed: the means' difference
+        want = shot["fomaml"]["mae"][k][0] - shot["finetune"]["mae"][k][0]
+        assert d["mae"]["diff"] == pytest.approx(want, abs=1e-6)
+        lo, hi = d["mae"]["ci95"]
+        assert lo <= d["mae"]["diff"] <= hi
+    assert "## Shot curve, paired" in report and "| finetune | " in report
     assert len(curves["user_cold"]["step_curve"]["fomaml"]) == 4
     assert len(curves["warm"]["learning_curves"]) == 1
 

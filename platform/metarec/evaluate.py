@@ -449,7 +449,7 @@ def evaluate(
                     on_seed(SeedScores(fitted, test, per_task, threshold, label))
                 eta.step(f"{scenario} split {label} seed {s}")
             seed_means.append([{m: mean_metrics(v) for m, v in r.items()} for r in runs])
-            per_split.append(_users_over_seeds(runs))
+            per_split.append(users_over_seeds(runs))
         rows = _aggregate(per_split, seed_means)
         rows[method]["source"] = sources[0] if len(set(sources)) == 1 else "model+fit"
         metas = [m for m in rows if m == method or m in (extra or {})]
@@ -502,7 +502,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
-def _users_over_seeds(runs: list[dict[str, dict[str, Tensor]]]) -> dict[str, dict[str, np.ndarray]]:
+def users_over_seeds(runs: list[dict[str, dict[str, Tensor]]]) -> dict[str, dict[str, np.ndarray]]:
     """method -> metric -> (T,) per-user value averaged over init seeds (NaN stays NaN)."""
     return {
         m: {k: torch.stack([r[m][k] for r in runs]).double().mean(0).numpy() for k in runs[0][m]}
@@ -553,10 +553,15 @@ def write_results(results: dict, out_dir: str | Path) -> Path:
 
 def write_json_atomic(path: Path, data: Any) -> Path:
     """Write JSON via a temp file + rename: readers never see half a file."""
+    return write_text_atomic(path, json.dumps(data, indent=2))
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write text via a temp file + rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
     with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
+        f.write(text)
     os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; results are for everyone to read
     os.replace(tmp, path)
     return path

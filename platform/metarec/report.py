@@ -37,11 +37,13 @@ from metarec.evaluate import (
     has_spread,
     method_rows,
     score_tasks,
+    users_over_seeds,
     write_json_atomic,
     write_results,
+    write_text_atomic,
 )
 from metarec.metrics import mean_metrics
-from metarec.stats import LOWER_IS_BETTER, verdict
+from metarec.stats import LOWER_IS_BETTER, paired_differences, verdict
 
 __all__ = [
     "SHOTS",
@@ -57,7 +59,9 @@ __all__ = [
 
 SHOTS = (1, 2, 4, 8, 16, 32)
 STEPS = tuple(range(11))
-CURVE_BASELINES = ("finetune", "mf_foldin", "transfer")  # beside the meta-learner
+# beside the meta-learner: the issue's few-shot (mf_foldin) and zero-shot (item_mean) bars
+CURVE_BASELINES = ("finetune", "mf_foldin", "bias", "item_mean", "transfer")
+SHOT_METRICS = ("mae", "ndcg@3")
 PLOTS = ("shot_curve.png", "step_curve.png", "per_user.png", "learning_curves.png")
 
 
@@ -126,6 +130,9 @@ class _ScenarioCurves:
     support_size: np.ndarray | None = None
     histories: list[dict[str, Any]] = field(default_factory=list)
     trained_steps: int = 0
+    method: str = ""  # the meta-learner's name
+    # split -> one entry per seed: method -> per shot, metric -> (T,) per-user values
+    shot_users: dict[Any, list[dict[str, list[dict[str, Tensor]]]]] = field(default_factory=dict)
 
 
 class CurveCollector:
@@ -153,18 +160,21 @@ class CurveCollector:
         methods = [m for m in (fit.method, *CURVE_BASELINES) if m in fit.scorers]
         keys = support_keys(test, fit.seed)
         truncated = [truncate_support(test, k, keys) for k in self.shots]
+        users: dict[str, list[dict[str, Tensor]]] = {}
         for m in methods:
-            per_k = [
-                mean_metrics(score_tasks(fit.scorers[m], t, relevance_threshold=threshold))
-                for t in truncated
+            users[m] = [
+                score_tasks(fit.scorers[m], t, relevance_threshold=threshold) for t in truncated
             ]
-            rows = cur.shots.setdefault(m, {"mae": [], "ndcg@3": []})
+            per_k = [mean_metrics(u) for u in users[m]]
+            rows = cur.shots.setdefault(m, {metric: [] for metric in SHOT_METRICS})
             for metric, seeds in rows.items():
                 seeds.append([r[metric] for r in per_k])
             if isinstance(fit.scorers[m], AdaptedScorer) and _stepped(fit.scorers[m]):
                 curve = self._step_curve(fit.scorers[m], test, threshold)
                 cur.steps.setdefault(m, []).append(curve)
             cur.user_mae.setdefault(m, []).append(seed.per_task[m]["mae"].numpy())
+        cur.shot_users.setdefault(seed.split, []).append(users)
+        cur.method = fit.method
         cur.support_size = test.support_mask.sum(1).numpy()
         first = fit.scorers[fit.method]
         assert isinstance(first, AdaptedScorer)
@@ -195,6 +205,7 @@ class CurveCollector:
                 "shot_curve": {
                     m: {k: _mean_std(v) for k, v in r.items()} for m, r in cur.shots.items()
                 },
+                "shot_paired": self._shot_paired(cur),
                 "steps": list(self.steps),
                 "trained_steps": cur.trained_steps,
                 "step_curve": {m: _mean_std(v) for m, v in cur.steps.items()},
@@ -207,6 +218,48 @@ class CurveCollector:
                 "learning_curves": cur.histories,
             }
         return out
+
+    def _shot_paired(self, cur: _ScenarioCurves) -> dict[str, list[dict[str, Any]]]:
+        """baseline -> per shot, the meta-learner minus it: ``{metric: {"diff", "ci95"}}``
+        over the test users of every split (each user averaged over init seeds), so that a
+        few-shot claim has a CI like the full-support one."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        meta, splits = cur.method, list(cur.shot_users.values())
+        for b in (m for m in cur.shots if m != meta):
+            out[b] = []
+            for i in range(len(self.shots)):
+                pooled = [
+                    users_over_seeds([{m: seed[m][i] for m in (meta, b)} for seed in seeds])
+                    for seeds in splits
+                ]
+                a_side, b_side = [p[meta] for p in pooled], [p[b] for p in pooled]
+                out[b].append(paired_differences(a_side, b_side, SHOT_METRICS))
+        return out
+
+
+def shot_paired_markdown(curves: dict[str, Any]) -> str:
+    """Per scenario, the meta-learner minus each curve baseline at every shot count: MAE
+    and nDCG@3 with the 95% CI and the verdict (a win only when the CI excludes 0)."""
+    lines: list[str] = []
+    for scenario, cur in curves.items():
+        paired = cur.get("shot_paired") or {}
+        if not paired:
+            continue
+        shots = cur["shots"]
+        lines += [f"### {scenario}: meta-learner minus each method, per support size", ""]
+        for metric in SHOT_METRICS:
+            lines.append(f"| {metric} | " + " | ".join(f"K = {k}" for k in shots) + " |")
+            lines.append("|---|" + "---|" * len(shots))
+            for b, per_k in paired.items():
+                cells = []
+                for d in (p[metric] for p in per_k):
+                    lo, hi = d["ci95"]
+                    v = verdict(metric, d["diff"], (lo, hi))
+                    cell = f"{d['diff']:+.4f} [{lo:+.3f}, {hi:+.3f}] {v}"
+                    cells.append(f"**{cell}**" if v == "win" else cell)
+                lines.append(f"| {b} | " + " | ".join(cells) + " |")
+            lines.append("")
+    return "\n".join(lines)
 
 
 def _stepped(scorer: AdaptedScorer) -> bool:
@@ -383,6 +436,7 @@ def write_report(
         "Learning curves",
     )
     body += [f"![{c}]({p})\n" for c, p in zip(captions, PLOTS, strict=True)]
-    report = out / "report.md"
-    report.write_text("\n".join(body))
+    if paired := shot_paired_markdown(curves):
+        body += ["## Shot curve, paired", "", paired]
+    report = write_text_atomic(out / "report.md", "\n".join(body))
     return [*written, report]
