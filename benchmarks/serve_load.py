@@ -4,7 +4,7 @@ What is measured: ``POST /v1/recommend`` with 20 ratings (a real ML-100k test us
 support set and side features), k = 10, the model's 5 inner steps, scored over the full
 ML-100k catalog (1,682 items), through the whole stack: HTTP -> Serve proxy -> replica ->
 ``@serve.batch`` -> ``Engine.run`` -> JSON. Two applications are deployed side by side in
-one Serve instance and measured in alternation: ``on`` (``max_batch_size`` 32, 5 ms wait)
+one Serve instance and measured in alternation: ``on`` (``max_batch_size`` 32, ``--wait-ms`` wait)
 and ``off`` (``max_batch_size`` 1: every request adapts alone). Identical otherwise: same
 model, same replica resources, same requests.
 
@@ -17,7 +17,8 @@ Why it is built this way:
   ``--budget-s``; p50/p99 are over the measured requests, requests/s is completed requests
   over the level's wall time.
 * **Bounded and loopback only**: Serve binds 127.0.0.1 on a free port; the cluster is a
-  local ``ray.init`` of this process and is shut down at the end.
+  local ``ray.init`` of this process with metarec's local settings (every Ray port on
+  127.0.0.1) and is shut down at the end.
 * **The model's speed does not depend on its training**: without ``--model`` the benchmark
   builds the ``configs/ml100k.yaml`` network for the prepared ML-100k directory
   (``--data``) untrained (same shapes, same FLOPs) — no 2-minute training before measuring.
@@ -212,10 +213,12 @@ def main() -> None:
     from ray import serve
 
     from metarec.serving.app import MetarecServer, ServeSettings
+    from metarec.train import local_ray_settings
 
     tmp = Path(tempfile.mkdtemp(prefix="serve-load-"))
     model = args.model or str(build_checkpoint(args.data, tmp / "model"))
     bodies = request_bodies(args.data, args.ratings)
+    local_ray_settings(os.environ)
     ray.init(logging_level="ERROR", include_dashboard=False, log_to_driver=False)
     sock = __import__("socket").socket()
     sock.bind(("127.0.0.1", 0))
