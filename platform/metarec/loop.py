@@ -1,9 +1,10 @@
 """In-process meta-training: epochs of meta-batches, validation, early stopping.
 
-A plain function of (config, dataset): Ray Train's per-worker loop calls the same pieces
-(``build_learner``, ``train_epoch``, ``predict_query``), so one process and N workers run
-identical code. Deterministic under ``cfg.seed`` (explicit ``torch.Generator``s, no global
-RNG state in the core).
+A plain function of (config, dataset): Ray Train's per-worker loop runs the same
+``run_epochs`` (``train_epoch``, ``predict_query``) on the model the driver built with
+``build_learner``, so one process and N workers run identical code. Deterministic under
+``cfg.seed``: batching draws from its own ``torch.Generator``; ``build_learner`` seeds
+torch's global RNG for the parameter initialisation only.
 """
 
 from __future__ import annotations
