@@ -55,14 +55,13 @@ def main() -> None:
             fit = fit_methods(cfg, ds, "user_cold", ("bias", "mf_foldin"))
             valid = from_table(ds.tasks("user_cold", "valid"))
             keys = support_keys(valid, seed)
+            cuts = {k: truncate_support(valid, k, keys) for k in args.shots}
             for name, scorer in fit.scorers.items():
                 m = score_tasks(scorer, valid, relevance_threshold=threshold)
                 row = {k: m[k].numpy() for k in ("mae", "sse", "count", "ndcg@3")}
-                for k in args.shots:
-                    cut = truncate_support(valid, k, keys)
-                    row[f"mae@{k}"] = score_tasks(scorer, cut, relevance_threshold=threshold)[
-                        "mae"
-                    ].numpy()
+                for k, cut in cuts.items():
+                    shot = score_tasks(scorer, cut, relevance_threshold=threshold)
+                    row[f"mae@{k}"] = shot["mae"].numpy()
                 per.setdefault(name, []).append(row)
         out = {"data": args.data, "try": overrides, "seconds": round(time.time() - t0, 1)}
         for name, runs in per.items():

@@ -116,9 +116,9 @@ def _item_factors(
     if fixed is not None or not cfg.factor_head or valid is None:
         reg = fixed if fixed is not None and cfg.factor_head else DEFAULT_PRIOR_PRECISION
         return MFFoldIn(dim=dim, reg=reg, seed=cfg.seed).fit(train, n_items=n_items)
-    grid = [hp for hp in classic_baselines(seed=cfg.seed)["mf_foldin"].grid if hp["dim"] <= dim]
-    full = len(grid) == len(classic_baselines(seed=cfg.seed)["mf_foldin"].grid)
-    if tuned is not None and full:  # the same choice, made on the same users
+    full = classic_baselines(seed=cfg.seed)["mf_foldin"].grid
+    grid = [hp for hp in full if hp["dim"] <= dim]
+    if tuned is not None and len(grid) == len(full):  # the same choice, on the same users
         return tuned
     fits = [MFFoldIn(**hp).fit(train, n_items=n_items) for hp in grid]
     maes = [masked_mae(f.predict(valid), valid) for f in fits]
