@@ -124,15 +124,24 @@ def _mean_std(seeds: list[list[float]]) -> list[tuple[float, float]]:
 
 @dataclass
 class _ScenarioCurves:
-    shots: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)  # m -> metric
     steps: dict[str, list[list[float]]] = field(default_factory=dict)  # method -> seeds x steps
     user_mae: dict[str, list[np.ndarray]] = field(default_factory=dict)  # method -> seeds x T
     support_size: np.ndarray | None = None
     histories: list[dict[str, Any]] = field(default_factory=list)
     trained_steps: int = 0
     method: str = ""  # the meta-learner's name
-    # split -> one entry per seed: method -> per shot, metric -> (T,) per-user values
+    # split -> one entry per seed: method -> per shot, SHOT_METRICS -> (T,) per-user values
     shot_users: dict[Any, list[dict[str, list[dict[str, Tensor]]]]] = field(default_factory=dict)
+
+    def shot_curve(self) -> dict[str, dict[str, list[tuple[float, float]]]]:
+        """method -> metric -> per shot, (mean, std) over every (split, seed) of its mean
+        over test users."""
+        runs = [seed for seeds in self.shot_users.values() for seed in seeds]
+        means = {m: [[mean_metrics(u) for u in run[m]] for run in runs] for m in runs[0]}
+        return {
+            m: {k: _mean_std([[r[k] for r in per_k] for per_k in v]) for k in SHOT_METRICS}
+            for m, v in means.items()
+        }
 
 
 class CurveCollector:
@@ -162,13 +171,10 @@ class CurveCollector:
         truncated = [truncate_support(test, k, keys) for k in self.shots]
         users: dict[str, list[dict[str, Tensor]]] = {}
         for m in methods:
-            users[m] = [
+            scored = (
                 score_tasks(fit.scorers[m], t, relevance_threshold=threshold) for t in truncated
-            ]
-            per_k = [mean_metrics(u) for u in users[m]]
-            rows = cur.shots.setdefault(m, {metric: [] for metric in SHOT_METRICS})
-            for metric, seeds in rows.items():
-                seeds.append([r[metric] for r in per_k])
+            )
+            users[m] = [{k: u[k] for k in SHOT_METRICS} for u in scored]
             if isinstance(fit.scorers[m], AdaptedScorer) and _stepped(fit.scorers[m]):
                 curve = self._step_curve(fit.scorers[m], test, threshold)
                 cur.steps.setdefault(m, []).append(curve)
@@ -202,9 +208,7 @@ class CurveCollector:
             bucket, labels = activity_buckets(cur.support_size)
             out[scenario] = {
                 "shots": list(self.shots),
-                "shot_curve": {
-                    m: {k: _mean_std(v) for k, v in r.items()} for m, r in cur.shots.items()
-                },
+                "shot_curve": cur.shot_curve(),
                 "shot_paired": self._shot_paired(cur),
                 "steps": list(self.steps),
                 "trained_steps": cur.trained_steps,
@@ -225,7 +229,7 @@ class CurveCollector:
         few-shot claim has a CI like the full-support one."""
         out: dict[str, list[dict[str, Any]]] = {}
         meta, splits = cur.method, list(cur.shot_users.values())
-        for b in (m for m in cur.shots if m != meta):
+        for b in (m for m in splits[0][0] if m != meta):
             out[b] = []
             for i in range(len(self.shots)):
                 pooled = [
