@@ -14,7 +14,7 @@ import dataclasses
 import json
 from dataclasses import field
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, get_type_hints
 
 import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
@@ -30,7 +30,9 @@ __all__ = [
     "MetarecConfig",
     "SyntheticConfig",
     "apply_overrides",
+    "config_key",
     "load_config",
+    "parse_overrides",
 ]
 
 Scenario = Literal["user_cold", "warm", "item_cold", "user_item_cold", "temporal"]
@@ -336,15 +338,37 @@ def load_config(
             raise ConfigError(
                 f"{path}: got a {type(data).__name__}; expected a mapping of sections"
             )
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. data.query_size=5")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    for key, value in parse_overrides(overrides or []).items():
+        _set_dotted(data, key, value)
     for key, value in flags.items():
         if value is not None:
             _set_dotted(data, key, value)
     return MetarecConfig.from_dict(data, where=where).validate()
+
+
+def config_key(key: str) -> tuple[Any, Any]:
+    """(type hint, default) of a dotted config key: what the CLI generates its flags from."""
+    node: Any = MetarecConfig
+    *sections, name = key.split(".")
+    for part in sections:
+        node = get_type_hints(node)[part]
+    fields = {f.name: f for f in dataclasses.fields(node)}
+    if name not in fields:
+        raise KeyError(key)
+    f = fields[name]
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    return get_type_hints(node)[name], default
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items as ``{dotted key: YAML value}`` (the one parser of them)."""
+    dotted: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. data.query_size=5")
+        dotted[key.strip()] = yaml.safe_load(raw)
+    return dotted
 
 
 def apply_overrides(cfg: MetarecConfig, **dotted: Any) -> MetarecConfig:
