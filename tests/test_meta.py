@@ -14,6 +14,7 @@ from torch.func import functional_call
 from metarec.baselines import MFFoldIn
 from metarec.batch import TaskBatch
 from metarec.config import MetaConfig
+from metarec.data.features import USER_FEATURES
 from metarec.loop import predict_items
 from metarec.meta import (
     MetaLearner,
@@ -47,6 +48,7 @@ def tiny_model(
             "occupation": 3,
             "zip_prefix": 3,
         },
+        user_names=USER_FEATURES if users else (),
     )
     torch.manual_seed(0)
     model = Recommender(
