@@ -77,6 +77,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from metarec.batch import TaskBatch, bucketed_batches
 from metarec.config import MetaConfig
+from metarec.data.features import USER_FEATURES
 from metarec.meta import MetaLearner, meta_gradients
 from metarec.model import Features, Recommender
 
@@ -131,10 +132,7 @@ def make_features(g: torch.Generator) -> Features:
     genres = (ranks < n_genres[:, None]).float()
     genres /= genres.sum(1, keepdim=True)
     users = torch.stack(
-        [
-            torch.randint(0, VOCAB[k], (N_USERS,), generator=g)
-            for k in ("age_bucket", "gender", "occupation", "zip_prefix")
-        ],
+        [torch.randint(0, VOCAB[k], (N_USERS,), generator=g) for k in USER_FEATURES],
         1,
     )
     return Features(
@@ -143,6 +141,7 @@ def make_features(g: torch.Generator) -> Features:
         item_seen=torch.rand(N_ITEMS, generator=g) < 0.95,
         user_table=users,
         vocab_sizes=dict(VOCAB),
+        user_names=USER_FEATURES,
     )
 
 
@@ -379,7 +378,7 @@ def run_config(
     cfg = MetaConfig(algorithm=algorithm, adapt="mlp", inner_steps=steps, inner_lr=INNER_LR)
     learner = MetaLearner(Recommender(features, embedding_dim=32, hidden=(64, 64)), cfg)
     learner = learner.to(device)
-    with torch.no_grad():  # realistic, non-zero item biases (as after loop._item_bias_init)
+    with torch.no_grad():  # realistic, non-zero item biases (as after initialise._item_bias_init)
         learner.model.item_bias.normal_(0.0, 0.3)
 
     candidates = make_candidates(learner, batch, tasks, order)

@@ -61,7 +61,7 @@ def build_checkpoint(data: Path, out: Path) -> Path:
     from metarec.checkpoint import save_checkpoint, standalone_checkpoint
     from metarec.config import load_config
     from metarec.data.prepared import open_prepared
-    from metarec.loop import build_learner
+    from metarec.initialise import build_learner
 
     cfg = load_config(REPO / "configs" / "ml100k.yaml")
     ds = open_prepared(data)

@@ -104,16 +104,16 @@ def test_mf_beats_bias_on_low_rank_data():
 
 @pytest.mark.parametrize("max_padded", [None, 50])  # one chunk per width; many small chunks
 def test_grouped_ridge_equals_one_solve_per_group(monkeypatch, max_padded):
-    from metarec import baselines
+    from metarec import mf
 
     if max_padded is not None:
-        monkeypatch.setattr(baselines, "_MAX_PADDED", max_padded)
+        monkeypatch.setattr(mf, "MAX_PADDED", max_padded)
     g = torch.Generator().manual_seed(0)
     n_rows, n = 60, 3000
     rows = (torch.rand(n, generator=g) ** 4 * (n_rows - 5)).long()  # long tail; 5 rows empty
     feats = torch.randn(n, 4, generator=g, dtype=torch.float64)
     target = torch.randn(n, generator=g, dtype=torch.float64)
-    got = baselines._ridge_rows(baselines._Groups(rows, n_rows), feats, target, 2.0)
+    got = mf.ridge_rows(mf.Groups(rows, n_rows), feats, target, 2.0)
     for r in range(n_rows):
         x, y = feats[rows == r], target[rows == r]
         want = torch.linalg.solve(x.T @ x + 2.0 * torch.eye(4, dtype=torch.float64), x.T @ y)

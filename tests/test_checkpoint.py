@@ -11,7 +11,9 @@ from metarec.checkpoint import (
     save_checkpoint,
 )
 from metarec.errors import DataError
-from metarec.loop import TrainState, build_learner, build_optimizer, predict_query
+from metarec.initialise import build_learner
+from metarec.loop import build_optimizer, predict_query
+from metarec.train_state import TrainState
 
 
 @pytest.fixture(scope="module")

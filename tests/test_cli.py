@@ -195,13 +195,14 @@ def test_train_resume_passes_only_the_flags_given(monkeypatch, capsys):
 def test_every_train_flag_is_honoured_or_refused_on_resume():
     import argparse
 
-    from metarec.cli import _TRAIN_RESUME_HONOURS, _TRAIN_RESUME_REFUSES, build_parser
+    from metarec.cli import build_parser
+    from metarec.options import TRAIN_RESUME_HONOURS, TRAIN_RESUME_REFUSES
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     options = {o for a in sub.choices["train"]._actions for o in a.option_strings}
-    honoured = {"--" + f.strip("-") for h in _TRAIN_RESUME_HONOURS for f in h.split("/")}
+    honoured = {"--" + f.strip("-") for h in TRAIN_RESUME_HONOURS for f in h.split("/")}
     neutral = {"-h", "--help", "--data", "--resume", "--work-dir", "--tracking-uri"}
-    assert options == honoured | set(_TRAIN_RESUME_REFUSES) | neutral
+    assert options == honoured | set(TRAIN_RESUME_REFUSES) | neutral
 
 
 def test_tune_resume_refuses_flags_that_change_the_sweep(capsys):

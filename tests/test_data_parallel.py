@@ -16,17 +16,17 @@ import torch
 
 from metarec.batch import from_table
 from metarec.config import apply_overrides
+from metarec.initialise import build_learner
 from metarec.loop import (
     Shard,
     TaskCoverageError,
-    TrainState,
-    build_learner,
     build_optimizer,
     check_coverage,
     rank_rows,
     run_epochs,
     shard_summary,
 )
+from metarec.train_state import TrainState
 
 TIMEOUT_S = 120  # a worker that fails leaves the others at the barrier: fail, don't hang
 

@@ -20,7 +20,8 @@ from metarec.evaluate import (
     relevance_threshold,
     score_tasks,
 )
-from metarec.loop import fit, masked_mae
+from metarec.loop import fit
+from metarec.metrics import masked_mae
 
 
 def test_model_fits_only_where_it_saw_no_held_out_rating(synthetic_prepared):
@@ -137,8 +138,8 @@ def test_scoring_in_chunks_equals_scoring_at_once(synthetic_prepared):
 def registered(synthetic_cfg, synthetic_prepared, tmp_path_factory):
     """A user_cold model trained in process and registered in a SQLite MLflow store."""
     from metarec.checkpoint import make_checkpoint, save_checkpoint
-    from metarec.loop import TrainState
     from metarec.tracking import finish_run, resolve_tracking_uri, start_run
+    from metarec.train_state import TrainState
 
     cfg = apply_overrides(
         synthetic_cfg,

@@ -104,7 +104,7 @@ def test_evaluate_cli_writes_results_json(synthetic_prepared, tmp_path):
 def test_pretrained_item_embeddings_are_scaled_mf_factors(quick_cfg, synthetic_prepared):
     from metarec.baselines import MFFoldIn
     from metarec.batch import from_table
-    from metarec.loop import build_learner
+    from metarec.initialise import build_learner
 
     gd = {"meta.inner_solver": "gd", "meta.adapt": "mlp"}  # no factor head: MLP inputs
     cfg = apply_overrides(quick_cfg, **{"model.pretrain_items": True, **gd})
@@ -123,7 +123,8 @@ def test_factor_head_starts_at_the_mf_foldin_chosen_on_validation_users(
 ):
     from metarec.baselines import MFFoldIn, classic_baselines
     from metarec.batch import from_table
-    from metarec.loop import build_learner, masked_mae
+    from metarec.initialise import build_learner
+    from metarec.metrics import masked_mae
 
     train = from_table(synthetic_prepared.tasks("user_cold", "train"))
     valid = from_table(synthetic_prepared.tasks("user_cold", "valid"))

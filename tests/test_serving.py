@@ -17,7 +17,8 @@ import torch
 from metarec.batch import from_table
 from metarec.catalog import Catalog, FieldError
 from metarec.checkpoint import learner_from_checkpoint, standalone_checkpoint
-from metarec.loop import build_learner, predict_items
+from metarec.initialise import build_learner
+from metarec.loop import predict_items
 from metarec.serving.engine import Engine, Job
 from metarec.serving.schemas import Limits, Rating, RecommendRequest
 from metarec.serving.service import Service

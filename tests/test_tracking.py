@@ -107,13 +107,13 @@ def _registered(uri: str, name: str, mae: float, scenario: str = "user_cold") ->
 
 
 def test_train_ends_with_the_champion_comparison_and_never_moves_champion(tmp_path, capsys):
-    from metarec.cli import _print_against_champion
+    from metarec.commands import print_against_champion
     from metarec.tracking import against_champion, promote
 
     uri, name = f"sqlite:///{tmp_path / 'mlflow.db'}", "metarec-synthetic-h"
     model = f"models:/{name}@candidate"
     first = _registered(uri, name, 0.60)
-    _print_against_champion(uri, model, first)
+    print_against_champion(uri, model, first)
     assert f"none yet; serve this one with: metarec promote {name} 1" in capsys.readouterr().out
 
     promote(uri, name, 1)
@@ -124,16 +124,16 @@ def test_train_ends_with_the_champion_comparison_and_never_moves_champion(tmp_pa
         "valid_mae": 0.60,
         "comparable": True,
     }
-    _print_against_champion(uri, model, worse)
+    print_against_champion(uri, model, worse)
     line = capsys.readouterr().out
     assert "version 1, valid MAE 0.6000; this one 0.6500 (+0.0500, not better)" in line
     assert f"champion unchanged. To replace it: metarec promote {name} 2" in line
 
     better = _registered(uri, name, 0.55)
-    _print_against_champion(uri, model, better)
+    print_against_champion(uri, model, better)
     assert "(-0.0500, better); champion unchanged" in capsys.readouterr().out
     other = _registered(uri, name, 0.10, scenario="item_cold")
-    _print_against_champion(uri, model, other)
+    print_against_champion(uri, model, other)
     assert "validated on other users (another scenario): not compared" in capsys.readouterr().out
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"

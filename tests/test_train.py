@@ -24,7 +24,7 @@ import pytest
 from metarec.checkpoint import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
 from metarec.config import apply_overrides
 from metarec.errors import ConfigError, ModelNotFoundError
-from metarec.loop import TrainState
+from metarec.train_state import TrainState
 from tests.ci import require_module
 from tests.processes import free_port, stop_group
 

@@ -12,7 +12,9 @@ from metarec.checkpoint import make_checkpoint, save_checkpoint
 from metarec.config import apply_overrides
 from metarec.data.prepared import open_prepared, write_prepared
 from metarec.evaluate import method_rows
-from metarec.loop import TrainState, build_learner, predict_items
+from metarec.initialise import build_learner
+from metarec.loop import predict_items
+from metarec.train_state import TrainState
 from metarec.transfer import map_features, transfer_learner, vocab_index
 
 

@@ -22,9 +22,9 @@ from metarec.catalog import catalog_dict
 from metarec.config import MetarecConfig
 from metarec.data.prepared import PreparedDataset
 from metarec.errors import DataError
-from metarec.loop import TrainState
+from metarec.initialise import blank_features, build_recommender
 from metarec.meta import MetaLearner
-from metarec.model import Features, Recommender
+from metarec.train_state import TrainState
 
 __all__ = [
     "CHECKPOINT_VERSION",
@@ -136,26 +136,7 @@ def learner_from_checkpoint(ckpt: dict[str, Any], *, best: bool = True) -> MetaL
     build the network before loading: no dataset required (serving, evaluation elsewhere).
     """
     cfg = MetarecConfig.from_dict(ckpt["config"], where="checkpoint config")
-    spec = ckpt["spec"]
-    sizes = spec["vocab_sizes"]
-    n_items, n_users = spec["n_items"], spec["n_users"]
-    features = Features(
-        item_genres=torch.zeros(n_items, sizes["genre"]),
-        item_year=torch.zeros(n_items, dtype=torch.long),
-        item_seen=torch.ones(n_items, dtype=torch.bool),
-        user_table=torch.zeros(n_users, 4, dtype=torch.long) if n_users else None,
-        vocab_sizes=sizes,
-    )
-    m = cfg.model
-    model = Recommender(
-        features,
-        embedding_dim=m.embedding_dim,
-        hidden=m.hidden,
-        item_id_embedding=m.item_id_embedding,
-        use_user_features=m.user_features,
-        factor_head=cfg.factor_head,
-    )
-    learner = MetaLearner(model, cfg.meta)
+    learner = MetaLearner(build_recommender(cfg, blank_features(ckpt["spec"])), cfg.meta)
     state = ckpt["state"]["best_params"] if best and ckpt["state"]["best_params"] else None
     learner.load_state_dict(state or ckpt["learner"])
     return learner.eval()

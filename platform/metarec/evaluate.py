@@ -31,9 +31,9 @@ from metarec.baselines import MFFoldIn, classic_baselines
 from metarec.batch import TaskBatch, from_table
 from metarec.config import MetaConfig, MetarecConfig, apply_overrides
 from metarec.data.prepared import PreparedDataset
-from metarec.loop import FitResult, fit, masked_mae, predict_items
+from metarec.loop import FitResult, fit, predict_items
 from metarec.meta import MetaLearner
-from metarec.metrics import catalog_metrics, mean_metrics, query_metrics
+from metarec.metrics import catalog_metrics, masked_mae, mean_metrics, query_metrics
 from metarec.stats import LOWER_IS_BETTER, paired_differences, verdict
 
 __all__ = [

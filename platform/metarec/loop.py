@@ -9,28 +9,25 @@ torch's global RNG for the parameter initialisation only.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from metarec.baselines import MFFoldIn, classic_baselines
 from metarec.batch import TaskBatch, bucketed_batches, from_table
-from metarec.config import DEFAULT_PRIOR_PRECISION, MetarecConfig
+from metarec.config import MetarecConfig
 from metarec.data.prepared import PreparedDataset
+from metarec.initialise import build_learner
 from metarec.meta import MetaLearner, meta_gradients, predict
-from metarec.model import Recommender, dataset_features
+from metarec.metrics import masked_mae
+from metarec.mf import MFFoldIn
+from metarec.train_state import TrainState
 
 __all__ = [
     "FitResult",
     "Shard",
     "TaskCoverageError",
-    "TrainState",
-    "build_learner",
     "check_coverage",
     "fit",
     "predict_items",
@@ -51,103 +48,6 @@ def resolve_device(name: str) -> torch.device:
 
 def cfg_dtype(cfg: MetarecConfig) -> torch.dtype:
     return getattr(torch, cfg.train.dtype)
-
-
-def train_ratings_mean(train: TaskBatch) -> float:
-    _, ratings, mask = train.merged()
-    return float(ratings[mask].mean())
-
-
-def build_learner(
-    cfg: MetarecConfig,
-    ds: PreparedDataset,
-    train: TaskBatch,
-    valid: TaskBatch | None = None,
-    *,
-    tuned_mf: MFFoldIn | None = None,
-) -> MetaLearner:
-    """The model sized for ``ds``, initialised from ``cfg.seed``; items rated in ``train``
-    get id embeddings, all others fall back to their features.
-
-    With ``model.pretrain_items``, item factors start at biased ALS on ``train``. With a
-    factor head and ``meta.prior_precision: null`` (the default), the ALS dimension and
-    penalty are chosen on ``valid`` users from the ``mf_foldin`` baseline's grid, and the
-    penalty becomes the head prior's initial precision: the untrained model is then the
-    tuned MF fold-in, whatever the data's scale or taste dynamics. ``tuned_mf``: that
-    choice, already made on these ``train`` and ``valid`` users (evaluation tunes the
-    ``mf_foldin`` baseline on the same grid), so that it is not fitted twice.
-    """
-    torch.manual_seed(cfg.seed)  # parameter init only; batching uses its own generator
-    items, _, mask = train.merged()
-    seen = torch.zeros(ds.manifest["counts"]["items"], dtype=torch.bool)
-    seen[items[mask]] = True
-    m, meta = cfg.model, cfg.meta
-    model = Recommender(
-        dataset_features(ds, seen_items=seen),
-        embedding_dim=m.embedding_dim,
-        hidden=m.hidden,
-        item_id_embedding=m.item_id_embedding,
-        use_user_features=m.user_features,
-        global_mean=train_ratings_mean(train),
-        factor_head=cfg.factor_head,
-    )
-    with torch.no_grad():  # start item biases at shrunk item means: hours of Adam saved
-        model.item_bias.copy_(_item_bias_init(train, len(seen), model.global_mean))
-        if m.pretrain_items and m.item_id_embedding:
-            mf = _item_factors(cfg, train, valid, len(seen), tuned_mf)
-            _set_item_embeddings(model, mf)
-            if cfg.factor_head:  # the ALS penalty is the head prior's initial precision
-                meta = dataclasses.replace(meta, prior_precision=mf.reg)
-    return MetaLearner(model, meta)
-
-
-def _item_factors(
-    cfg: MetarecConfig,
-    train: TaskBatch,
-    valid: TaskBatch | None,
-    n_items: int,
-    tuned: MFFoldIn | None = None,
-) -> MFFoldIn:
-    """Biased ALS on the training users: at ``meta.prior_precision`` if set (or without a
-    factor head, or without validation users), else the ``mf_foldin`` grid point with the
-    lowest fold-in MAE on ``valid`` (dimensions up to ``model.embedding_dim``): ``tuned``
-    when given and inside that grid."""
-    dim, fixed = cfg.model.embedding_dim, cfg.meta.prior_precision
-    if fixed is not None or not cfg.factor_head or valid is None:
-        reg = fixed if fixed is not None and cfg.factor_head else DEFAULT_PRIOR_PRECISION
-        return MFFoldIn(dim=dim, reg=reg, seed=cfg.seed).fit(train, n_items=n_items)
-    full = classic_baselines(seed=cfg.seed)["mf_foldin"].grid
-    grid = [hp for hp in full if hp["dim"] <= dim]
-    if tuned is not None and len(grid) == len(full):  # the same choice, on the same users
-        return tuned
-    fits = [MFFoldIn(**hp).fit(train, n_items=n_items) for hp in grid]
-    maes = [masked_mae(f.predict(valid), valid) for f in fits]
-    return fits[maes.index(min(maes))]
-
-
-def _set_item_embeddings(model: Recommender, mf: MFFoldIn) -> None:
-    """Item-id embeddings (and biases) from biased-MF item factors of the training users.
-
-    ALS sees every training rating at once and regularizes rare items toward zero, which a
-    few hundred meta-batches cannot match; meta-training then refines the factors for
-    few-step adaptation instead of discovering them. A factor head uses the factors as they
-    are (their scale is part of MF's solution; fewer factors than embedding dimensions are
-    zero-padded); otherwise they are rescaled to the MLP input scale of a fresh embedding.
-    """
-    table = model.emb["item"]
-    factors = mf.item_factors_.to(table.dtype)
-    if not model.has_factor_head:
-        factors = factors * (table[1:].std() / factors.std().clamp_min(1e-8))
-    table[1:] = 0.0
-    table[1:, : factors.shape[1]] = factors
-    model.item_bias.copy_(mf.item_bias_.to(model.item_bias.dtype))
-
-
-def _item_bias_init(train: TaskBatch, n_items: int, mu: Tensor, shrinkage: float = 5.0) -> Tensor:
-    items, ratings, mask = train.merged()
-    sums = torch.zeros(n_items).index_add_(0, items[mask], ratings[mask] - mu)
-    counts = torch.zeros(n_items).index_add_(0, items[mask], torch.ones_like(ratings[mask]))
-    return sums / (counts + shrinkage)
 
 
 @dataclass(frozen=True)
@@ -346,12 +246,6 @@ def predict_query(learner: MetaLearner, tasks: TaskBatch, *, chunk: int = 256) -
     return predict_items(learner, tasks, tasks.query_items, chunk=chunk)
 
 
-def masked_mae(pred: Tensor, tasks: TaskBatch) -> float:
-    m = tasks.query_mask
-    per_task = ((pred - tasks.query_ratings).abs() * m).sum(1) / m.sum(1).clamp_min(1)
-    return float(per_task.mean())
-
-
 def build_optimizer(learner: MetaLearner, cfg: MetarecConfig) -> torch.optim.Optimizer:
     """Adam over the meta-parameters; item-id parameters get ``item_lr_scale`` x the lr
     (0 freezes pretrained item factors and biases, see ``model.pretrain_items``)."""
@@ -365,26 +259,6 @@ def build_optimizer(learner: MetaLearner, cfg: MetarecConfig) -> torch.optim.Opt
         },
     ]
     return torch.optim.Adam(groups, lr=cfg.meta.outer_lr, weight_decay=cfg.meta.weight_decay)
-
-
-@dataclass
-class TrainState:
-    """Everything a run needs to go on exactly where it stopped; checkpointed every epoch."""
-
-    epoch: int = 0  # the next epoch to run
-    best_epoch: int = -1
-    best_valid_mae: float = math.inf
-    best_params: dict[str, Tensor] | None = None  # learner.state_dict() of the best epoch
-    history: list[dict[str, float]] = field(default_factory=list)
-    rng: Tensor | None = None  # batching generator's state after the last finished epoch
-    stopped: bool = False  # early stopping has triggered
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainState:
-        return cls(**data)
 
 
 def run_epochs(

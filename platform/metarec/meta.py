@@ -6,7 +6,7 @@ losses, one ``autograd.grad`` of that sum gives every task its own gradient — 
 one set of batched matmuls and one backward, not T of each. Second-order MAML keeps the
 graph (``create_graph=True``); FOMAML and Reptile drop it.
 
-Algorithms (``ALGORITHMS``; one dispatch point, ``meta_gradients``):
+Algorithms (``config.ALGORITHMS``; one dispatch point, ``meta_gradients``):
 - ``maml``    C. Finn et al., ICML 2017, https://arxiv.org/abs/1703.03400 (second order)
 - ``fomaml``  the same without second-order terms
 - ``metasgd`` Z. Li et al., 2017, https://arxiv.org/abs/1707.09835 (learned per-parameter
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metarec.batch import TaskBatch
-from metarec.config import ALGORITHMS, DEFAULT_PRIOR_PRECISION, MetaConfig
+from metarec.config import DEFAULT_PRIOR_PRECISION, MetaConfig
 from metarec.model import (
     ADAPT_GROUPS,
     W0_USER,
@@ -60,8 +60,6 @@ class MetaLearner(nn.Module):
 
     def __init__(self, model: Recommender, cfg: MetaConfig) -> None:
         super().__init__()
-        if cfg.algorithm not in ALGORITHMS:
-            raise ValueError(f"meta.algorithm: got {cfg.algorithm!r}; expected one of {ALGORITHMS}")
         self.model = model
         self.cfg = cfg
         groups = ADAPT_GROUPS["head" if cfg.algorithm == "anil" else cfg.adapt]

@@ -31,16 +31,36 @@ values they hold (NaN and inf included).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["POOLED", "catalog_metrics", "mean_metrics", "pooled_rmse", "query_metrics"]
+__all__ = [
+    "POOLED",
+    "catalog_metrics",
+    "masked_mae",
+    "mean_metrics",
+    "pooled_rmse",
+    "query_metrics",
+    "task_mae",
+]
 
 POOLED: dict[str, tuple[str, str]] = {"rmse": ("sse", "count")}
 """The metric pooled over ratings rather than averaged over tasks: name -> the two per-task
 keys :func:`pooled_rmse` takes. :func:`mean_metrics` replaces those keys by the pooled value."""
+
+
+def task_mae(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """(T,) each task's mean absolute error over its valid query slots: the one MAE, both
+    the reported metric and the validation criterion of early stopping and tuning."""
+    err = torch.where(mask, pred - target, torch.zeros((), dtype=pred.dtype, device=pred.device))
+    return err.abs().sum(1) / mask.sum(1).to(err.dtype)
+
+
+def masked_mae(pred: Tensor, tasks: Any) -> float:
+    """Mean over ``tasks`` (a ``TaskBatch``) of their query MAE, predictions ``pred`` (T, Q)."""
+    return float(task_mae(pred, tasks.query_ratings, tasks.query_mask).mean())
 
 
 def pooled_rmse(sse: Tensor, count: Tensor) -> Tensor:
@@ -245,7 +265,7 @@ def query_metrics(
     n_valid = mask.sum(1).to(dtype)
     err = torch.where(mask, pred - target, zero)
     sse = err.square().sum(1)
-    mae = err.abs().sum(1) / n_valid
+    mae = task_mae(pred, target, mask)
     target = torch.where(mask, target, zero)  # padding may hold NaN; never read as a gain
 
     ndcg3 = _ndcg3_linear(pred, target, mask, n_valid)

@@ -24,14 +24,11 @@ import itertools
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metarec.data.prepared import PreparedDataset
-
-__all__ = ["ADAPT_GROUPS", "Params", "Recommender", "dataset_features"]
+__all__ = ["ADAPT_GROUPS", "Features", "Params", "Recommender"]
 
 Params = dict[str, Tensor]
 _RMS_EPS = 1e-5  # unit-RMS epsilon (hidden() and support_grads() must agree)
@@ -40,7 +37,6 @@ W0_ITEM, W0_USER = "mlp.0_weight:item", "mlp.0_weight:user"
 # ... and, instead of W0_USER, the user block's output u @ W_u (T, 1, H) as an input, and
 # its gradient's row s (the gradient is the outer product u^T s) as an output.
 W0_USER_PROJ, W0_USER_ROW = "mlp.0_weight:user_proj", "mlp.0_weight:user_row"
-USER_FEATURES = ("age_bucket", "gender", "occupation", "zip_prefix")
 # Which parameters adapt per user, by the `meta.adapt` setting (prefix match on names).
 ADAPT_GROUPS = {
     "head": ("head.",),
@@ -51,13 +47,23 @@ ADAPT_GROUPS = {
 
 @dataclass(frozen=True)
 class Features:
-    """Integer-encoded side tables of one prepared dataset (see ``data.features``)."""
+    """Integer-encoded side tables of a dataset (``initialise.dataset_features`` reads them:
+    the network knows nothing of files)."""
 
     item_genres: Tensor  # (I, G) float multi-hot, rows normalised to sum 1 (mean of the bag)
     item_year: Tensor  # (I,) long year bucket, 0 = unknown
     item_seen: Tensor  # (I,) bool: rated in training, so its id embedding means something
-    user_table: Tensor | None  # (U, 4) long user features, None when the dataset has none
+    user_table: Tensor | None  # (U, F) long user features, None when the dataset has none
     vocab_sizes: dict[str, int]
+    user_names: tuple[str, ...] = ()  # user_table's columns (their vocab_sizes keys)
+
+    def __post_init__(self) -> None:
+        columns = 0 if self.user_table is None else self.user_table.shape[1]
+        if columns != len(self.user_names):
+            raise ValueError(
+                f"user_names: got {len(self.user_names)} names for a user_table of {columns} "
+                "columns; expected one name (a vocab_sizes key) per column"
+            )
 
 
 @dataclass(frozen=True)
@@ -68,33 +74,6 @@ class SupportSet:
     user_x: Tensor | None  # (T, 1, Fu) user-side inputs
     residual: Tensor  # (T, S, 1) mu + item bias - rating: the prediction error without the MLP
     weight: Tensor  # (T, S, 1) 2 mask / support size: d(mean squared error) / d(error)
-
-
-def dataset_features(ds: PreparedDataset, *, seen_items: Tensor | None = None) -> Features:
-    """Build ``Features`` from a prepared dataset (kept here so the model owns its inputs)."""
-    items = ds.items()
-    sizes = dict(ds.manifest["vocab_sizes"])
-    n_items = items.num_rows
-    genres = items.column("genres").combine_chunks()  # list<int16>, one list per item
-    lengths = torch.from_numpy(np.diff(genres.offsets.to_numpy()).astype(np.int64))
-    rows = torch.repeat_interleave(torch.arange(n_items), lengths)
-    cols = torch.from_numpy(genres.flatten().to_numpy().astype(np.int64))
-    multi_hot = torch.zeros(n_items, sizes["genre"])
-    multi_hot[rows, cols] = 1.0
-    multi_hot /= multi_hot.sum(1, keepdim=True).clamp_min(1.0)
-    user_table = None
-    if ds.manifest["features"]["has_user_features"]:
-        users = ds.users()
-        user_table = torch.stack(
-            [torch.as_tensor(users.column(c).to_numpy().astype("int64")) for c in USER_FEATURES], 1
-        )
-    return Features(
-        item_genres=multi_hot,
-        item_year=torch.as_tensor(items.column("year_bucket").to_numpy().astype("int64")),
-        item_seen=seen_items if seen_items is not None else torch.ones(n_items, dtype=torch.bool),
-        user_table=user_table,
-        vocab_sizes=sizes,
-    )
 
 
 class Recommender(nn.Module):
@@ -136,6 +115,7 @@ class Recommender(nn.Module):
         self.register_buffer("global_mean", torch.tensor(float(global_mean)))
         self.use_user = use_user_features and features.user_table is not None
         self.vocab_sizes = dict(features.vocab_sizes)  # what a checkpoint needs to rebuild it
+        self.user_names = features.user_names if self.use_user else ()
         if self.use_user:
             self.register_buffer("user_table", features.user_table)
         self.item_id_embedding = item_id_embedding
@@ -149,11 +129,11 @@ class Recommender(nn.Module):
                 table[0].zero_()
             emb["item"] = table
         if self.use_user:
-            for name in USER_FEATURES:
+            for name in self.user_names:
                 emb[name] = _init_emb(features.vocab_sizes[name], d)
         self.emb = nn.ParameterDict(emb)
         self.item_bias = nn.Parameter(torch.zeros(n_items))
-        widths = [d * (2 + item_id_embedding + 4 * self.use_user), *hidden]
+        widths = [d * (2 + item_id_embedding + len(self.user_names)), *hidden]
         self.mlp = nn.ParameterDict()
         for k, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
             self.mlp[f"{k}_weight"] = _init_linear(fan_in, fan_out)
@@ -237,11 +217,11 @@ class Recommender(nn.Module):
             parts.append(_lookup(self.emb["item"], self.item_id_index[items]))
         user_x = None
         if self.use_user:
-            feats = self.user_table[users]  # (..., 4)
+            feats = self.user_table[users]  # (..., F)
+            names = enumerate(self.user_names)
             user_x = torch.cat(
-                [_lookup(self.emb[n], feats[..., k : k + 1]) for k, n in enumerate(USER_FEATURES)],
-                -1,
-            )  # (..., 1, 4D)
+                [_lookup(self.emb[n], feats[..., k : k + 1]) for k, n in names], -1
+            )  # (..., 1, F D)
         return torch.cat(parts, -1), user_x
 
     @torch.no_grad()
@@ -412,7 +392,8 @@ class Recommender(nn.Module):
         if "mlp.0_weight" not in params or not self.use_user:
             return params
         out = dict(params)
-        fi = self.mlp["0_weight"].shape[0] - 4 * self.emb["gender"].shape[-1]
+        d = self.emb["genre"].shape[-1]
+        fi = self.mlp["0_weight"].shape[0] - len(self.user_names) * d
         w = out.pop("mlp.0_weight")
         if isinstance(w, Tensor):
             out[W0_ITEM], out[W0_USER] = w.split([fi, w.shape[-2] - fi], dim=-2)

@@ -61,16 +61,16 @@ from metarec.checkpoint import (
 from metarec.config import MetarecConfig, apply_overrides
 from metarec.data.prepared import PreparedDataset, open_prepared
 from metarec.errors import ConfigError
+from metarec.initialise import build_learner
 from metarec.loop import (
     Shard,
-    TrainState,
-    build_learner,
     build_optimizer,
     cfg_dtype,
     rank_rows,
     run_epochs,
     shard_summary,
 )
+from metarec.train_state import TrainState
 
 __all__ = ["TrainOutcome", "resume", "resumed_config", "run_checkpoints", "train"]
 

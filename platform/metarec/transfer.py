@@ -21,10 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from metarec.data.features import USER_FEATURES
 from metarec.data.prepared import PreparedDataset
 from metarec.errors import DataError
+from metarec.initialise import dataset_features
 from metarec.meta import MetaLearner
-from metarec.model import USER_FEATURES, Features, Recommender, dataset_features
+from metarec.model import Features, Recommender
 
 __all__ = ["FeatureMapping", "map_features", "transfer_learner", "vocab_index"]
 
@@ -102,6 +104,7 @@ def _mapped_features(
         item_seen=torch.zeros(len(year), dtype=torch.bool),  # every B item: A's unseen row
         user_table=users,
         vocab_sizes=source_sizes,
+        user_names=USER_FEATURES if use_user else (),
     )
 
 

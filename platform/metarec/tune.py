@@ -27,7 +27,6 @@ from metarec.checkpoint import load_checkpoint
 from metarec.config import MetarecConfig, apply_overrides
 from metarec.data.prepared import open_prepared
 from metarec.errors import ConfigError, MetarecError
-from metarec.loop import TrainState
 from metarec.train import (
     build_trainer,
     connect_ray,
@@ -35,6 +34,7 @@ from metarec.train import (
     model_name,
     run_checkpoints,
 )
+from metarec.train_state import TrainState
 
 __all__ = ["Dimension", "SweepOutcome", "parse_space", "tune"]
 

@@ -17,10 +17,20 @@ import pyarrow as pa
 from metarec.data.sources import RawData
 from metarec.errors import DataError
 
-__all__ = ["AGE_EDGES", "YEAR_RANGE", "Encoded", "age_buckets", "encode", "zip_prefixes"]
+__all__ = [
+    "AGE_EDGES",
+    "USER_FEATURES",
+    "YEAR_RANGE",
+    "Encoded",
+    "age_buckets",
+    "encode",
+    "zip_prefixes",
+]
 
 UNK = "<unk>"
 YEAR_RANGE = (1920, 2030)  # per-year buckets, clipped at the ends; 0 = unknown year
+# The encoded user features, in the column order of users.parquet and the model's table.
+USER_FEATURES = ("age_bucket", "gender", "occupation", "zip_prefix")
 AGE_EDGES = (18, 25, 35, 45, 50, 56)  # MovieLens 1M's age groups, used for every source
 AGE_NAMES = (UNK, "<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+")
 ZIP_NAMES = (UNK, *"0123456789")

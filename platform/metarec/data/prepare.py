@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from metarec import __version__
 from metarec.config import SCENARIOS, MetarecConfig
 from metarec.data import synthetic
-from metarec.data.features import encode
+from metarec.data.features import USER_FEATURES, encode
 from metarec.data.feedback import fold_feedback
 from metarec.data.prepared import PreparedDataset, open_prepared, write_prepared
 from metarec.data.sources import RawData, load_source
@@ -185,9 +185,7 @@ def _manifest(
         },
         "features": {
             "item": ["genre", "year_bucket"],
-            "user": ["age_bucket", "gender", "occupation", "zip_prefix"]
-            if enc.has_user_features
-            else [],
+            "user": list(USER_FEATURES) if enc.has_user_features else [],
             "has_user_features": enc.has_user_features,
         },
         "vocab_sizes": {k: len(v) for k, v in enc.vocab.items()},

@@ -27,7 +27,6 @@ from fastapi import Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
-from pydantic import BaseModel, Field
 from ray import serve
 
 from metarec import __version__
@@ -38,10 +37,11 @@ from metarec.loop import resolve_device
 from metarec.serving.engine import Engine, Job, Result
 from metarec.serving.schemas import (
     HARD_MAX_ITEMS,
+    Deployment,
     FeedbackRequest,
-    Limits,
     PredictRequest,
     RecommendRequest,
+    ServeSettings,
 )
 from metarec.serving.service import Service
 from metarec.serving.sessions import FeedbackLog, Sessions
@@ -52,22 +52,6 @@ log = logging.getLogger(__name__)
 TOKEN_ENV = "METAREC_API_TOKEN"
 MAX_BODY_BYTES = 4 << 20
 UserId = Annotated[str, PathParam(min_length=1, max_length=128, pattern=r"^[\w.@:-]+$")]
-
-
-class ServeSettings(BaseModel):
-    """What a replica loads and how it behaves (``args`` in ``serve/config.yaml``)."""
-
-    model: str | None = Field(
-        None, description="models:/NAME@ALIAS, runs:/..., or a checkpoint path"
-    )
-    tracking_uri: str | None = None
-    work_dir: str = "work"
-    feedback_dir: str | None = None  # default <work_dir>/feedback
-    steps: int | None = Field(None, ge=0, le=100)  # inner steps (default: the model's)
-    device: str = "auto"
-    threads: int | None = Field(None, ge=1)  # torch threads per replica
-    max_sessions: int = Field(1000, ge=1)  # each caches fast weights: ~150 KB (ml100k net)
-    limits: Limits = Field(default_factory=Limits)
 
 
 def default_model(work_dir: str | os.PathLike) -> str:
@@ -213,7 +197,8 @@ api.add_middleware(Guard)
 
 K = Annotated[int, Query(ge=1, le=HARD_MAX_ITEMS)]
 # Micro-batching defaults (the deployment's user_config; `serve deploy` changes them live).
-MAX_BATCH_SIZE, BATCH_WAIT_S = 32, 0.002
+MAX_BATCH_SIZE = Deployment().max_batch_size
+BATCH_WAIT_S = Deployment().batch_wait_ms / 1000
 
 
 def _replica_grpc_on_loopback() -> None:
@@ -334,17 +319,7 @@ def build_app(args: ServeSettings) -> serve.Application:
     return MetarecServer.bind(args.model_dump())
 
 
-def serve_forever(
-    settings: ServeSettings,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    replicas: int = 1,
-    num_cpus: float = 1.0,
-    max_batch_size: int = MAX_BATCH_SIZE,
-    batch_wait_timeout_s: float = BATCH_WAIT_S,
-    access_log: bool = False,
-) -> None:
+def serve_forever(settings: ServeSettings, deployment: Deployment | None = None) -> None:
     """``metarec serve``: start (or join) Ray, run the app on host:port until Ctrl-C."""
     import ray
 
@@ -354,19 +329,21 @@ def serve_forever(
     require_catalog(ckpt)
     settings = settings.model_copy(update={"model": model})
     connect_ray()
-    options: dict[str, Any] = {"num_cpus": num_cpus}
+    d = deployment or Deployment()
+    options: dict[str, Any] = {"num_cpus": d.num_cpus}
     if os.environ.get(TOKEN_ENV):  # replicas of a joined cluster do not share our env
         options["runtime_env"] = {"env_vars": {TOKEN_ENV: os.environ[TOKEN_ENV]}}
     app = MetarecServer.options(
-        num_replicas=replicas,
+        num_replicas=d.replicas,
         ray_actor_options=options,
-        max_ongoing_requests=max(256, 2 * max_batch_size),
-        logging_config={"enable_access_log": access_log},
+        max_ongoing_requests=max(256, 2 * d.max_batch_size),
+        logging_config={"enable_access_log": d.access_log},
         user_config={
-            "max_batch_size": max_batch_size,
-            "batch_wait_timeout_s": batch_wait_timeout_s,
+            "max_batch_size": d.max_batch_size,
+            "batch_wait_timeout_s": d.batch_wait_ms / 1000,
         },
     ).bind(settings.model_dump())
+    host, port = d.host, d.port
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name="metarec", route_prefix="/", blocking=False)
     print(f"metarec serving at http://{host}:{port}  (API docs: http://{host}:{port}/docs)")

@@ -1,0 +1,265 @@
+"""What ``metarec evaluate`` and ``metarec report`` do, given their options.
+
+Resolves the request (config, dataset, user splits, baselines, a given or transferred model)
+before any training, so a bad option fails in a second rather than after an hour; then runs
+``evaluate.evaluate`` and writes the results (and, for a registered model, logs them to its
+MLflow run). Kept apart from the CLI so that the CLI only parses and dispatches.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from metarec.config import load_config
+from metarec.errors import ConfigError
+
+__all__ = ["EvaluationRequest", "evaluate_command", "report_command"]
+
+SHOTS = (0, 1, 2, 4, 8, 16, 32)
+
+
+@dataclass
+class EvaluationRequest:
+    """The options of ``metarec evaluate`` / ``report`` (see their ``--help``)."""
+
+    data: str
+    out: str
+    config: str | None = None
+    overrides: list[str] = field(default_factory=list)  # --set KEY=VALUE
+    flags: dict[str, Any] = field(default_factory=dict)  # dotted config keys from flags
+    scenarios: list[str] | None = None
+    seeds: list[int] = field(default_factory=lambda: [0])
+    split_seeds: list[int] | None = None
+    splits: str | None = None
+    relevance_threshold: float | None = None
+    tune_adaptation: bool = True
+    bootstrap: int = 2000
+    baselines: str = "all"
+    model: str | None = None
+    cross_domain: bool = False
+    source_data: str | None = None
+    work_dir: str = "work"
+    tracking_uri: str | None = None
+    shots: list[int] = field(default_factory=lambda: list(SHOTS))  # report only
+    curve_steps: int = 10  # report only
+
+
+@dataclass
+class _Evaluation:
+    """What `evaluate`/`report` score, resolved from the arguments before any training."""
+
+    cfg: Any  # MetarecConfig (imported lazily: `metarec --help` stays fast)
+    ds: Any  # PreparedDataset
+    scenarios: list[str] = field(default_factory=list)
+    baselines: tuple[str, ...] = ()
+    learner: Any = None  # the given model (same dataset)
+    history: list[dict[str, float]] | None = None  # its training history
+    extra: dict[str, Any] | None = None  # --cross-domain: the transferred model's scorers
+    transfer: dict[str, Any] | None = None  # --cross-domain: what was mapped (transfer.json)
+    splits: list[Any] | None = None  # (label, dataset) per user split
+
+    def run(self, req: EvaluationRequest, on_seed: Any = None) -> dict[str, dict[str, Any]]:
+        from metarec.evaluate import evaluate
+
+        return evaluate(
+            self.cfg,
+            self.ds,
+            scenarios=self.scenarios,
+            seeds=req.seeds,
+            splits=self.splits,
+            baselines=self.baselines,
+            log=lambda msg: print(msg, file=sys.stderr, flush=True),
+            learner=self.learner,
+            extra=self.extra,
+            on_seed=on_seed,
+            threshold=req.relevance_threshold,
+            tune_adaptation=req.tune_adaptation,
+            resamples=req.bootstrap,
+        )
+
+
+def _evaluation(req: EvaluationRequest, default_scenario: str | None) -> _Evaluation:
+    """Resolve config, dataset, scenarios, baselines and the given (or transferred) model."""
+    from metarec.data.prepared import open_prepared
+
+    cfg = load_config(req.config, overrides=req.overrides, **req.flags)
+    ds = open_prepared(req.data)
+    if req.cross_domain and not req.model:
+        raise ConfigError("--cross-domain: got no --model; expected the model to transfer")
+    ev = _load_model(req, ds) if req.model else _Evaluation(cfg, ds)
+    scenarios = req.scenarios or [default_scenario or ev.cfg.train.scenario]
+    ev.scenarios = ds.scenarios if "all" in scenarios else scenarios
+    for s in ev.scenarios:
+        ds.task_path(s, "test")  # unknown scenario -> clear error before any training
+    ev.baselines = _baselines(req.baselines)
+    ev.splits = _splits(req, ds, ev.scenarios)
+    return ev
+
+
+def _splits(req: EvaluationRequest, ds: Any, scenarios: list[str]) -> list[Any] | None:
+    """``--split-seeds`` / ``--splits``: the user splits to evaluate on (None: the prepared)."""
+    from metarec.data.splits import external_split, resplit
+
+    if req.splits and req.split_seeds:
+        raise ConfigError("--splits: got it with --split-seeds; expected one or the other")
+    if req.bootstrap < 1000:
+        raise ConfigError(f"--bootstrap: got {req.bootstrap}; expected at least 1000")
+    if req.splits:
+        if scenarios != ["user_cold"]:
+            raise ConfigError(
+                f"--scenario: got {scenarios} with --splits; expected user_cold only (a split "
+                "file defines user_cold's users and queries)"
+            )
+        return [(Path(req.splits).name, external_split(ds, req.splits))]
+    if req.split_seeds:
+        if len(set(req.split_seeds)) != len(req.split_seeds):
+            raise ConfigError(f"--split-seeds: got {req.split_seeds}; expected distinct seeds")
+        return [(s, resplit(ds, s)) for s in req.split_seeds]
+    return None
+
+
+def _baselines(arg: str) -> tuple[str, ...]:
+    from metarec.evaluate import BASELINES
+
+    if arg in ("all", "none"):
+        return BASELINES if arg == "all" else ()
+    names = tuple(b.strip() for b in arg.split(",") if b.strip())
+    unknown = sorted(set(names) - set(BASELINES))
+    if unknown:
+        raise ConfigError(
+            f"--baselines: got {unknown[0]!r}; expected a subset of {list(BASELINES)}, "
+            "'all' or 'none'"
+        )
+    return names
+
+
+def _load_model(req: EvaluationRequest, ds: Any) -> _Evaluation:
+    """``--model``: scored as it is on its own dataset, transferred with ``--cross-domain``."""
+    from metarec.checkpoint import learner_from_checkpoint, load_checkpoint
+    from metarec.config import MetarecConfig
+    from metarec.tracking import resolve_checkpoint, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(req.tracking_uri, req.work_dir)
+    ckpt = load_checkpoint(resolve_checkpoint(req.model, uri))
+    cfg = _model_config(req, MetarecConfig.from_dict(ckpt["config"], where=req.model))
+    learner = learner_from_checkpoint(ckpt)
+    if not req.cross_domain:
+        if ckpt["dataset_hash"] != ds.manifest["dataset_hash"]:
+            raise ConfigError(
+                f"--model {req.model}: got a model trained on prepared dataset "
+                f"{ckpt['dataset_hash']}; expected one trained on --data "
+                f"({ds.manifest['dataset_hash']}). Pass --cross-domain to transfer it."
+            )
+        return _Evaluation(cfg, ds, learner=learner, history=ckpt["state"]["history"])
+    from metarec.evaluate import AdaptedScorer
+    from metarec.transfer import transfer_learner
+
+    moved, mapping = transfer_learner(learner, _source_vocab(req, ckpt), ds)
+    extra = {"transfer": AdaptedScorer(moved), "transfer_noadapt": AdaptedScorer(moved, steps=0)}
+    transfer = {
+        "model": req.model,
+        "source_dataset_hash": ckpt["dataset_hash"],
+        "target": {k: ds.manifest[k] for k in ("dataset_hash", "source")},
+        "coverage": mapping.coverage(),
+        "missing": mapping.missing,
+    }
+    return _Evaluation(cfg, ds, extra=extra, transfer=transfer)
+
+
+def _model_config(req: EvaluationRequest, cfg: Any) -> Any:
+    """The model's config, with ``--set``, ``--epochs`` and ``--seed`` on top: they shape
+    what is trained here (baselines, fits where the model cannot be scored); ``--algorithm``
+    only with ``--cross-domain`` (the given model is scored as what it is)."""
+    from metarec.config import apply_overrides, parse_overrides
+
+    algorithm = req.flags.get("meta.algorithm")
+    if algorithm and not req.cross_domain:
+        raise ConfigError(
+            f"--algorithm: got {algorithm!r} with --model; expected none (the model's "
+            f"own algorithm, {cfg.meta.algorithm}, is what is scored)"
+        )
+    flags = {k: v for k, v in req.flags.items() if v is not None}
+    return apply_overrides(cfg, **(parse_overrides(req.overrides) | flags))
+
+
+def _source_vocab(req: EvaluationRequest, ckpt: dict[str, Any]) -> dict[str, list[str]]:
+    """The feature names of the model's training data: from its checkpoint, else from
+    ``--source-data`` (checked to be the dataset it was trained on)."""
+    from metarec.data.prepared import open_prepared
+
+    vocab = (ckpt.get("catalog") or {}).get("vocab")
+    if vocab is not None:
+        return vocab
+    if not req.source_data:
+        raise ConfigError(
+            f"--source-data: got none; expected the prepared dataset {req.model} was trained "
+            "on (its checkpoint carries no feature names)"
+        )
+    src = open_prepared(req.source_data)
+    if src.manifest["dataset_hash"] != ckpt["dataset_hash"]:
+        raise ConfigError(
+            f"--source-data {req.source_data}: got dataset {src.manifest['dataset_hash']}; "
+            f"expected {ckpt['dataset_hash']}, the one the model was trained on"
+        )
+    return src.manifest["vocab"]
+
+
+def _finish_evaluation(
+    req: EvaluationRequest, ev: _Evaluation, results: dict, files: list[Path]
+) -> None:
+    """transfer.json (--cross-domain); attach everything to ``--model``'s MLflow run."""
+    from metarec.evaluate import write_json_atomic
+
+    if ev.transfer is not None:
+        files.append(write_json_atomic(Path(req.out) / "transfer.json", ev.transfer))
+    print(f"wrote {req.out}: " + ", ".join(f.name for f in files))
+    if not req.model or not req.model.startswith(("models:/", "runs:/")):
+        return
+    from metarec.tracking import describe_model, log_evaluation, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(req.tracking_uri, req.work_dir)
+    run_id = describe_model(req.model, uri)["run_id"]
+    if run_id is None:
+        return
+    m = ev.ds.manifest
+    prefix = "eval"
+    if ev.transfer is not None:
+        prefix = f"cross_domain/{m['source']['name']}-{m['dataset_hash'][:8]}"
+    log_evaluation(uri, run_id, results, files, prefix=prefix)
+    print(f"logged to MLflow run {run_id} under {prefix}/")
+
+
+def evaluate_command(req: EvaluationRequest) -> None:
+    from metarec.evaluate import format_table, write_results
+
+    ev = _evaluation(req, None)
+    results = ev.run(req)
+    print(format_table(results))
+    _finish_evaluation(req, ev, results, [write_results(results, req.out)])
+
+
+def report_command(req: EvaluationRequest) -> None:
+    from metarec.report import CurveCollector, report_header, write_report
+
+    ev = _evaluation(req, "all")
+    collector = CurveCollector(
+        shots=req.shots, steps=range(req.curve_steps + 1), history=ev.history
+    )
+    results = ev.run(req, on_seed=collector)
+    title, preamble, notes = report_header(
+        ev.ds.manifest,
+        ev.cfg,
+        results,
+        data=req.data,
+        model=req.model,
+        seeds=req.seeds,
+        transfer=ev.transfer,
+    )
+    files = write_report(
+        req.out, results, collector.summary(), title=title, preamble=preamble, notes=notes
+    )
+    _finish_evaluation(req, ev, results, files)
+    print(f"report:     {Path(req.out) / 'report.md'}")

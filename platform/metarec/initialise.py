@@ -1,0 +1,177 @@
+"""Building a learner: the network sized for a dataset, and where its weights start.
+
+The one place a ``Recommender`` is built from a config (training, and checkpoints rebuilt
+without their dataset), and the one place its item factors start from MF (ALS on the
+training users, ``metarec.mf``), so that the untrained model is MF fold-in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from metarec.batch import TaskBatch
+from metarec.config import DEFAULT_PRIOR_PRECISION, MetarecConfig
+from metarec.data.features import USER_FEATURES
+from metarec.data.prepared import PreparedDataset
+from metarec.meta import MetaLearner
+from metarec.metrics import masked_mae
+from metarec.mf import MF_GRID, MFFoldIn
+from metarec.model import Features, Recommender
+
+__all__ = [
+    "blank_features",
+    "build_learner",
+    "build_recommender",
+    "dataset_features",
+    "train_ratings_mean",
+]
+
+
+def dataset_features(ds: PreparedDataset, *, seen_items: Tensor | None = None) -> Features:
+    """The network's ``Features`` from a prepared dataset's item and user tables."""
+    items = ds.items()
+    sizes = dict(ds.manifest["vocab_sizes"])
+    n_items = items.num_rows
+    genres = items.column("genres").combine_chunks()  # list<int16>, one list per item
+    lengths = torch.from_numpy(np.diff(genres.offsets.to_numpy()).astype(np.int64))
+    rows = torch.repeat_interleave(torch.arange(n_items), lengths)
+    cols = torch.from_numpy(genres.flatten().to_numpy().astype(np.int64))
+    multi_hot = torch.zeros(n_items, sizes["genre"])
+    multi_hot[rows, cols] = 1.0
+    multi_hot /= multi_hot.sum(1, keepdim=True).clamp_min(1.0)
+    user_table = None
+    if ds.manifest["features"]["has_user_features"]:
+        users = ds.users()
+        user_table = torch.stack(
+            [torch.as_tensor(users.column(c).to_numpy().astype("int64")) for c in USER_FEATURES], 1
+        )
+    return Features(
+        item_genres=multi_hot,
+        item_year=torch.as_tensor(items.column("year_bucket").to_numpy().astype("int64")),
+        item_seen=seen_items if seen_items is not None else torch.ones(n_items, dtype=torch.bool),
+        user_table=user_table,
+        vocab_sizes=sizes,
+        user_names=USER_FEATURES if user_table is not None else (),
+    )
+
+
+def blank_features(spec: dict[str, Any]) -> Features:
+    """Zero tables of a checkpoint's shapes (``spec``): its saved state fills them in."""
+    sizes = spec["vocab_sizes"]
+    n_items, n_users = spec["n_items"], spec["n_users"]
+    return Features(
+        item_genres=torch.zeros(n_items, sizes["genre"]),
+        item_year=torch.zeros(n_items, dtype=torch.long),
+        item_seen=torch.ones(n_items, dtype=torch.bool),
+        user_table=torch.zeros(n_users, len(USER_FEATURES), dtype=torch.long) if n_users else None,
+        vocab_sizes=sizes,
+        user_names=USER_FEATURES if n_users else (),
+    )
+
+
+def build_recommender(
+    cfg: MetarecConfig, features: Features, global_mean: float = 0.0
+) -> Recommender:
+    m = cfg.model
+    return Recommender(
+        features,
+        embedding_dim=m.embedding_dim,
+        hidden=m.hidden,
+        item_id_embedding=m.item_id_embedding,
+        use_user_features=m.user_features,
+        global_mean=global_mean,
+        factor_head=cfg.factor_head,
+    )
+
+
+def train_ratings_mean(train: TaskBatch) -> float:
+    _, ratings, mask = train.merged()
+    return float(ratings[mask].mean())
+
+
+def build_learner(
+    cfg: MetarecConfig,
+    ds: PreparedDataset,
+    train: TaskBatch,
+    valid: TaskBatch | None = None,
+    *,
+    tuned_mf: MFFoldIn | None = None,
+) -> MetaLearner:
+    """The model sized for ``ds``, initialised from ``cfg.seed``; items rated in ``train``
+    get id embeddings, all others fall back to their features.
+
+    With ``model.pretrain_items``, item factors start at biased ALS on ``train``. With a
+    factor head and ``meta.prior_precision: null`` (the default), the ALS dimension and
+    penalty are chosen on ``valid`` users from the ``mf_foldin`` baseline's grid, and the
+    penalty becomes the head prior's initial precision: the untrained model is then the
+    tuned MF fold-in, whatever the data's scale or taste dynamics. ``tuned_mf``: that
+    choice, already made on these ``train`` and ``valid`` users (evaluation tunes the
+    ``mf_foldin`` baseline on the same grid), so that it is not fitted twice.
+    """
+    torch.manual_seed(cfg.seed)  # parameter init only; batching uses its own generator
+    items, _, mask = train.merged()
+    seen = torch.zeros(ds.manifest["counts"]["items"], dtype=torch.bool)
+    seen[items[mask]] = True
+    m, meta = cfg.model, cfg.meta
+    model = build_recommender(cfg, dataset_features(ds, seen_items=seen), train_ratings_mean(train))
+    with torch.no_grad():  # start item biases at shrunk item means: hours of Adam saved
+        model.item_bias.copy_(_item_bias_init(train, len(seen), model.global_mean))
+        if m.pretrain_items and m.item_id_embedding:
+            mf = _item_factors(cfg, train, valid, len(seen), tuned_mf)
+            _set_item_embeddings(model, mf)
+            if cfg.factor_head:  # the ALS penalty is the head prior's initial precision
+                meta = dataclasses.replace(meta, prior_precision=mf.reg)
+    return MetaLearner(model, meta)
+
+
+def _item_factors(
+    cfg: MetarecConfig,
+    train: TaskBatch,
+    valid: TaskBatch | None,
+    n_items: int,
+    tuned: MFFoldIn | None = None,
+) -> MFFoldIn:
+    """Biased ALS on the training users: at ``meta.prior_precision`` if set (or without a
+    factor head, or without validation users), else the ``mf_foldin`` grid point with the
+    lowest fold-in MAE on ``valid`` (dimensions up to ``model.embedding_dim``): ``tuned``
+    when given and inside that grid."""
+    dim, fixed = cfg.model.embedding_dim, cfg.meta.prior_precision
+    if fixed is not None or not cfg.factor_head or valid is None:
+        reg = fixed if fixed is not None and cfg.factor_head else DEFAULT_PRIOR_PRECISION
+        return MFFoldIn(dim=dim, reg=reg, seed=cfg.seed).fit(train, n_items=n_items)
+    grid = [hp for hp in MF_GRID if hp["dim"] <= dim]
+    if tuned is not None and len(grid) == len(MF_GRID):  # the same choice, on the same users
+        return tuned
+    fits = [MFFoldIn(**hp, seed=cfg.seed).fit(train, n_items=n_items) for hp in grid]
+    maes = [masked_mae(f.predict(valid), valid) for f in fits]
+    return fits[maes.index(min(maes))]
+
+
+def _set_item_embeddings(model: Recommender, mf: MFFoldIn) -> None:
+    """Item-id embeddings (and biases) from biased-MF item factors of the training users.
+
+    ALS sees every training rating at once and regularizes rare items toward zero, which a
+    few hundred meta-batches cannot match; meta-training then refines the factors for
+    few-step adaptation instead of discovering them. A factor head uses the factors as they
+    are (their scale is part of MF's solution; fewer factors than embedding dimensions are
+    zero-padded); otherwise they are rescaled to the MLP input scale of a fresh embedding.
+    """
+    table = model.emb["item"]
+    factors = mf.item_factors_.to(table.dtype)
+    if not model.has_factor_head:
+        factors = factors * (table[1:].std() / factors.std().clamp_min(1e-8))
+    table[1:] = 0.0
+    table[1:, : factors.shape[1]] = factors
+    model.item_bias.copy_(mf.item_bias_.to(model.item_bias.dtype))
+
+
+def _item_bias_init(train: TaskBatch, n_items: int, mu: Tensor, shrinkage: float = 5.0) -> Tensor:
+    items, ratings, mask = train.merged()
+    sums = torch.zeros(n_items).index_add_(0, items[mask], ratings[mask] - mu)
+    counts = torch.zeros(n_items).index_add_(0, items[mask], torch.ones_like(ratings[mask]))
+    return sums / (counts + shrinkage)

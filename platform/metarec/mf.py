@@ -1,0 +1,168 @@
+"""Biased matrix factorization by ALS, and the estimator contract every baseline follows.
+
+MF fold-in is both a baseline (``metarec.baselines``) and where the meta-learner's item
+factors start (``metarec.initialise``), so it lives here, below both: the meta-learning core
+never imports the baselines it is compared with.
+
+The contract is scikit-learn's: ``fit(train, n_items=...) -> self`` learns from the
+training users' tasks (support and query both: all their ratings); ``predict_items(tasks,
+items) -> (T, N)`` scores any items for each evaluation task using only that task's
+*support* ratings. Learned state ends in ``_``; ``__init__`` only stores hyperparameters
+(``get_params``/``set_params``), which evaluation picks on validation users.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from metarec.batch import TaskBatch
+
+__all__ = ["MF_GRID", "Estimator", "Groups", "MFFoldIn", "flat_ratings", "ridge_rows"]
+
+# MF fold-in's hyperparameters tried on validation users (factor count, penalty); the
+# meta-learner's item factors start at the same grid's choice.
+MF_GRID: tuple[dict[str, Any], ...] = tuple(
+    {"dim": d, "reg": r} for d in (8, 16, 32) for r in (3.0, 10.0, 30.0)
+)
+
+MAX_PADDED = 16_000_000  # elements of one padded (groups, width, F) chunk
+
+
+def flat_ratings(tasks: TaskBatch, *, support_only: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(row, item, rating) of every valid rating, rows indexing tasks."""
+    if support_only:
+        items, ratings, mask = tasks.support_items, tasks.support_ratings, tasks.support_mask
+    else:
+        items, ratings, mask = tasks.merged()
+    rows = torch.arange(tasks.num_tasks).unsqueeze(1).expand_as(mask)
+    return rows[mask], items[mask], ratings[mask].double()
+
+
+class Estimator:
+    """What every baseline shares: scikit-learn's parameter access and the fitted check."""
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+        return {n: getattr(self, n) for n in names}
+
+    def set_params(self, **params: Any) -> Estimator:
+        valid = self.get_params()
+        for name, value in params.items():
+            if name not in valid:
+                raise ValueError(
+                    f"{name}: not a parameter of {type(self).__name__}; expected one of "
+                    f"{sorted(valid)}"
+                )
+            setattr(self, name, value)
+        return self
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "mu_"):
+            raise RuntimeError(f"{type(self).__name__} is not fitted; call fit(train) first")
+
+    def predict(self, tasks: TaskBatch) -> Tensor:
+        """Query predictions (T, Q)."""
+        return self.predict_items(tasks, tasks.query_items)
+
+
+class Groups:
+    """Observations grouped by row, laid out once for every solve over the same rows (an
+    ALS fit solves the same user and item groups twice per iteration).
+
+    Each group is padded to the power of two at or above its size, and each width is
+    reduced with batched matmuls, ~20x faster on CPU than scattering (N, F, F) outer
+    products. One width for all groups would be set by the largest group (the most-rated
+    item) and waste most of the padded tensor on a long-tailed catalogue; per-bucket widths
+    waste at most half. Chunks of groups bound the padded tensor at any data size.
+    """
+
+    def __init__(self, rows: Tensor, n_rows: int) -> None:
+        self.n_rows = n_rows
+        counts = torch.bincount(rows, minlength=n_rows)
+        order = torch.from_numpy(np.argsort(rows.numpy(), kind="stable"))  # torch's thrashes
+        grouped = rows[order]
+        pos = torch.arange(len(rows)) - (torch.cumsum(counts, 0) - counts)[grouped]
+        width = torch.zeros_like(counts)
+        has = counts > 0
+        width[has] = 2 ** torch.ceil(torch.log2(counts[has].double())).long()
+        local = torch.zeros_like(counts)
+        self.buckets = []  # (group ids, observations, their group within the bucket, slot, width)
+        for w in torch.unique(width[has]).tolist():
+            ids = torch.nonzero(width == w).squeeze(1)
+            local[ids] = torch.arange(len(ids))
+            sel = width[grouped] == w  # sorted by row: bucket groups in ids' order
+            self.buckets.append((ids, order[sel], local[grouped[sel]], pos[sel], w))
+
+    def normal_equations(self, feats: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """Per group: X^T X (n_rows, F, F) and X^T y (n_rows, F); zeros for empty groups."""
+        f = feats.shape[1]
+        gram = feats.new_zeros(self.n_rows, f, f)
+        rhs = feats.new_zeros(self.n_rows, f)
+        for ids, obs, local, pos, w in self.buckets:
+            step = max(1, MAX_PADDED // (w * f))
+            for lo in range(0, len(ids), step):
+                hi = min(lo + step, len(ids))
+                a, b = torch.searchsorted(local, torch.tensor([lo, hi])).tolist()
+                x = feats.new_zeros(hi - lo, w, f)
+                y = target.new_zeros(hi - lo, w)
+                x[local[a:b] - lo, pos[a:b]] = feats[obs[a:b]]
+                y[local[a:b] - lo, pos[a:b]] = target[obs[a:b]]
+                xt = x.transpose(1, 2)  # (groups, F, w)
+                gram[ids[lo:hi]] = xt @ x
+                rhs[ids[lo:hi]] = (xt @ y.unsqueeze(-1)).squeeze(-1)
+        return gram, rhs
+
+
+def ridge_rows(groups: Groups, feats: Tensor, target: Tensor, reg: float) -> Tensor:
+    """Solve one ridge regression per row group at once: min |X w - y|² + reg |w|².
+
+    Args: groups: the row of each observation, grouped; feats (N, F); target (N,).
+    Returns: (n_rows, F) solutions (zero for groups without observations).
+    """
+    gram, rhs = groups.normal_equations(feats, target)
+    gram += reg * torch.eye(feats.shape[1], dtype=torch.float64)  # SPD: Cholesky
+    return torch.cholesky_solve(rhs.unsqueeze(-1), torch.linalg.cholesky(gram)).squeeze(-1)
+
+
+class MFFoldIn(Estimator):
+    """Biased matrix factorization by ALS on training users; a new user is *folded in*:
+    only their vector and bias are solved (exactly, ridge) from the support set, with item
+    factors frozen. The strongest classic cold-start baseline.
+    """
+
+    def __init__(self, dim: int = 16, reg: float = 10.0, iters: int = 12, seed: int = 0) -> None:
+        self.dim, self.reg, self.iters, self.seed = dim, reg, iters, seed
+
+    def _users(self, by_user: Groups, items: Tensor, ratings: Tensor) -> Tensor:
+        """(n_rows, dim + 1): user vectors with the user bias as last coordinate."""
+        q = self.item_factors_[items]  # (N, dim)
+        feats = torch.cat([q, torch.ones(len(items), 1, dtype=torch.float64)], 1)
+        return ridge_rows(by_user, feats, ratings - self.mu_ - self.item_bias_[items], self.reg)
+
+    def fit(self, train: TaskBatch, *, n_items: int) -> MFFoldIn:
+        rows, items, ratings = flat_ratings(train, support_only=False)
+        self.mu_ = float(ratings.mean())
+        g = torch.Generator().manual_seed(self.seed)
+        self.item_factors_ = torch.randn(n_items, self.dim, generator=g, dtype=torch.float64) * 0.1
+        self.item_bias_ = torch.zeros(n_items, dtype=torch.float64)
+        by_user, by_item = Groups(rows, train.num_tasks), Groups(items, n_items)
+        for _ in range(self.iters):
+            users = self._users(by_user, items, ratings)  # (U, dim + 1)
+            p, b_u = users[rows, :-1], users[rows, -1]
+            feats = torch.cat([p, torch.ones(len(rows), 1, dtype=torch.float64)], 1)
+            item = ridge_rows(by_item, feats, ratings - self.mu_ - b_u, self.reg)
+            self.item_factors_, self.item_bias_ = item[:, :-1], item[:, -1]
+        return self
+
+    def predict_items(self, tasks: TaskBatch, items: Tensor) -> Tensor:
+        self._check_fitted()
+        rows, s_items, ratings = flat_ratings(tasks, support_only=True)
+        users = self._users(Groups(rows, tasks.num_tasks), s_items, ratings)  # (T, dim + 1)
+        q = self.item_factors_[items]  # (T, N, dim)
+        dot = (q * users[:, None, :-1]).sum(-1)
+        return (self.mu_ + self.item_bias_[items] + users[:, None, -1] + dot).float()
