@@ -22,8 +22,9 @@ from metarec.batch import from_table
 from metarec.config import load_config
 from metarec.data.prepared import open_prepared
 from metarec.data.splits import resplit
-from metarec.evaluate import fit_methods, relevance_threshold, score_tasks
+from metarec.evaluate import fit_methods, score_tasks
 from metarec.report import support_keys, truncate_support
+from metarec.scorers import relevance_threshold
 
 METRICS = ("mae", "rmse", "ndcg@3")
 

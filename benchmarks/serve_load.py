@@ -212,8 +212,8 @@ def main() -> None:
     import ray
     from ray import serve
 
+    from metarec.ray_cluster import local_ray_settings
     from metarec.serving.app import MetarecServer, ServeSettings
-    from metarec.train import local_ray_settings
 
     tmp = Path(tempfile.mkdtemp(prefix="serve-load-"))
     model = args.model or str(build_checkpoint(args.data, tmp / "model"))

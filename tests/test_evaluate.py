@@ -10,18 +10,11 @@ from metarec.baselines import Bias
 from metarec.batch import from_table
 from metarec.config import apply_overrides
 from metarec.data.splits import resplit
-from metarec.evaluate import (
-    AdaptedScorer,
-    adaptation_grid,
-    evaluate,
-    fit_methods,
-    method_rows,
-    model_fits,
-    relevance_threshold,
-    score_tasks,
-)
+from metarec.evaluate import evaluate, fit_methods, model_fits, score_tasks
 from metarec.loop import fit
 from metarec.metrics import masked_mae
+from metarec.results import method_rows
+from metarec.scorers import AdaptedScorer, adaptation_grid, relevance_threshold
 
 
 def test_model_fits_only_where_it_saw_no_held_out_rating(synthetic_prepared):

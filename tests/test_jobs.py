@@ -25,7 +25,7 @@ import pytest
 import requests
 import yaml
 
-from metarec.train import local_ray_settings
+from metarec.ray_cluster import local_ray_settings
 from tests.processes import (
     free_port,
     is_loopback,

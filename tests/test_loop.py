@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from metarec.config import apply_overrides
-from metarec.evaluate import BASELINES, REPORTED, evaluate, method_rows
+from metarec.evaluate import BASELINES, REPORTED, evaluate
 from metarec.loop import fit
+from metarec.results import method_rows
 
 
 @pytest.fixture(scope="module")

@@ -267,7 +267,7 @@ def test_second_order_meta_gradient_passes_gradcheck(tiny_tasks):
 
 def test_unseen_items_share_the_zero_id_row():
     model = tiny_model()
-    x = model.encode(torch.tensor([10, 11]), torch.tensor(0))
+    x, _ = model.encode_parts(torch.tensor([10, 11]), torch.tensor(0))
     id_part = x[:, 6:9]  # genre (3) + year (3) come first, then the id embedding
     assert torch.equal(id_part, torch.zeros_like(id_part))
     assert model.emb["item"].shape[0] == N_ITEMS + 1

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration  # an MLflow store and a logged model
 def pyfunc(ml100k_prepared, tmp_path_factory):
     import mlflow
 
-    from metarec.tracking import _using, finish_run, resolve_tracking_uri, start_run
+    from metarec.tracking import finish_run, resolve_tracking_uri, start_run, using_uri
 
     ds = ml100k_prepared
     cfg = apply_overrides(load_config(None, **{"data.source": "ml-100k"}), **{"train.epochs": 1})
@@ -36,7 +36,7 @@ def pyfunc(ml100k_prepared, tmp_path_factory):
         uri, run_id, checkpoint_dir=work / "ckpt", history=res.history, summary={},
         model_name="m",
     )  # fmt: skip
-    with _using(uri):  # (mlflow.set_tracking_uri alone would leak into later tests' env)
+    with using_uri(uri):  # (mlflow.set_tracking_uri alone would leak into later tests' env)
         model = mlflow.pyfunc.load_model(model_uri)
     return model, model.unwrap_python_model()
 

@@ -11,8 +11,8 @@ import torch
 from metarec.batch import TaskBatch
 from metarec.config import load_config
 from metarec.data.prepare import prepare
-from metarec.evaluate import method_rows
 from metarec.report import activity_buckets, markdown_results, truncate_support
+from metarec.results import method_rows
 from tests.conftest import REPO
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -97,7 +97,7 @@ def test_markdown_results_bolds_the_best_of_each_column():
 
 
 def test_one_run_prints_means_without_a_made_up_spread():
-    from metarec.evaluate import format_table
+    from metarec.results import format_table
 
     one = {"split_seeds": [0], "init_seeds": [0], "test_users": [58]}
     results = {"user_cold": {"maml": _row(0.70, 0.88), "_protocol": one}}

@@ -108,7 +108,7 @@ def _registered(uri: str, name: str, mae: float, scenario: str = "user_cold") ->
 
 def test_train_ends_with_the_champion_comparison_and_never_moves_champion(tmp_path, capsys):
     from metarec.commands import print_against_champion
-    from metarec.tracking import against_champion, promote
+    from metarec.registry import against_champion, promote
 
     uri, name = f"sqlite:///{tmp_path / 'mlflow.db'}", "metarec-synthetic-h"
     model = f"models:/{name}@candidate"

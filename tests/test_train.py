@@ -35,7 +35,7 @@ pytestmark = pytest.mark.integration  # a local Ray cluster and a live MLflow se
 
 @pytest.fixture(scope="module")
 def local_ray():
-    from metarec.train import local_ray_settings
+    from metarec.ray_cluster import local_ray_settings
 
     local_ray_settings(os.environ)  # as `metarec train` starts its own Ray
     ray.init(address="local", num_cpus=2, logging_level="ERROR")
@@ -135,7 +135,7 @@ def test_two_workers_follow_the_one_worker_trajectory(runs):
 def test_run_is_tracked_on_a_real_mlflow_server(runs, quick, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from metarec.tracking import describe_model, promote, resolve_checkpoint
+    from metarec.registry import describe_model, promote, resolve_checkpoint
 
     _, two = runs
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)

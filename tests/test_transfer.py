@@ -11,9 +11,9 @@ from metarec.batch import from_table
 from metarec.checkpoint import make_checkpoint, save_checkpoint
 from metarec.config import apply_overrides
 from metarec.data.prepared import open_prepared, write_prepared
-from metarec.evaluate import method_rows
 from metarec.initialise import build_learner
 from metarec.loop import predict_items
+from metarec.results import method_rows
 from metarec.train_state import TrainState
 from metarec.transfer import map_features, transfer_learner, vocab_index
 

@@ -51,7 +51,7 @@ def train_command(
 ) -> None:
     """Train ``cfg`` (or resume run ``resume`` with only ``resume_settings`` changed), record
     it in ``work_dir/last_run.json`` for scripts, and print where everything went."""
-    from metarec.evaluate import write_json_atomic
+    from metarec.results import write_json_atomic
     from metarec.tracking import resolve_tracking_uri
     from metarec.train import resume as resume_run
     from metarec.train import train
@@ -82,7 +82,7 @@ def train_command(
 
 def print_against_champion(uri: str, model: str, run_id: str) -> None:
     """One line: this model against the champion, and the promote command; never moves it."""
-    from metarec.tracking import against_champion
+    from metarec.registry import against_champion
 
     c = against_champion(uri, model, run_id)
     promote = f"metarec promote {c['name']} {c['version']}"
@@ -145,7 +145,8 @@ def tune_command(
 def promote_command(
     name: str, version: str, alias: str, *, work_dir: str, tracking_uri: str | None
 ) -> None:
-    from metarec.tracking import promote, resolve_tracking_uri
+    from metarec.registry import promote
+    from metarec.tracking import resolve_tracking_uri
 
     promote(resolve_tracking_uri(tracking_uri, work_dir), name, version, alias)
     print(f"models:/{name}@{alias} -> version {version}")

@@ -11,16 +11,11 @@ Test users only ever get scored. Differences are paired per user and carry a boo
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,30 +24,24 @@ from tqdm.auto import tqdm
 
 from metarec.baselines import MFFoldIn, classic_baselines
 from metarec.batch import TaskBatch, from_table
-from metarec.config import MetaConfig, MetarecConfig, apply_overrides
+from metarec.config import MetarecConfig, apply_overrides
 from metarec.data.prepared import PreparedDataset
-from metarec.loop import FitResult, fit, predict_items
+from metarec.loop import FitResult, fit
 from metarec.meta import MetaLearner
 from metarec.metrics import catalog_metrics, masked_mae, mean_metrics, query_metrics
-from metarec.stats import LOWER_IS_BETTER, paired_differences, verdict
+from metarec.scorers import AdaptedScorer, Scorer, adaptation_grid, relevance_threshold
+from metarec.stats import paired_differences
 
 __all__ = [
     "BASELINES",
     "REPORTED",
-    "AdaptedScorer",
     "SeedFit",
     "SeedScores",
     "Split",
-    "adaptation_grid",
     "evaluate",
     "fit_methods",
-    "format_table",
-    "method_rows",
     "model_fits",
-    "relevance_threshold",
     "score_tasks",
-    "write_json_atomic",
-    "write_results",
 ]
 
 BASELINES = (
@@ -66,94 +55,6 @@ BASELINES = (
 )
 REPORTED = ("mae", "rmse", "ndcg@3", "p@5", "ndcg@5", "mrr@5", "recall@10", "ndcg@10")
 FINETUNE_LRS = (0.01, 0.03, 0.1, 0.3, 1.0)  # plus the meta-learner's own inner_lr
-
-
-class Scorer(Protocol):
-    def predict_items(self, tasks: TaskBatch, items: Tensor) -> Tensor: ...
-
-
-def relevance_threshold(manifest: dict[str, Any]) -> float:
-    """The rating from which a query item counts as relevant: 0.8 x the scale's top.
-
-    4 on 1-5 and on 0.5-5 (MeLU's and most papers' "4 stars or more"), 8 on 1-10: the top
-    fifth of the scale, whatever its bottom. ``--relevance-threshold`` overrides it.
-    """
-    return 0.8 * float(manifest["ratings"]["max"])
-
-
-@dataclass(frozen=True)
-class AdaptedScorer:
-    """A network adapted per task on its support set (``loop.predict_items``).
-
-    Each knob left ``None`` is the learner's own (meta-learned lrs for Meta-SGD); the
-    fine-tune baseline sets ``inner_lr``, adaptation tuning sets ``steps``, ``lr_scale``
-    (a multiplier of whatever the step sizes are) and ``support_prior``, or for the ridge
-    solver ``prior_scale`` (a multiplier of the learned prior precision).
-    """
-
-    learner: MetaLearner
-    steps: int | None = None
-    inner_lr: float | None = None
-    lr_scale: float = 1.0
-    support_prior: float | None = None
-    prior_scale: float = 1.0
-
-    def predict_items(self, tasks: TaskBatch, items: Tensor) -> Tensor:
-        return predict_items(
-            self.learner,
-            tasks,
-            items,
-            steps=self.steps,
-            inner_lr=self._lrs(),
-            support_prior=self.support_prior,
-            prior_scale=self.prior_scale,
-        )
-
-    def _lrs(self) -> float | dict[str, Tensor] | None:
-        if self.lr_scale == 1.0:
-            return self.inner_lr
-        lrs = self.learner.lrs() if self.inner_lr is None else self.inner_lr
-        if isinstance(lrs, dict):
-            return {n: v.detach() * self.lr_scale for n, v in lrs.items()}
-        return lrs * self.lr_scale
-
-    def knobs(self) -> dict[str, Any]:
-        """The adaptation actually run (what results.json and MLflow record)."""
-        cfg = self.learner.cfg
-        if cfg.inner_solver == "ridge" and self.steps != 0:
-            return {"solver": "ridge", "prior_scale": self.prior_scale}
-        return {
-            "steps": cfg.inner_steps if self.steps is None else self.steps,
-            "inner_lr": "learned"
-            if cfg.algorithm == "metasgd" and self.inner_lr is None
-            else (cfg.inner_lr if self.inner_lr is None else self.inner_lr) * self.lr_scale,
-            "lr_scale": self.lr_scale,
-            "support_prior": cfg.support_prior
-            if self.support_prior is None
-            else self.support_prior,
-        }
-
-
-def adaptation_grid(cfg: MetaConfig) -> list[dict[str, Any]]:
-    """Test-time knobs tried on validation users, the trained ones first (kept on ties).
-
-    A small grid around what was trained: half/double the steps and step size, and the
-    support prior kappa at half/double (or 0, 5, 20 when trained without one). Choosing
-    them on validation users is the courtesy every baseline gets; it needs no retraining.
-    The ridge solver has no steps: its learned prior precision is scaled by 1/4 .. 4.
-    """
-    if cfg.inner_solver == "ridge":
-        return [{"prior_scale": c} for c in (1.0, 0.5, 2.0, 0.25, 4.0)]
-    s, k = cfg.inner_steps, cfg.support_prior
-    steps = [s] if s == 0 else list(dict.fromkeys([s, max(1, s // 2), 2 * s]))
-    priors = list(dict.fromkeys([k, k / 2, 2 * k] if k > 0 else [0.0, 5.0, 20.0]))
-    scales = [1.0, 0.5, 2.0]
-    return [
-        {"steps": st, "lr_scale": sc, "support_prior": kp}
-        for st in steps
-        for sc in scales
-        for kp in priors
-    ]
 
 
 def score_tasks(
@@ -539,83 +440,3 @@ def _modal_adapt(fits: list[dict[str, Any]]) -> dict[str, Any]:
         tuple(sorted((k, v) for k, v in f.items() if k not in bookkeeping)) for f in fits
     )
     return dict(counts.most_common(1)[0][0])
-
-
-def method_rows(rows: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """A scenario's method rows, without its ``_paired``/``_protocol`` entries."""
-    return {m: r for m, r in rows.items() if not m.startswith("_")}
-
-
-def write_results(results: dict, out_dir: str | Path) -> Path:
-    """Write ``OUT/results.json`` atomically."""
-    return write_json_atomic(Path(out_dir) / "results.json", results)
-
-
-def write_json_atomic(path: Path, data: Any) -> Path:
-    """Write JSON via a temp file + rename: readers never see half a file."""
-    return write_text_atomic(path, json.dumps(data, indent=2))
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write text via a temp file + rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; results are for everyone to read
-    os.replace(tmp, path)
-    return path
-
-
-def has_spread(protocol: dict[str, Any]) -> bool:
-    """Whether a std was measured (over 2+ splits or init seeds): with one run there is
-    none, and tables print the mean alone rather than a misleading ``± 0.0000``."""
-    runs = protocol.get("split_seeds", [])
-    return len(runs) > 1 or len(protocol.get("init_seeds", [])) > 1
-
-
-def format_table(
-    results: dict, *, metrics: tuple[str, ...] = ("mae", "rmse", "ndcg@3", "p@5", "recall@10")
-) -> str:
-    """A plain-text table per scenario (mean ± std, best mean per column marked *), then
-    each meta method's paired difference with every other method: ``diff [95% CI]`` and
-    win/loss only where the CI excludes 0, else tie."""
-    lines = []
-    for scenario, rows in results.items():
-        methods = method_rows(rows)
-        proto = rows.get("_protocol", {})
-        lines.append(
-            f"\n{scenario}  (splits {proto.get('split_seeds')}, test users "
-            f"{sum(proto.get('test_users', []))}, std over {proto.get('std_over')})"
-        )
-        lines.append(f"{'method':<16}" + "".join(f"{m:>17}" for m in metrics))
-        best = {
-            m: (min if m in LOWER_IS_BETTER else max)(
-                (r[m] for r in methods.values() if not math.isnan(r[m])), default=math.nan
-            )
-            for m in metrics
-        }
-        spread = has_spread(proto)
-        for name, r in methods.items():
-            cells = [
-                f"{r[m]:.4f}"
-                + (f"±{r['std'][m]:.4f}" if spread else "")
-                + ("*" if r[m] == best[m] else " ")
-                for m in metrics
-            ]
-            lines.append(f"{name:<16}" + "".join(f"{c:>17}" for c in cells))
-        for a, against in rows.get("_paired", {}).items():
-            lines.append(
-                f"\n{a} minus each method: diff [95% CI], win/loss only if the CI excludes 0"
-            )
-            lines.append(f"{'vs':<16}" + "".join(f"{m:>27}" for m in metrics))
-            for b, diffs in against.items():
-                cells = [
-                    f"{d['diff']:+.4f} [{d['ci95'][0]:+.3f},{d['ci95'][1]:+.3f}] "
-                    f"{verdict(m, d['diff'], d['ci95'])[0].upper()}"
-                    for m, d in ((m, diffs[m]) for m in metrics)
-                ]
-                lines.append(f"{b:<16}" + "".join(f"{c:>27}" for c in cells))
-        if "adapt" in proto:
-            lines.append(f"adaptation chosen on valid users: {proto['adapt']}")
-    return "\n".join(lines)

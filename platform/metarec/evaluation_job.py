@@ -140,7 +140,8 @@ def _load_model(req: EvaluationRequest, ds: Any) -> _Evaluation:
     """``--model``: scored as it is on its own dataset, transferred with ``--cross-domain``."""
     from metarec.checkpoint import learner_from_checkpoint, load_checkpoint
     from metarec.config import MetarecConfig
-    from metarec.tracking import resolve_checkpoint, resolve_tracking_uri
+    from metarec.registry import resolve_checkpoint
+    from metarec.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(req.tracking_uri, req.work_dir)
     ckpt = load_checkpoint(resolve_checkpoint(req.model, uri))
@@ -154,7 +155,7 @@ def _load_model(req: EvaluationRequest, ds: Any) -> _Evaluation:
                 f"({ds.manifest['dataset_hash']}). Pass --cross-domain to transfer it."
             )
         return _Evaluation(cfg, ds, learner=learner, history=ckpt["state"]["history"])
-    from metarec.evaluate import AdaptedScorer
+    from metarec.scorers import AdaptedScorer
     from metarec.transfer import transfer_learner
 
     moved, mapping = transfer_learner(learner, _source_vocab(req, ckpt), ds)
@@ -211,14 +212,15 @@ def _finish_evaluation(
     req: EvaluationRequest, ev: _Evaluation, results: dict, files: list[Path]
 ) -> None:
     """transfer.json (--cross-domain); attach everything to ``--model``'s MLflow run."""
-    from metarec.evaluate import write_json_atomic
+    from metarec.results import write_json_atomic
 
     if ev.transfer is not None:
         files.append(write_json_atomic(Path(req.out) / "transfer.json", ev.transfer))
     print(f"wrote {req.out}: " + ", ".join(f.name for f in files))
     if not req.model or not req.model.startswith(("models:/", "runs:/")):
         return
-    from metarec.tracking import describe_model, log_evaluation, resolve_tracking_uri
+    from metarec.registry import describe_model
+    from metarec.tracking import log_evaluation, resolve_tracking_uri
 
     uri = resolve_tracking_uri(req.tracking_uri, req.work_dir)
     run_id = describe_model(req.model, uri)["run_id"]
@@ -233,7 +235,7 @@ def _finish_evaluation(
 
 
 def evaluate_command(req: EvaluationRequest) -> None:
-    from metarec.evaluate import format_table, write_results
+    from metarec.results import format_table, write_results
 
     ev = _evaluation(req, None)
     results = ev.run(req)

@@ -28,10 +28,21 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from metarec.layers import (
+    RMS_EPS,
+    affine,
+    bag,
+    dot,
+    gather_bias,
+    init_emb,
+    init_linear,
+    lookup,
+    unit_rms,
+)
+
 __all__ = ["ADAPT_GROUPS", "Features", "Params", "Recommender"]
 
 Params = dict[str, Tensor]
-_RMS_EPS = 1e-5  # unit-RMS epsilon (hidden() and support_grads() must agree)
 # support_grads() keys of the first layer's item-input and user-input row blocks
 W0_ITEM, W0_USER = "mlp.0_weight:item", "mlp.0_weight:user"
 # ... and, instead of W0_USER, the user block's output u @ W_u (T, 1, H) as an input, and
@@ -120,25 +131,25 @@ class Recommender(nn.Module):
             self.register_buffer("user_table", features.user_table)
         self.item_id_embedding = item_id_embedding
         emb = {
-            "genre": _init_emb(features.vocab_sizes["genre"], d),
-            "year": _init_emb(features.vocab_sizes["year_bucket"], d),
+            "genre": init_emb(features.vocab_sizes["genre"], d),
+            "year": init_emb(features.vocab_sizes["year_bucket"], d),
         }
         if item_id_embedding:
-            table = _init_emb(n_items + 1, d)
+            table = init_emb(n_items + 1, d)
             with torch.no_grad():
                 table[0].zero_()
             emb["item"] = table
         if self.use_user:
             for name in self.user_names:
-                emb[name] = _init_emb(features.vocab_sizes[name], d)
+                emb[name] = init_emb(features.vocab_sizes[name], d)
         self.emb = nn.ParameterDict(emb)
         self.item_bias = nn.Parameter(torch.zeros(n_items))
         widths = [d * (2 + item_id_embedding + len(self.user_names)), *hidden]
         self.mlp = nn.ParameterDict()
         for k, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
-            self.mlp[f"{k}_weight"] = _init_linear(fan_in, fan_out)
+            self.mlp[f"{k}_weight"] = init_linear(fan_in, fan_out)
             self.mlp[f"{k}_bias"] = nn.Parameter(torch.zeros(fan_out))
-        head = {"weight": _init_linear(widths[-1], 1), "bias": nn.Parameter(torch.zeros(1))}
+        head = {"weight": init_linear(widths[-1], 1), "bias": nn.Parameter(torch.zeros(1))}
         if factor_head:
             # The MF part starts as MF fold-in's prior (p_u = 0) and the MLP part at zero,
             # so the initial model is exactly MF fold-in; meta-training moves it from there.
@@ -173,7 +184,7 @@ class Recommender(nn.Module):
         if encode_only:
             return parts
         z = self.hidden(*parts)  # (..., N, H), zero mean and unit RMS per row
-        offset = _gather_bias(self.item_bias, items) + self.global_mean  # (..., N)
+        offset = gather_bias(self.item_bias, items) + self.global_mean  # (..., N)
         scale = 1.0 / math.sqrt(z.shape[-1])  # |z| / sqrt(H) = 1: see hidden()
         if head_inputs:
             x = z * scale
@@ -184,7 +195,7 @@ class Recommender(nn.Module):
         # fewer elementwise ops in every backward and double backward.
         out = (z @ self.head["weight"]).squeeze(-1) * scale + self.head["bias"] + offset
         if self.has_factor_head:
-            out = out + _dot(self.item_factors(parts[0]), self.head["factor"])
+            out = out + dot(self.item_factors(parts[0]), self.head["factor"])
         return out
 
     @property
@@ -195,13 +206,6 @@ class Recommender(nn.Module):
         """q_i, the item-id embedding, from the item-side inputs (its last D columns)."""
         return item_x[..., -self.emb["item"].shape[-1] :]
 
-    def encode(self, items: Tensor, users: Tensor) -> Tensor:
-        """Input features of (user, item) pairs, as the first layer sees them: (..., N, F)."""
-        item_x, user_x = self.encode_parts(items, users)
-        if user_x is None:
-            return item_x
-        return torch.cat([item_x, user_x.expand(*item_x.shape[:-1], user_x.shape[-1])], -1)
-
     def encode_parts(self, items: Tensor, users: Tensor) -> tuple[Tensor, Tensor | None]:
         """Item-side inputs (..., N, Fi) and user-side inputs (..., 1, Fu) or None.
 
@@ -210,17 +214,17 @@ class Recommender(nn.Module):
         one outer product — on MeLU's sizes that is more than half of layer 1's FLOPs.
         """
         parts = [
-            _bag(self.emb["genre"], self.item_genres[items]),  # (..., N, D)
-            _lookup(self.emb["year"], self.item_year[items]),
+            bag(self.emb["genre"], self.item_genres[items]),  # (..., N, D)
+            lookup(self.emb["year"], self.item_year[items]),
         ]
         if self.item_id_embedding:
-            parts.append(_lookup(self.emb["item"], self.item_id_index[items]))
+            parts.append(lookup(self.emb["item"], self.item_id_index[items]))
         user_x = None
         if self.use_user:
             feats = self.user_table[users]  # (..., F)
             names = enumerate(self.user_names)
             user_x = torch.cat(
-                [_lookup(self.emb[n], feats[..., k : k + 1]) for k, n in names], -1
+                [lookup(self.emb[n], feats[..., k : k + 1]) for k, n in names], -1
             )  # (..., 1, F D)
         return torch.cat(parts, -1), user_x
 
@@ -254,11 +258,11 @@ class Recommender(nn.Module):
             x = torch.baddbmm(b, x, params[f"mlp.{k}_weight"]).relu_()
         width = x.shape[-1]
         x -= x.mean(-1, keepdim=True)
-        r = (x.square().mean(-1) + _RMS_EPS).rsqrt_()  # (T, N)
+        r = (x.square().mean(-1) + RMS_EPS).rsqrt_()  # (T, N)
         cv = (x @ params["head.weight"]).squeeze(-1)  # (T, N): c @ v
-        offset = _gather_bias(params["item_bias"], items) + self.global_mean
+        offset = gather_bias(params["item_bias"], items) + self.global_mean
         if self.has_factor_head:
-            offset = offset + _dot(self.item_factors(item_x), params["head.factor"])
+            offset = offset + dot(self.item_factors(item_x), params["head.factor"])
         return cv.mul_(r).mul_(width**-0.5).add_(params["head.bias"]).add_(offset)
 
     def _with_task_dim(self, params: Params, tasks: int) -> Params:
@@ -285,7 +289,7 @@ class Recommender(nn.Module):
         # Unit-norm features into the head (z / sqrt(H), applied in forward) bound the
         # curvature of the inner loss (its Hessian in the head is h h^T, |h|^2 = 1), so one
         # inner_lr stays stable however the representation grows during meta-training.
-        return _unit_rms(x)
+        return unit_rms(x)
 
     def support_set(
         self,
@@ -303,7 +307,7 @@ class Recommender(nn.Module):
         loss is the squared-error sum over (n + prior) instead of n (``meta.support_prior``).
         """
         item_x, user_x = functional_call(self, params, (items, users), {"encode_only": True})
-        offset = _gather_bias(params["item_bias"], items) + self.global_mean
+        offset = gather_bias(params["item_bias"], items) + self.global_mean
         m = mask.to(offset.dtype)
         return SupportSet(
             item_x=item_x,
@@ -339,18 +343,18 @@ class Recommender(nn.Module):
         for k in range(n_layers):
             bias = params[f"mlp.{k}_bias"].unsqueeze(-2)  # (T, 1, H)
             if k:
-                a = _affine(bias, acts[-1], params[f"mlp.{k}_weight"])
+                a = affine(bias, acts[-1], params[f"mlp.{k}_weight"])
             elif user_x is None:
-                a = _affine(bias, item_x, params["mlp.0_weight"])
+                a = affine(bias, item_x, params["mlp.0_weight"])
             else:  # the user block once per task, (T, 1, H), folded into the bias
                 proj = params[W0_USER_PROJ] if W0_USER_PROJ in params else user_x @ params[W0_USER]
-                a = _affine(bias + proj, item_x, params[W0_ITEM])
+                a = affine(bias + proj, item_x, params[W0_ITEM])
             pre.append(a)
             acts.append(torch.relu(a))
         h = acts.pop()
         width = h.shape[-1]
         c = h - h.mean(-1, keepdim=True)  # (not var_mean: its backward is 5x slower here)
-        r = ((c * c).mean(-1, keepdim=True) + _RMS_EPS).rsqrt()  # (T, S, 1); z = c r
+        r = ((c * c).mean(-1, keepdim=True) + RMS_EPS).rsqrt()  # (T, S, 1); z = c r
         v = params["head.weight"] * (1.0 / math.sqrt(width))  # (T, H, 1)
         cv = c @ v  # (T, S, 1); z v = r (c v)
         err = torch.addcmul(support.residual + params["head.bias"].unsqueeze(-1), r, cv)
@@ -415,54 +419,3 @@ class Recommender(nn.Module):
         head = {n for n, _ in self.named_parameters() if n.startswith("head.")}
         mlp = {n for n, _ in self.named_parameters() if n.startswith("mlp.")}
         return set(names) in (head, head | mlp)
-
-
-def _affine(bias: Tensor, x: Tensor, weight: Tensor) -> Tensor:
-    """bias + x @ weight for x (T, N, F); one fused op when the weight has a task dim."""
-    if weight.dim() == 3:
-        return torch.baddbmm(bias, x, weight)
-    return x @ weight + bias
-
-
-def _unit_rms(x: Tensor, eps: float = _RMS_EPS) -> Tensor:
-    """Layer norm without affine (zero mean, unit RMS per row): (..., H) -> (..., H).
-
-    Written with elementary ops rather than F.layer_norm, whose third derivative is wrong in
-    torch 2.13 (gradgradcheck of the MAML meta-gradient fails with it; see tests/test_meta).
-    """
-    x = x - x.mean(-1, keepdim=True)
-    return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps)
-
-
-def _init_emb(n: int, d: int) -> nn.Parameter:
-    return nn.Parameter(torch.randn(n, d) * 0.1)
-
-
-def _init_linear(fan_in: int, fan_out: int) -> nn.Parameter:
-    bound = 1.0 / math.sqrt(fan_in)
-    return nn.Parameter(torch.empty(fan_in, fan_out).uniform_(-bound, bound) * math.sqrt(3))
-
-
-def _lookup(table: Tensor, idx: Tensor) -> Tensor:
-    """Embedding rows; ``table`` is (V, D) shared or (T, V, D) per task with idx (T, ...)."""
-    if table.dim() == 2:  # F.embedding: its CPU backward is deterministic, indexing's is not
-        return torch.nn.functional.embedding(idx, table)
-    flat = idx.reshape(idx.shape[0], -1)  # (T, M)
-    rows = torch.gather(table, 1, flat.unsqueeze(-1).expand(-1, -1, table.shape[-1]))
-    return rows.reshape(*idx.shape, table.shape[-1])
-
-
-def _bag(table: Tensor, weights: Tensor) -> Tensor:
-    """Mean embedding of a multi-hot bag: weights (..., N, G) @ table ((T,) G, D)."""
-    return weights @ table
-
-
-def _dot(q: Tensor, p: Tensor) -> Tensor:
-    """q (..., N, D) · p, with p (D,) shared or (T, D) per task: (..., N)."""
-    return (q @ p.unsqueeze(-1)).squeeze(-1)
-
-
-def _gather_bias(bias: Tensor, items: Tensor) -> Tensor:
-    if bias.dim() == 1:
-        return torch.nn.functional.embedding(items, bias.unsqueeze(-1)).squeeze(-1)
-    return torch.gather(bias, 1, items.reshape(items.shape[0], -1)).reshape(items.shape)

@@ -175,3 +175,49 @@ def learning_curves(
     if not drawn:
         axes[0].text(0.5, 0.5, "no training history", ha="center", transform=axes[0].transAxes)
     return _finish(fig, path, title)
+
+
+def sweep(frame: Any, path: Path) -> Path:
+    """A sweep's trials (``frame``: trials.csv as a DataFrame): best valid MAE of each trial
+    against its outer lr and its inner lr (gradient steps) or prior precision (ridge
+    solver), coloured by algorithm.
+
+    Log axes: learning rates span decades, and a diverged trial's error is orders of
+    magnitude above the rest (it would flatten every other point onto the axis).
+    """
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    ridge = (frame["meta.inner_solver"] == "ridge").all()
+    keys = ["meta.prior_precision" if ridge else "meta.inner_lr", "meta.outer_lr"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), dpi=100, sharey=True)
+    mae = frame["best_valid_mae"]
+    algorithms = sorted(frame["meta.algorithm"].unique())
+    colour = {a: f"C{i}" for i, a in enumerate(algorithms)}
+    for ax, key in zip(axes, keys, strict=True):
+        for name in algorithms:
+            sel = frame[frame["meta.algorithm"] == name]
+            for stopped, marker, suffix in ((False, "o", ""), (True, "x", ", stopped early")):
+                part = sel[(sel["status"] != "completed") == stopped]
+                if len(part):
+                    ax.scatter(
+                        part[key],
+                        part["best_valid_mae"],
+                        c=colour[name],
+                        marker=marker,
+                        label=f"{name}{suffix}",
+                    )
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(key)
+        ax.grid(alpha=0.3)
+    if mae.max() > 3 * mae.min() > 0:
+        axes[0].set_yscale("log")
+    axes[0].set_ylabel("best validation MAE")
+    axes[1].legend(title="algorithm", fontsize=8, loc="best")
+    fig.suptitle(f"sweep: {len(frame)} trials")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -30,19 +30,17 @@ from torch import Tensor
 
 from metarec.batch import TaskBatch
 from metarec.config import MetarecConfig
-from metarec.evaluate import (
-    REPORTED,
-    AdaptedScorer,
-    SeedScores,
+from metarec.evaluate import REPORTED, SeedScores, score_tasks, users_over_seeds
+from metarec.metrics import mean_metrics
+from metarec.results import (
     has_spread,
     method_rows,
-    score_tasks,
-    users_over_seeds,
+    pipe_table,
     write_json_atomic,
     write_results,
     write_text_atomic,
 )
-from metarec.metrics import mean_metrics
+from metarec.scorers import AdaptedScorer
 from metarec.stats import LOWER_IS_BETTER, paired_differences, verdict
 
 __all__ = [
@@ -252,17 +250,16 @@ def shot_paired_markdown(curves: dict[str, Any]) -> str:
         shots = cur["shots"]
         lines += [f"### {scenario}: meta-learner minus each method, per support size", ""]
         for metric in SHOT_METRICS:
-            lines.append(f"| {metric} | " + " | ".join(f"K = {k}" for k in shots) + " |")
-            lines.append("|---|" + "---|" * len(shots))
+            rows = []
             for b, per_k in paired.items():
-                cells = []
+                cells = [b]
                 for d in (p[metric] for p in per_k):
                     lo, hi = d["ci95"]
                     v = verdict(metric, d["diff"], (lo, hi))
                     cell = f"{d['diff']:+.4f} [{lo:+.3f}, {hi:+.3f}] {v}"
                     cells.append(f"**{cell}**" if v == "win" else cell)
-                lines.append(f"| {b} | " + " | ".join(cells) + " |")
-            lines.append("")
+                rows.append(cells)
+            lines += [*pipe_table([metric, *(f"K = {k}" for k in shots)], rows), ""]
     return "\n".join(lines)
 
 
@@ -300,16 +297,18 @@ def markdown_results(
         lines = [f"### {scenario}", ""]
         if notes and scenario in notes:
             lines += [notes[scenario], ""]
-        lines += ["| method | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
         spread = has_spread(rows.get("_protocol", {"init_seeds": [0, 1]}))
-        for name, row in methods.items():
-            cells = [
+        table = [
+            [name]
+            + [
                 f"**{_cell(row, m, spread)}**"
                 if round(row[m], 4) == best[m]
                 else _cell(row, m, spread)
                 for m in metrics
             ]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            for name, row in methods.items()
+        ]
+        lines += pipe_table(["method", *metrics], table)
         lines += _paired_lines(rows, metrics)
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
@@ -326,11 +325,10 @@ def _paired_lines(rows: dict[str, Any], metrics: Sequence[str]) -> list[str]:
             f"users of splits {proto.get('split_seeds')}: difference [95% bootstrap CI]. "
             "**win**/*loss* only where the CI excludes 0; otherwise a tie.",
             "",
-            "| vs | " + " | ".join(metrics) + " |",
-            "|---" * (len(metrics) + 1) + "|",
         ]
+        table = []
         for b, diffs in against.items():
-            cells = []
+            cells = [b]
             for m in metrics:
                 d = diffs[m]
                 v = verdict(m, d["diff"], d["ci95"])
@@ -338,7 +336,8 @@ def _paired_lines(rows: dict[str, Any], metrics: Sequence[str]) -> list[str]:
                 cells.append(
                     {"win": f"**{text} win**", "loss": f"*{text} loss*"}.get(v, f"{text} tie")
                 )
-            lines.append(f"| {b} | " + " | ".join(cells) + " |")
+            table.append(cells)
+        lines += pipe_table(["vs", *metrics], table)
     if "adapt" in proto:
         lines += [
             "",

@@ -30,25 +30,25 @@ import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from metarec.checkpoint import FILENAME, learner_from_checkpoint, load_checkpoint
+from metarec.checkpoint import FILENAME
 from metarec.errors import ModelNotFoundError
+from metarec.pyfunc import MetarecPyfunc
+from metarec.results import pipe_table
 
 __all__ = [
     "EXPERIMENT",
     "EpochLogger",
     "Terminated",
-    "against_champion",
-    "describe_model",
+    "client_for",
     "ends_honestly",
     "find_run",
     "finish_run",
     "log_evaluation",
-    "promote",
     "reopen_run",
-    "resolve_checkpoint",
     "resolve_tracking_uri",
     "set_trial_status",
     "start_run",
+    "using_uri",
 ]
 
 EXPERIMENT = "metarec"
@@ -71,12 +71,12 @@ def resolve_tracking_uri(explicit: str | None, work_dir: str | os.PathLike) -> s
     return f"sqlite:///{path}"
 
 
-def _client(uri: str) -> MlflowClient:
+def client_for(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 @contextlib.contextmanager
-def _using(uri: str) -> Iterator[None]:
+def using_uri(uri: str) -> Iterator[None]:
     """Point MLflow's fluent API at ``uri`` for a block, then put back what was there.
 
     ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI`` to the environment; left
@@ -122,7 +122,7 @@ def start_run(
     tags: dict[str, str] | None = None,
 ) -> str:
     """Create the run of one training: every config key, the dataset summary, the commit."""
-    client = _client(uri)
+    client = client_for(uri)
     exp = client.get_experiment_by_name(EXPERIMENT)
     exp_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT, _artifacts(uri))
     all_tags = {
@@ -162,7 +162,7 @@ def find_run(uri: str, run_name: str) -> str:
 
 
 def find_run_by_tag(uri: str, tag: str, value: str) -> str | None:
-    client = _client(uri)
+    client = client_for(uri)
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is None:
         return None
@@ -228,7 +228,7 @@ def _end_run(uri: str, run_id: str, status: str, why: str) -> None:
     down, so a failure to record it is logged, not raised over it."""
     why = why.strip()[:5000]  # MLflow's tag value limit is 8000 characters
     try:
-        client = _client(uri)
+        client = client_for(uri)
         client.set_tag(run_id, ERROR_TAG, why)
         client.set_tag(run_id, "mlflow.note.content", f"{status}: {why}")
         client.set_terminated(run_id, status)
@@ -238,7 +238,7 @@ def _end_run(uri: str, run_id: str, status: str, why: str) -> None:
 
 def reopen_run(uri: str, run_id: str) -> None:
     """Mark a resumed run RUNNING again and drop the error of the attempt it continues."""
-    client = _client(uri)
+    client = client_for(uri)
     tags = client.get_run(run_id).data.tags
     for tag in (ERROR_TAG, "mlflow.note.content"):
         if tag in tags:
@@ -255,7 +255,7 @@ def logged_epochs(uri: str, run_id: str, after: int = -1) -> list[dict[str, floa
     What the driver prints while Ray trains: the run is the one record every worker and
     the driver can reach, locally or on a cluster.
     """
-    client = _client(uri)
+    client = client_for(uri)
     rows: dict[int, dict[str, float]] = {}
     for key in EPOCH_METRICS:
         for m in client.get_metric_history(run_id, key):
@@ -273,7 +273,7 @@ class EpochLogger:
     """
 
     def __init__(self, uri: str, run_id: str) -> None:
-        self.client, self.run_id = _client(uri), run_id
+        self.client, self.run_id = client_for(uri), run_id
         history = self.client.get_metric_history(run_id, "valid/mae")
         self.logged = {m.step for m in history}
 
@@ -289,65 +289,6 @@ class EpochLogger:
             self.logged.add(step)
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
-
-
-class _Pyfunc(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc view of a metarec model: adapt on each row's support, score its items.
-
-    Input: a DataFrame with list columns ``support_items``, ``support_ratings`` and
-    ``items``, and an optional ``user`` column of feature dicts (``{"age": 23, "gender":
-    "F"}``). Item ids are the *raw* ids of the training files, as the HTTP API takes them
-    (``"50"`` or ``50``), never internal positions; an unknown id or feature value is a
-    ``ValueError`` naming the row and field. Output: one list of predicted ratings per row,
-    computed by the serving engine (the same adaptation ``metarec serve`` runs).
-    """
-
-    def load_context(self, context: Any) -> None:
-        from metarec.catalog import Catalog
-        from metarec.serving.engine import Engine
-
-        ckpt = load_checkpoint(context.artifacts["checkpoint"])
-        learner = learner_from_checkpoint(ckpt)
-        m = learner.model
-        self.catalog = Catalog.from_checkpoint(ckpt, m.item_genres, m.item_year)
-        self.engine = Engine(learner)
-
-    def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> list:
-        from metarec.catalog import FieldError
-        from metarec.serving.engine import Job
-
-        missing = {"support_items", "support_ratings", "items"} - set(model_input.columns)
-        if missing:
-            raise ValueError(f"model input: missing column(s) {sorted(missing)}")
-        jobs, wanted = [], []
-        users = model_input["user"] if "user" in model_input else [None] * len(model_input)
-        rows = zip(
-            model_input["support_items"],
-            model_input["support_ratings"],
-            model_input["items"],
-            users,
-            strict=True,
-        )
-        for r, (support, ratings, items, user) in enumerate(rows):
-            try:
-                if len(support) != len(ratings):
-                    raise FieldError(
-                        ("support_ratings",),
-                        f"{len(ratings)} ratings for {len(support)} support_items",
-                    )
-                jobs.append(
-                    Job(
-                        features=tuple(self.catalog.encode_user(user)),
-                        items=tuple(self.catalog.item_index(list(support), ("support_items",))),
-                        ratings=tuple(float(x) for x in ratings),
-                    )
-                )
-                wanted.append(self.catalog.item_index(list(items), ("items",)))
-            except FieldError as e:
-                where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e.loc)
-                raise ValueError(f"row {r}: {where.lstrip('.')}: {e.msg}") from None
-        results = self.engine.run(jobs)
-        return [res.scores[idx].tolist() for res, idx in zip(results, wanted, strict=True)]
 
 
 @contextlib.contextmanager
@@ -379,20 +320,26 @@ def finish_run(
     Returns:
         ``models:/<model_name>@<alias>``.
     """
-    client = _client(uri)
+    client = client_for(uri)
     for k, v in summary.items():
         client.log_metric(run_id, k, float(v))
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "learning_curve.png"
-        _plot_learning_curve(history, png)
+        from metarec import plots  # matplotlib: only when there is a figure to draw
+
+        plots.learning_curves(
+            {"meta-training": [{"label": "this run", "rows": history}]},
+            png,
+            title="Learning curve",
+        )
         client.log_artifact(run_id, str(png))
     client.log_artifacts(run_id, str(checkpoint_dir), artifact_path="checkpoint")
     # (its CloudPickle caution and "cannot infer a signature" are about this very class:
     # known and harmless: not news to print at every run)
-    with _using(uri), mlflow.start_run(run_id=run_id), _at_level("mlflow.pyfunc", logging.ERROR):
+    with using_uri(uri), mlflow.start_run(run_id=run_id), _at_level("mlflow.pyfunc", logging.ERROR):
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=_Pyfunc(),
+            python_model=MetarecPyfunc(),
             artifacts={"checkpoint": str(Path(checkpoint_dir) / FILENAME)},
             pip_requirements=["metarec", "torch", "pandas"],
         )
@@ -410,19 +357,21 @@ TRIAL_STATUS = {"completed": "FINISHED", "stopped_early": "KILLED", "error": "FA
 
 def set_trial_status(uri: str, run_id: str, status: str) -> None:
     """End a trial's run: FINISHED (completed), KILLED (stopped early by ASHA) or FAILED."""
-    client = _client(uri)
+    client = client_for(uri)
     client.set_tag(run_id, "metarec.trial_status", status)
     client.set_terminated(run_id, TRIAL_STATUS[status])
 
 
 def finish_sweep(uri: str, run_id: str, table: list[dict[str, Any]]) -> None:
     """The sweep's parent run: summary table (CSV + Markdown), a plot, the best score."""
-    client = _client(uri)
+    client = client_for(uri)
     frame = pd.DataFrame(table).drop(columns=["checkpoint"], errors="ignore")
     with tempfile.TemporaryDirectory() as tmp:
         frame.to_csv(Path(tmp) / "trials.csv", index=False)
         (Path(tmp) / "trials.md").write_text(markdown_table(frame))
-        _plot_sweep(frame, Path(tmp) / "sweep.png")
+        from metarec import plots
+
+        plots.sweep(frame, Path(tmp) / "sweep.png")
         client.log_artifacts(run_id, tmp)
     finite = frame["best_valid_mae"].dropna()
     if len(finite):
@@ -441,108 +390,8 @@ def markdown_table(frame: pd.DataFrame) -> str:
             else (f"{v:.4f}" if isinstance(v, float) else str(v))
         )
 
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |"]
-    lines.append("|" + "---|" * len(frame.columns))
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(False)]
-    return "\n".join(lines) + "\n"
-
-
-def _plot_sweep(frame: pd.DataFrame, path: Path) -> None:
-    """Best valid MAE of each trial against its outer lr and its inner lr (gradient steps)
-    or prior precision (ridge solver), coloured by algorithm.
-
-    Log axes: learning rates span decades, and a diverged trial's error is orders of
-    magnitude above the rest (it would flatten every other point onto the axis).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
-
-    ridge = (frame["meta.inner_solver"] == "ridge").all()
-    keys = ["meta.prior_precision" if ridge else "meta.inner_lr", "meta.outer_lr"]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), dpi=100, sharey=True)
-    mae = frame["best_valid_mae"]
-    algorithms = sorted(frame["meta.algorithm"].unique())
-    colour = {a: f"C{i}" for i, a in enumerate(algorithms)}
-    for ax, key in zip(axes, keys, strict=True):
-        for name in algorithms:
-            sel = frame[frame["meta.algorithm"] == name]
-            for stopped, marker, suffix in ((False, "o", ""), (True, "x", ", stopped early")):
-                part = sel[(sel["status"] != "completed") == stopped]
-                if len(part):
-                    ax.scatter(
-                        part[key],
-                        part["best_valid_mae"],
-                        c=colour[name],
-                        marker=marker,
-                        label=f"{name}{suffix}",
-                    )
-        ax.set_xscale("log")
-        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel(key)
-        ax.grid(alpha=0.3)
-    if mae.max() > 3 * mae.min() > 0:
-        axes[0].set_yscale("log")
-    axes[0].set_ylabel("best validation MAE")
-    axes[1].legend(title="algorithm", fontsize=8, loc="best")
-    fig.suptitle(f"sweep: {len(frame)} trials")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def _plot_learning_curve(history: list[dict[str, float]], path: Path) -> None:
-    from metarec.plots import learning_curves
-
-    runs = {"meta-training": [{"label": "this run", "rows": history}]}
-    learning_curves(runs, path, title="Learning curve")
-
-
-def promote(uri: str, name: str, version: str | int, alias: str = CHAMPION) -> None:
-    """Point ``alias`` (default ``champion``) of registered model ``name`` at ``version``."""
-    client = _client(uri)
-    try:
-        client.get_model_version(name, str(version))
-    except mlflow.exceptions.MlflowException as e:
-        raise ModelNotFoundError(f"{name} version {version}: not in the registry at {uri}") from e
-    client.set_registered_model_alias(name, alias, str(version))
-
-
-def against_champion(uri: str, model: str, run_id: str) -> dict[str, Any]:
-    """This run's best validation MAE beside the current champion's of the same registered
-    model (one dataset), so that ``train`` and ``tune`` can say whether promoting is worth
-    it. Nothing moves: ``champion`` changes only through ``promote``.
-
-    Returns ``{"name", "version" (this run's), "valid_mae", "champion": None | {"version",
-    "valid_mae", "comparable"}}``; ``comparable`` is False when the two runs validated on
-    different users (another scenario), and then the MAEs say nothing about each other.
-    """
-    client = _client(uri)
-    name = model.removeprefix("models:/").split("@")[0]
-    mine = client.get_run(run_id).data
-    version = mine.tags.get("metarec.registered", "/").rpartition("/")[2]
-    out: dict[str, Any] = {
-        "name": name,
-        "version": version,
-        "valid_mae": mine.metrics.get("best/valid_mae"),
-        "champion": None,
-    }
-    try:
-        mv = client.get_model_version_by_alias(name, CHAMPION)
-    except mlflow.exceptions.MlflowException:
-        return out  # no champion yet
-    theirs = client.get_run(mv.run_id).data
-    scenario = "train.scenario"
-    out["champion"] = {
-        "version": str(mv.version),
-        "valid_mae": theirs.metrics.get("best/valid_mae"),
-        "comparable": theirs.params.get(scenario) == mine.params.get(scenario),
-    }
-    return out
+    rows = ([cell(v) for v in row] for row in frame.itertuples(False))
+    return "\n".join(pipe_table([str(c) for c in frame.columns], rows)) + "\n"
 
 
 def log_evaluation(
@@ -560,7 +409,7 @@ def log_evaluation(
     relevance threshold, the adaptation chosen on validation users) as the tag
     ``<prefix>/<scenario>/protocol``. Logging again overwrites files and tags and adds
     metric values."""
-    client = _client(uri)
+    client = client_for(uri)
     flat: list[tuple[str, float]] = []
     for scenario, rows in results.items():
         for method, row in rows.items():
@@ -591,52 +440,4 @@ def log_evaluation(
         client.log_artifact(run_id, str(f), artifact_path=prefix)
 
 
-def resolve_checkpoint(model: str, uri: str) -> Path:
-    """The checkpoint file of ``models:/...``, ``runs:/...`` or a local file/directory."""
-    if not model.startswith(("models:/", "runs:/")):
-        path = Path(model)
-        if not path.exists():
-            raise ModelNotFoundError(f"--model {model}: no such file or directory")
-        return path
-    try:
-        with _using(uri):
-            local = mlflow.artifacts.download_artifacts(artifact_uri=model, tracking_uri=uri)
-    except mlflow.exceptions.MlflowException as e:
-        raise ModelNotFoundError(f"--model {model}: {e.message}") from e
-    found = sorted(Path(local).rglob(FILENAME))
-    if not found:
-        raise ModelNotFoundError(f"--model {model}: no {FILENAME} in its artifacts")
-    return found[0]
-
-
-def describe_model(model: str, uri: str) -> dict[str, Any]:
-    """Registry facts about ``model``: name, version, alias and the run that produced it.
-
-    ``models:/NAME@ALIAS`` and ``models:/NAME/VERSION`` are looked up in the registry;
-    ``runs:/ID/...`` names its run; a local checkpoint has neither (all None). What
-    ``GET /v1/model`` reports, and where ``metarec evaluate`` logs an evaluation.
-    """
-    info: dict[str, Any] = {"uri": model, "name": None, "version": None, "alias": None}
-    if model.startswith("runs:/"):
-        return {**info, "run_id": model.removeprefix("runs:/").split("/")[0]}
-    if not model.startswith("models:/"):
-        return {**info, "run_id": None}
-    name, _, alias = model.removeprefix("models:/").partition("@")
-    if not alias:
-        name, _, version = name.rpartition("/")
-    client = _client(uri)
-    try:
-        mv = (
-            client.get_model_version_by_alias(name, alias)
-            if alias
-            else client.get_model_version(name, version)
-        )
-    except mlflow.exceptions.MlflowException as e:
-        raise ModelNotFoundError(f"--model {model}: {e.message}") from e
-    return {
-        **info,
-        "name": name,
-        "version": str(mv.version),
-        "alias": alias or None,
-        "run_id": mv.run_id,
-    }
+_Pyfunc = MetarecPyfunc  # models logged before the move pickled this name

@@ -32,29 +32,20 @@ worker. One explicit flat all-reduce does both, and is what DDP's bucketed reduc
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 import math
 import os
-import sys
-import tempfile
-import threading
 import time
-from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import torch
 
-from metarec.batch import TaskBatch, from_table
+from metarec.batch import from_table
 from metarec.checkpoint import (
-    learner_from_checkpoint,
     load_checkpoint,
-    make_checkpoint,
     save_checkpoint,
     standalone_checkpoint,
 )
@@ -62,15 +53,10 @@ from metarec.config import MetarecConfig, apply_overrides
 from metarec.data.prepared import PreparedDataset, open_prepared
 from metarec.errors import ConfigError
 from metarec.initialise import build_learner
-from metarec.loop import (
-    Shard,
-    build_optimizer,
-    cfg_dtype,
-    rank_rows,
-    run_epochs,
-    shard_summary,
-)
+from metarec.ray_cluster import connect_ray
+from metarec.train_progress import epoch_lines
 from metarec.train_state import TrainState
+from metarec.train_worker import worker_loop
 
 __all__ = ["TrainOutcome", "resume", "resumed_config", "run_checkpoints", "train"]
 
@@ -87,110 +73,6 @@ class TrainOutcome:
     best_valid_mae: float
     epochs_run: int
     checkpoint: Path  # the final checkpoint (a local copy)
-
-
-def _worker_loop(config: dict[str, Any]) -> None:
-    """Per-worker: rebuild, restore, read the shard, ``run_epochs``, report every epoch."""
-    import ray.train
-    import torch.distributed as dist
-
-    from metarec.tracking import EpochLogger
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(config["threads"])
-    init = config["init"]
-    cfg = MetarecConfig.from_dict(init["config"], where="run config")
-    device = ray.train.torch.get_device()
-    learner = learner_from_checkpoint(init, best=False).to(device, cfg_dtype(cfg)).train()
-    optimizer = build_optimizer(learner, cfg)
-    state = TrainState()
-    if (restored := ray.train.get_checkpoint()) is not None:
-        with restored.as_directory() as d:
-            ckpt = load_checkpoint(d, dataset_hash=init["dataset_hash"])
-    elif config["resume_from"]:
-        ckpt = load_checkpoint(config["resume_from"], dataset_hash=init["dataset_hash"])
-    else:
-        ckpt = None
-    if ckpt is not None:
-        learner.load_state_dict(ckpt["learner"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state = TrainState.from_dict(ckpt["state"])
-
-    tasks = _read(ray.train.get_dataset_shard("train"), rank=rank, world=world)
-    summaries = [shard_summary(tasks)]
-    all_reduce = None
-    if world > 1:
-        summaries = [None] * world
-        dist.all_gather_object(summaries, shard_summary(tasks))
-
-        def all_reduce(t: torch.Tensor) -> None:
-            on_device = t.to(device)
-            dist.all_reduce(on_device)
-            t.copy_(on_device)
-
-    shard = Shard.gathered(tasks, summaries)
-    valid = _read(ray.train.get_dataset_shard("valid")) if rank == 0 else None
-    logger = EpochLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
-    if logger is not None:
-        logger.log(state.history)  # epochs a crash left unlogged
-    clock = [time.perf_counter()]
-
-    def on_epoch(state: TrainState, row: dict[str, float]) -> None:
-        now = time.perf_counter()
-        row["train/epoch_s"] = now - clock[0]
-        row["train/tasks_per_s"] = len(shard.lengths) / row["train/epoch_s"]
-        clock[0] = now
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint = None
-            if rank == 0:
-                ck = make_checkpoint(
-                    cfg,
-                    learner,
-                    optimizer,
-                    state,
-                    dataset_hash=init["dataset_hash"],
-                    catalog=init.get("catalog"),
-                )
-                save_checkpoint(ck, d)
-                checkpoint = ray.train.Checkpoint.from_directory(d)
-            finished = state.stopped or state.epoch >= cfg.train.epochs
-            # epochs_done/finished: for Tune's scheduler and the sweep summary (not MLflow)
-            # best/valid_mae: the best so far, what metarec ranks trials by (Tune's metric)
-            report = {
-                **row,
-                "best/valid_mae": state.best_valid_mae,
-                "epochs_done": state.epoch,
-                "finished": float(finished),
-            }
-            ray.train.report(report, checkpoint=checkpoint)
-        if logger is not None:
-            logger.log([row])
-
-    run_epochs(
-        cfg,
-        learner,
-        optimizer,
-        shard,
-        valid,
-        state,
-        all_reduce=all_reduce,
-        on_epoch=on_epoch,
-        expected_tasks=config["expected_tasks"],
-    )
-
-
-def _read(iterator: Any, *, rank: int = 0, world: int = 1) -> TaskBatch:
-    """A whole tasks table from Ray Data -> the padded TaskBatch of ``rank``'s tasks
-    (``loop.rank_rows``; all of them when ``world`` is 1)."""
-    tables = [b for b in iterator.iter_batches(batch_format="pyarrow", batch_size=None)]
-    if not tables:
-        raise ConfigError("train: a worker received no tasks; use fewer workers")
-    table = pa.concat_tables(tables).combine_chunks()
-    if world > 1:
-        users = torch.as_tensor(table.column("user").to_numpy().astype(np.int64))
-        table = table.take(pa.array(rank_rows(users, rank, world).numpy()))
-    return from_table(table)
 
 
 def default_cpus_per_worker(workers: int, cluster_cpus: float) -> float:
@@ -303,7 +185,7 @@ def _run(
             max_failures=max_failures,
         )
         t0 = time.perf_counter()
-        with _epoch_lines(uri, run_id, cfg.train.epochs):
+        with epoch_lines(uri, run_id, cfg.train.epochs):
             result = trainer.fit()
         wall = time.perf_counter() - t0
         with result.checkpoint.as_directory() as d:
@@ -351,122 +233,6 @@ def _with_resources(
         "train.epochs": epochs,
     }
     return apply_overrides(cfg, **{k: v for k, v in given.items() if v is not None})
-
-
-def connect_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (or one `ray start`ed here), else start a local one.
-
-    Workers' own output (Ray Train's "Reporting training result ...", core-worker
-    warnings) stays in Ray's session logs unless ``metarec --verbose``: the user reads
-    one metarec line per epoch (``_epoch_lines``), and the path of those logs.
-
-    A Ray started here listens on 127.0.0.1 only (``local_ray_settings``).
-    """
-    address = os.environ.get("RAY_ADDRESS", "")
-    if address == "local" or (not address and not Path(RAY_CURRENT_CLUSTER).exists()):
-        local_ray_settings(os.environ)  # a new Ray is started here
-    import ray
-    import ray.data
-
-    if not ray.is_initialized():
-        verbose = logging.getLogger("metarec").isEnabledFor(logging.DEBUG)
-        if not verbose:  # "Token authentication is enabled": the default, not news
-            logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
-        # With the dashboard (on 127.0.0.1): Ray Train's PlacementGroupCleaner asks the
-        # state API whether a controller died; without it, the placement groups of a Tune
-        # trial that was stopped early are never freed and later trials starve.
-        ray.init(logging_level=logging.WARNING, log_to_driver=verbose)
-        if not verbose:
-            logs = Path(_session_dir()) / "logs"
-            print(f"Ray's worker logs: {logs} (metarec --verbose shows them here)")
-
-
-# Where `ray start` (default --temp-dir) records its address; ray.init() joins that head.
-RAY_CURRENT_CLUSTER = "/tmp/ray/ray_current_cluster"
-SINGLE_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-def local_ray_settings(env: MutableMapping[str, str]) -> None:
-    """Settings for a Ray that metarec (or a test) starts on this machine, through ``env``.
-
-    - Every port on 127.0.0.1. Ray 2.60 replaces ``--node-ip-address=127.0.0.1`` by the
-      machine's routable address and binds GCS and raylet to all interfaces. Its
-      single-machine mode (the default on macOS and Windows, this variable set to 0
-      elsewhere) uses 127.0.0.1 as the node address, so every server binds there. No other
-      machine can join such a head, which is the point.
-    - Ray Train's controller takes one report per poll (every 2 s by default), and a
-      worker's report blocks until it does: an epoch shorter than that would wait.
-    """
-    env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-    env.setdefault(SINGLE_NODE, "0")
-    if "ray" in sys.modules:  # read at import; child processes read the variable
-        import ray._private.ray_constants as constants
-
-        constants.ENABLE_RAY_CLUSTER = env[SINGLE_NODE] not in ("0", "false", "False")
-
-
-def _session_dir() -> str:
-    """The session directory of the Ray this process joined (where its logs are)."""
-    import ray
-
-    node = getattr(ray._private.worker, "_global_node", None)  # no public accessor in 2.60
-    return node.get_session_dir_path() if node is not None else "/tmp/ray/session_latest"
-
-
-@contextlib.contextmanager
-def _epoch_lines(uri: str, run_id: str, epochs: int) -> Iterator[None]:
-    """While the block runs, print one line per epoch as rank 0 logs it to the MLflow run,
-    above a tqdm bar: what a user reads instead of Ray's worker logs."""
-    from tqdm import tqdm
-
-    from metarec import tracking
-
-    done = tracking.logged_epochs(uri, run_id)  # a resumed run: those are not news
-    state = {
-        "last": done[-1]["epoch"] if done else -1,
-        "best": min((r["valid/mae"] for r in done), default=math.inf),
-    }
-    bar = tqdm(  # a bar only on a terminal: in a log file it is noise between the lines
-        total=epochs,
-        initial=len(done),
-        unit="epoch",
-        leave=False,
-        file=sys.stderr,
-        disable=not sys.stderr.isatty(),
-    )
-    stop = threading.Event()
-
-    def poll() -> None:
-        for row in tracking.logged_epochs(uri, run_id, after=int(state["last"])):
-            best = row["valid/mae"] < state["best"]
-            state["best"] = min(state["best"], row["valid/mae"])
-            bar.write(
-                f"epoch {int(row['epoch']) + 1:>3}/{epochs}  "
-                f"train loss {row['train/query_loss']:.4f}  "
-                f"valid MAE {row['valid/mae']:.4f}{' *' if best else '  '}  "
-                f"{row['train/tasks_per_s']:,.0f} tasks/s  {row['train/epoch_s']:.1f} s",
-                file=sys.stdout,
-            )
-            bar.update(1)
-            state["last"] = row["epoch"]
-
-    def loop() -> None:
-        while not stop.wait(1.0):
-            try:
-                poll()
-            except Exception as e:  # a busy store must never stop training; say why once
-                log.debug("epoch lines: %s", e)
-
-    thread = threading.Thread(target=loop, name="metarec-epoch-lines", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-        with contextlib.suppress(Exception):
-            poll()
-        bar.close()
 
 
 def initial_checkpoint(cfg: MetarecConfig, ds: PreparedDataset) -> dict[str, Any]:
@@ -517,7 +283,7 @@ def build_trainer(
         cpus_per_worker = default_cpus_per_worker(workers, ray.cluster_resources().get("CPU", 1))
     ray.data.DataContext.get_current().enable_progress_bars = False  # epochs have their own
     return TorchTrainer(
-        _worker_loop,
+        worker_loop,
         train_loop_config={
             "init": init,
             "resume_from": resume_from,

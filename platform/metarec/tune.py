@@ -27,9 +27,9 @@ from metarec.checkpoint import load_checkpoint
 from metarec.config import MetarecConfig, apply_overrides
 from metarec.data.prepared import open_prepared
 from metarec.errors import ConfigError, MetarecError
+from metarec.ray_cluster import connect_ray
 from metarec.train import (
     build_trainer,
-    connect_ray,
     initial_checkpoint,
     model_name,
     run_checkpoints,

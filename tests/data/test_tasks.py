@@ -16,7 +16,7 @@ from metarec.config import SCENARIOS
 from metarec.data import synthetic
 from metarec.data.prepared import PreparedDataset
 from metarec.data.sources import load_ml100k
-from metarec.data.tasks import SPLITS, Protocol, build_scenarios, tasks_table
+from metarec.data.tasks import SPLITS, TaskProtocol, build_scenarios, tasks_table
 
 COLD_USERS = ("user_cold", "temporal", "user_item_cold")
 
@@ -187,7 +187,7 @@ def ratings_frames(draw):
 @given(ratings_frames(), st.integers(1, 5), st.integers(1, 4))
 def test_builder_partitions_ratings_without_loss_or_overlap(data, q, min_support):
     df, year, seed = data
-    p = Protocol(
+    p = TaskProtocol(
         query_size=q, min_ratings=q + min_support, max_ratings=10_000, cut_year=1990, seed=seed
     )
     if len(df) == 0:

@@ -19,7 +19,7 @@ from metarec.data.features import USER_FEATURES, encode
 from metarec.data.feedback import fold_feedback
 from metarec.data.prepared import PreparedDataset, open_prepared, write_prepared
 from metarec.data.sources import RawData, load_source
-from metarec.data.tasks import Protocol, auto_cut_year, build_scenarios, filter_users
+from metarec.data.tasks import TaskProtocol, auto_cut_year, build_scenarios, filter_users
 from metarec.errors import DataError
 
 __all__ = ["prepare"]
@@ -66,7 +66,7 @@ def prepare(cfg: MetarecConfig, out: str | Path, *, progress: bool = True) -> Pr
         cut = d.item_cut_year
         if cut is None and {"warm", "item_cold", "user_item_cold"} & set(scenarios):
             cut = auto_cut_year(ratings, enc.item_year, d.new_item_share)
-        protocol = Protocol(
+        protocol = TaskProtocol(
             query_size=d.query_size,
             min_ratings=d.min_ratings,
             max_ratings=d.max_ratings,
@@ -147,7 +147,7 @@ def _manifest(
     dropped: dict[str, int],
     ratings: Any,
     enc: Any,
-    protocol: Protocol,
+    protocol: TaskProtocol,
     tasks: dict,
     skipped: dict[str, str],
     *,

@@ -33,7 +33,7 @@ import pyarrow as pa
 from metarec.data.prepared import PreparedDataset
 from metarec.data.tasks import (
     SPLITS,
-    Protocol,
+    TaskProtocol,
     build_scenarios,
     filter_users,
     group_rank,
@@ -50,9 +50,9 @@ def _item_year(ds: PreparedDataset) -> np.ndarray:
     return np.where(year > 0, year, np.nan)  # prepare stores an unknown year as 0
 
 
-def _protocol(ds: PreparedDataset, seed: int) -> Protocol:
+def _protocol(ds: PreparedDataset, seed: int) -> TaskProtocol:
     p = ds.manifest["protocol"]
-    return Protocol(
+    return TaskProtocol(
         query_size=p["query_size"],
         min_ratings=p["min_ratings"],
         max_ratings=p["max_ratings"],

@@ -28,7 +28,7 @@ from metarec.errors import DataError
 
 __all__ = [
     "SPLITS",
-    "Protocol",
+    "TaskProtocol",
     "auto_cut_year",
     "build_scenarios",
     "filter_users",
@@ -59,7 +59,7 @@ _STREAM = {
 
 
 @dataclass(frozen=True)
-class Protocol:
+class TaskProtocol:
     """The knobs of task building; recorded verbatim in the manifest."""
 
     query_size: int = 10
@@ -109,7 +109,7 @@ def auto_cut_year(ratings: pd.DataFrame, item_year: np.ndarray, new_share: float
 
 
 def build_scenarios(
-    ratings: pd.DataFrame, item_year: np.ndarray, protocol: Protocol, scenarios: tuple[str, ...]
+    ratings: pd.DataFrame, item_year: np.ndarray, protocol: TaskProtocol, scenarios: tuple[str, ...]
 ) -> dict[str, dict[str, pa.Table]]:
     """Return ``{scenario: {split: tasks table}}`` for the requested scenarios."""
     if "temporal" in scenarios and "timestamp" not in ratings:
@@ -168,7 +168,7 @@ def _is_new(item_year: np.ndarray, items: np.ndarray, cut: int) -> np.ndarray:
     return np.isfinite(y) & (y > cut)
 
 
-def _partition_users(users: np.ndarray, protocol: Protocol) -> np.ndarray:
+def _partition_users(users: np.ndarray, protocol: TaskProtocol) -> np.ndarray:
     """(n_users,) int8: 0 train, 1 valid, 2 test; -1 for users with no ratings left."""
     uniq = np.flatnonzero(np.bincount(users, minlength=1))  # sorted; np.unique hashes slowly
     n = int(users.max()) + 1 if len(users) else 0
@@ -247,7 +247,7 @@ def _temporal_tasks(df: pd.DataFrame, q: int, min_support: int) -> pa.Table:
 
 
 def _warm(
-    r: pd.DataFrame, p: Protocol, g: np.random.Generator
+    r: pd.DataFrame, p: TaskProtocol, g: np.random.Generator
 ) -> tuple[pa.Table, dict[str, pa.Table]]:
     """Warm start: train users on existing items, with ``q`` ratings held out for evaluation."""
     q = p.query_size

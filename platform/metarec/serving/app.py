@@ -70,7 +70,8 @@ def resolve_model(settings: ServeSettings) -> tuple[str, dict[str, Any], dict[st
     """The model to serve: its URI, registry facts and checkpoint, or a one-line
     ``MetarecError`` (the CLI calls this before starting Serve, so a typo in ``--model``
     is an input error in a second, not replica tracebacks a minute later)."""
-    from metarec.tracking import describe_model, resolve_checkpoint, resolve_tracking_uri
+    from metarec.registry import describe_model, resolve_checkpoint
+    from metarec.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(settings.tracking_uri, settings.work_dir)
     model = settings.model or default_model(settings.work_dir)
@@ -202,7 +203,7 @@ BATCH_WAIT_S = Deployment().batch_wait_ms / 1000
 
 
 def _replica_grpc_on_loopback() -> None:
-    """On a one-machine Ray (node address 127.0.0.1, ``train.local_ray_settings``), bind this
+    """On a one-machine Ray (node address 127.0.0.1, ``ray_cluster.local_ray_settings``), bind this
     replica's inter-deployment gRPC server to 127.0.0.1 instead of every interface.
 
     Serve 2.60 hard-codes ``[::]:0`` for it (``serve/_private/replica.py``) and offers no
@@ -229,8 +230,8 @@ def _replica_grpc_on_loopback() -> None:
     max_ongoing_requests=256,  # >= max_batch_size, or batches never fill
     ray_actor_options={"num_cpus": 1},
     user_config={"max_batch_size": MAX_BATCH_SIZE, "batch_wait_timeout_s": BATCH_WAIT_S},
-    # Serve's per-request access log line costs ~30% of the HTTP path's throughput here
-    # (measured: /healthz ceiling 317 -> 441 req/s at 64 concurrent); metrics remain.
+    # Serve's per-request access log line is a large share of the HTTP path's cost
+    # (docs/serving.md, measured with benchmarks/serve_load.py); metrics remain.
     logging_config={"enable_access_log": False},
 )
 @serve.ingress(api)
@@ -251,10 +252,10 @@ class MetarecServer:
     @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
     async def _run(self, jobs: list[Job]) -> list[Result]:
         # On this loop, not in a worker thread: a thread made the engine and the request
-        # handling share the GIL op by op, so requests trickled in and batches stayed tiny
-        # (mean 2.8 at 64 concurrent, 131 req/s). Blocking the user-code loop while the
-        # batch computes lets Serve queue the requests that arrive meanwhile (it receives
-        # on its own thread), and the next batch takes them all (mean 14, 208 req/s).
+        # handling share the GIL op by op, so requests trickled in and batches stayed tiny.
+        # Blocking the user-code loop while the batch computes lets Serve queue the requests
+        # that arrive meanwhile (it receives on its own thread), and the next batch takes
+        # them all (docs/serving.md has the measured batch sizes).
         return self.service.engine.run(jobs)
 
     @api.get("/healthz")
@@ -323,7 +324,7 @@ def serve_forever(settings: ServeSettings, deployment: Deployment | None = None)
     """``metarec serve``: start (or join) Ray, run the app on host:port until Ctrl-C."""
     import ray
 
-    from metarec.train import connect_ray
+    from metarec.ray_cluster import connect_ray
 
     model, _, ckpt = resolve_model(settings)  # fails fast, before Ray starts
     require_catalog(ckpt)

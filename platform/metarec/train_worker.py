@@ -1,0 +1,135 @@
+"""The loop each Ray Train worker runs (``metarec.train`` is its driver).
+
+Rebuild the learner from the driver's initial checkpoint, restore the latest checkpoint if
+the group restarted (or a resumed run's), keep this rank's share of the training tasks
+(``loop.rank_rows``), then ``loop.run_epochs`` with one all-reduce of the meta-gradients per
+meta-batch; rank 0 validates, checkpoints and logs every epoch.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from metarec.batch import TaskBatch, from_table
+from metarec.checkpoint import (
+    learner_from_checkpoint,
+    load_checkpoint,
+    make_checkpoint,
+    save_checkpoint,
+)
+from metarec.config import MetarecConfig
+from metarec.errors import ConfigError
+from metarec.loop import Shard, build_optimizer, cfg_dtype, rank_rows, run_epochs, shard_summary
+from metarec.train_state import TrainState
+
+__all__ = ["worker_loop"]
+
+
+def worker_loop(config: dict[str, Any]) -> None:
+    """Per-worker: rebuild, restore, read the shard, ``run_epochs``, report every epoch."""
+    import ray.train
+    import torch.distributed as dist
+
+    from metarec.tracking import EpochLogger
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    init = config["init"]
+    cfg = MetarecConfig.from_dict(init["config"], where="run config")
+    device = ray.train.torch.get_device()
+    learner = learner_from_checkpoint(init, best=False).to(device, cfg_dtype(cfg)).train()
+    optimizer = build_optimizer(learner, cfg)
+    state = TrainState()
+    if (restored := ray.train.get_checkpoint()) is not None:
+        with restored.as_directory() as d:
+            ckpt = load_checkpoint(d, dataset_hash=init["dataset_hash"])
+    elif config["resume_from"]:
+        ckpt = load_checkpoint(config["resume_from"], dataset_hash=init["dataset_hash"])
+    else:
+        ckpt = None
+    if ckpt is not None:
+        learner.load_state_dict(ckpt["learner"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = TrainState.from_dict(ckpt["state"])
+
+    tasks = _read(ray.train.get_dataset_shard("train"), rank=rank, world=world)
+    summaries = [shard_summary(tasks)]
+    all_reduce = None
+    if world > 1:
+        summaries = [None] * world
+        dist.all_gather_object(summaries, shard_summary(tasks))
+
+        def all_reduce(t: torch.Tensor) -> None:
+            on_device = t.to(device)
+            dist.all_reduce(on_device)
+            t.copy_(on_device)
+
+    shard = Shard.gathered(tasks, summaries)
+    valid = _read(ray.train.get_dataset_shard("valid")) if rank == 0 else None
+    logger = EpochLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    if logger is not None:
+        logger.log(state.history)  # epochs a crash left unlogged
+    clock = [time.perf_counter()]
+
+    def on_epoch(state: TrainState, row: dict[str, float]) -> None:
+        now = time.perf_counter()
+        row["train/epoch_s"] = now - clock[0]
+        row["train/tasks_per_s"] = len(shard.lengths) / row["train/epoch_s"]
+        clock[0] = now
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                ck = make_checkpoint(
+                    cfg,
+                    learner,
+                    optimizer,
+                    state,
+                    dataset_hash=init["dataset_hash"],
+                    catalog=init.get("catalog"),
+                )
+                save_checkpoint(ck, d)
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            finished = state.stopped or state.epoch >= cfg.train.epochs
+            # epochs_done/finished: for Tune's scheduler and the sweep summary (not MLflow)
+            # best/valid_mae: the best so far, what metarec ranks trials by (Tune's metric)
+            report = {
+                **row,
+                "best/valid_mae": state.best_valid_mae,
+                "epochs_done": state.epoch,
+                "finished": float(finished),
+            }
+            ray.train.report(report, checkpoint=checkpoint)
+        if logger is not None:
+            logger.log([row])
+
+    run_epochs(
+        cfg,
+        learner,
+        optimizer,
+        shard,
+        valid,
+        state,
+        all_reduce=all_reduce,
+        on_epoch=on_epoch,
+        expected_tasks=config["expected_tasks"],
+    )
+
+
+def _read(iterator: Any, *, rank: int = 0, world: int = 1) -> TaskBatch:
+    """A whole tasks table from Ray Data -> the padded TaskBatch of ``rank``'s tasks
+    (``loop.rank_rows``; all of them when ``world`` is 1)."""
+    tables = [b for b in iterator.iter_batches(batch_format="pyarrow", batch_size=None)]
+    if not tables:
+        raise ConfigError("train: a worker received no tasks; use fewer workers")
+    table = pa.concat_tables(tables).combine_chunks()
+    if world > 1:
+        users = torch.as_tensor(table.column("user").to_numpy().astype(np.int64))
+        table = table.take(pa.array(rank_rows(users, rank, world).numpy()))
+    return from_table(table)
