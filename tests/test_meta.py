@@ -24,7 +24,7 @@ from metarec.meta import (
     meta_loss,
     predict,
 )
-from metarec.model import Features, Recommender
+from metarec.model import Features, Recommender, call_with
 
 N_ITEMS, N_USERS = 12, 6
 
@@ -300,7 +300,7 @@ def _ridge_objective(model, fast, support, precision, theta):
 @pytest.mark.parametrize("factor", [False, True])
 def test_ridge_head_is_the_minimum_of_its_objective(tiny_tasks, factor):
     """The closed-form head zeroes the gradient of the Bayesian ridge objective, computed
-    through the ordinary forward (not ``head_inputs``), with a per-input precision."""
+    through the ordinary forward (not ``Recommender.head_inputs``), with a per-input precision."""
     cfg = MetaConfig(adapt="head", inner_solver="ridge")
     learner = MetaLearner(tiny_model(factor_head=factor), cfg).double()
     g = torch.Generator().manual_seed(5)
@@ -371,15 +371,11 @@ def test_ridge_meta_gradient_matches_per_task_solves(tiny_tasks, factor):
     losses = []
     for t in range(tiny_tasks.num_tasks):  # reference: one small solve per task, unpadded
         s, q, u = tiny_tasks.support_mask[t], tiny_tasks.query_mask[t], tiny_tasks.users[t]
-        h, off = functional_call(
-            learner.model, params, (tiny_tasks.support_items[t][s], u), {"head_inputs": True}
-        )
+        h, off = call_with(learner.model, params, "head_inputs", tiny_tasks.support_items[t][s], u)
         x = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], 1)
         y = tiny_tasks.support_ratings[t][s] - off
         w = torch.linalg.solve(x.T @ x + torch.diag(lam), x.T @ y + lam * theta)
-        hq, offq = functional_call(
-            learner.model, params, (tiny_tasks.query_items[t][q], u), {"head_inputs": True}
-        )
+        hq, offq = call_with(learner.model, params, "head_inputs", tiny_tasks.query_items[t][q], u)
         pred = hq @ w[:-1] + w[-1] + offq
         losses.append(((pred - tiny_tasks.query_ratings[t][q]) ** 2).mean())
     ref = torch.stack(losses).mean()

@@ -36,6 +36,7 @@ from metarec.model import (
     Params,
     Recommender,
     SupportSet,
+    call_with,
 )
 
 __all__ = [
@@ -306,7 +307,7 @@ def ridge_head(
     Implicit Gradients, NeurIPS 2019, https://arxiv.org/abs/1909.04630
     """
     users, items, ratings, mask = support
-    h, offset = functional_call(model, params, (items, users), {"head_inputs": True})
+    h, offset = call_with(model, params, "head_inputs", items, users)
     if not create_graph:
         h, offset = h.detach(), offset.detach()
     m = mask.to(h.dtype)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +41,7 @@ from metarec.layers import (
     unit_rms,
 )
 
-__all__ = ["ADAPT_GROUPS", "Features", "Params", "Recommender"]
+__all__ = ["ADAPT_GROUPS", "Features", "Params", "Recommender", "call_with"]
 
 Params = dict[str, Tensor]
 # support_grads() keys of the first layer's item-input and user-input row blocks
@@ -85,6 +86,21 @@ class SupportSet:
     user_x: Tensor | None  # (T, 1, Fu) user-side inputs
     residual: Tensor  # (T, S, 1) mu + item bias - rating: the prediction error without the MLP
     weight: Tensor  # (T, S, 1) 2 mask / support size: d(mean squared error) / d(error)
+
+
+def call_with(module: nn.Module, params: Params, method: str, *args: Any) -> Any:
+    """``module.<method>(*args)`` computed with ``params`` in place of its own parameters:
+    ``functional_call`` for a method other than ``forward`` (no mode flags on forward)."""
+    return functional_call(_Bound(module, method), {f"m.{k}": v for k, v in params.items()}, args)
+
+
+class _Bound(nn.Module):
+    def __init__(self, module: nn.Module, method: str) -> None:
+        super().__init__()
+        self.m, self.method = module, method
+
+    def forward(self, *args: Any) -> Any:
+        return getattr(self.m, self.method)(*args)
 
 
 class Recommender(nn.Module):
@@ -163,40 +179,37 @@ class Recommender(nn.Module):
         users: Tensor,
         *,
         encoded: tuple[Tensor, Tensor | None] | None = None,
-        encode_only: bool = False,
-        head_inputs: bool = False,
-    ):
-        """Predicted ratings.
+    ) -> Tensor:
+        """Predicted ratings, (..., N): the reference path every fast path is tested against.
 
         Args:
             items: (..., N) long item indices; users: (...,) long user indices.
             With fast weights of a leading task dim T, ``...`` must be (T,).
             encoded: ``encode_parts(items, users)`` computed earlier: the inner loop encodes
                 once when no embedding adapts, instead of at every step.
-            encode_only: return ``encode_parts(items, users)``.
-            head_inputs: return ``(x, offset)`` instead, where the prediction is
-                ``x @ [head.weight; head.factor] + head.bias + offset``: what a closed-form
-                head solver needs (x is (..., N, H + D) with a factor head, else (..., N, H)).
-        Returns:
-            (..., N) predicted ratings.
         """
         parts = self.encode_parts(items, users) if encoded is None else encoded
-        if encode_only:
-            return parts
         z = self.hidden(*parts)  # (..., N, H), zero mean and unit RMS per row
         offset = gather_bias(self.item_bias, items) + self.global_mean  # (..., N)
         scale = 1.0 / math.sqrt(z.shape[-1])  # |z| / sqrt(H) = 1: see hidden()
-        if head_inputs:
-            x = z * scale
-            return (
-                torch.cat([x, self.item_factors(parts[0])], -1) if self.has_factor_head else x
-            ), offset
         # Scaling the (..., N) output rather than the (..., N, H) features: same math,
         # fewer elementwise ops in every backward and double backward.
         out = (z @ self.head["weight"]).squeeze(-1) * scale + self.head["bias"] + offset
         if self.has_factor_head:
             out = out + dot(self.item_factors(parts[0]), self.head["factor"])
         return out
+
+    def head_inputs(self, items: Tensor, users: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x, offset)`` such that the prediction is ``x @ [head.weight; head.factor] +
+        head.bias + offset``: what a closed-form head solver needs (x is (..., N, H + D) with
+        a factor head, else (..., N, H))."""
+        parts = self.encode_parts(items, users)
+        z = self.hidden(*parts)
+        x = z * (1.0 / math.sqrt(z.shape[-1]))  # as forward scales it
+        offset = gather_bias(self.item_bias, items) + self.global_mean
+        if self.has_factor_head:
+            x = torch.cat([x, self.item_factors(parts[0])], -1)
+        return x, offset
 
     @property
     def has_factor_head(self) -> bool:
@@ -306,7 +319,7 @@ class Recommender(nn.Module):
         adapt on this path, so the inputs stay the same across inner steps). ``prior``: the
         loss is the squared-error sum over (n + prior) instead of n (``meta.support_prior``).
         """
-        item_x, user_x = functional_call(self, params, (items, users), {"encode_only": True})
+        item_x, user_x = call_with(self, params, "encode_parts", items, users)
         offset = gather_bias(params["item_bias"], items) + self.global_mean
         m = mask.to(offset.dtype)
         return SupportSet(

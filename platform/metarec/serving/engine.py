@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from metarec.meta import MetaLearner
+from metarec.model import call_with
 
 __all__ = ["Engine", "Job", "Result"]
 
@@ -143,9 +144,7 @@ class Engine:
             if self.item_x is None:  # embeddings adapt: encode per user, the general forward
                 scores = functional_call(self.model, params, (items, users))
             else:
-                user_x = functional_call(
-                    self.model, params, (items[:, :1], users), {"encode_only": True}
-                )[1]
+                user_x = call_with(self.model, params, "encode_parts", items[:, :1], users)[1]
                 item_x = self.item_x[lo:hi].expand(b, hi - lo, -1)
                 scores = self.model.predict_encoded(params, item_x, user_x, items)
             out[:, lo:hi] = scores.cpu()
