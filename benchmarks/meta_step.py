@@ -375,7 +375,9 @@ def run_config(
 ) -> dict[str, Any]:
     order = 2 if algorithm == "maml" else 1
     torch.manual_seed(0)
-    cfg = MetaConfig(algorithm=algorithm, adapt="mlp", inner_steps=steps, inner_lr=INNER_LR)
+    cfg = MetaConfig(
+        algorithm=algorithm, adapt="mlp", inner_solver="gd", inner_steps=steps, inner_lr=INNER_LR
+    )
     learner = MetaLearner(Recommender(features, embedding_dim=32, hidden=(64, 64)), cfg)
     learner = learner.to(device)
     with torch.no_grad():  # realistic, non-zero item biases (as after initialise._item_bias_init)
