@@ -390,7 +390,7 @@ def test_feedback_survives_a_crash_and_restart(server, checkpoint, work):
 
 def test_the_shipped_serve_config_runs_with_serve_run(checkpoint, tmp_path):
     """`serve run serve/config.yaml`: the YAML's args validate, build_app loads the model,
-    the user_config batch settings apply, and the token from the environment is enforced."""
+    the deployment's default batching applies, and the token from the environment is enforced."""
     server = Server(checkpoint, tmp_path, yaml=True)
     try:
         r = requests.post(f"{server.url}/v1/recommend", json={"k": 3}, headers=AUTH, timeout=30)
