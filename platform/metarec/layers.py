@@ -9,7 +9,19 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["affine", "bag", "dot", "gather_bias", "init_emb", "init_linear", "lookup", "unit_rms"]
+__all__ = [
+    "MLP",
+    "FeatureEncoder",
+    "Head",
+    "affine",
+    "bag",
+    "dot",
+    "gather_bias",
+    "init_emb",
+    "init_linear",
+    "lookup",
+    "unit_rms",
+]
 
 RMS_EPS = 1e-5  # unit-RMS epsilon (hidden() and support_grads() must agree)
 
@@ -63,3 +75,93 @@ def gather_bias(bias: Tensor, items: Tensor) -> Tensor:
     if bias.dim() == 1:
         return torch.nn.functional.embedding(items, bias.unsqueeze(-1)).squeeze(-1)
     return torch.gather(bias, 1, items.reshape(items.shape[0], -1)).reshape(items.shape)
+
+
+class FeatureEncoder(nn.ParameterDict):
+    """The embedding tables (``genre``, ``year``, ``item`` ids, one per user feature) and
+    how gathered codes become the MLP's item-side and user-side inputs."""
+
+    def __init__(
+        self,
+        vocab_sizes: dict[str, int],
+        dim: int,
+        n_items: int,
+        *,
+        item_ids: bool,
+        user_names: tuple[str, ...],
+    ) -> None:
+        tables = {"genre": init_emb(vocab_sizes["genre"], dim)}
+        tables["year"] = init_emb(vocab_sizes["year_bucket"], dim)
+        if item_ids:  # row 0: every item unseen in training (kept at zero), i + 1: item i
+            tables["item"] = init_emb(n_items + 1, dim)
+            with torch.no_grad():
+                tables["item"][0].zero_()
+        for name in user_names:
+            tables[name] = init_emb(vocab_sizes[name], dim)
+        super().__init__(tables)
+        self.user_names = user_names
+
+    def encode_items(self, genres: Tensor, years: Tensor, id_rows: Tensor | None) -> Tensor:
+        """(..., N, G) genre bags, (..., N) year buckets and item-id rows -> (..., N, Fi)."""
+        parts = [bag(self["genre"], genres), lookup(self["year"], years)]
+        if id_rows is not None:
+            parts.append(lookup(self["item"], id_rows))
+        return torch.cat(parts, -1)
+
+    def encode_users(self, codes: Tensor) -> Tensor:
+        """(..., F) user feature codes -> (..., 1, F D)."""
+        names = enumerate(self.user_names)
+        return torch.cat([lookup(self[n], codes[..., k : k + 1]) for k, n in names], -1)
+
+
+class MLP(nn.ParameterDict):
+    """``{k}_weight``/``{k}_bias`` layers with ReLU, then unit-RMS features (the reference
+    path; ``Recommender.predict_encoded`` and ``support_grads`` are its fast paths). Like
+    every ``ParameterDict`` it is not callable: ``features`` is its forward."""
+
+    def __init__(self, widths: list[int]) -> None:
+        layers: dict[str, nn.Parameter] = {}
+        for k in range(len(widths) - 1):
+            layers[f"{k}_weight"] = init_linear(widths[k], widths[k + 1])
+            layers[f"{k}_bias"] = nn.Parameter(torch.zeros(widths[k + 1]))
+        super().__init__(layers)
+
+    def features(self, item_x: Tensor, user_x: Tensor | None = None) -> Tensor:
+        """Encoded inputs -> unit-RMS features (..., N, H)."""
+        w0 = self["0_weight"]
+        if user_x is None:
+            x = item_x @ w0
+        else:  # split (not slicing: its backward is one cat, not zero-fill + copy per part)
+            w_item, w_user = w0.split([item_x.shape[-1], user_x.shape[-1]], dim=-2)
+            x = item_x @ w_item + user_x @ w_user  # (..., 1, H) broadcast over the N rows
+        x = torch.relu(x + self["0_bias"].unsqueeze(-2))
+        for k in range(1, len(self) // 2):
+            x = torch.relu(x @ self[f"{k}_weight"] + self[f"{k}_bias"].unsqueeze(-2))
+        # Unit-norm features into the head (z / sqrt(H), applied by the head) bound the
+        # curvature of the inner loss (its Hessian in the head is h h^T, |h|^2 = 1), so one
+        # inner_lr stays stable however the representation grows during meta-training.
+        return unit_rms(x)
+
+
+class Head(nn.ParameterDict):
+    """The per-user linear head: ``weight``, ``bias`` and, as a factor head, ``factor`` (p_u
+    of MF, multiplying the item's id embedding q_i)."""
+
+    def __init__(self, width: int, factor_dim: int | None = None) -> None:
+        head = {"weight": init_linear(width, 1), "bias": nn.Parameter(torch.zeros(1))}
+        if factor_dim is not None:
+            # The MF part starts as MF fold-in's prior (p_u = 0) and the MLP part at zero,
+            # so the initial model is exactly MF fold-in; meta-training moves it from there.
+            head["weight"] = nn.Parameter(torch.zeros(width, 1))
+            head["factor"] = nn.Parameter(torch.zeros(factor_dim))
+        super().__init__(head)
+
+    def predict(self, z: Tensor, q: Tensor | None, offset: Tensor) -> Tensor:
+        """Features z (..., N, H), item factors q (..., N, D) and offsets (..., N) -> ratings."""
+        # Scaling the (..., N) output rather than the (..., N, H) features: same math,
+        # fewer elementwise ops in every backward and double backward.
+        out = (z @ self["weight"]).squeeze(-1) * (1.0 / math.sqrt(z.shape[-1]))
+        out = out + self["bias"] + offset
+        if "factor" in self:
+            out = out + dot(q, self["factor"])
+        return out

@@ -20,7 +20,6 @@ Recommendation, KDD 2019, https://arxiv.org/abs/1908.00413
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -30,15 +29,13 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metarec.layers import (
+    MLP,
     RMS_EPS,
+    FeatureEncoder,
+    Head,
     affine,
-    bag,
     dot,
     gather_bias,
-    init_emb,
-    init_linear,
-    lookup,
-    unit_rms,
 )
 
 __all__ = ["ADAPT_GROUPS", "Features", "Params", "Recommender", "call_with"]
@@ -146,32 +143,19 @@ class Recommender(nn.Module):
         if self.use_user:
             self.register_buffer("user_table", features.user_table)
         self.item_id_embedding = item_id_embedding
-        emb = {
-            "genre": init_emb(features.vocab_sizes["genre"], d),
-            "year": init_emb(features.vocab_sizes["year_bucket"], d),
-        }
-        if item_id_embedding:
-            table = init_emb(n_items + 1, d)
-            with torch.no_grad():
-                table[0].zero_()
-            emb["item"] = table
-        if self.use_user:
-            for name in self.user_names:
-                emb[name] = init_emb(features.vocab_sizes[name], d)
-        self.emb = nn.ParameterDict(emb)
+        # Three parts, each its own module (encoder -> MLP -> head), built in this order:
+        # parameter names and the seeded initialisation follow it.
+        self.emb = FeatureEncoder(
+            features.vocab_sizes,
+            d,
+            n_items,
+            item_ids=item_id_embedding,
+            user_names=self.user_names,
+        )
         self.item_bias = nn.Parameter(torch.zeros(n_items))
         widths = [d * (2 + item_id_embedding + len(self.user_names)), *hidden]
-        self.mlp = nn.ParameterDict()
-        for k, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
-            self.mlp[f"{k}_weight"] = init_linear(fan_in, fan_out)
-            self.mlp[f"{k}_bias"] = nn.Parameter(torch.zeros(fan_out))
-        head = {"weight": init_linear(widths[-1], 1), "bias": nn.Parameter(torch.zeros(1))}
-        if factor_head:
-            # The MF part starts as MF fold-in's prior (p_u = 0) and the MLP part at zero,
-            # so the initial model is exactly MF fold-in; meta-training moves it from there.
-            head["weight"] = nn.Parameter(torch.zeros(widths[-1], 1))
-            head["factor"] = nn.Parameter(torch.zeros(d))
-        self.head = nn.ParameterDict(head)
+        self.mlp = MLP(widths)
+        self.head = Head(widths[-1], d if factor_head else None)
 
     def forward(
         self,
@@ -189,15 +173,10 @@ class Recommender(nn.Module):
                 once when no embedding adapts, instead of at every step.
         """
         parts = self.encode_parts(items, users) if encoded is None else encoded
-        z = self.hidden(*parts)  # (..., N, H), zero mean and unit RMS per row
+        z = self.mlp.features(*parts)  # (..., N, H), zero mean and unit RMS per row
         offset = gather_bias(self.item_bias, items) + self.global_mean  # (..., N)
-        scale = 1.0 / math.sqrt(z.shape[-1])  # |z| / sqrt(H) = 1: see hidden()
-        # Scaling the (..., N) output rather than the (..., N, H) features: same math,
-        # fewer elementwise ops in every backward and double backward.
-        out = (z @ self.head["weight"]).squeeze(-1) * scale + self.head["bias"] + offset
-        if self.has_factor_head:
-            out = out + dot(self.item_factors(parts[0]), self.head["factor"])
-        return out
+        q = self.item_factors(parts[0]) if self.has_factor_head else None
+        return self.head.predict(z, q, offset)
 
     def head_inputs(self, items: Tensor, users: Tensor) -> tuple[Tensor, Tensor]:
         """``(x, offset)`` such that the prediction is ``x @ [head.weight; head.factor] +
@@ -226,20 +205,10 @@ class Recommender(nn.Module):
         layer multiplies it once per task instead of once per rating, and its gradient is
         one outer product — on MeLU's sizes that is more than half of layer 1's FLOPs.
         """
-        parts = [
-            bag(self.emb["genre"], self.item_genres[items]),  # (..., N, D)
-            lookup(self.emb["year"], self.item_year[items]),
-        ]
-        if self.item_id_embedding:
-            parts.append(lookup(self.emb["item"], self.item_id_index[items]))
-        user_x = None
-        if self.use_user:
-            feats = self.user_table[users]  # (..., F)
-            names = enumerate(self.user_names)
-            user_x = torch.cat(
-                [lookup(self.emb[n], feats[..., k : k + 1]) for k, n in names], -1
-            )  # (..., 1, F D)
-        return torch.cat(parts, -1), user_x
+        ids = self.item_id_index[items] if self.item_id_embedding else None
+        item_x = self.emb.encode_items(self.item_genres[items], self.item_year[items], ids)
+        user_x = self.emb.encode_users(self.user_table[users]) if self.use_user else None
+        return item_x, user_x
 
     @torch.no_grad()
     def predict_encoded(
@@ -289,20 +258,8 @@ class Recommender(nn.Module):
         }
 
     def hidden(self, item_x: Tensor, user_x: Tensor | None = None) -> Tensor:
-        """MLP on encoded inputs -> unit-RMS features (..., N, H)."""
-        w0 = self.mlp["0_weight"]
-        if user_x is None:
-            x = item_x @ w0
-        else:  # split (not slicing: its backward is one cat, not zero-fill + copy per part)
-            w_item, w_user = w0.split([item_x.shape[-1], user_x.shape[-1]], dim=-2)
-            x = item_x @ w_item + user_x @ w_user  # (..., 1, H) broadcast over the N rows
-        x = torch.relu(x + self.mlp["0_bias"].unsqueeze(-2))
-        for k in range(1, len(self.mlp) // 2):
-            x = torch.relu(x @ self.mlp[f"{k}_weight"] + self.mlp[f"{k}_bias"].unsqueeze(-2))
-        # Unit-norm features into the head (z / sqrt(H), applied in forward) bound the
-        # curvature of the inner loss (its Hessian in the head is h h^T, |h|^2 = 1), so one
-        # inner_lr stays stable however the representation grows during meta-training.
-        return unit_rms(x)
+        """MLP on encoded inputs -> unit-RMS features (..., N, H) (``layers.MLP``)."""
+        return self.mlp.features(item_x, user_x)
 
     def support_set(
         self,
