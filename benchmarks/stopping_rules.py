@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
@@ -37,7 +38,12 @@ def _per_user_mae(pred, tasks) -> np.ndarray:
     return task_mae(pred, tasks.query_ratings, tasks.query_mask).numpy()
 
 
-def collect(data: str, splits: list[int], epochs: int, overrides: dict, out: str) -> None:
+def collect(
+    data: str, splits: list[int], epochs: int, overrides: dict, out: str, resamples: int = 1
+) -> None:
+    """With ``resamples`` K > 1, each validation user is also scored on K - 1 fresh random
+    support/query re-splits of their ratings, and ``<split>_<curve>_resampled`` holds the
+    mean over all K: a less noisy estimate of the same user's error."""
     from metarec import loop
     from metarec.baselines import classic_baselines
     from metarec.batch import from_table
@@ -68,17 +74,30 @@ def collect(data: str, splits: list[int], epochs: int, overrides: dict, out: str
             arrays[f"{split}_{name}"] = _per_user_mae(
                 scorer.predict_items(valid, valid.query_items), valid
             )
+        g = torch.Generator().manual_seed(split)
+        length = valid.merged()[0].shape[1]
+        query = ds.manifest["protocol"]["query_size"]
+        views = [valid] + [
+            valid.resampled(query, torch.rand(valid.num_tasks, length, generator=g))
+            for _ in range(resamples - 1)
+        ]
+        for name, scorer in fitted.items():
+            arrays[f"{split}_{name}_resampled"] = np.mean(
+                [_per_user_mae(scorer.predict_items(v, v.query_items), v) for v in views], 0
+            )
         learner = build_learner(cfg, ds, train, valid, tuned_mf=fitted["mf_foldin"])
         shadow = build_learner(cfg, ds, train, valid, tuned_mf=fitted["mf_foldin"])
 
-        def score(model, valid=valid) -> np.ndarray:  # (prior scales, users)
+        def score(model, views=views) -> np.ndarray:  # (views, prior scales, users)
             return np.stack(
                 [
-                    _per_user_mae(
-                        AdaptedScorer(model, prior_scale=c).predict_items(valid, valid.query_items),
-                        valid,
-                    )
-                    for c in PRIOR_SCALES
+                    [
+                        _per_user_mae(
+                            AdaptedScorer(model, prior_scale=c).predict_items(v, v.query_items), v
+                        )
+                        for c in PRIOR_SCALES
+                    ]
+                    for v in views
                 ]
             )
 
@@ -104,7 +123,9 @@ def collect(data: str, splits: list[int], epochs: int, overrides: dict, out: str
             curves["trained"].append(score(learner))
             curves["averaged"].append(score(shadow))
         for name, curve in curves.items():
-            arrays[f"{split}_{name}"] = np.stack(curve)  # (epochs + 1, scales, users)
+            stacked = np.stack(curve)  # (epochs + 1, views, scales, users)
+            arrays[f"{split}_{name}"] = stacked[:, 0]
+            arrays[f"{split}_{name}_resampled"] = stacked.mean(1)
         print(f"split {split}: done", file=sys.stderr, flush=True)
     np.savez(out, **arrays)
 
@@ -125,8 +146,16 @@ def _choose(curve: np.ndarray, patience: int | None) -> tuple[int, int]:
 def compare(path: str, repeats: int = 20) -> dict:
     z = np.load(path)
     splits = sorted({k.split("_")[0] for k in z.files})
-    rules = {f"{c}, patience {p}": (c, p) for c in CURVES for p in (2, 3, 10, None)}
-    rules["untrained (prior scale only)"] = ("trained", 0)
+    resampled = f"{splits[0]}_trained_resampled" in z.files
+    choose_on = ("", "_resampled") if resampled else ("",)
+    rules = {
+        f"{c}, patience {p}" + (", chosen on resampled queries" if on else ""): (c, p, on)
+        for c in CURVES
+        for p in (2, 3, 10, None)
+        for on in choose_on
+    }
+    rules["untrained (prior scale only)"] = ("trained", 0, "")
+    truth = "_resampled" if resampled else ""  # scored on the least noisy estimate there is
     diffs: dict[str, list[np.ndarray]] = {r: [] for r in rules}
     rng = np.random.default_rng(0)
     for _ in range(repeats):
@@ -134,14 +163,14 @@ def compare(path: str, repeats: int = 20) -> dict:
             users = z[f"{s}_trained"].shape[2]
             perm = rng.permutation(users)
             pick, held = perm[: users // 2], perm[users // 2 :]
-            mf = z[f"{s}_mf_foldin"][held]
-            for rule, (curve_name, patience) in rules.items():
-                curve = z[f"{s}_{curve_name}"]
+            mf = z[f"{s}_mf_foldin{truth}"][held]
+            for rule, (curve_name, patience, on) in rules.items():
+                curve = z[f"{s}_{curve_name}{on}"]
                 if patience == 0:
                     epoch, scale = 0, int(curve[0][:, pick].mean(1).argmin())
                 else:
                     epoch, scale = _choose(curve[:, :, pick], patience)
-                diffs[rule].append(curve[epoch, scale, held] - mf)
+                diffs[rule].append(z[f"{s}_{curve_name}{truth}"][epoch, scale, held] - mf)
     return {
         "splits": splits,
         "validation_users": int(sum(z[f"{s}_trained"].shape[2] for s in splits)),
@@ -163,13 +192,14 @@ def main() -> None:
     c.add_argument("--data", required=True)
     c.add_argument("--split-seeds", type=int, nargs="+", default=list(range(100, 110)))
     c.add_argument("--epochs", type=int, default=16)
+    c.add_argument("--resamples", type=int, default=1, help="query re-splits per user (K)")
     c.add_argument("--try", dest="overrides", type=json.loads, default={})
     c.add_argument("--out", required=True)
     r = sub.add_parser("compare")
     r.add_argument("npz")
     args = p.parse_args()
     if args.command == "collect":
-        collect(args.data, args.split_seeds, args.epochs, args.overrides, args.out)
+        collect(args.data, args.split_seeds, args.epochs, args.overrides, args.out, args.resamples)
     else:
         print(json.dumps(compare(args.npz)))
 
