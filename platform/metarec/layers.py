@@ -23,7 +23,7 @@ __all__ = [
     "unit_rms",
 ]
 
-RMS_EPS = 1e-5  # unit-RMS epsilon (hidden() and support_grads() must agree)
+RMS_EPS = 1e-5  # unit-RMS epsilon (MLP.features and support_grads must agree)
 
 
 def affine(bias: Tensor, x: Tensor, weight: Tensor) -> Tensor:

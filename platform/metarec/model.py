@@ -183,8 +183,8 @@ class Recommender(nn.Module):
         head.bias + offset``: what a closed-form head solver needs (x is (..., N, H + D) with
         a factor head, else (..., N, H))."""
         parts = self.encode_parts(items, users)
-        z = self.hidden(*parts)
-        x = z * (1.0 / math.sqrt(z.shape[-1]))  # as forward scales it
+        z = self.mlp.features(*parts)
+        x = z * (1.0 / math.sqrt(z.shape[-1]))  # as Head.predict scales it
         offset = gather_bias(self.item_bias, items) + self.global_mean
         if self.has_factor_head:
             x = torch.cat([x, self.item_factors(parts[0])], -1)
@@ -216,7 +216,7 @@ class Recommender(nn.Module):
     ) -> Tensor:
         """``forward`` on encoded inputs for T tasks' fast weights, inference only: (T, N).
 
-        The same math as ``hidden`` + ``forward``, fused for scoring a whole catalog per
+        The same math as ``forward``, fused for scoring a whole catalog per
         request: the bias and the user block ride in ``baddbmm``, ReLU and centring run in
         place, and the unit-RMS features are never materialized (z @ v = r (c @ v)). On the
         (T, N, H) activations of a catalog, elementwise passes cost more than the matmuls;
@@ -256,10 +256,6 @@ class Recommender(nn.Module):
             else v
             for k, v in params.items()
         }
-
-    def hidden(self, item_x: Tensor, user_x: Tensor | None = None) -> Tensor:
-        """MLP on encoded inputs -> unit-RMS features (..., N, H) (``layers.MLP``)."""
-        return self.mlp.features(item_x, user_x)
 
     def support_set(
         self,
