@@ -31,6 +31,7 @@ __all__ = [
     "SyntheticConfig",
     "apply_overrides",
     "config_key",
+    "field_default",
     "load_config",
     "parse_overrides",
 ]
@@ -348,16 +349,17 @@ def load_config(
 
 def config_key(key: str) -> tuple[Any, Any]:
     """(type hint, default) of a dotted config key: what the CLI generates its flags from."""
-    node: Any = MetarecConfig
     *sections, name = key.split(".")
-    for part in sections:
-        node = get_type_hints(node)[part]
+    node = _section(sections)
     fields = {f.name: f for f in dataclasses.fields(node)}
     if name not in fields:
         raise KeyError(key)
-    f = fields[name]
-    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
-    return get_type_hints(node)[name], default
+    return get_type_hints(node)[name], field_default(fields[name])
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    """A dataclass field's default, from its factory where it has one."""
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -433,14 +435,9 @@ def _describe(error: dict[str, Any], where: str) -> str:
     return f"{name or 'config'}: got {value!r}; expected {expected} ({where})"
 
 
-def _section(loc: list[Any]) -> Any:
-    """The config dataclass at ``loc`` (a path of field names)."""
+def _section(path: list[Any]) -> Any:
+    """The config dataclass at ``path`` (a list of section names)."""
     node: Any = MetarecConfig
-    for part in loc:
-        node = {f.name: f.type for f in dataclasses.fields(node)}[part]
-        node = _resolve(node)
+    for part in path:
+        node = get_type_hints(node)[part]
     return node
-
-
-def _resolve(hint: Any) -> Any:
-    return globals()[hint] if isinstance(hint, str) else hint

@@ -16,9 +16,10 @@ from typing import Any
 from metarec.config import load_config
 from metarec.errors import ConfigError
 
-__all__ = ["EvaluationRequest", "evaluate_command", "report_command"]
+__all__ = ["REPORT_SEEDS", "EvaluationRequest", "evaluate_command", "report_command"]
 
 SHOTS = (0, 1, 2, 4, 8, 16, 32)
+REPORT_SEEDS = (0, 1, 2)  # report's default init seeds (evaluate's: EvaluationRequest.seeds)
 
 
 @dataclass

@@ -8,12 +8,14 @@ flags' defaults come from ``ServeSettings``, ``Limits`` and ``Deployment`` the s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import types
 import typing
 from collections.abc import Callable
 from typing import Any, Literal, get_args, get_origin
 
-from metarec.config import config_key
+from metarec.config import config_key, field_default
+from metarec.evaluation_job import REPORT_SEEDS, EvaluationRequest
 
 __all__ = [
     "TRAIN_RESUME_HONOURS",
@@ -23,7 +25,8 @@ __all__ = [
     "configured",
 ]
 
-Flag = tuple[str, str, str]  # (--flag, dotted config key, help)
+# (--flag, dotted config key, help), and argparse settings where the type alone is not enough
+Flag = tuple[str, str, str] | tuple[str, str, str, dict[str, Any]]
 ALGORITHM: Flag = ("--algorithm", "meta.algorithm", "the meta-learning algorithm")
 EPOCHS: Flag = ("--epochs", "train.epochs", "meta-training epochs")
 # With --resume a run keeps its own config: these flags are refused (flag -> dest).
@@ -74,7 +77,7 @@ def config_flags(p: argparse.ArgumentParser, *flags: Flag) -> None:
         metavar="KEY=VALUE",
         help="override any config key, e.g. --set data.query_size=5 (repeatable)",
     )
-    for flag, key, text in (("--seed", "seed", "random seed"), *flags):
+    for flag, key, text, *extra in (("--seed", "seed", "random seed"), *flags):
         hint, default = config_key(key)
         kw: dict[str, Any] = {"dest": key, "default": None}
         nullable = get_origin(hint) in (typing.Union, types.UnionType)
@@ -91,8 +94,8 @@ def config_flags(p: argparse.ArgumentParser, *flags: Flag) -> None:
             text = f"{text} ({key}, default {_shown(default)})"
         else:
             text = f"{text} ({key})"
-        p.add_argument(flag, help=text, **kw)
-    keys = ["seed", *(key for _, key, _ in flags)]
+        p.add_argument(flag, help=text, **(kw | (extra[0] if extra else {})))
+    keys = ["seed", *(flag[1] for flag in flags)]
     p.set_defaults(config_keys=keys)
 
 
@@ -205,25 +208,22 @@ def add_parsers(sub: Any, commands: dict[str, Command]) -> None:
         nargs="?",
         const="last",
         metavar="SWEEP",
-        help="continue an "
-        "interrupted sweep as it was started (no value: the last one in --work-dir)",
+        help="continue an interrupted sweep as it was started (no value: the last one in "
+        "--work-dir)",
     )
     config_flags(
         p,
         ("--num-samples", "tune.num_samples", "trials"),
         ("--max-concurrent", "tune.max_concurrent", "trials at once; unset: what fits"),
         ("--epochs", "train.epochs", "epochs of every trial (ASHA's max_t)"),
+        (
+            "--space",
+            "tune.space",
+            "search-space entry, e.g. 'meta.inner_lr=loguniform(0.05,1)' (repeatable; the "
+            "entries given replace the whole space)",
+            {"action": "append", "metavar": "ENTRY"},
+        ),
     )
-    p.add_argument(
-        "--space",
-        dest="tune.space",
-        action="append",
-        metavar="ENTRY",
-        help="search"
-        "-space entry, e.g. 'meta.inner_lr=loguniform(0.05,1)' (repeatable; replaces "
-        "tune.space)",
-    )
-    p.set_defaults(config_keys=[*p.get_default("config_keys"), "tune.space"])
 
     _evaluation_parser(
         parser(
@@ -234,7 +234,7 @@ def add_parsers(sub: Any, commands: dict[str, Command]) -> None:
             "every method on test users of each scenario. Writes OUT/results.json and prints a "
             "table.",
         ),
-        seeds=[0],
+        seeds=_request_default("seeds"),
         scenario="train.scenario",
     )
     p = parser(
@@ -246,25 +246,28 @@ def add_parsers(sub: Any, commands: dict[str, Command]) -> None:
         "report.md and four PNGs; with a models:/ or runs:/ --model, logs them to that MLflow "
         "run.",
     )
-    _evaluation_parser(p, seeds=[0, 1, 2], scenario="all")
+    _evaluation_parser(p, seeds=list(REPORT_SEEDS), scenario="all")
     p.add_argument(
         "--shots",
         type=int,
         nargs="+",
-        default=[0, 1, 2, 4, 8, 16, 32],
+        default=_request_default("shots"),
         metavar="K",
         help="shot curve: support ratings per test user (0: cold start)",
     )
     p.add_argument(
-        "--curve-steps", type=int, default=10, metavar="N", help="step curve: 0..N inner steps"
+        "--curve-steps",
+        type=int,
+        default=_request_default("curve_steps"),
+        metavar="N",
+        help="step curve: 0..N inner steps",
     )
 
     p = parser(
         "promote",
         "point a registered model's alias (champion) at a version",
-        "Move an "
-        "alias of a registered model (default 'champion', what `metarec serve` loads) to "
-        "the given version.",
+        "Move an alias of a registered model (default 'champion', what `metarec serve` loads) "
+        "to the given version.",
     )
     p.add_argument("name", help="registered model name (printed by `metarec train`)")
     p.add_argument("version", help="model version")
@@ -277,10 +280,15 @@ def add_parsers(sub: Any, commands: dict[str, Command]) -> None:
             "serve per-user adaptation over HTTP (Ray Serve)",
             "Run the HTTP API (Ray Serve + FastAPI; OpenAPI at /docs) on a local Ray, or on the "
             "cluster in RAY_ADDRESS, until Ctrl-C. Set METAREC_API_TOKEN to require "
-            "'Authorization: "
-            "Bearer <token>' on /v1/*. For YAML deployments see serve/config.yaml.",
+            "'Authorization: Bearer <token>' on /v1/*. For YAML deployments see "
+            "serve/config.yaml.",
         )
     )
+
+
+def _request_default(name: str) -> Any:
+    """An ``EvaluationRequest`` field's default: the one copy the flags show and use."""
+    return field_default({f.name: f for f in dataclasses.fields(EvaluationRequest)}[name])
 
 
 def _evaluation_parser(p: argparse.ArgumentParser, *, seeds: list[int], scenario: str) -> None:
@@ -307,61 +315,63 @@ def _evaluation_parser(p: argparse.ArgumentParser, *, seeds: list[int], scenario
         type=int,
         nargs="+",
         metavar="N",
-        help="re-split the users "
-        "of each scenario with these seeds (the split `prepare --split-seed N` would "
-        "write) and evaluate on every split; results are mean ± std over splits, "
-        "differences pooled over their test users (default: the prepared split)",
+        help="re-split the users of each scenario with these seeds (the split `prepare "
+        "--split-seed N` would write) and evaluate on every split; results are mean ± std "
+        "over splits, differences pooled over their test users (default: the prepared split)",
     )
     p.add_argument(
         "--splits",
         metavar="FILE.json",
-        help="evaluate user_cold on a split given "
-        "from outside (a paper's exact users and query items; see docs/guide.md)",
+        help="evaluate user_cold on a split given from outside (a paper's exact users and query "
+        "items; see docs/guide.md)",
     )
     p.add_argument(
         "--relevance-threshold",
         type=float,
         metavar="R",
-        help="ratings >= R are "
-        "relevant for P@5, nDCG@5, MRR@5, recall/nDCG@10 (default: 0.8 x the top "
-        "rating: 4 on 1-5 and 0.5-5, 8 on 1-10)",
+        help="ratings >= R are relevant for P@5, nDCG@5, MRR@5, recall/nDCG@10 (default: 0.8 x the "
+        "top rating: 4 on 1-5 and 0.5-5, 8 on 1-10)",
     )
     p.add_argument(
         "--no-tune-adaptation",
         dest="tune_adaptation",
         action="store_false",
-        help="score the meta-learner with its trained adaptation instead of "
-        "choosing its test-time knobs on validation users",
+        help="score the meta-learner with its trained adaptation instead of choosing its test-time "
+        "knobs on validation users",
     )
     p.add_argument(
-        "--bootstrap", type=int, default=2000, metavar="B", help="resamples of the paired CIs"
+        "--bootstrap",
+        type=int,
+        default=_request_default("bootstrap"),
+        metavar="B",
+        help="resamples of the paired CIs",
     )
     p.add_argument(
-        "--baselines", default="all", help="comma-separated subset of baselines, 'all' or 'none'"
+        "--baselines",
+        default=_request_default("baselines"),
+        help="comma-separated subset of baselines, 'all' or 'none'",
     )
     p.add_argument(
         "--model",
         metavar="URI",
-        help="score this trained model (models:/NAME@ALIAS"
-        ", runs:/ID/model or a checkpoint path) instead of meta-training one per seed; "
-        "its config replaces --config (--set, --epochs apply on top, to what is "
-        "trained here). It is scored on every scenario whose held-out ratings it did "
-        "not train on; the others meta-train in process with its config. Results are "
-        "logged to its MLflow run.",
+        help="score this trained model (models:/NAME@ALIAS, runs:/ID/model or a checkpoint path) "
+        "instead of meta-training one per seed; its config replaces --config (--set, --epochs "
+        "apply on top, to what is trained here). It is scored on every scenario whose "
+        "held-out ratings it did not train on; the others meta-train in process with its "
+        "config. Results are logged to its MLflow run.",
     )
     p.add_argument(
         "--cross-domain",
         action="store_true",
-        help="--model was trained on another "
-        "dataset: map its features to --data's by name (genres, years, user features;"
-        " item ids unseen) and score it as 'transfer' beside models trained on --data",
+        help="--model was trained on another dataset: map its features to --data's by name "
+        "(genres, years, user features; item ids unseen) and score it as 'transfer' beside "
+        "models trained on --data",
     )
     p.add_argument(
         "--source-data",
         metavar="DIR",
-        help="--cross-domain: the prepared dataset "
-        "the model was trained on (only needed when the checkpoint lacks its feature "
-        "names)",
+        help="--cross-domain: the prepared dataset the model was trained on (only needed when the "
+        "checkpoint lacks its feature names)",
     )
     config_flags(p, ALGORITHM, EPOCHS)
 
