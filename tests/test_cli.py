@@ -231,3 +231,15 @@ def test_serve_with_a_bad_model_is_one_line_and_exit_2_before_serve_starts(
     assert res.stderr.startswith(f"error: {message}") and res.stderr.count("\n") == 1
     assert "Traceback" not in res.stderr and "metarec serving at" not in res.stdout
     assert time.perf_counter() - t0 < 30  # no Ray start, no replica retries
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [(["--port", "0"], "--port: got 0; expected"), (["--steps", "500"], "--steps: got 500")],
+)
+def test_serve_values_out_of_range_are_one_line_errors_naming_the_flag(flags, named, capsys):
+    from metarec.cli import main
+
+    assert main(["serve", "--model", "m.pt", *flags]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {named}")

@@ -153,9 +153,20 @@ def promote_command(
 
 
 def serve_command(settings: dict[str, Any], **deployment: Any) -> None:
-    """Validate ``settings`` as ``ServeSettings`` and serve until Ctrl-C (``deployment``:
-    ``serve_forever``'s host, port, replicas and batching options)."""
-    from metarec.serving.app import serve_forever
+    """Validate ``settings`` as ``ServeSettings`` and ``deployment`` (host, port, replicas,
+    batching) as ``Deployment``, then serve until Ctrl-C. A value they refuse is a one-line
+    ``ConfigError`` naming its flag, before Ray is imported."""
+    from pydantic import ValidationError
+
     from metarec.serving.schemas import Deployment, ServeSettings
 
-    serve_forever(ServeSettings(**settings), Deployment(**deployment))
+    try:
+        resolved = ServeSettings(**settings), Deployment(**deployment)
+    except ValidationError as e:
+        err = e.errors()[0]
+        flag = "--" + str(err["loc"][-1]).replace("_", "-")
+        expected = err["msg"].removeprefix("Input should be ")
+        raise ConfigError(f"{flag}: got {err['input']!r}; expected {expected}") from None
+    from metarec.serving.app import serve_forever
+
+    serve_forever(*resolved)
