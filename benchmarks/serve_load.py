@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -154,14 +155,12 @@ def engine_alone(model: str, bodies: list[dict], batch: int, threads: int) -> di
     """The engine with no HTTP around it: ms per user adapting alone vs in a batch."""
     import torch
 
-    from metarec.serving.app import ServeSettings, load_service
+    from metarec.config import ServeConfig
+    from metarec.serving.app import load_service
     from metarec.serving.schemas import RecommendRequest
 
     torch.set_num_threads(threads)
-    svc = load_service(
-        ServeSettings(model=model, work_dir=tempfile.mkdtemp(), limits={"max_ratings": 200}),
-        writer="bench",
-    )
+    svc = load_service(ServeConfig(model=model, work_dir=tempfile.mkdtemp()), writer="bench")
     jobs = [svc.recommend_job(RecommendRequest.model_validate(b))[0] for b in bodies]
     jobs = (jobs * (1 + batch // len(jobs)))[:batch]
 
@@ -212,8 +211,9 @@ def main() -> None:
     import ray
     from ray import serve
 
+    from metarec.config import ServeConfig
     from metarec.ray_cluster import local_ray_settings
-    from metarec.serving.app import MetarecServer, ServeSettings
+    from metarec.serving.app import MetarecServer
 
     tmp = Path(tempfile.mkdtemp(prefix="serve-load-"))
     model = args.model or str(build_checkpoint(args.data, tmp / "model"))
@@ -225,15 +225,13 @@ def main() -> None:
     port = sock.getsockname()[1]
     sock.close()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    settings = ServeSettings(
-        model=model, work_dir=str(tmp), threads=args.threads, limits={"max_ratings": 200}
-    )
+    settings = ServeConfig(model=model, work_dir=str(tmp), threads=args.threads)
     for name, batch, wait in (("on", args.batch, args.wait_ms / 1e3), ("off", 1, 0.0)):
         app = MetarecServer.options(
             name=f"metarec-{name}",
             ray_actor_options={"num_cpus": 0.5},
             user_config={"max_batch_size": batch, "batch_wait_timeout_s": wait},
-        ).bind(settings.model_dump())
+        ).bind(dataclasses.asdict(settings))
         serve.run(app, name=name, route_prefix=f"/{name}")
     import urllib.request
 

@@ -234,12 +234,39 @@ def test_serve_with_a_bad_model_is_one_line_and_exit_2_before_serve_starts(
 
 
 @pytest.mark.parametrize(
-    ("flags", "named"),
-    [(["--port", "0"], "--port: got 0; expected"), (["--steps", "500"], "--steps: got 500")],
+    ("flags", "named", "source"),
+    [
+        (["--port", "0"], "serve.port: got 0; expected an int >= 1", "(--port)"),
+        (["--steps", "500"], "serve.steps: got 500; expected an int <= 100", "(--steps)"),
+        (["--max-k", "0"], "serve.limits.max_k: got 0", "(--max-k)"),
+        (["--set", "serve.port=0"], "serve.port: got 0", "(--set serve.port)"),
+    ],
 )
-def test_serve_values_out_of_range_are_one_line_errors_naming_the_flag(flags, named, capsys):
+def test_serve_values_out_of_range_are_one_line_errors_naming_key_and_flag(
+    flags, named, source, capsys
+):
     from metarec.cli import main
 
     assert main(["serve", "--model", "m.pt", *flags]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith(f"error: {named}")
+    assert line.startswith(f"error: {named}") and line.endswith(source)
+
+
+def test_every_command_resolves_its_section_through_the_one_config(tmp_path):
+    """A YAML's evaluate/report/serve sections reach those commands, and flags beat them."""
+    from metarec.cli import _load as load
+    from metarec.cli import build_parser
+
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text(
+        "evaluate: {seeds: [3, 4], bootstrap: 5000}\n"
+        "report: {shots: [1, 2]}\n"
+        "serve: {port: 9123, limits: {max_k: 7}}\n"
+    )
+    parse = build_parser().parse_args
+    cfg = load(parse(["serve", "--config", str(yaml_file), "--max-k", "9"]))
+    assert (cfg.serve.port, cfg.serve.limits.max_k) == (9123, 9)
+    cfg = load(parse(["evaluate", "--data", "d", "--out", "o", "--config", str(yaml_file)]))
+    assert (cfg.evaluate.seeds, cfg.evaluate.bootstrap, cfg.report.shots) == ((3, 4), 5000, (1, 2))
+    cfg = load(parse(["report", "--data", "d", "--out", "o", "--seeds", "5", "--shots", "0"]))
+    assert (cfg.report.seeds, cfg.report.shots, cfg.evaluate.seeds) == ((5,), (0,), (0,))

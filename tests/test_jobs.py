@@ -109,9 +109,10 @@ def _submit(env: dict[str, str], entrypoint: str) -> str:
     """`ray job submit --working-dir . -- ENTRYPOINT` from the repository root, as in README.
 
     Right after `ray start`, the dashboard may answer before its agent is up; that refusal
-    ("No available agent to submit job, please try again later") is retried.
+    ("No available agent to submit job, please try again later") is retried; on two loaded
+    cores the agent has once taken over two minutes to come up.
     """
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while True:
         res = subprocess.run(
             [str(RAY), "job", "submit", "--working-dir", ".", "--", *shlex.split(entrypoint)],

@@ -400,3 +400,20 @@ def test_the_shipped_serve_config_runs_with_serve_run(checkpoint, tmp_path):
         assert model["uri"] == str(checkpoint) and model["limits"]["max_k"] == 100
     finally:
         server.stop()
+
+
+def test_serve_run_args_are_the_config_serve_section_checked_like_any_config():
+    """`serve run`'s args: a misspelt key names itself and the known ones; the address
+    belongs to http_options; batching and replicas set there shape the deployment."""
+    from metarec.errors import ConfigError
+    from metarec.serving.app import build_app
+
+    with pytest.raises(ConfigError, match=r"serve.max_sesions: unknown config key; expected one"):
+        build_app({"max_sesions": 10})
+    with pytest.raises(ConfigError, match=r"serve.limits.max_k: got 0; expected an int >= 1"):
+        build_app({"limits": {"max_k": 0}})
+    with pytest.raises(ConfigError, match=r"serve.port: .* http_options.port"):
+        build_app({"port": 9000})
+    deployment = build_app({"replicas": 2, "max_batch_size": 8})._bound_deployment  # no public view
+    assert deployment.num_replicas == 2
+    assert deployment.user_config["max_batch_size"] == 8

@@ -19,8 +19,9 @@ from metarec.catalog import Catalog, FieldError
 from metarec.checkpoint import learner_from_checkpoint, standalone_checkpoint
 from metarec.initialise import build_learner
 from metarec.loop import predict_items
+from metarec.sections import LimitsConfig
 from metarec.serving.engine import Engine, Job
-from metarec.serving.schemas import Limits, Rating, RecommendRequest
+from metarec.serving.schemas import Rating, RecommendRequest
 from metarec.serving.service import Service
 from metarec.serving.sessions import FeedbackLog, Session, Sessions, read_feedback
 
@@ -147,7 +148,7 @@ def _service(tmp_path, catalog, loaded, **limits):
         Engine(loaded),
         catalog,
         model_info={"label": "m"},
-        limits=Limits(**limits),
+        limits=LimitsConfig(**limits),
         sessions=Sessions(tmp_path, max_sessions=10, max_ratings=5, index=catalog.index),
         feedback=FeedbackLog(tmp_path, "t"),
     )

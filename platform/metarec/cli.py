@@ -31,7 +31,9 @@ __all__ = ["build_parser", "main"]
 
 
 def _load(args: argparse.Namespace) -> Any:
-    return load_config(args.config, overrides=args.overrides, **configured(args))
+    return load_config(
+        args.config, overrides=args.overrides, flag_names=args.flag_names, **configured(args)
+    )
 
 
 def _refuse_on_resume(args: argparse.Namespace, refused: dict[str, str], honoured: str) -> None:
@@ -106,16 +108,7 @@ def _evaluation(report: bool) -> Command:
 def _serve(args: argparse.Namespace) -> None:
     from metarec.commands import serve_command
 
-    def given(*names: str) -> dict[str, Any]:
-        return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-
-    limits = given("max_ratings", "max_k", "max_items")
-    settings = given("model", "tracking_uri", "feedback_dir", "steps", "threads", "max_sessions")
-    settings["work_dir"] = os.path.abspath(args.work_dir)
-    if "feedback_dir" in settings:
-        settings["feedback_dir"] = os.path.abspath(settings["feedback_dir"])
-    deployment = given("host", "port", "replicas", "num_cpus", "max_batch_size", "batch_wait_ms")
-    serve_command(settings | {"limits": limits}, **deployment, access_log=args.access_log)
+    serve_command(_load(args).serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

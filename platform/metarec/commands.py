@@ -152,21 +152,16 @@ def promote_command(
     print(f"models:/{name}@{alias} -> version {version}")
 
 
-def serve_command(settings: dict[str, Any], **deployment: Any) -> None:
-    """Validate ``settings`` as ``ServeSettings`` and ``deployment`` (host, port, replicas,
-    batching) as ``Deployment``, then serve until Ctrl-C. A value they refuse is a one-line
-    ``ConfigError`` naming its flag, before Ray is imported."""
-    from pydantic import ValidationError
+def serve_command(settings: Any) -> None:
+    """Serve the config's ``serve`` section until Ctrl-C; its directories are made absolute
+    here, since the replicas may run elsewhere (another working directory, a Ray worker)."""
+    import dataclasses
+    import os
 
-    from metarec.serving.schemas import Deployment, ServeSettings
-
-    try:
-        resolved = ServeSettings(**settings), Deployment(**deployment)
-    except ValidationError as e:
-        err = e.errors()[0]
-        flag = "--" + str(err["loc"][-1]).replace("_", "-")
-        expected = err["msg"].removeprefix("Input should be ")
-        raise ConfigError(f"{flag}: got {err['input']!r}; expected {expected}") from None
+    feedback_dir = settings.feedback_dir and os.path.abspath(settings.feedback_dir)
+    settings = dataclasses.replace(
+        settings, work_dir=os.path.abspath(settings.work_dir), feedback_dir=feedback_dir
+    )
     from metarec.serving.app import serve_forever
 
-    serve_forever(*resolved)
+    serve_forever(settings)

@@ -16,36 +16,28 @@ from typing import Any
 from metarec.config import load_config
 from metarec.errors import ConfigError
 
-__all__ = ["REPORT_SEEDS", "EvaluationRequest", "evaluate_command", "report_command"]
-
-SHOTS = (0, 1, 2, 4, 8, 16, 32)
-REPORT_SEEDS = (0, 1, 2)  # report's default init seeds (evaluate's: EvaluationRequest.seeds)
+__all__ = ["EvaluationRequest", "evaluate_command", "report_command"]
 
 
 @dataclass
 class EvaluationRequest:
-    """The options of ``metarec evaluate`` / ``report`` (see their ``--help``)."""
+    """The options of ``metarec evaluate`` / ``report`` (see their ``--help``); how they
+    score (seeds, splits, CIs, baselines, curves) is the config's ``evaluate`` and
+    ``report`` sections, resolved from ``config``, ``overrides`` and ``flags``."""
 
     data: str
     out: str
     config: str | None = None
     overrides: list[str] = field(default_factory=list)  # --set KEY=VALUE
     flags: dict[str, Any] = field(default_factory=dict)  # dotted config keys from flags
+    flag_names: dict[str, str] = field(default_factory=dict)  # dotted key -> its flag
     scenarios: list[str] | None = None
-    seeds: list[int] = field(default_factory=lambda: [0])
-    split_seeds: list[int] | None = None
     splits: str | None = None
-    relevance_threshold: float | None = None
-    tune_adaptation: bool = True
-    bootstrap: int = 2000
-    baselines: str = "all"
     model: str | None = None
     cross_domain: bool = False
     source_data: str | None = None
     work_dir: str = "work"
     tracking_uri: str | None = None
-    shots: list[int] = field(default_factory=lambda: list(SHOTS))  # report only
-    curve_steps: int = 10  # report only
 
 
 @dataclass
@@ -54,6 +46,7 @@ class _Evaluation:
 
     cfg: Any  # MetarecConfig (imported lazily: `metarec --help` stays fast)
     ds: Any  # PreparedDataset
+    seeds: tuple[int, ...] = ()
     scenarios: list[str] = field(default_factory=list)
     baselines: tuple[str, ...] = ()
     learner: Any = None  # the given model (same dataset)
@@ -62,52 +55,60 @@ class _Evaluation:
     transfer: dict[str, Any] | None = None  # --cross-domain: what was mapped (transfer.json)
     splits: list[Any] | None = None  # (label, dataset) per user split
 
-    def run(self, req: EvaluationRequest, on_seed: Any = None) -> dict[str, dict[str, Any]]:
+    def run(self, on_seed: Any = None) -> dict[str, dict[str, Any]]:
         from metarec.evaluate import evaluate
 
+        settings = self.cfg.evaluate
         return evaluate(
             self.cfg,
             self.ds,
             scenarios=self.scenarios,
-            seeds=req.seeds,
+            seeds=list(self.seeds),
             splits=self.splits,
             baselines=self.baselines,
             log=lambda msg: print(msg, file=sys.stderr, flush=True),
             learner=self.learner,
             extra=self.extra,
             on_seed=on_seed,
-            threshold=req.relevance_threshold,
-            tune_adaptation=req.tune_adaptation,
-            resamples=req.bootstrap,
+            threshold=settings.relevance_threshold,
+            tune_adaptation=settings.tune_adaptation,
+            resamples=settings.bootstrap,
         )
 
 
-def _evaluation(req: EvaluationRequest, default_scenario: str | None) -> _Evaluation:
-    """Resolve config, dataset, scenarios, baselines and the given (or transferred) model."""
+def _evaluation(req: EvaluationRequest, *, report: bool) -> _Evaluation:
+    """Resolve config, dataset, scenarios, baselines and the given (or transferred) model.
+
+    With ``--model`` the model's own config is what trains and scores; the ``evaluate`` and
+    ``report`` sections still come from ``--config``, ``--set`` and the flags."""
+    from dataclasses import replace
+
     from metarec.data.prepared import open_prepared
 
-    cfg = load_config(req.config, overrides=req.overrides, **req.flags)
+    cfg = load_config(req.config, overrides=req.overrides, flag_names=req.flag_names, **req.flags)
     ds = open_prepared(req.data)
     if req.cross_domain and not req.model:
         raise ConfigError("--cross-domain: got no --model; expected the model to transfer")
     ev = _load_model(req, ds) if req.model else _Evaluation(cfg, ds)
-    scenarios = req.scenarios or [default_scenario or ev.cfg.train.scenario]
+    ev.cfg = replace(ev.cfg, evaluate=cfg.evaluate, report=cfg.report)
+    ev.seeds = (cfg.report if report else cfg.evaluate).seeds
+    scenarios = req.scenarios or ["all" if report else ev.cfg.train.scenario]
     ev.scenarios = ds.scenarios if "all" in scenarios else scenarios
     for s in ev.scenarios:
         ds.task_path(s, "test")  # unknown scenario -> clear error before any training
-    ev.baselines = _baselines(req.baselines)
-    ev.splits = _splits(req, ds, ev.scenarios)
+    ev.baselines = _baselines(cfg.evaluate.baselines)
+    ev.splits = _splits(req, cfg.evaluate.split_seeds, ds, ev.scenarios)
     return ev
 
 
-def _splits(req: EvaluationRequest, ds: Any, scenarios: list[str]) -> list[Any] | None:
+def _splits(
+    req: EvaluationRequest, split_seeds: tuple[int, ...] | None, ds: Any, scenarios: list[str]
+) -> list[Any] | None:
     """``--split-seeds`` / ``--splits``: the user splits to evaluate on (None: the prepared)."""
     from metarec.data.splits import external_split, resplit
 
-    if req.splits and req.split_seeds:
+    if req.splits and split_seeds:
         raise ConfigError("--splits: got it with --split-seeds; expected one or the other")
-    if req.bootstrap < 1000:
-        raise ConfigError(f"--bootstrap: got {req.bootstrap}; expected at least 1000")
     if req.splits:
         if scenarios != ["user_cold"]:
             raise ConfigError(
@@ -115,10 +116,8 @@ def _splits(req: EvaluationRequest, ds: Any, scenarios: list[str]) -> list[Any] 
                 "file defines user_cold's users and queries)"
             )
         return [(Path(req.splits).name, external_split(ds, req.splits))]
-    if req.split_seeds:
-        if len(set(req.split_seeds)) != len(req.split_seeds):
-            raise ConfigError(f"--split-seeds: got {req.split_seeds}; expected distinct seeds")
-        return [(s, resplit(ds, s)) for s in req.split_seeds]
+    if split_seeds:
+        return [(s, resplit(ds, s)) for s in split_seeds]
     return None
 
 
@@ -131,7 +130,7 @@ def _baselines(arg: str) -> tuple[str, ...]:
     unknown = sorted(set(names) - set(BASELINES))
     if unknown:
         raise ConfigError(
-            f"--baselines: got {unknown[0]!r}; expected a subset of {list(BASELINES)}, "
+            f"evaluate.baselines: got {unknown[0]!r}; expected a subset of {list(BASELINES)}, "
             "'all' or 'none'"
         )
     return names
@@ -238,8 +237,8 @@ def _finish_evaluation(
 def evaluate_command(req: EvaluationRequest) -> None:
     from metarec.results import format_table, write_results
 
-    ev = _evaluation(req, None)
-    results = ev.run(req)
+    ev = _evaluation(req, report=False)
+    results = ev.run()
     print(format_table(results))
     _finish_evaluation(req, ev, results, [write_results(results, req.out)])
 
@@ -247,18 +246,19 @@ def evaluate_command(req: EvaluationRequest) -> None:
 def report_command(req: EvaluationRequest) -> None:
     from metarec.report import CurveCollector, report_header, write_report
 
-    ev = _evaluation(req, "all")
+    ev = _evaluation(req, report=True)
+    settings = ev.cfg.report
     collector = CurveCollector(
-        shots=req.shots, steps=range(req.curve_steps + 1), history=ev.history
+        shots=settings.shots, steps=range(settings.curve_steps + 1), history=ev.history
     )
-    results = ev.run(req, on_seed=collector)
+    results = ev.run(on_seed=collector)
     title, preamble, notes = report_header(
         ev.ds.manifest,
         ev.cfg,
         results,
         data=req.data,
         model=req.model,
-        seeds=req.seeds,
+        seeds=list(ev.seeds),
         transfer=ev.transfer,
     )
     files = write_report(

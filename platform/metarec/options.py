@@ -2,20 +2,18 @@
 
 Flags that set a config key are generated from the config tree (``config_key``): their type,
 choices and default come from there, so each default is stated in one place; the serve
-flags' defaults come from ``ServeSettings``, ``Limits`` and ``Deployment`` the same way.
+flags are the ``serve`` section's keys like any other.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import types
 import typing
 from collections.abc import Callable
 from typing import Any, Literal, get_args, get_origin
 
-from metarec.config import config_key, field_default
-from metarec.evaluation_job import REPORT_SEEDS, EvaluationRequest
+from metarec.config import config_key
 
 __all__ = [
     "TRAIN_RESUME_HONOURS",
@@ -66,7 +64,7 @@ def _shown(value: Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
-def config_flags(p: argparse.ArgumentParser, *flags: Flag) -> None:
+def config_flags(p: argparse.ArgumentParser, *flags: Flag, seed: bool = True) -> None:
     """``--config``, ``--set``, ``--seed`` and ``flags``, each stored under its config key."""
     p.add_argument("--config", metavar="YAML", help="experiment config (configs/*.yaml)")
     p.add_argument(
@@ -77,26 +75,47 @@ def config_flags(p: argparse.ArgumentParser, *flags: Flag) -> None:
         metavar="KEY=VALUE",
         help="override any config key, e.g. --set data.query_size=5 (repeatable)",
     )
-    for flag, key, text, *extra in (("--seed", "seed", "random seed"), *flags):
-        hint, default = config_key(key)
-        kw: dict[str, Any] = {"dest": key, "default": None}
-        nullable = get_origin(hint) in (typing.Union, types.UnionType)
-        base = next(a for a in get_args(hint) if a is not type(None)) if nullable else hint
-        if get_origin(base) is Literal:
-            kw["choices"] = get_args(base)
-        elif base is bool:
-            kw["action"] = argparse.BooleanOptionalAction if nullable else "store_true"
-        elif base in (int, float):
-            kw.update(type=base, metavar="N")
-        else:
-            kw["metavar"] = key.rsplit(".", 1)[-1].upper()
-        if default is not None and default is not False and "default" not in text:
-            text = f"{text} ({key}, default {_shown(default)})"
-        else:
-            text = f"{text} ({key})"
-        p.add_argument(flag, help=text, **(kw | (extra[0] if extra else {})))
-    keys = ["seed", *(flag[1] for flag in flags)]
-    p.set_defaults(config_keys=keys)
+    if seed:
+        flags = (("--seed", "seed", "random seed"), *flags)
+    for flag, key, text, *extra in flags:
+        p.add_argument(flag, help=_help(key, text), **(_kind(key) | (extra[0] if extra else {})))
+    p.set_defaults(
+        config_keys=[f[1] for f in flags], flag_names={f[1]: f[0].split("/")[0] for f in flags}
+    )
+
+
+def _kind(key: str) -> dict[str, Any]:
+    """argparse settings of a config key's flag, from its type: choices, a switch, a number,
+    or a list of ints; unset flags stay None, so only given ones override the config."""
+    hint, _ = config_key(key)
+    kw: dict[str, Any] = {"dest": key, "default": None}
+    nullable = get_origin(hint) in (typing.Union, types.UnionType)
+    base = next(a for a in get_args(hint) if a is not type(None)) if nullable else hint
+    base = _unwrap(base)
+    if get_origin(base) is Literal:
+        kw["choices"] = get_args(base)
+    elif base is bool:
+        kw["action"] = argparse.BooleanOptionalAction if nullable else "store_true"
+    elif base in (int, float):
+        kw.update(type=base, metavar="N")
+    elif get_origin(base) is tuple and _unwrap(get_args(base)[0]) is int:
+        kw.update(type=int, nargs="+", metavar="N")
+    else:
+        kw["metavar"] = key.rsplit(".", 1)[-1].upper()
+    return kw
+
+
+def _unwrap(hint: Any) -> Any:
+    """``Annotated[T, ...]`` -> ``T``."""
+    return get_args(hint)[0] if get_origin(hint) is typing.Annotated else hint
+
+
+def _help(key: str, text: str) -> str:
+    """The flag's help, naming its key and (unless the text does) its default."""
+    _, default = config_key(key)
+    if default is not None and default is not False and "default" not in text:
+        return f"{text} ({key}, default {_shown(default)})"
+    return f"{text} ({key})"
 
 
 def configured(args: argparse.Namespace) -> dict[str, Any]:
@@ -234,33 +253,23 @@ def add_parsers(sub: Any, commands: dict[str, Command]) -> None:
             "every method on test users of each scenario. Writes OUT/results.json and prints a "
             "table.",
         ),
-        seeds=_request_default("seeds"),
+        ("--seeds", "evaluate.seeds", "init seeds within each user split"),
         scenario="train.scenario",
     )
-    p = parser(
-        "report",
-        "evaluate on every scenario and write report.md with plots",
-        "Everything `evaluate` does (default: every prepared scenario, seeds 0 1 2), plus the "
-        "shot curve (accuracy vs support ratings per user), the adaptation-step curve, per-user "
-        "errors by activity and the learning curves. Writes OUT/results.json, curves.json, "
-        "report.md and four PNGs; with a models:/ or runs:/ --model, logs them to that MLflow "
-        "run.",
-    )
-    _evaluation_parser(p, seeds=list(REPORT_SEEDS), scenario="all")
-    p.add_argument(
-        "--shots",
-        type=int,
-        nargs="+",
-        default=_request_default("shots"),
-        metavar="K",
-        help="shot curve: support ratings per test user (0: cold start)",
-    )
-    p.add_argument(
-        "--curve-steps",
-        type=int,
-        default=_request_default("curve_steps"),
-        metavar="N",
-        help="step curve: 0..N inner steps",
+    _evaluation_parser(
+        parser(
+            "report",
+            "evaluate on every scenario and write report.md with plots",
+            "Everything `evaluate` does (default: every prepared scenario, seeds 0 1 2), plus "
+            "the shot curve (accuracy vs support ratings per user), the adaptation-step curve, "
+            "per-user errors by activity and the learning curves. Writes OUT/results.json, "
+            "curves.json, report.md and four PNGs; with a models:/ or runs:/ --model, logs them "
+            "to that MLflow run.",
+        ),
+        ("--seeds", "report.seeds", "init seeds within each user split"),
+        ("--shots", "report.shots", "shot curve: support ratings per test user (0: cold start)"),
+        ("--curve-steps", "report.curve_steps", "step curve: 0..N inner steps"),
+        scenario="all",
     )
 
     p = parser(
@@ -286,13 +295,8 @@ def add_parsers(sub: Any, commands: dict[str, Command]) -> None:
     )
 
 
-def _request_default(name: str) -> Any:
-    """An ``EvaluationRequest`` field's default: the one copy the flags show and use."""
-    return field_default({f.name: f for f in dataclasses.fields(EvaluationRequest)}[name])
-
-
-def _evaluation_parser(p: argparse.ArgumentParser, *, seeds: list[int], scenario: str) -> None:
-    """The flags `evaluate` and `report` share."""
+def _evaluation_parser(p: argparse.ArgumentParser, *flags: Flag, scenario: str) -> None:
+    """The flags `evaluate` and `report` share, and ``flags``, their own."""
     store_flags(p, "where the default MLflow store lives")
     p.add_argument("--out", required=True, metavar="DIR", help="where the results go")
     p.add_argument(
@@ -303,53 +307,10 @@ def _evaluation_parser(p: argparse.ArgumentParser, *, seeds: list[int], scenario
         help=f"scenario to evaluate (repeatable; 'all' = every prepared one; default: {scenario})",
     )
     p.add_argument(
-        "--seeds",
-        type=int,
-        nargs="+",
-        default=seeds,
-        metavar="N",
-        help="init seeds within each user split (network init, batching, MF)",
-    )
-    p.add_argument(
-        "--split-seeds",
-        type=int,
-        nargs="+",
-        metavar="N",
-        help="re-split the users of each scenario with these seeds (the split `prepare "
-        "--split-seed N` would write) and evaluate on every split; results are mean ± std "
-        "over splits, differences pooled over their test users (default: the prepared split)",
-    )
-    p.add_argument(
         "--splits",
         metavar="FILE.json",
         help="evaluate user_cold on a split given from outside (a paper's exact users and query "
         "items; see docs/guide.md)",
-    )
-    p.add_argument(
-        "--relevance-threshold",
-        type=float,
-        metavar="R",
-        help="ratings >= R are relevant for P@5, nDCG@5, MRR@5, recall/nDCG@10 (default: 0.8 x the "
-        "top rating: 4 on 1-5 and 0.5-5, 8 on 1-10)",
-    )
-    p.add_argument(
-        "--no-tune-adaptation",
-        dest="tune_adaptation",
-        action="store_false",
-        help="score the meta-learner with its trained adaptation instead of choosing its test-time "
-        "knobs on validation users",
-    )
-    p.add_argument(
-        "--bootstrap",
-        type=int,
-        default=_request_default("bootstrap"),
-        metavar="B",
-        help="resamples of the paired CIs",
-    )
-    p.add_argument(
-        "--baselines",
-        default=_request_default("baselines"),
-        help="comma-separated subset of baselines, 'all' or 'none'",
     )
     p.add_argument(
         "--model",
@@ -373,40 +334,65 @@ def _evaluation_parser(p: argparse.ArgumentParser, *, seeds: list[int], scenario
         help="--cross-domain: the prepared dataset the model was trained on (only needed when the "
         "checkpoint lacks its feature names)",
     )
-    config_flags(p, ALGORITHM, EPOCHS)
+    config_flags(
+        p,
+        *flags,
+        (
+            "--split-seeds",
+            "evaluate.split_seeds",
+            "re-split the users of each scenario with these seeds (the split `prepare "
+            "--split-seed N` would write) and evaluate on every split; results are mean ± std "
+            "over splits, differences pooled over their test users (unset: the prepared split)",
+        ),
+        (
+            "--relevance-threshold",
+            "evaluate.relevance_threshold",
+            "ratings >= R are relevant for P@5, nDCG@5, MRR@5, recall/nDCG@10 (unset: 0.8 x "
+            "the top rating: 4 on 1-5 and 0.5-5, 8 on 1-10)",
+            {"metavar": "R"},
+        ),
+        (
+            "--no-tune-adaptation",
+            "evaluate.tune_adaptation",
+            "score the meta-learner with its trained adaptation instead of choosing its "
+            "test-time knobs on validation users",
+            {"action": "store_false"},
+        ),
+        ("--bootstrap", "evaluate.bootstrap", "resamples of the paired CIs", {"metavar": "B"}),
+        ("--baselines", "evaluate.baselines", "comma-separated subset of baselines, all, none"),
+        ALGORITHM,
+        EPOCHS,
+    )
 
 
 def _serve_parser(p: argparse.ArgumentParser) -> None:
-    from metarec.serving.schemas import Deployment, Limits, ServeSettings
-
-    def flag(name: str, model: Any, help: str, **kw: Any) -> None:
-        field = name.lstrip("-").replace("-", "_")
-        default = model.model_fields[field].default
-        shown = "" if default is None or default is False else f" (default {default})"
-        p.add_argument(name, help=help + shown, **kw)
-
-    p.add_argument(
-        "--model",
-        help="models:/NAME@ALIAS, runs:/ID/model, or a checkpoint path "
-        "(default: models:/<last trained model>@champion)",
+    config_flags(
+        p,
+        (
+            "--model",
+            "serve.model",
+            "models:/NAME@ALIAS, runs:/ID/model, or a checkpoint path "
+            "(default: models:/<last trained model>@champion)",
+        ),
+        ("--work-dir", "serve.work_dir", "MLflow store and feedback log"),
+        (
+            "--tracking-uri",
+            "serve.tracking_uri",
+            "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite under --work-dir)",
+        ),
+        ("--host", "serve.host", "bind address (0.0.0.0 = all)"),
+        ("--port", "serve.port", "HTTP port"),
+        ("--replicas", "serve.replicas", "Serve replicas (processes)"),
+        ("--num-cpus", "serve.num_cpus", "Ray CPUs per replica"),
+        ("--max-batch-size", "serve.max_batch_size", "1 = no micro-batching"),
+        ("--batch-wait-ms", "serve.batch_wait_ms", "micro-batch wait"),
+        ("--access-log", "serve.access_log", "Serve's per-request log line (slows the HTTP path)"),
+        ("--feedback-dir", "serve.feedback_dir", "feedback log directory"),
+        ("--threads", "serve.threads", "torch threads per replica"),
+        ("--steps", "serve.steps", "inner steps; unset: the model's"),
+        ("--max-sessions", "serve.max_sessions", "session LRU size"),
+        ("--max-ratings", "serve.limits.max_ratings", "ratings per request/session"),
+        ("--max-k", "serve.limits.max_k", "largest k"),
+        ("--max-items", "serve.limits.max_items", "items per predict/candidates"),
+        seed=False,
     )
-    store_flags(p, "MLflow store and feedback log", data=False)
-    flag("--host", Deployment, "bind address (0.0.0.0 = all)")
-    flag("--port", Deployment, "HTTP port", type=int)
-    flag("--replicas", Deployment, "Serve replicas (processes)", type=int)
-    flag("--num-cpus", Deployment, "Ray CPUs per replica", type=float)
-    flag("--max-batch-size", Deployment, "1 = no micro-batching", type=int)
-    flag("--batch-wait-ms", Deployment, "micro-batch wait", type=float)
-    flag(
-        "--access-log",
-        Deployment,
-        "Serve's per-request log line (slows the HTTP path)",
-        action="store_true",
-    )
-    flag("--feedback-dir", ServeSettings, "feedback log directory")
-    flag("--threads", ServeSettings, "torch threads per replica", type=int)
-    flag("--steps", ServeSettings, "inner steps; unset: the model's", type=int)
-    flag("--max-sessions", ServeSettings, "session LRU size", type=int)
-    flag("--max-ratings", Limits, "ratings per request/session", type=int)
-    flag("--max-k", Limits, "largest k", type=int)
-    flag("--max-items", Limits, "items per predict/candidates", type=int)

@@ -12,6 +12,7 @@ serve/config.yaml`` and ``serve deploy serve/config.yaml`` (both through ``build
 
 # No `from __future__ import annotations` here: FastAPI reads these route signatures at
 # runtime, and Serve's ingress wrapper cannot resolve string annotations.
+import dataclasses
 import hmac
 import json
 import logging
@@ -32,21 +33,20 @@ from ray import serve
 from metarec import __version__
 from metarec.catalog import Catalog, FieldError, require_catalog
 from metarec.checkpoint import learner_from_checkpoint, load_checkpoint
-from metarec.errors import ModelNotFoundError
+from metarec.config import ServeConfig, section_from_dict
+from metarec.errors import ConfigError, ModelNotFoundError
 from metarec.loop import resolve_device
 from metarec.serving.engine import Engine, Job, Result
 from metarec.serving.schemas import (
     HARD_MAX_ITEMS,
-    Deployment,
     FeedbackRequest,
     PredictRequest,
     RecommendRequest,
-    ServeSettings,
 )
 from metarec.serving.service import Service
 from metarec.serving.sessions import FeedbackLog, Sessions
 
-__all__ = ["ServeSettings", "build_app", "load_service", "serve_forever"]
+__all__ = ["build_app", "load_service", "serve_forever"]
 
 log = logging.getLogger(__name__)
 TOKEN_ENV = "METAREC_API_TOKEN"
@@ -66,7 +66,7 @@ def default_model(work_dir: str | os.PathLike) -> str:
     return f"models:/{name.split('@')[0].split('/')[0]}@champion"
 
 
-def resolve_model(settings: ServeSettings) -> tuple[str, dict[str, Any], dict[str, Any]]:
+def resolve_model(settings: ServeConfig) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """The model to serve: its URI, registry facts and checkpoint, or a one-line
     ``MetarecError`` (the CLI calls this before starting Serve, so a typo in ``--model``
     is an input error in a second, not replica tracebacks a minute later)."""
@@ -85,7 +85,7 @@ def resolve_model(settings: ServeSettings) -> tuple[str, dict[str, Any], dict[st
     return model, info, load_checkpoint(resolve_checkpoint(model, uri))
 
 
-def load_service(settings: ServeSettings, *, writer: str) -> Service:
+def load_service(settings: ServeConfig, *, writer: str) -> Service:
     """Load the model and open the feedback log (``writer`` names this process's file)."""
     model, info, ckpt = resolve_model(settings)
     learner = learner_from_checkpoint(ckpt)
@@ -110,7 +110,7 @@ def load_service(settings: ServeSettings, *, writer: str) -> Service:
             "items": len(catalog),
             "rating_range": list(catalog.rating_range),
             "dataset": catalog.dataset,
-            "limits": settings.limits.model_dump(),
+            "limits": dataclasses.asdict(settings.limits),
         },
         limits=settings.limits,
         sessions=Sessions(
@@ -198,8 +198,8 @@ api.add_middleware(Guard)
 
 K = Annotated[int, Query(ge=1, le=HARD_MAX_ITEMS)]
 # Micro-batching defaults (the deployment's user_config; `serve deploy` changes them live).
-MAX_BATCH_SIZE = Deployment().max_batch_size
-BATCH_WAIT_S = Deployment().batch_wait_ms / 1000
+MAX_BATCH_SIZE = ServeConfig().max_batch_size
+BATCH_WAIT_S = ServeConfig().batch_wait_ms / 1000
 
 
 def _replica_grpc_on_loopback() -> None:
@@ -239,7 +239,8 @@ class MetarecServer:
     def __init__(self, settings: dict[str, Any]) -> None:
         _replica_grpc_on_loopback()
         ctx = serve.get_replica_context()
-        self.service = load_service(ServeSettings.model_validate(settings), writer=ctx.replica_tag)
+        resolved = section_from_dict("serve", settings, where="replica settings")
+        self.service = load_service(resolved, writer=ctx.replica_tag)
         schema = api.openapi()  # built once and cached by FastAPI: add the catalog's examples
         for name, example in self.service.request_examples().items():
             schema["components"]["schemas"][name]["examples"] = [example]
@@ -314,13 +315,38 @@ class MetarecServer:
         return JSONResponse(answer)
 
 
-def build_app(args: ServeSettings) -> serve.Application:
-    """Application builder for ``serve run/deploy serve/config.yaml``: Serve validates the
-    YAML's ``args:`` into ``ServeSettings`` (a typo is an error before anything starts)."""
-    return MetarecServer.bind(args.model_dump())
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Application builder for ``serve run/deploy serve/config.yaml``: its ``args:`` are the
+    config's ``serve`` section, checked like any config (a typo is an error before anything
+    starts). The address is the YAML's ``http_options``; its ``deployments:`` entries, where
+    given, override the replicas and batching set here."""
+    for key in ("host", "port"):
+        if key in (args or {}):
+            raise ConfigError(
+                f"serve.{key}: got {args[key]!r} in the application's args; expected it in "
+                f"the Serve config's http_options.{key} (args cannot move Serve's proxy)"
+            )
+    return _application(section_from_dict("serve", args or {}, where="serve application args"))
 
 
-def serve_forever(settings: ServeSettings, deployment: Deployment | None = None) -> None:
+def _application(settings: ServeConfig) -> serve.Application:
+    """The deployment as ``settings`` shapes it: replicas, CPUs, micro-batching, access log."""
+    options: dict[str, Any] = {"num_cpus": settings.num_cpus}
+    if os.environ.get(TOKEN_ENV):  # replicas of a joined cluster do not share our env
+        options["runtime_env"] = {"env_vars": {TOKEN_ENV: os.environ[TOKEN_ENV]}}
+    return MetarecServer.options(
+        num_replicas=settings.replicas,
+        ray_actor_options=options,
+        max_ongoing_requests=max(256, 2 * settings.max_batch_size),
+        logging_config={"enable_access_log": settings.access_log},
+        user_config={
+            "max_batch_size": settings.max_batch_size,
+            "batch_wait_timeout_s": settings.batch_wait_ms / 1000,
+        },
+    ).bind(dataclasses.asdict(settings))
+
+
+def serve_forever(settings: ServeConfig) -> None:
     """``metarec serve``: start (or join) Ray, run the app on host:port until Ctrl-C."""
     import ray
 
@@ -328,25 +354,11 @@ def serve_forever(settings: ServeSettings, deployment: Deployment | None = None)
 
     model, _, ckpt = resolve_model(settings)  # fails fast, before Ray starts
     require_catalog(ckpt)
-    settings = settings.model_copy(update={"model": model})
+    settings = dataclasses.replace(settings, model=model)
     connect_ray()
-    d = deployment or Deployment()
-    options: dict[str, Any] = {"num_cpus": d.num_cpus}
-    if os.environ.get(TOKEN_ENV):  # replicas of a joined cluster do not share our env
-        options["runtime_env"] = {"env_vars": {TOKEN_ENV: os.environ[TOKEN_ENV]}}
-    app = MetarecServer.options(
-        num_replicas=d.replicas,
-        ray_actor_options=options,
-        max_ongoing_requests=max(256, 2 * d.max_batch_size),
-        logging_config={"enable_access_log": d.access_log},
-        user_config={
-            "max_batch_size": d.max_batch_size,
-            "batch_wait_timeout_s": d.batch_wait_ms / 1000,
-        },
-    ).bind(settings.model_dump())
-    host, port = d.host, d.port
+    host, port = settings.host, settings.port
     serve.start(http_options={"host": host, "port": port})
-    serve.run(app, name="metarec", route_prefix="/", blocking=False)
+    serve.run(_application(settings), name="metarec", route_prefix="/", blocking=False)
     print(f"metarec serving at http://{host}:{port}  (API docs: http://{host}:{port}/docs)")
     signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops it as cleanly as Ctrl-C
     try:

@@ -1,8 +1,8 @@
 """Request and response bodies of the HTTP API (they are its OpenAPI schema at /docs).
 
 Bounds here are hard caps that keep a request's size sane whatever the configuration; the
-configurable limits (``Limits``) are checked by the service and answered with the same
-422 shape, naming the field.
+configurable limits (the config's ``serve.limits``) are checked by the service and answered
+with the same 422 shape, naming the field.
 """
 
 from __future__ import annotations
@@ -11,20 +11,18 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from metarec.sections import HARD_MAX_ITEMS
+
 __all__ = [
     "HARD_MAX_ITEMS",
-    "Deployment",
     "FeedbackRequest",
     "ItemId",
-    "Limits",
     "PredictRequest",
     "Rating",
     "RecommendRequest",
-    "ServeSettings",
     "UserFeatures",
 ]
 
-HARD_MAX_ITEMS = 100_000  # no list in a request is longer, whatever the configuration
 
 ItemId = Annotated[
     str | int,
@@ -34,48 +32,6 @@ ItemId = Annotated[
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not ignored
-
-
-class Limits(BaseModel):
-    """Configurable request limits (``serve/config.yaml`` or ``metarec serve`` flags)."""
-
-    max_ratings: int = Field(200, ge=1, le=HARD_MAX_ITEMS)
-    max_k: int = Field(100, ge=1, le=HARD_MAX_ITEMS)
-    max_items: int = Field(1000, ge=1, le=HARD_MAX_ITEMS)  # /v1/predict items, candidates
-
-
-class ServeSettings(BaseModel):
-    """What a replica loads and how it behaves (``args`` in ``serve/config.yaml``; the
-    defaults here are the only copy, ``metarec serve --help`` shows them)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = Field(
-        None, description="models:/NAME@ALIAS, runs:/..., or a checkpoint path"
-    )
-    tracking_uri: str | None = None
-    work_dir: str = "work"
-    feedback_dir: str | None = None  # default <work_dir>/feedback
-    steps: int | None = Field(None, ge=0, le=100)  # inner steps (default: the model's)
-    device: str = "auto"
-    threads: int | None = Field(None, ge=1)  # torch threads per replica
-    max_sessions: int = Field(1000, ge=1)  # each caches fast weights: ~150 KB (ml100k net)
-    limits: Limits = Field(default_factory=Limits)
-
-
-class Deployment(BaseModel):
-    """How ``metarec serve`` deploys the app (``serve/config.yaml`` sets the same in Serve's
-    own keys): address, replicas, and micro-batching (the deployment's ``user_config``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(1.0, gt=0)
-    max_batch_size: int = Field(32, ge=1)  # 1 = no micro-batching
-    batch_wait_ms: float = Field(2.0, ge=0)
-    access_log: bool = False
 
 
 class UserFeatures(_Body):

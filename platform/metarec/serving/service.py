@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from metarec.catalog import Catalog, FieldError
+from metarec.sections import LimitsConfig
 from metarec.serving.engine import Engine, Job, Result
 from metarec.serving.schemas import (
     FeedbackRequest,
-    Limits,
     PredictRequest,
     Rating,
     RecommendRequest,
@@ -40,7 +40,7 @@ class Service:
         catalog: Catalog,
         *,
         model_info: dict[str, Any],
-        limits: Limits,
+        limits: LimitsConfig,
         sessions: Sessions,
         feedback: FeedbackLog,
     ) -> None:
