@@ -87,6 +87,7 @@ def _evaluation(req: EvaluationRequest, *, report: bool) -> _Evaluation:
 
     cfg = load_config(req.config, overrides=req.overrides, flag_names=req.flag_names, **req.flags)
     ds = open_prepared(req.data)
+    ds.require_explicit("report" if report else "evaluate")
     if req.cross_domain and not req.model:
         raise ConfigError("--cross-domain: got no --model; expected the model to transfer")
     ev = _load_model(req, ds) if req.model else _Evaluation(cfg, ds)

@@ -42,7 +42,7 @@ Device = Literal["auto", "cpu", "cuda"]
 SearchAlg = Literal["random", "optuna"]
 RatingScale = Literal["1-5", "0.5-5", "1-10"]
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
-Source = Literal["synthetic", "ml-100k", "ml-1m", "ml-latest", "ratings"]
+Source = Literal["synthetic", "ml-100k", "ml-1m", "ml-latest", "ratings", "events", "interactions"]
 SCENARIOS: tuple[str, ...] = get_args(Scenario)
 SOURCES: tuple[str, ...] = get_args(Source)
 
@@ -96,6 +96,11 @@ class DataConfig:
     users: str | None = None  # generic source only: optional user feature table
     download: bool = False  # fetch the MovieLens zip from GroupLens when input is missing
     feedback: str | None = None  # a `metarec serve` feedback log directory to fold in
+    # events source: an event's weight by name; an interaction's strength is the sum of its
+    # events' weights (times their value column, e.g. a play count, where there is one)
+    event_weights: dict[str, Positive] = field(
+        default_factory=lambda: {"view": 1.0, "cart": 3.0, "purchase": 5.0}
+    )
     scenarios: Scenarios = SCENARIOS
     query_size: PositiveInt = 10  # ratings to predict per task (MeLU and RecBole-MetaRec use 10)
     min_ratings: int = 13  # users outside [min_ratings, max_ratings] are dropped (MeLU)

@@ -103,6 +103,7 @@ def train(
     from metarec import tracking
 
     ds = open_prepared(data_dir)
+    ds.require_explicit("train")
     cfg = _with_resources(cfg, workers=workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_name = f"{cfg.meta.algorithm}-{cfg.train.scenario}-{stamp}"

@@ -177,6 +177,7 @@ def tune(
         spec = json.loads(spec_path.read_text())
         cfg = MetarecConfig.from_dict(spec["config"], where=str(spec_path))
     ds = open_prepared(data_dir)
+    ds.require_explicit("tune")
     dims = parse_space(cfg.tune.space, cfg)  # fails before Ray starts
     search_alg = None
     if cfg.tune.search == "optuna":

@@ -57,6 +57,11 @@ def fold_feedback(raw: RawData, directory: str | os.PathLike) -> RawData:
         DataError: the directory has no log files, or an event is malformed or names an item
             the source does not have (a log written by a model of another dataset).
     """
+    if raw.feedback != "explicit":
+        raise DataError(
+            f"--feedback {directory}: got a log of star ratings for a {raw.feedback} dataset; "
+            "expected an explicit one (the serve log holds ratings)"
+        )
     files = sorted(Path(directory).glob(PATTERN))
     if not files:
         raise DataError(f"--feedback {directory}: no {PATTERN} files there")

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from metarec import __version__
 from metarec.config import SCENARIOS, MetarecConfig
 from metarec.data import synthetic
+from metarec.data.events import IMPLICIT_SOURCES, load_implicit
 from metarec.data.features import USER_FEATURES, encode
 from metarec.data.feedback import fold_feedback
 from metarec.data.prepared import PreparedDataset, open_prepared, write_prepared
@@ -38,19 +39,20 @@ def prepare(cfg: MetarecConfig, out: str | Path, *, progress: bool = True) -> Pr
             bar.set_postfix_str(upcoming)
 
         bar.set_postfix_str("read")
-        raw = (
-            synthetic.generate(d.synthetic, seed=cfg.seed)
-            if d.source == "synthetic"
-            else load_source(
+        if d.source == "synthetic":
+            raw = synthetic.generate(d.synthetic, seed=cfg.seed)
+        elif d.source in IMPLICIT_SOURCES:
+            raw = load_implicit(d.source, d.input, d.event_weights)
+        else:
+            raw = load_source(
                 d.source, input=d.input, download=d.download, items=d.items, users=d.users
             )
-        )
         if d.feedback:
             raw = fold_feedback(raw, d.feedback)
         step("encode")
         enc = encode(raw)
         source = _source_info(cfg, raw)
-        n_raw, rating_file = len(raw.ratings), raw.rating_file
+        n_raw, rating_file, feedback = len(raw.ratings), raw.rating_file, raw.feedback
         del raw  # the raw frame is the largest one; free it before building tasks
         ratings, dropped_users = filter_users(
             enc.ratings, min_ratings=d.min_ratings, max_ratings=d.max_ratings
@@ -86,6 +88,7 @@ def prepare(cfg: MetarecConfig, out: str | Path, *, progress: bool = True) -> Pr
             tasks,
             skipped,
             cut_auto=d.item_cut_year is None,
+            feedback=feedback,
         )
         write_prepared(
             Path(out),
@@ -152,11 +155,16 @@ def _manifest(
     skipped: dict[str, str],
     *,
     cut_auto: bool,
+    feedback: str,
 ) -> dict[str, Any]:
     r = ratings["rating"].to_numpy()
+    duplicates = "a repeated (user, item) keeps its latest rating"
+    if feedback == "implicit":
+        duplicates = "a (user, item) pair's events sum into one interaction at its first time"
     return {
         "metarec_version": __version__,
         "source": source,
+        "feedback": feedback,
         "protocol": {
             "query_size": protocol.query_size,
             "min_ratings": protocol.min_ratings,
@@ -166,7 +174,7 @@ def _manifest(
             "item_cut_year": protocol.cut_year,
             "item_cut_auto": cut_auto,
             "seed": protocol.seed,
-            "duplicates": "a repeated (user, item) keeps its latest rating",
+            "duplicates": duplicates,
         },
         "counts": {
             "ratings_raw": n_raw,

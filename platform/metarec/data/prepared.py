@@ -120,6 +120,22 @@ class PreparedDataset:
     def scenarios(self) -> list[str]:
         return list(self.manifest["scenarios"])
 
+    @property
+    def feedback(self) -> str:
+        """``explicit`` (ratings) or ``implicit`` (interaction strengths); older manifests
+        predate implicit data and are explicit."""
+        return self.manifest.get("feedback", "explicit")
+
+    def require_explicit(self, command: str) -> None:
+        """Refuse an implicit dataset where only ratings are understood, before any work:
+        its strengths read as stars would train and score a meaningless model."""
+        if self.feedback != "explicit":
+            raise DataError(
+                f"{self.root}: got an implicit-feedback dataset (events or counts); `metarec "
+                f"{command}` expected explicit ratings. This version prepares and inspects "
+                "implicit data (`metarec info`) but does not yet train, evaluate or serve it"
+            )
+
     def task_path(self, scenario: str, split: str) -> Path:
         if scenario not in self.manifest["scenarios"]:
             raise DataError(
@@ -182,9 +198,10 @@ def summarize(manifest: dict[str, Any]) -> str:
     """A few lines for humans: source, counts, and tasks per scenario and split."""
     c = manifest["counts"]
     p = manifest["protocol"]
+    feedback = manifest.get("feedback", "explicit")
     lines = [
         f"dataset {manifest['source']['name']}  hash {manifest['dataset_hash']}  "
-        f"schema v{manifest['schema_version']}",
+        f"schema v{manifest['schema_version']}  feedback {feedback}",
         f"ratings {c['ratings_kept']:,} of {c['ratings_raw']:,}  users {c['users_kept']:,}  "
         f"items {c['items']:,}  (dropped: "
         + ", ".join(f"{k} {v:,}" for k, v in manifest["dropped"].items())

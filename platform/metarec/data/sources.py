@@ -29,7 +29,7 @@ from metarec.data.readers import (
 )
 from metarec.errors import DataError
 
-__all__ = ["LOADERS", "USER_COLUMNS", "RawData", "load_source"]
+__all__ = ["LOADERS", "USER_COLUMNS", "RawData", "load_source", "parse_timestamps"]
 
 INT, FLOAT, STR = pa.int64(), pa.float64(), pa.string()
 
@@ -70,6 +70,7 @@ class RawData:
     users: pd.DataFrame | None = None
     files: list[Path] = field(default_factory=list)
     rating_file: str = ""  # for "file line N" messages in later validation
+    feedback: str = "explicit"  # implicit: ``rating`` is an interaction's strength (events.py)
 
 
 def load_source(
@@ -250,7 +251,7 @@ def load_ratings_file(path: Path, *, items: str | None = None, users: str | None
     ratings = table.to_pandas()
     ratings["line"] = np.arange(len(ratings), dtype=np.int64)
     if "timestamp" in ratings:
-        ratings["timestamp"] = _parse_timestamps(ratings["timestamp"], path, header)
+        ratings["timestamp"] = parse_timestamps(ratings["timestamp"], path, header)
     files = [path]
     item_df = user_df = None
     if items is not None:
@@ -262,7 +263,7 @@ def load_ratings_file(path: Path, *, items: str | None = None, users: str | None
     return RawData(ratings, item_df, user_df, files, str(path))
 
 
-def _parse_timestamps(raw: pd.Series, path: Path, header: bool) -> pd.Series:
+def parse_timestamps(raw: pd.Series, path: Path, header: bool) -> pd.Series:
     """Unix seconds or ISO-8601 datetimes -> int64 seconds; anything else is an error."""
     numeric = pd.to_numeric(raw, errors="coerce")
     out = numeric.to_numpy(dtype=np.float64, copy=True)

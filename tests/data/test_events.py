@@ -1,0 +1,116 @@
+"""Implicit feedback sources: event logs and interaction counts, through `metarec prepare`."""
+
+import json
+
+import pytest
+
+from metarec.config import load_config
+from metarec.data.events import load_events, load_interactions
+from metarec.data.prepare import prepare
+from metarec.errors import DataError
+
+WEIGHTS = {"view": 1.0, "cart": 3.0, "purchase": 5.0}
+
+
+def _events(tmp_path, rows, header="user,item,event,timestamp"):
+    path = tmp_path / "events.csv"
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path
+
+
+def test_a_pairs_events_sum_into_one_interaction_at_its_first_time(tmp_path):
+    path = _events(
+        tmp_path,
+        [
+            "u1,shoe,view,100",
+            "u1,shoe,cart,160",
+            "u2,shoe,view,50",
+            "u1,shoe,purchase,200",
+            "u1,hat,view,2024-01-01T00:00:00Z",
+        ],
+    )
+    raw = load_events(path, WEIGHTS)
+    assert raw.feedback == "implicit"
+    got = {(r.user, r.item): (r.rating, r.timestamp) for r in raw.ratings.itertuples()}
+    assert got == {
+        ("u1", "shoe"): (9.0, 100),
+        ("u2", "shoe"): (1.0, 50),
+        ("u1", "hat"): (1.0, 1704067200),
+    }
+
+
+def test_a_value_column_multiplies_the_event_weight(tmp_path):
+    path = _events(
+        tmp_path,
+        ["u1,song,view,2.5,10", "u1,song,view,1,20"],
+        header="user,item,event,value,timestamp",
+    )
+    assert load_events(path, WEIGHTS).ratings["rating"].tolist() == [3.5]
+
+
+@pytest.mark.parametrize(
+    ("rows", "header", "message"),
+    [
+        (["u1,a,view,1", "u1,b,click,2"], None, r"line 3: event 'click' has no weight"),
+        (["u1,a,view,0,1"], "user,item,event,value,timestamp", r"line 2: value 0 is not positive"),
+        (["u1,a,view,yesterday"], None, r"line 2: timestamp 'yesterday' is neither"),
+        (["u1,a,view"], "user,item,event", r"timestamp"),
+    ],
+)
+def test_bad_events_name_file_and_line(tmp_path, rows, header, message):
+    path = _events(tmp_path, rows, **({"header": header} if header else {}))
+    with pytest.raises(DataError, match=message):
+        load_events(path, WEIGHTS)
+
+
+def test_interaction_counts_are_strengths_and_a_zero_count_is_an_error(tmp_path):
+    path = tmp_path / "plays.tsv"
+    path.write_text("user\titem\tcount\nu1\tsong\t12\nu1\tsong\t3\nu2\tsong\t1\n")
+    raw = load_interactions(path)
+    assert sorted(raw.ratings["rating"].tolist()) == [1.0, 15.0]
+    path.write_text("user\titem\tcount\nu1\tsong\t12\nu2\tsong\t0\n")
+    with pytest.raises(DataError, match=r"plays.tsv line 3: count 0 is not positive"):
+        load_interactions(path)
+
+
+def _shop_log(tmp_path, users=40, items=60):
+    rows, t = [], 0
+    for u in range(users):
+        for k in range(20):
+            t += 1
+            item = (u * 7 + k * 3) % items
+            rows.append(f"u{u},i{item},view,{t}")
+            if k % 4 == 0:
+                rows.append(f"u{u},i{item},purchase,{t + 1}")
+    return _events(tmp_path, rows)
+
+
+def test_prepare_writes_an_implicit_dataset_that_training_and_evaluation_refuse(tmp_path, capsys):
+    from metarec.cli import main
+
+    path = _shop_log(tmp_path)
+    cfg = load_config(None, **{"data.source": "events", "data.input": str(path)})
+    ds = prepare(cfg, tmp_path / "prepared", progress=False)
+    assert ds.feedback == "implicit" and ds.manifest["feedback"] == "implicit"
+    assert {"user_cold", "temporal"} <= set(ds.scenarios)
+    assert ds.manifest["ratings"]["max"] == 6.0  # view + purchase
+    for command in (["evaluate", "--out", str(tmp_path / "e")], ["train"]):
+        assert main([*command, "--data", str(tmp_path / "prepared")]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert "got an implicit-feedback dataset" in line and "expected explicit" in line
+
+
+def test_event_weights_come_from_config(tmp_path):
+    path = _shop_log(tmp_path)
+    flags = {"data.source": "events", "data.input": str(path)}
+    cfg = load_config(None, overrides=["data.event_weights={view: 2, purchase: 10}"], **flags)
+    ds = prepare(cfg, tmp_path / "prepared", progress=False)
+    assert ds.manifest["ratings"]["max"] == 12.0
+    manifest = json.loads((tmp_path / "prepared" / "manifest.json").read_text())
+    assert manifest["protocol"]["duplicates"].startswith("a (user, item) pair's events sum")
+
+
+def test_explicit_manifests_without_the_field_read_as_explicit(tmp_path):
+    from metarec.data.prepared import PreparedDataset
+
+    assert PreparedDataset(tmp_path, {"scenarios": {}}).feedback == "explicit"
