@@ -84,6 +84,9 @@ class SyntheticConfig:
     user_features: bool = True  # false: no user table (age still shapes ratings, unseen)
     scale: RatingScale = "1-5"  # whole stars, half stars (MovieLens latest) or 1-10 points
     popularity_zipf: float = 0.0  # 0: log-normal item popularity; a > 0: P(rank r) ~ r^-a
+    # implicit: a shop's event log (views, carts, purchases; metarec.data.shop) instead of
+    # ratings; min/max_ratings_per_user then count the items each user views
+    feedback: Literal["explicit", "implicit"] = "explicit"
 
 
 @dataclass

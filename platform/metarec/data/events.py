@@ -23,7 +23,13 @@ from metarec.data.readers import ColumnSpec, check_finite, read_table_file, row_
 from metarec.data.sources import RawData, parse_timestamps
 from metarec.errors import DataError
 
-__all__ = ["IMPLICIT_SOURCES", "load_events", "load_implicit", "load_interactions"]
+__all__ = [
+    "IMPLICIT_SOURCES",
+    "interactions",
+    "load_events",
+    "load_implicit",
+    "load_interactions",
+]
 
 FLOAT, STR = pa.float64(), pa.string()
 IMPLICIT_SOURCES = ("events", "interactions")
@@ -70,7 +76,9 @@ def load_events(path: Path, weights: Mapping[str, float]) -> RawData:
         _check_positive(table, "value", path, header)
         strength = strength * frame["value"].to_numpy()
     frame["rating"] = strength
-    return _interactions(frame, path, header)
+    frame["line"] = np.arange(len(frame), dtype=np.int64)
+    frame["timestamp"] = parse_timestamps(frame["timestamp"], path, header)
+    return RawData(interactions(frame), None, None, [path], str(path), feedback="implicit")
 
 
 def load_interactions(path: Path) -> RawData:
@@ -80,7 +88,10 @@ def load_interactions(path: Path) -> RawData:
     )
     _check_positive(table, "count", path, header)
     frame = table.to_pandas().rename(columns={"count": "rating"})
-    return _interactions(frame, path, header)
+    frame["line"] = np.arange(len(frame), dtype=np.int64)
+    if "timestamp" in frame:
+        frame["timestamp"] = parse_timestamps(frame["timestamp"], path, header)
+    return RawData(interactions(frame), None, None, [path], str(path), feedback="implicit")
 
 
 def _read(path: Path, *columns: ColumnSpec) -> tuple[pa.Table, bool]:
@@ -101,14 +112,11 @@ def _check_positive(table: pa.Table, column: str, path: Path, header: bool) -> N
         )
 
 
-def _interactions(frame: pd.DataFrame, path: Path, header: bool) -> RawData:
-    """Sum the strengths of each (user, item) pair; keep its first time and first line."""
-    frame["line"] = np.arange(len(frame), dtype=np.int64)
-    if "timestamp" in frame:
-        frame["timestamp"] = parse_timestamps(frame["timestamp"], path, header)
+def interactions(events: pd.DataFrame) -> pd.DataFrame:
+    """One row per (user, item): the sum of its events' strengths (``rating``), its first
+    time and its first line; rows in the order of their first line."""
     agg: dict[str, tuple[str, str]] = {"rating": ("rating", "sum"), "line": ("line", "min")}
-    if "timestamp" in frame:
+    if "timestamp" in events:
         agg["timestamp"] = ("timestamp", "min")
-    pairs = frame.groupby(["user", "item"], sort=False).agg(**agg).reset_index()
-    pairs = pairs.sort_values("line", kind="stable").reset_index(drop=True)
-    return RawData(pairs, None, None, [path], str(path), feedback="implicit")
+    pairs = events.groupby(["user", "item"], sort=False).agg(**agg).reset_index()
+    return pairs.sort_values("line", kind="stable").reset_index(drop=True)

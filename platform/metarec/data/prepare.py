@@ -19,6 +19,7 @@ from metarec.data.events import IMPLICIT_SOURCES, load_implicit
 from metarec.data.features import USER_FEATURES, encode
 from metarec.data.feedback import fold_feedback
 from metarec.data.prepared import PreparedDataset, open_prepared, write_prepared
+from metarec.data.shop import generate_shop
 from metarec.data.sources import RawData, load_source
 from metarec.data.tasks import TaskProtocol, auto_cut_year, build_scenarios, filter_users
 from metarec.errors import DataError
@@ -39,7 +40,9 @@ def prepare(cfg: MetarecConfig, out: str | Path, *, progress: bool = True) -> Pr
             bar.set_postfix_str(upcoming)
 
         bar.set_postfix_str("read")
-        if d.source == "synthetic":
+        if d.source == "synthetic" and d.synthetic.feedback == "implicit":
+            raw, _ = generate_shop(d.synthetic, d.event_weights, seed=cfg.seed)
+        elif d.source == "synthetic":
             raw = synthetic.generate(d.synthetic, seed=cfg.seed)
         elif d.source in IMPLICIT_SOURCES:
             raw = load_implicit(d.source, d.input, d.event_weights)

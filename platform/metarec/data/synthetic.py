@@ -39,7 +39,15 @@ from metarec.config import MetarecConfig, SyntheticConfig, apply_overrides
 from metarec.data.sources import RawData
 from metarec.errors import ConfigError
 
-__all__ = ["GENRES", "SCALES", "VARIANTS", "apply_variant", "generate"]
+__all__ = [
+    "GENRES",
+    "SCALES",
+    "VARIANTS",
+    "apply_variant",
+    "generate",
+    "item_choice",
+    "sample_pairs",
+]
 
 GENRES = (
     "Action",
@@ -125,7 +133,8 @@ def generate(cfg: SyntheticConfig, *, seed: int) -> RawData:
     user_bias = (0.45 * rng.normal(size=n_u)).astype(np.float32)
     age_z = ((age - 35.0) / 12.0).astype(np.float32)
     # Which items each user rates: popularity-skewed, no repeats.
-    user, item = _sample_pairs(rng, n_u, cfg, _item_choice(cfg, popularity))
+    want = rng.integers(cfg.min_ratings_per_user, cfg.max_ratings_per_user + 1, size=n_u)
+    user, item = sample_pairs(rng, want, item_choice(cfg, popularity))
     start = rng.uniform(_T0, _T1 - 3e7, size=n_u)
     span = rng.exponential(3e7, size=n_u) + 86_400
     tau = rng.random(len(user)).astype(np.float32)  # position in the user's timeline
@@ -198,7 +207,7 @@ def _to_scale(score: np.ndarray, scale: str) -> np.ndarray:
     return np.clip(np.rint(score / step) * step, lo, hi).astype(np.float64)
 
 
-def _item_choice(cfg: SyntheticConfig, popularity: np.ndarray) -> np.ndarray:
+def item_choice(cfg: SyntheticConfig, popularity: np.ndarray) -> np.ndarray:
     """Probability that a draw picks each item.
 
     Default: ``exp(0.8 * popularity)``, a log-normal spread with no real tail. With
@@ -215,18 +224,17 @@ def _item_choice(cfg: SyntheticConfig, popularity: np.ndarray) -> np.ndarray:
     return p / p.sum()
 
 
-def _sample_pairs(
-    rng: np.random.Generator, n_u: int, cfg: SyntheticConfig, p: np.ndarray
+def sample_pairs(
+    rng: np.random.Generator, want: np.ndarray, p: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Draw each user's rated items (item i with probability ``p[i]``) without replacement,
-    vectorized over users.
+    """Draw ``want[u]`` distinct items for each user u (item i with probability ``p[i]``),
+    vectorized over users; pairs come grouped by user, in random order within a user.
 
     Oversample with replacement, drop repeats, keep the first ``want`` per user (random
     order). A user whose draws repeat a lot (a small catalogue, a steep Zipf head) can end
     up with a few fewer ratings than asked.
     """
-    n_i = len(p)
-    want = rng.integers(cfg.min_ratings_per_user, cfg.max_ratings_per_user + 1, size=n_u)
+    n_u, n_i = len(want), len(p)
     draws = (want * 1.5).astype(np.int64) + 5
     user = np.repeat(np.arange(n_u, dtype=np.int64), draws)
     item = rng.choice(n_i, size=len(user), p=p)
