@@ -13,10 +13,13 @@ pytestmark = pytest.mark.integration  # a fresh interpreter per check
 
 CORE = [
     "metarec.config",
+    "metarec.sections",
     "metarec.errors",
     "metarec.data",
     "metarec.data.prepare",
     "metarec.data.sources",
+    "metarec.data.events",
+    "metarec.data.shop",
     "metarec.data.synthetic",
     "metarec.data.tasks",
     "metarec.data.features",
@@ -27,6 +30,7 @@ CORE = [
     "metarec.meta",
     "metarec.batch",
     "metarec.metrics",
+    "metarec.implicit_metrics",
     "metarec.stats",
     "metarec.baselines",
     "metarec.loop",

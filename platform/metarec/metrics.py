@@ -85,8 +85,8 @@ def _discounts(n: int, *, device: torch.device, dtype: torch.dtype) -> Tensor:
     return 1.0 / torch.log2(ranks + 1.0)
 
 
-class _TiedTopK(NamedTuple):
-    """The top-``K`` of each row with its tie structure; see :func:`_tied_topk`."""
+class TiedTopK(NamedTuple):
+    """The top-``K`` of each row with its tie structure; see :func:`tied_topk`."""
 
     idx: Tensor  # (T, K) item index at each position, some order of the top K
     above: Tensor  # (T, K) bool: the item scores strictly above the K-th score v_k
@@ -98,7 +98,7 @@ class _TiedTopK(NamedTuple):
     n_equal: Tensor  # (T,) size of the v_k tie group (0 when the row has < K valid items)
 
 
-def _tied_topk(scores: Tensor, valid: Tensor, k: int) -> _TiedTopK:
+def tied_topk(scores: Tensor, valid: Tensor, k: int) -> TiedTopK:
     """Top-``min(k, N)`` of each row of ``scores`` ``(T, N)`` over its ``valid`` items.
 
     Why this shape: every ranking metric below only needs the top k, and under uniformly
@@ -126,10 +126,10 @@ def _tied_topk(scores: Tensor, valid: Tensor, k: int) -> _TiedTopK:
     in_eq = valid & (s == v_k[:, None])  # (T, N); empty when v_k = -inf (few valid items)
     n_greater = above.sum(1).to(scores.dtype)
     n_equal = in_eq.sum(1).to(scores.dtype)
-    return _TiedTopK(idx, above, gid, start, size, in_eq, n_greater, n_equal)
+    return TiedTopK(idx, above, gid, start, size, in_eq, n_greater, n_equal)
 
 
-def _expected_gains(tk: _TiedTopK, gains: Tensor) -> Tensor:
+def _expected_gains(tk: TiedTopK, gains: Tensor) -> Tensor:
     """Expected gain of the item at each top position, ``(T, K)``, over random tie orders.
 
     Why per position: with the item at rank ``p`` uniformly drawn from its tie group, its
@@ -149,7 +149,7 @@ def _expected_gains(tk: _TiedTopK, gains: Tensor) -> Tensor:
     return torch.where(tk.above, group_sum / tk.size, eq_mean[:, None])
 
 
-def _expected_rr(tk: _TiedTopK, relevant: Tensor, k: int) -> Tensor:
+def _expected_rr(tk: TiedTopK, relevant: Tensor, k: int) -> Tensor:
     """``E[1 / rank of the first relevant item, 0 beyond rank k]``, ``(T,)``.
 
     Why not per position: the reciprocal rank is not linear in the gains. Under random tie
@@ -196,7 +196,7 @@ def _ndcg3_linear(pred: Tensor, target: Tensor, mask: Tensor, n_valid: Tensor) -
     """Expected nDCG@3 with the true rating as (linear) gain, MeLU's protocol; ``(T,)``."""
     k = min(3, target.shape[1])
     disc = _discounts(k, device=target.device, dtype=target.dtype)
-    dcg = (_expected_gains(_tied_topk(pred, mask, 3), target) * disc).sum(1)
+    dcg = (_expected_gains(tied_topk(pred, mask, 3), target) * disc).sum(1)
     in_k = torch.arange(k, device=target.device) < n_valid.unsqueeze(1)  # (T, k)
     zero = torch.zeros((), dtype=target.dtype, device=target.device)
     neg_inf = torch.full((), float("-inf"), dtype=target.dtype, device=target.device)
@@ -205,7 +205,7 @@ def _ndcg3_linear(pred: Tensor, target: Tensor, mask: Tensor, n_valid: Tensor) -
     return dcg / idcg  # 0/0 = NaN for tasks with no valid slot (or all-zero ratings)
 
 
-def _binary_topk(
+def binary_topk(
     scores: Tensor, valid: Tensor, relevant: Tensor, k: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Expected hits, binary nDCG@k and MRR@k, and the relevant count; each ``(T,)``.
@@ -214,7 +214,7 @@ def _binary_topk(
     """
     dtype = scores.dtype
     relevant = relevant & valid
-    tk = _tied_topk(scores, valid, k)
+    tk = tied_topk(scores, valid, k)
     gain = _expected_gains(tk, relevant.to(dtype))  # (T, K)
     disc = _discounts(k, device=scores.device, dtype=dtype)
     hits = gain.sum(1)
@@ -270,7 +270,7 @@ def query_metrics(
 
     ndcg3 = _ndcg3_linear(pred, target, mask, n_valid)
     relevant = mask & (target >= relevance_threshold)
-    hits, ndcg5, mrr5, _ = _binary_topk(pred, mask, relevant, 5)
+    hits, ndcg5, mrr5, _ = binary_topk(pred, mask, relevant, 5)
     p5 = hits / n_valid.clamp(max=5)  # 0/0 = NaN for tasks with no valid slot
     return {
         "mae": mae,
@@ -320,7 +320,7 @@ def catalog_metrics(
     if k < 1:
         raise ValueError(f"k: got {k}; expected >= 1.")
     dtype = torch.promote_types(scores.dtype, torch.float32)
-    hits, ndcg, _, n_pos = _binary_topk(scores.to(dtype), ~exclude, positives, k)
+    hits, ndcg, _, n_pos = binary_topk(scores.to(dtype), ~exclude, positives, k)
     nan = torch.full((), float("nan"), dtype=dtype, device=scores.device)
     recall = torch.where(n_pos > 0, hits / n_pos, nan)
     return {f"recall@{k}": recall, f"ndcg@{k}": ndcg}
