@@ -31,6 +31,8 @@ CORE = [
     "metarec.batch",
     "metarec.metrics",
     "metarec.implicit_metrics",
+    "metarec.implicit_baselines",
+    "metarec.implicit_evaluate",
     "metarec.stats",
     "metarec.baselines",
     "metarec.loop",
@@ -93,7 +95,10 @@ def test_the_network_knows_nothing_of_files():
 
 @pytest.mark.parametrize("module", META_CORE)
 def test_the_meta_learning_core_does_not_import_the_baselines(module):
-    _imports_none_of(module, ("metarec.baselines", "metarec.evaluate"))
+    _imports_none_of(
+        module,
+        ("metarec.baselines", "metarec.evaluate", "metarec.implicit_baselines", "implicit"),
+    )
 
 
 def test_nothing_imports_the_cli():

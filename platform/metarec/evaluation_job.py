@@ -122,16 +122,20 @@ def _splits(
     return None
 
 
-def _baselines(arg: str) -> tuple[str, ...]:
-    from metarec.evaluate import BASELINES
+def _baselines(arg: str, known: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """``evaluate.baselines`` as names: ``all``, ``none`` or a comma list of ``known``
+    (default: the explicit baselines)."""
+    if known is None:
+        from metarec.evaluate import BASELINES
 
+        known = BASELINES
     if arg in ("all", "none"):
-        return BASELINES if arg == "all" else ()
+        return known if arg == "all" else ()
     names = tuple(b.strip() for b in arg.split(",") if b.strip())
-    unknown = sorted(set(names) - set(BASELINES))
+    unknown = sorted(set(names) - set(known))
     if unknown:
         raise ConfigError(
-            f"evaluate.baselines: got {unknown[0]!r}; expected a subset of {list(BASELINES)}, "
+            f"evaluate.baselines: got {unknown[0]!r}; expected a subset of {list(known)}, "
             "'all' or 'none'"
         )
     return names
@@ -236,12 +240,55 @@ def _finish_evaluation(
 
 
 def evaluate_command(req: EvaluationRequest) -> None:
+    from metarec.data.prepared import open_prepared
     from metarec.results import format_table, write_results
 
+    if open_prepared(req.data).feedback == "implicit":
+        return _evaluate_implicit(req)
     ev = _evaluation(req, report=False)
     results = ev.run()
     print(format_table(results))
     _finish_evaluation(req, ev, results, [write_results(results, req.out)])
+
+
+def _evaluate_implicit(req: EvaluationRequest) -> None:
+    """An implicit dataset: the implicit baselines' table (``metarec.implicit_evaluate``);
+    what it cannot honour yet is refused, never ignored."""
+    from metarec.data.prepared import open_prepared
+    from metarec.implicit_evaluate import IMPLICIT_BASELINES, evaluate_implicit, format_implicit
+    from metarec.results import write_results
+
+    cfg = load_config(req.config, overrides=req.overrides, flag_names=req.flag_names, **req.flags)
+    e = cfg.evaluate
+    refused = {  # flag -> (value, what it accepts)
+        "--model": (req.model, "none"),
+        "--splits": (req.splits, "none"),
+        "--split-seeds": (e.split_seeds, "none"),
+        "--seeds": (list(e.seeds) if len(e.seeds) > 1 else None, "one seed"),
+    }
+    for flag, (value, accepted) in refused.items():
+        if value:
+            raise ConfigError(
+                f"{flag}: got {value!r} for an implicit-feedback dataset; expected {accepted}: "
+                "this version fits the implicit baselines once, on the prepared split (the "
+                "meta-learner, its seeds and resplits come with its implicit losses)"
+            )
+    ds = open_prepared(req.data)
+    scenarios = req.scenarios or [cfg.train.scenario]
+    scenarios = ds.scenarios if "all" in scenarios else scenarios
+    for scenario in scenarios:
+        ds.task_path(scenario, "test")
+    names = _baselines(e.baselines, IMPLICIT_BASELINES)
+    results = evaluate_implicit(
+        ds,
+        scenarios=scenarios,
+        baselines=names,
+        seed=e.seeds[0],
+        resamples=e.bootstrap,
+        log=lambda msg: print(msg, file=sys.stderr, flush=True),
+    )
+    print(format_implicit(results))
+    print(f"wrote {req.out}: {write_results(results, req.out).name}")
 
 
 def report_command(req: EvaluationRequest) -> None:

@@ -64,9 +64,13 @@ def paired_differences(
             order; pooled metrics (``rmse``) need the per-user ``sse`` and ``count``.
         resamples: bootstrap resamples (users drawn with replacement within each split).
     """
-    if len(a) != len(b) or any(len(x["mae"]) != len(y["mae"]) for x, y in zip(a, b, strict=True)):
+
+    def users(x: PerUser) -> int:
+        return len(next(iter(x.values())))
+
+    if len(a) != len(b) or any(users(x) != users(y) for x, y in zip(a, b, strict=True)):
         raise ValueError("a, b: expected the same splits with the same users")
-    sizes = [len(x["mae"]) for x in a]
+    sizes = [users(x) for x in a]
     full = {
         m: _finish(
             m,
