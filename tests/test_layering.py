@@ -31,6 +31,7 @@ CORE = [
     "metarec.batch",
     "metarec.metrics",
     "metarec.implicit_metrics",
+    "metarec.negatives",
     "metarec.implicit_baselines",
     "metarec.implicit_evaluate",
     "metarec.stats",

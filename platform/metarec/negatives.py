@@ -1,0 +1,70 @@
+"""Negative items for implicit-feedback tasks: what a user did *not* interact with.
+
+An implicit task has positives only; a loss that contrasts them (BCE, BPR) needs items to
+contrast them with. Uniform negatives are mostly obscure items a user never saw, so they
+teach little; popularity-weighted ones are items the user likely saw and passed over, but
+used alone they teach the model to demote popular items. A mix of the two is the usual
+answer, and its share is a setting. A user's own positives are never drawn.
+
+Vectorized over tasks: candidates are oversampled for the whole batch at once, positives
+and repeats are rejected with one batched ``searchsorted``, and the first ``count`` survivors
+of each row are kept (no loop over users).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["sample_negatives"]
+
+
+def sample_negatives(
+    positives: Tensor,
+    mask: Tensor,
+    n_items: int,
+    count: int,
+    *,
+    popularity: Tensor | None = None,
+    popular_share: float = 0.5,
+    generator: torch.Generator | None = None,
+    oversample: int = 3,
+) -> tuple[Tensor, Tensor]:
+    """``count`` distinct negative items per task, none of them a positive of that task.
+
+    Args:
+        positives: ``(T, L)`` item indices of each task's positives (support and query).
+        mask: ``(T, L)`` bool, which entries of ``positives`` are real.
+        n_items: catalogue size; items are ``0 .. n_items - 1``.
+        popularity: ``(n_items,)`` non-negative weights (e.g. interaction counts) for the
+            popularity-weighted share; None: every negative is uniform.
+        popular_share: the share of candidates drawn by popularity (the rest uniform).
+        oversample: candidates drawn per negative wanted, before rejection.
+
+    Returns:
+        ``(T, count)`` items and a ``(T, count)`` bool mask: False only where a task has
+        fewer than ``count`` items left to draw (a tiny catalogue or a very active user).
+    """
+    if not 0.0 <= popular_share <= 1.0:
+        raise ValueError(f"popular_share: got {popular_share}; expected a share in [0, 1]")
+    t = positives.shape[0]
+    n_cand = count * oversample
+    n_pop = round(n_cand * popular_share) if popularity is not None else 0
+    cand = torch.randint(0, n_items, (t, n_cand - n_pop), generator=generator)
+    if n_pop:
+        weights = popularity.double().clamp(min=0) + 1e-12
+        drawn = torch.multinomial(weights, t * n_pop, replacement=True, generator=generator)
+        cand = torch.cat([drawn.view(t, n_pop), cand], 1)
+        cand = cand.gather(1, torch.rand(cand.shape, generator=generator).argsort(1))  # mix
+    big = torch.iinfo(torch.long).max
+    own = torch.sort(torch.where(mask, positives, big), dim=1).values
+    at = torch.searchsorted(own, cand).clamp(max=own.shape[1] - 1)
+    is_positive = own.gather(1, at) == cand
+    # a repeat of an earlier candidate in the same row is rejected too
+    ranked, order = torch.sort(cand, dim=1, stable=True)
+    repeat_sorted = torch.zeros_like(ranked, dtype=torch.bool)
+    repeat_sorted[:, 1:] = ranked[:, 1:] == ranked[:, :-1]
+    repeat = torch.zeros_like(repeat_sorted).scatter_(1, order, repeat_sorted)
+    keep = ~(is_positive | repeat)
+    first = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :count]
+    return cand.gather(1, first), keep.gather(1, first)
