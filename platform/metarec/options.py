@@ -78,41 +78,36 @@ def config_flags(p: argparse.ArgumentParser, *flags: Flag, seed: bool = True) ->
     if seed:
         flags = (("--seed", "seed", "random seed"), *flags)
     for flag, key, text, *extra in flags:
-        p.add_argument(flag, help=_help(key, text), **(_kind(key) | (extra[0] if extra else {})))
+        hint, default = config_key(key)
+        kw = _kind(key, hint) | (extra[0] if extra else {})
+        p.add_argument(flag, help=_help(key, text, default), **kw)
     p.set_defaults(
         config_keys=[f[1] for f in flags], flag_names={f[1]: f[0].split("/")[0] for f in flags}
     )
 
 
-def _kind(key: str) -> dict[str, Any]:
-    """argparse settings of a config key's flag, from its type: choices, a switch, a number,
-    or a list of ints; unset flags stay None, so only given ones override the config."""
-    hint, _ = config_key(key)
+def _kind(key: str, hint: Any) -> dict[str, Any]:
+    """argparse settings of a config key's flag, from its type hint (``Annotated`` already
+    stripped by ``config_key``): choices, a switch, a number, or a list of ints; unset flags
+    stay None, so only given ones override the config."""
     kw: dict[str, Any] = {"dest": key, "default": None}
     nullable = get_origin(hint) in (typing.Union, types.UnionType)
     base = next(a for a in get_args(hint) if a is not type(None)) if nullable else hint
-    base = _unwrap(base)
     if get_origin(base) is Literal:
         kw["choices"] = get_args(base)
     elif base is bool:
         kw["action"] = argparse.BooleanOptionalAction if nullable else "store_true"
     elif base in (int, float):
         kw.update(type=base, metavar="N")
-    elif get_origin(base) is tuple and _unwrap(get_args(base)[0]) is int:
+    elif get_origin(base) is tuple and get_args(base)[0] is int:
         kw.update(type=int, nargs="+", metavar="N")
     else:
         kw["metavar"] = key.rsplit(".", 1)[-1].upper()
     return kw
 
 
-def _unwrap(hint: Any) -> Any:
-    """``Annotated[T, ...]`` -> ``T``."""
-    return get_args(hint)[0] if get_origin(hint) is typing.Annotated else hint
-
-
-def _help(key: str, text: str) -> str:
+def _help(key: str, text: str, default: Any) -> str:
     """The flag's help, naming its key and (unless the text does) its default."""
-    _, default = config_key(key)
     if default is not None and default is not False and "default" not in text:
         return f"{text} ({key}, default {_shown(default)})"
     return f"{text} ({key})"
