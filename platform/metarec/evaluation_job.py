@@ -76,27 +76,36 @@ class _Evaluation:
         )
 
 
-def _evaluation(req: EvaluationRequest, *, report: bool) -> _Evaluation:
-    """Resolve config, dataset, scenarios, baselines and the given (or transferred) model.
+def _settings(req: EvaluationRequest) -> Any:
+    """The config ``--config``, ``--set`` and the flags resolve to."""
+    return load_config(req.config, overrides=req.overrides, flag_names=req.flag_names, **req.flags)
+
+
+def _scenarios(req: EvaluationRequest, ds: Any, default: str) -> list[str]:
+    """``--scenario`` (repeatable; ``all``: every prepared one), ``default`` when not given;
+    an unknown one is a clear error before any training."""
+    scenarios = req.scenarios or [default]
+    scenarios = ds.scenarios if "all" in scenarios else scenarios
+    for s in scenarios:
+        ds.task_path(s, "test")
+    return scenarios
+
+
+def _evaluation(req: EvaluationRequest, cfg: Any, ds: Any, *, report: bool) -> _Evaluation:
+    """Resolve scenarios, baselines and the given (or transferred) model for ``cfg`` (the
+    resolved config) on ``ds`` (the opened dataset).
 
     With ``--model`` the model's own config is what trains and scores; the ``evaluate`` and
     ``report`` sections still come from ``--config``, ``--set`` and the flags."""
     from dataclasses import replace
 
-    from metarec.data.prepared import open_prepared
-
-    cfg = load_config(req.config, overrides=req.overrides, flag_names=req.flag_names, **req.flags)
-    ds = open_prepared(req.data)
     ds.require_explicit("report" if report else "evaluate")
     if req.cross_domain and not req.model:
         raise ConfigError("--cross-domain: got no --model; expected the model to transfer")
     ev = _load_model(req, ds) if req.model else _Evaluation(cfg, ds)
     ev.cfg = replace(ev.cfg, evaluate=cfg.evaluate, report=cfg.report)
     ev.seeds = (cfg.report if report else cfg.evaluate).seeds
-    scenarios = req.scenarios or ["all" if report else ev.cfg.train.scenario]
-    ev.scenarios = ds.scenarios if "all" in scenarios else scenarios
-    for s in ev.scenarios:
-        ds.task_path(s, "test")  # unknown scenario -> clear error before any training
+    ev.scenarios = _scenarios(req, ds, "all" if report else ev.cfg.train.scenario)
     ev.baselines = _baselines(cfg.evaluate.baselines)
     ev.splits = _splits(req, cfg.evaluate.split_seeds, ds, ev.scenarios)
     return ev
@@ -243,22 +252,22 @@ def evaluate_command(req: EvaluationRequest) -> None:
     from metarec.data.prepared import open_prepared
     from metarec.results import format_table, write_results
 
-    if open_prepared(req.data).feedback == "implicit":
-        return _evaluate_implicit(req)
-    ev = _evaluation(req, report=False)
+    ds = open_prepared(req.data)
+    if ds.feedback == "implicit":
+        return _evaluate_implicit(req, ds)
+    ev = _evaluation(req, _settings(req), ds, report=False)
     results = ev.run()
     print(format_table(results))
     _finish_evaluation(req, ev, results, [write_results(results, req.out)])
 
 
-def _evaluate_implicit(req: EvaluationRequest) -> None:
+def _evaluate_implicit(req: EvaluationRequest, ds: Any) -> None:
     """An implicit dataset: the implicit baselines' table (``metarec.implicit_evaluate``);
     what it cannot honour yet is refused, never ignored."""
-    from metarec.data.prepared import open_prepared
     from metarec.implicit_evaluate import IMPLICIT_BASELINES, evaluate_implicit, format_implicit
     from metarec.results import write_results
 
-    cfg = load_config(req.config, overrides=req.overrides, flag_names=req.flag_names, **req.flags)
+    cfg = _settings(req)
     e = cfg.evaluate
     refused = {  # flag -> (value, what it accepts)
         "--model": (req.model, "none"),
@@ -273,11 +282,7 @@ def _evaluate_implicit(req: EvaluationRequest) -> None:
                 "this version fits the implicit baselines once, on the prepared split (the "
                 "meta-learner, its seeds and resplits come with its implicit losses)"
             )
-    ds = open_prepared(req.data)
-    scenarios = req.scenarios or [cfg.train.scenario]
-    scenarios = ds.scenarios if "all" in scenarios else scenarios
-    for scenario in scenarios:
-        ds.task_path(scenario, "test")
+    scenarios = _scenarios(req, ds, cfg.train.scenario)
     names = _baselines(e.baselines, IMPLICIT_BASELINES)
     results = evaluate_implicit(
         ds,
@@ -292,9 +297,11 @@ def _evaluate_implicit(req: EvaluationRequest) -> None:
 
 
 def report_command(req: EvaluationRequest) -> None:
+    from metarec.data.prepared import open_prepared
     from metarec.report import CurveCollector, report_header, write_report
 
-    ev = _evaluation(req, report=True)
+    cfg = _settings(req)
+    ev = _evaluation(req, cfg, open_prepared(req.data), report=True)
     settings = ev.cfg.report
     collector = CurveCollector(
         shots=settings.shots, steps=range(settings.curve_steps + 1), history=ev.history
