@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 
 from metarec.data.readers import ColumnSpec, check_finite, read_table_file, row_location
-from metarec.data.sources import RawData, parse_timestamps
+from metarec.data.sources import RawData, with_lines_and_times
 from metarec.errors import DataError
 
 __all__ = [
@@ -76,9 +76,7 @@ def load_events(path: Path, weights: Mapping[str, float]) -> RawData:
         _check_positive(table, "value", path, header)
         strength = strength * frame["value"].to_numpy()
     frame["rating"] = strength
-    frame["line"] = np.arange(len(frame), dtype=np.int64)
-    frame["timestamp"] = parse_timestamps(frame["timestamp"], path, header)
-    return RawData(interactions(frame), None, None, [path], str(path), feedback="implicit")
+    return _implicit(frame, path, header)
 
 
 def load_interactions(path: Path) -> RawData:
@@ -87,11 +85,13 @@ def load_interactions(path: Path) -> RawData:
         path, ColumnSpec("count", FLOAT), ColumnSpec("timestamp", STR, required=False)
     )
     _check_positive(table, "count", path, header)
-    frame = table.to_pandas().rename(columns={"count": "rating"})
-    frame["line"] = np.arange(len(frame), dtype=np.int64)
-    if "timestamp" in frame:
-        frame["timestamp"] = parse_timestamps(frame["timestamp"], path, header)
-    return RawData(interactions(frame), None, None, [path], str(path), feedback="implicit")
+    return _implicit(table.to_pandas().rename(columns={"count": "rating"}), path, header)
+
+
+def _implicit(rows: pd.DataFrame, path: Path, header: bool) -> RawData:
+    """Rows with a ``rating`` strength -> the file's interactions, one per (user, item)."""
+    rows = with_lines_and_times(rows, path, header)
+    return RawData(interactions(rows), None, None, [path], str(path), feedback="implicit")
 
 
 def _read(path: Path, *columns: ColumnSpec) -> tuple[pa.Table, bool]:

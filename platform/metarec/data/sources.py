@@ -29,7 +29,14 @@ from metarec.data.readers import (
 )
 from metarec.errors import DataError
 
-__all__ = ["LOADERS", "USER_COLUMNS", "RawData", "load_source", "parse_timestamps"]
+__all__ = [
+    "LOADERS",
+    "USER_COLUMNS",
+    "RawData",
+    "load_source",
+    "parse_timestamps",
+    "with_lines_and_times",
+]
 
 INT, FLOAT, STR = pa.int64(), pa.float64(), pa.string()
 
@@ -248,10 +255,7 @@ def load_ratings_file(path: Path, *, items: str | None = None, users: str | None
         ],
     )
     check_finite(table, "rating", path=path, header=header)
-    ratings = table.to_pandas()
-    ratings["line"] = np.arange(len(ratings), dtype=np.int64)
-    if "timestamp" in ratings:
-        ratings["timestamp"] = parse_timestamps(ratings["timestamp"], path, header)
+    ratings = with_lines_and_times(table.to_pandas(), path, header)
     files = [path]
     item_df = user_df = None
     if items is not None:
@@ -261,6 +265,15 @@ def load_ratings_file(path: Path, *, items: str | None = None, users: str | None
         user_df = _generic_users(Path(users))
         files.append(Path(users))
     return RawData(ratings, item_df, user_df, files, str(path))
+
+
+def with_lines_and_times(rows: pd.DataFrame, path: Path, header: bool) -> pd.DataFrame:
+    """``rows`` of a file read by ``read_table_file``, plus each row's ``line`` index (for
+    error messages later) and its ``timestamp``, where there is one, as int64 seconds."""
+    rows["line"] = np.arange(len(rows), dtype=np.int64)
+    if "timestamp" in rows:
+        rows["timestamp"] = parse_timestamps(rows["timestamp"], path, header)
+    return rows
 
 
 def parse_timestamps(raw: pd.Series, path: Path, header: bool) -> pd.Series:
