@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from metarec.metrics import binary_topk, tied_topk
+from metarec.metrics import TiedTopK, binary_topk, rankable, tied_topk
 
 __all__ = ["coverage", "implicit_metrics", "popularity_percentile", "topk_membership"]
 
@@ -52,12 +52,13 @@ def implicit_metrics(
     relevant = positives & valid
     n_rel = relevant.sum(1).to(dtype)
     nan = torch.full((), float("nan"), dtype=dtype, device=s.device)
-    _, ndcg, _, _ = binary_topk(s, valid, relevant, k)
+    tk = tied_topk(s, valid, k)  # one top k for ndcg, hr and the membership
+    _, ndcg, _, _ = binary_topk(s, valid, relevant, k, tk=tk)
     hits_r, _, _, _ = binary_topk(s, valid, relevant, k_recall)
-    member = topk_membership(s, exclude, k)
+    member = _membership(tk, s)
     shown = member.sum(1).clamp(min=1e-12)
     return {
-        f"hr@{k}": torch.where(n_rel > 0, _hit_rate(s, valid, relevant, k), nan),
+        f"hr@{k}": torch.where(n_rel > 0, _hit_rate(tk, relevant, s.dtype), nan),
         f"ndcg@{k}": ndcg,
         f"recall@{k_recall}": torch.where(n_rel > 0, hits_r / n_rel.clamp(min=1), nan),
         "mrr": torch.where(n_rel > 0, _full_rr(s, valid, relevant), nan),
@@ -69,7 +70,10 @@ def topk_membership(scores: Tensor, exclude: Tensor, k: int) -> Tensor:
     """``(T, I)`` probability that each item is in the user's top k: 1 above the k-th
     score, ``m / g`` for the ``g`` items tied at it when ``m`` of its places remain."""
     s = scores.to(torch.promote_types(scores.dtype, torch.float32))
-    tk = tied_topk(s, ~exclude, k)
+    return _membership(tied_topk(s, ~exclude, k), s)
+
+
+def _membership(tk: TiedTopK, s: Tensor) -> Tensor:
     member = torch.zeros_like(s)
     member.scatter_(1, tk.idx, tk.above.to(s.dtype))
     places = (tk.idx.shape[1] - tk.n_greater).clamp(min=0)
@@ -95,14 +99,13 @@ def popularity_percentile(counts: Tensor) -> Tensor:
     return 100.0 * (total / size)[inverse] / max(len(counts) - 1, 1)
 
 
-def _hit_rate(s: Tensor, valid: Tensor, relevant: Tensor, k: int) -> Tensor:
+def _hit_rate(tk: TiedTopK, relevant: Tensor, dtype: torch.dtype) -> Tensor:
     """``P(at least one relevant item in the top k)``: 1 when one scores above the k-th
     score; else the chance that the tie group's remaining places catch one of its ``r``
-    relevant members (hypergeometric, exact)."""
-    tk = tied_topk(s, valid, k)
+    relevant members (hypergeometric, exact). ``relevant`` holds valid items only."""
     above_hit = (relevant.gather(1, tk.idx) & tk.above).any(1)
     g, m = tk.n_equal, (tk.idx.shape[1] - tk.n_greater).clamp(min=0)
-    r = (relevant & tk.in_eq).sum(1).to(s.dtype)
+    r = (relevant & tk.in_eq).sum(1).to(dtype)
     miss = torch.ones_like(g)
     for j in range(tk.idx.shape[1]):  # k factors: draw j misses in a row from the group
         step = ((g - r - j) / (g - j).clamp(min=1)).clamp(min=0)
@@ -114,8 +117,7 @@ def _full_rr(s: Tensor, valid: Tensor, relevant: Tensor) -> Tensor:
     """``E[1 / rank of the first relevant item]`` over the whole catalogue: ``a`` items
     score above the best relevant score, ``g`` share it, ``r`` of them relevant; the first
     relevant one sits at ``a + J``, ``P(J = j) = C(g-j, r-1) / C(g, r)``."""
-    lo = torch.finfo(s.dtype).min
-    s = torch.nan_to_num(s, nan=lo, neginf=lo).masked_fill(~valid, float("-inf"))
+    s = rankable(s, valid)
     best = s.masked_fill(~relevant, float("-inf")).max(1, keepdim=True).values
     a = (s > best).sum(1).to(s.dtype)
     tie = (s == best) & valid

@@ -98,21 +98,27 @@ class TiedTopK(NamedTuple):
     n_equal: Tensor  # (T,) size of the v_k tie group (0 when the row has < K valid items)
 
 
+def rankable(scores: Tensor, valid: Tensor) -> Tensor:
+    """``scores`` ready to rank: valid items clamped to finite values (NaN/-inf -> the lowest
+    finite score, +inf -> the highest), invalid ones ``-inf``, so an invalid item always
+    ranks last and never ties with a valid one."""
+    info = torch.finfo(scores.dtype)
+    s = torch.nan_to_num(scores, nan=info.min, neginf=info.min, posinf=info.max)
+    return s.masked_fill(~valid, float("-inf"))
+
+
 def tied_topk(scores: Tensor, valid: Tensor, k: int) -> TiedTopK:
     """Top-``min(k, N)`` of each row of ``scores`` ``(T, N)`` over its ``valid`` items.
 
     Why this shape: every ranking metric below only needs the top k, and under uniformly
     random tie orders the only uncertainty there is which members of the tie group at the
     k-th score ``v_k`` make the cut (groups strictly above ``v_k`` are wholly inside the top
-    and only shuffle among their own positions). Invalid items get ``-inf`` and valid ones
-    are clamped to finite values (NaN/-inf -> the lowest finite score), so an invalid item
-    always ranks last and never ties with a valid one.
+    and only shuffle among their own positions). Scores are ranked as ``rankable`` makes
+    them: an invalid item always ranks last and never ties with a valid one.
     """
     n = scores.shape[1]
     kk = min(k, n)
-    lo = torch.finfo(scores.dtype).min
-    s = torch.nan_to_num(scores, nan=lo, neginf=lo, posinf=torch.finfo(scores.dtype).max)
-    s = s.masked_fill(~valid, float("-inf"))
+    s = rankable(scores, valid)
     top_v, idx = torch.topk(s, kk, dim=1)  # (T, K), sorted descending
     v_k = top_v[:, -1] if kk else s.new_full((s.shape[0],), float("-inf"))
     above = top_v > v_k[:, None]  # (T, K)
@@ -206,15 +212,16 @@ def _ndcg3_linear(pred: Tensor, target: Tensor, mask: Tensor, n_valid: Tensor) -
 
 
 def binary_topk(
-    scores: Tensor, valid: Tensor, relevant: Tensor, k: int
+    scores: Tensor, valid: Tensor, relevant: Tensor, k: int, *, tk: TiedTopK | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Expected hits, binary nDCG@k and MRR@k, and the relevant count; each ``(T,)``.
 
-    nDCG and MRR are NaN for tasks with no relevant valid item (undefined, not 0).
+    nDCG and MRR are NaN for tasks with no relevant valid item (undefined, not 0). ``tk``:
+    ``tied_topk(scores, valid, k)`` when the caller already has it.
     """
     dtype = scores.dtype
     relevant = relevant & valid
-    tk = tied_topk(scores, valid, k)
+    tk = tied_topk(scores, valid, k) if tk is None else tk
     gain = _expected_gains(tk, relevant.to(dtype))  # (T, K)
     disc = _discounts(k, device=scores.device, dtype=dtype)
     hits = gain.sum(1)
