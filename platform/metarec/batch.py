@@ -14,7 +14,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-__all__ = ["TaskBatch", "bucketed_batches", "from_table"]
+__all__ = ["TaskBatch", "bucketed_batches", "from_table", "item_marks"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,15 @@ class TaskBatch:
         rank = mask.cumsum(1) - 1
         kept = mask & (rank < (keep.to(mask.device)[:, None] * n).floor())
         return replace(self, support_mask=kept)
+
+
+def item_marks(items: Tensor, mask: Tensor, n_items: int) -> Tensor:
+    """``(T, n_items)`` bool: which catalogue items each task lists in ``items`` (where
+    ``mask``), e.g. its support items to exclude from a ranking, or its positives."""
+    out = torch.zeros(items.shape[0], n_items, dtype=torch.bool, device=items.device)
+    rows = torch.arange(items.shape[0], device=items.device)[:, None].expand_as(items)
+    out[rows[mask], items[mask]] = True
+    return out
 
 
 def _pad(column: pa.ChunkedArray, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

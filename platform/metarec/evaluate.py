@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from metarec.baselines import MFFoldIn, classic_baselines
-from metarec.batch import TaskBatch, from_table
+from metarec.batch import TaskBatch, from_table, item_marks
 from metarec.config import MetarecConfig, apply_overrides
 from metarec.data.prepared import PreparedDataset
 from metarec.loop import FitResult, fit
@@ -97,15 +97,9 @@ def _score_chunk(
         return metrics
     catalog = torch.arange(n_items).expand(tasks.num_tasks, n_items)
     scores = scorer.predict_items(tasks, catalog)  # (T, I)
-    rows = torch.arange(tasks.num_tasks)[:, None]
-    exclude = torch.zeros(tasks.num_tasks, n_items, dtype=torch.bool)
-    exclude[
-        rows.expand_as(tasks.support_items)[tasks.support_mask],
-        tasks.support_items[tasks.support_mask],
-    ] = True
-    positives = torch.zeros_like(exclude)
+    exclude = item_marks(tasks.support_items, tasks.support_mask, n_items)
     relevant = tasks.query_mask & (tasks.query_ratings >= threshold)
-    positives[rows.expand_as(tasks.query_items)[relevant], tasks.query_items[relevant]] = True
+    positives = item_marks(tasks.query_items, relevant, n_items)
     return metrics | catalog_metrics(scores.double(), positives, exclude, k=10)
 
 

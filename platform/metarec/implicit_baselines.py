@@ -27,29 +27,27 @@ import torch
 from torch import Tensor
 
 from metarec.batch import TaskBatch
-from metarec.mf import Estimator
+from metarec.mf import Estimator, flat_ratings
 
 __all__ = ["ALS", "BPR", "EASE", "GRIDS", "ItemKNN", "Popularity", "interaction_matrix"]
 
 
 def interaction_matrix(
-    items: Tensor, values: Tensor, mask: Tensor, n_items: int, *, binary: bool = False
+    tasks: TaskBatch, n_items: int, *, support_only: bool, binary: bool = False
 ) -> sp.csr_matrix:
-    """``(T, n_items)`` CSR of each task's interactions (strengths, or 1 with ``binary``);
-    a repeated item keeps the sum."""
-    rows = torch.arange(items.shape[0])[:, None].expand_as(items)[mask].numpy()
-    data = np.ones(len(rows), np.float32) if binary else values[mask].numpy().astype(np.float32)
-    return sp.csr_matrix((data, (rows, items[mask].numpy())), shape=(items.shape[0], n_items))
+    """``(T, n_items)`` CSR of each task's interactions (its support, or all of them), as
+    strengths or as 1 with ``binary``; a repeated item keeps the sum."""
+    rows, items, values = flat_ratings(tasks, support_only=support_only)
+    data = np.ones(len(rows), np.float32) if binary else values.numpy().astype(np.float32)
+    return sp.csr_matrix((data, (rows.numpy(), items.numpy())), shape=(tasks.num_tasks, n_items))
 
 
 def _support(tasks: TaskBatch, n_items: int, **kw: Any) -> sp.csr_matrix:
-    return interaction_matrix(
-        tasks.support_items, tasks.support_ratings, tasks.support_mask, n_items, **kw
-    )
+    return interaction_matrix(tasks, n_items, support_only=True, **kw)
 
 
 def _all(tasks: TaskBatch, n_items: int, **kw: Any) -> sp.csr_matrix:
-    return interaction_matrix(*tasks.merged(), n_items, **kw)
+    return interaction_matrix(tasks, n_items, support_only=False, **kw)
 
 
 def _gather(scores: np.ndarray | Tensor, items: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metarec.batch import TaskBatch, from_table
+from metarec.batch import TaskBatch, from_table, item_marks
 from metarec.data.prepared import PreparedDataset
 from metarec.implicit_baselines import GRIDS, Popularity
 from metarec.implicit_metrics import (
@@ -51,8 +51,8 @@ def score_implicit(
     for lo in range(0, tasks.num_tasks, chunk):
         part = tasks.select(torch.arange(lo, min(lo + chunk, tasks.num_tasks)))
         scores = scorer.predict_items(part, torch.arange(n_items).expand(part.num_tasks, -1))
-        exclude = _marks(part.support_items, part.support_mask, n_items)
-        positives = _marks(part.query_items, part.query_mask, n_items) & ~exclude
+        exclude = item_marks(part.support_items, part.support_mask, n_items)
+        positives = item_marks(part.query_items, part.query_mask, n_items) & ~exclude
         for k, v in implicit_metrics(scores, positives, exclude, popularity_pct).items():
             out.setdefault(k, []).append(v)
         log_not_shown += torch.log1p(-topk_membership(scores, exclude, 10)).sum(0)
@@ -148,11 +148,3 @@ def format_implicit(results: dict[str, dict[str, Any]]) -> str:
             )
         lines.append("")
     return "\n".join(lines)
-
-
-def _marks(items: Tensor, mask: Tensor, n_items: int) -> Tensor:
-    """``(T, n_items)`` bool: the items each task lists (where ``mask``)."""
-    out = torch.zeros(items.shape[0], n_items, dtype=torch.bool)
-    rows = torch.arange(items.shape[0])[:, None].expand_as(items)
-    out[rows[mask], items[mask]] = True
-    return out
