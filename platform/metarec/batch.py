@@ -92,6 +92,28 @@ class TaskBatch:
             query_mask=in_query[:, :query_size],
         )
 
+    def with_negatives(
+        self, support: tuple[Tensor, Tensor], query: tuple[Tensor, Tensor] | None = None
+    ) -> TaskBatch:
+        """Implicit tasks with sampled negatives ``(items (T, K), mask (T, K))`` appended to
+        the support (and the query) as target 0: the losses of ``meta.task_loss`` read a
+        positive strength as a positive and 0 as a negative."""
+
+        def append(items: Tensor, targets: Tensor, mask: Tensor, extra: tuple[Tensor, Tensor]):
+            neg, neg_mask = (t.to(items.device) for t in extra)
+            return (
+                torch.cat([items, neg], 1),
+                torch.cat([targets, targets.new_zeros(neg.shape)], 1),
+                torch.cat([mask, neg_mask], 1),
+            )
+
+        s = append(self.support_items, self.support_ratings, self.support_mask, support)
+        out = replace(self, support_items=s[0], support_ratings=s[1], support_mask=s[2])
+        if query is None:
+            return out
+        q = append(self.query_items, self.query_ratings, self.query_mask, query)
+        return replace(out, query_items=q[0], query_ratings=q[1], query_mask=q[2])
+
     def shortened(self, keep: Tensor) -> TaskBatch:
         """Each task keeps the first ``floor(keep[t] * n_t)`` of its n_t support ratings.
 

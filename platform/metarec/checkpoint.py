@@ -58,6 +58,7 @@ def make_checkpoint(
             "n_items": int(model.item_genres.shape[0]),
             "n_users": int(model.user_table.shape[0]) if model.use_user else 0,
             "vocab_sizes": dict(model.vocab_sizes),
+            "feedback": learner.feedback,
         },
         "learner": learner.state_dict(),
         "optimizer": None if optimizer is None else optimizer.state_dict(),
@@ -136,7 +137,9 @@ def learner_from_checkpoint(ckpt: dict[str, Any], *, best: bool = True) -> MetaL
     build the network before loading: no dataset required (serving, evaluation elsewhere).
     """
     cfg = MetarecConfig.from_dict(ckpt["config"], where="checkpoint config")
-    learner = MetaLearner(build_recommender(cfg, blank_features(ckpt["spec"])), cfg.meta)
+    spec = ckpt["spec"]
+    model = build_recommender(cfg, blank_features(spec))
+    learner = MetaLearner(model, cfg.meta, feedback=spec.get("feedback", "explicit"))
     state = ckpt["state"]["best_params"] if best and ckpt["state"]["best_params"] else None
     learner.load_state_dict(state or ckpt["learner"])
     return learner.eval()

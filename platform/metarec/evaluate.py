@@ -26,6 +26,7 @@ from metarec.baselines import MFFoldIn, classic_baselines
 from metarec.batch import TaskBatch, from_table, item_marks
 from metarec.config import MetarecConfig, apply_overrides
 from metarec.data.prepared import PreparedDataset
+from metarec.implicit_metrics import valid_ndcg
 from metarec.loop import FitResult, fit
 from metarec.meta import MetaLearner
 from metarec.metrics import catalog_metrics, masked_mae, mean_metrics, query_metrics
@@ -40,8 +41,10 @@ __all__ = [
     "Split",
     "evaluate",
     "fit_methods",
+    "fit_with_bar",
     "model_fits",
     "score_tasks",
+    "valid_objective_for",
 ]
 
 BASELINES = (
@@ -103,22 +106,41 @@ def _score_chunk(
     return metrics | catalog_metrics(scores.double(), positives, exclude, k=10)
 
 
+Objective = Callable[[Scorer, TaskBatch], float]  # lower is better
+
+
+def _valid_mae(scorer: Scorer, valid: TaskBatch) -> float:
+    return masked_mae(scorer.predict_items(valid, valid.query_items), valid)
+
+
+def valid_objective_for(ds: PreparedDataset) -> Objective:
+    """What methods are chosen by on validation users: query MAE on ratings, 1 - NDCG@10
+    of the full-catalogue ranking on implicit data."""
+    if ds.feedback == "explicit":
+        return _valid_mae
+    n_items = ds.manifest["counts"]["items"]
+    return lambda scorer, valid: 1.0 - valid_ndcg(scorer, valid, n_items)
+
+
 def _tuned(
-    make: Callable[[dict], Scorer], grid: Iterable[dict], valid: TaskBatch
+    make: Callable[[dict], Scorer],
+    grid: Iterable[dict],
+    valid: TaskBatch,
+    objective: Objective = _valid_mae,
 ) -> tuple[Scorer, dict, float]:
-    """The scorer of the grid point with the lowest validation MAE (first one on ties),
-    its grid point and that MAE."""
+    """The scorer of the grid point with the lowest validation ``objective`` (first one on
+    ties), its grid point and that value."""
     best: tuple[float, Scorer, dict] | None = None
     for hp in grid:
         scorer = make(hp)
-        mae = masked_mae(scorer.predict_items(valid, valid.query_items), valid)
-        if best is None or mae < best[0]:
-            best = (mae, scorer, hp)
+        value = objective(scorer, valid)
+        if best is None or value < best[0]:
+            best = (value, scorer, hp)
     assert best is not None
     return best[1], best[2], best[0]
 
 
-def _fit_with_bar(
+def fit_with_bar(
     cfg: MetarecConfig,
     ds: PreparedDataset,
     scenario: str,
@@ -130,7 +152,8 @@ def _fit_with_bar(
 
         def progress(row: dict[str, float]) -> None:
             bar.update(1)
-            bar.set_postfix({"valid_mae": f"{row['valid/mae']:.4f}"})
+            key = next(k for k in row if k.startswith("valid/"))
+            bar.set_postfix({key: f"{row[key]:.4f}"})
 
         return fit(cfg, ds, scenario=scenario, progress=progress, tuned_mf=tuned_mf)
 
@@ -188,18 +211,20 @@ def fit_methods(
     tuned_mf = mf if isinstance(mf, MFFoldIn) else None
     if learner is None:
         log(f"[seed {cfg.seed}] meta-training {method} on {scenario}")
-        fitted = _fit_with_bar(cfg, ds, scenario, f"{method} seed {cfg.seed}", tuned_mf)
+        fitted = fit_with_bar(cfg, ds, scenario, f"{method} seed {cfg.seed}", tuned_mf)
         learner, history = fitted.learner, fitted.history
     grid = adaptation_grid(learner.cfg) if tune_adaptation else [{}]
-    meta, _, valid_mae = _tuned(lambda hp: AdaptedScorer(learner, **hp), grid, valid)
+    objective = valid_objective_for(ds)
+    meta, _, value = _tuned(lambda hp: AdaptedScorer(learner, **hp), grid, valid, objective)
     assert isinstance(meta, AdaptedScorer)
-    adapt = {**meta.knobs(), "valid_mae": valid_mae, "grid_points": len(grid)}
+    key = "valid_mae" if ds.feedback == "explicit" else "valid_1-ndcg@10"
+    adapt = {**meta.knobs(), key: value, "grid_points": len(grid)}
     scorers: dict[str, Scorer] = {method: meta, **(extra or {}), **classic}
     if {"global_model", "finetune"} & set(baselines):
         log(f"[seed {cfg.seed}] training the global model (no adaptation)")
         plain = apply_overrides(cfg, **{"meta.inner_steps": 0, "meta.algorithm": "fomaml"})
         desc = f"global model seed {cfg.seed}"
-        glob = _fit_with_bar(plain, ds, scenario, desc, tuned_mf).learner
+        glob = fit_with_bar(plain, ds, scenario, desc, tuned_mf).learner
         glob.cfg = cfg.meta  # adapt the same parameter group as the meta-learner
         glob.adapted = learner.adapted
         if "global_model" in baselines:
@@ -209,7 +234,9 @@ def fit_methods(
                 grid = adaptation_grid(cfg.meta)
             else:
                 grid = [{"inner_lr": lr} for lr in sorted({*FINETUNE_LRS, cfg.meta.inner_lr})]
-            scorers["finetune"] = _tuned(lambda hp: AdaptedScorer(glob, **hp), grid, valid)[0]
+            scorers["finetune"] = _tuned(
+                lambda hp: AdaptedScorer(glob, **hp), grid, valid, objective
+            )[0]
     return SeedFit(scenario, cfg.seed, method, scorers, history, adapt)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metarec.config import load_config
+from metarec.config import apply_overrides, load_config
 from metarec.errors import ConfigError
 
 __all__ = ["EvaluationRequest", "evaluate_command", "report_command"]
@@ -188,7 +188,7 @@ def _model_config(req: EvaluationRequest, cfg: Any) -> Any:
     """The model's config, with ``--set``, ``--epochs`` and ``--seed`` on top: they shape
     what is trained here (baselines, fits where the model cannot be scored); ``--algorithm``
     only with ``--cross-domain`` (the given model is scored as what it is)."""
-    from metarec.config import apply_overrides, parse_overrides
+    from metarec.config import parse_overrides
 
     algorithm = req.flags.get("meta.algorithm")
     if algorithm and not req.cross_domain:
@@ -279,16 +279,16 @@ def _evaluate_implicit(req: EvaluationRequest, ds: Any) -> None:
         if value:
             raise ConfigError(
                 f"{flag}: got {value!r} for an implicit-feedback dataset; expected {accepted}: "
-                "this version fits the implicit baselines once, on the prepared split (the "
-                "meta-learner, its seeds and resplits come with its implicit losses)"
+                "this version evaluates implicit data once, on the prepared split (trained "
+                "models, seeds and resplits are not built for implicit data yet)"
             )
     scenarios = _scenarios(req, ds, cfg.train.scenario)
     names = _baselines(e.baselines, IMPLICIT_BASELINES)
     results = evaluate_implicit(
+        apply_overrides(cfg, seed=e.seeds[0]),
         ds,
         scenarios=scenarios,
         baselines=names,
-        seed=e.seeds[0],
         resamples=e.bootstrap,
         log=lambda msg: print(msg, file=sys.stderr, flush=True),
     )

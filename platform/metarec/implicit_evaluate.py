@@ -1,12 +1,10 @@
-"""``metarec evaluate`` on implicit feedback: the implicit baselines, each tuned on
-validation users, ranking the whole catalogue for test users they never saw.
+"""``metarec evaluate`` on implicit feedback: the meta-learner and the implicit baselines,
+each tuned on validation users, ranking the whole catalogue for test users they never saw.
 
 Every test user is scored from their support items alone (support excluded from the
 ranking, their query items the positives; no sampled negatives), and the best baseline
 on validation NDCG@10 is the reference every other method is compared with, as a paired
-difference over test users with a 95% bootstrap CI (``metarec.stats``). The meta-learner
-joins this table when its implicit (BCE/BPR) inner and outer losses land; until then this
-is the baseline table a shop would compare it with.
+difference over test users with a 95% bootstrap CI (``metarec.stats``).
 """
 
 from __future__ import annotations
@@ -16,16 +14,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from metarec.batch import TaskBatch, from_table, item_marks
+from metarec.batch import from_table
+from metarec.config import MetarecConfig
 from metarec.data.prepared import PreparedDataset
 from metarec.implicit_baselines import GRIDS, Popularity
 from metarec.implicit_metrics import (
     coverage,
-    implicit_metrics,
     popularity_percentile,
-    topk_membership,
+    score_implicit,
+    valid_ndcg,
 )
 from metarec.stats import paired_differences, verdict
 
@@ -34,66 +32,66 @@ __all__ = [
     "METRICS",
     "evaluate_implicit",
     "format_implicit",
-    "score_implicit",
 ]
 
 METRICS = ("hr@10", "ndcg@10", "recall@20", "mrr")  # compared with CIs
-IMPLICIT_BASELINES = tuple(GRIDS)
-
-
-def score_implicit(
-    scorer: Any, tasks: TaskBatch, n_items: int, popularity_pct: Tensor, *, chunk: int = 256
-) -> tuple[dict[str, Tensor], Tensor]:
-    """Per-user metrics ``(T,)`` and, per item, ``sum over users of log(1 - P(in top 10))``
-    (for coverage), scoring ``chunk`` users' whole catalogue at a time."""
-    out: dict[str, list[Tensor]] = {}
-    log_not_shown = torch.zeros(n_items, dtype=torch.float64)
-    for lo in range(0, tasks.num_tasks, chunk):
-        part = tasks.select(torch.arange(lo, min(lo + chunk, tasks.num_tasks)))
-        scores = scorer.predict_items(part, torch.arange(n_items).expand(part.num_tasks, -1))
-        exclude = item_marks(part.support_items, part.support_mask, n_items)
-        positives = item_marks(part.query_items, part.query_mask, n_items) & ~exclude
-        for k, v in implicit_metrics(scores, positives, exclude, popularity_pct).items():
-            out.setdefault(k, []).append(v)
-        log_not_shown += torch.log1p(-topk_membership(scores, exclude, 10)).sum(0)
-    return {k: torch.cat(v) for k, v in out.items()}, log_not_shown
+# the same network without adaptation, and fine-tuned (``evaluate.fit_methods``)
+NETWORK_BASELINES = ("global_model", "finetune")
+IMPLICIT_BASELINES = (*GRIDS, *NETWORK_BASELINES)
 
 
 def evaluate_implicit(
+    cfg: MetarecConfig,
     ds: PreparedDataset,
     *,
     scenarios: Sequence[str],
     baselines: Sequence[str],
-    seed: int = 0,
     resamples: int = 2000,
     log: Callable[[str], None] = print,
 ) -> dict[str, dict[str, Any]]:
-    """``{scenario: {method: {metric: mean, "params": ..}, "_paired": {...}}}``."""
+    """``{scenario: {method: {metric: mean, "params": ..}, "_paired": {...}}}``.
+
+    The meta-learner (``cfg``, meta-trained here with its implicit loss, its test-time
+    adaptation chosen on validation NDCG@10) and the ``network`` baselines come from
+    ``evaluate.fit_methods``, the same as on ratings; the implicit baselines are tuned on
+    validation NDCG@10 over their ``GRIDS``. The reference every method is compared with is
+    the best *baseline* on validation users.
+    """
+    from metarec.evaluate import fit_methods, valid_objective_for
+
     n_items = ds.manifest["counts"]["items"]
+    seed = cfg.seed
     results: dict[str, dict[str, Any]] = {}
     for scenario in scenarios:
         train, valid, test = (from_table(ds.tasks(scenario, s)) for s in ("train", "valid", "test"))
         pct = popularity_percentile(Popularity().fit(train, n_items=n_items).counts_)
-        rows: dict[str, Any] = {}
-        per_user: dict[str, dict[str, np.ndarray]] = {}
-        for name in baselines:
+        scorers: dict[str, tuple[Any, dict[str, Any], float]] = {}  # scorer, params, valid
+        for name in (b for b in baselines if b in GRIDS):
             cls, grid = GRIDS[name]
             params = [hp | ({"seed": seed} if "seed" in cls().get_params() else {}) for hp in grid]
-            valid_ndcg = []
-            for hp in params:
-                fitted = cls(**hp).fit(train, n_items=n_items)
-                m, _ = score_implicit(fitted, valid, n_items, pct)
-                valid_ndcg.append(float(torch.nanmean(m["ndcg@10"].double())))
-            best = params[int(np.argmax(valid_ndcg))]
-            m, log_not_shown = score_implicit(
-                cls(**best).fit(train, n_items=n_items), test, n_items, pct
-            )
+            fits = [cls(**hp).fit(train, n_items=n_items) for hp in params]
+            values = [valid_ndcg(f, valid, n_items) for f in fits]
+            best = int(np.argmax(values))
+            scorers[name] = (fits[best], params[best], values[best])
+        network = tuple(b for b in baselines if b in NETWORK_BASELINES)
+        fitted = fit_methods(cfg, ds, scenario, network, log=log)
+        objective = valid_objective_for(ds)
+        for name, scorer in fitted.scorers.items():
+            knobs = fitted.adapt if name == fitted.method else {}
+            scorers[name] = (scorer, knobs, 1.0 - objective(scorer, valid))
+        rows: dict[str, Any] = {}
+        per_user: dict[str, dict[str, np.ndarray]] = {}
+        for name, (scorer, params, valid_value) in scorers.items():
+            m, log_not_shown = score_implicit(scorer, test, n_items, pct)
             rows[name] = {k: float(torch.nanmean(v.double())) for k, v in m.items()}
-            rows[name] |= {"coverage@10": coverage(log_not_shown), "params": best}
-            rows[name]["valid_ndcg@10"] = max(valid_ndcg)
+            rows[name] |= {"coverage@10": coverage(log_not_shown), "params": params}
+            rows[name]["valid_ndcg@10"] = valid_value
             per_user[name] = {k: v.double().numpy() for k, v in m.items()}
-            log(f"[{scenario}] {name}: test ndcg@10 {rows[name]['ndcg@10']:.4f} ({best})")
-        reference = max(rows, key=lambda n: rows[n]["valid_ndcg@10"])
+            log(f"[{scenario}] {name}: test ndcg@10 {rows[name]['ndcg@10']:.4f} ({params})")
+        if fitted.history is not None:
+            rows[fitted.method]["history"] = fitted.history
+        candidates = [n for n in rows if n != fitted.method] or list(rows)
+        reference = max(candidates, key=lambda n: rows[n]["valid_ndcg@10"])
         rows["_paired"] = {
             "reference": reference,
             **{
@@ -110,6 +108,7 @@ def evaluate_implicit(
             "positives": "every query interaction",
             "excluded": "support items",
             "negatives": "the whole catalogue (no sampling)",
+            "reference": "the best baseline on validation NDCG@10",
         }
         results[scenario] = rows
     return results

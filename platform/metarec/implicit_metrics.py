@@ -15,12 +15,51 @@ scored fairly. Vectorized over users; shapes ``T`` users, ``I`` catalogue items.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
+from metarec.batch import TaskBatch, item_marks
 from metarec.metrics import TiedTopK, binary_topk, rankable, tied_topk
 
-__all__ = ["coverage", "implicit_metrics", "popularity_percentile", "topk_membership"]
+__all__ = [
+    "coverage",
+    "implicit_metrics",
+    "popularity_percentile",
+    "score_implicit",
+    "topk_membership",
+    "valid_ndcg",
+]
+
+CATALOGUE_BLOCK = 1 << 22  # (users x items) scores per block of a full-catalogue ranking
+
+
+def score_implicit(
+    scorer: Any, tasks: TaskBatch, n_items: int, popularity_pct: Tensor | None = None
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Per-user metrics ``(T,)`` of ``scorer`` (anything with ``predict_items``) ranking the
+    whole catalogue, and per item ``sum over users of log(1 - P(in top 10))`` (for
+    ``coverage``); users go through in blocks that bound the (users, catalogue) scores.
+    ``popularity_pct``: see ``implicit_metrics`` (None: not measured, zeros)."""
+    pct = torch.zeros(n_items) if popularity_pct is None else popularity_pct
+    out: dict[str, list[Tensor]] = {}
+    log_not_shown = torch.zeros(n_items, dtype=torch.float64)
+    block = max(1, CATALOGUE_BLOCK // n_items)
+    for lo in range(0, tasks.num_tasks, block):
+        part = tasks.select(torch.arange(lo, min(lo + block, tasks.num_tasks)))
+        scores = scorer.predict_items(part, torch.arange(n_items).expand(part.num_tasks, -1))
+        exclude = item_marks(part.support_items, part.support_mask, n_items)
+        positives = item_marks(part.query_items, part.query_mask, n_items) & ~exclude
+        for k, v in implicit_metrics(scores, positives, exclude, pct).items():
+            out.setdefault(k, []).append(v)
+        log_not_shown += torch.log1p(-topk_membership(scores, exclude, 10)).sum(0)
+    return {k: torch.cat(v) for k, v in out.items()}, log_not_shown
+
+
+def valid_ndcg(scorer: Any, tasks: TaskBatch, n_items: int) -> float:
+    """Mean full-catalogue NDCG@10 over ``tasks``: what implicit models are chosen by."""
+    return float(torch.nanmean(score_implicit(scorer, tasks, n_items)[0]["ndcg@10"].double()))
 
 
 def implicit_metrics(

@@ -20,7 +20,7 @@ from metarec.data.features import USER_FEATURES
 from metarec.data.prepared import PreparedDataset
 from metarec.meta import MetaLearner
 from metarec.metrics import masked_mae
-from metarec.mf import MF_GRID, MFFoldIn
+from metarec.mf import MF_GRID, MFFoldIn, interaction_counts, svd_item_factors
 from metarec.model import Features, Recommender
 
 __all__ = [
@@ -105,28 +105,54 @@ def build_learner(
     """The model sized for ``ds``, initialised from ``cfg.seed``; items rated in ``train``
     get id embeddings, all others fall back to their features.
 
-    With ``model.pretrain_items``, item factors start at biased ALS on ``train``. With a
-    factor head and ``meta.prior_precision: null`` (the default), the ALS dimension and
-    penalty are chosen on ``valid`` users from the ``mf_foldin`` baseline's grid, and the
-    penalty becomes the head prior's initial precision: the untrained model is then the
-    tuned MF fold-in, whatever the data's scale or taste dynamics. ``tuned_mf``: that
-    choice, already made on these ``train`` and ``valid`` users (evaluation tunes the
-    ``mf_foldin`` baseline on the same grid), so that it is not fitted twice.
+    Implicit data (``ds.feedback``): the output is a logit, item biases start at centred
+    log popularity and item factors (``pretrain_items``) at PureSVD of the training users'
+    interactions (``mf.svd_item_factors``); the popularity is kept in the learner, for the
+    negatives it draws wherever it adapts.
+
+    Explicit data: with ``model.pretrain_items``, item factors start at biased ALS on
+    ``train``. With a factor head and ``meta.prior_precision: null`` (the default), the ALS
+    dimension and penalty are chosen on ``valid`` users from the ``mf_foldin`` baseline's
+    grid, and the penalty becomes the head prior's initial precision: the untrained model
+    is then the tuned MF fold-in, whatever the data's scale or taste dynamics.
+    ``tuned_mf``: that choice, already made on these ``train`` and ``valid`` users
+    (evaluation tunes the ``mf_foldin`` baseline on the same grid), so that it is not
+    fitted twice.
     """
     torch.manual_seed(cfg.seed)  # parameter init only; batching uses its own generator
     items, _, mask = train.merged()
     seen = torch.zeros(ds.manifest["counts"]["items"], dtype=torch.bool)
     seen[items[mask]] = True
     m, meta = cfg.model, cfg.meta
-    model = build_recommender(cfg, dataset_features(ds, seen_items=seen), train_ratings_mean(train))
+    features = dataset_features(ds, seen_items=seen)
+    if ds.feedback == "implicit":
+        return _implicit_learner(cfg, features, train)
+    model = build_recommender(cfg, features, train_ratings_mean(train))
     with torch.no_grad():  # start item biases at shrunk item means: hours of Adam saved
         model.item_bias.copy_(_item_bias_init(train, len(seen), model.global_mean))
         if m.pretrain_items and m.item_id_embedding:
             mf = _item_factors(cfg, train, valid, len(seen), tuned_mf)
-            _set_item_embeddings(model, mf)
+            _set_item_embeddings(model, mf.item_factors_, mf.item_bias_)
             if cfg.factor_head:  # the ALS penalty is the head prior's initial precision
                 meta = dataclasses.replace(meta, prior_precision=mf.reg)
     return MetaLearner(model, meta)
+
+
+def _implicit_learner(cfg: MetarecConfig, features: Features, train: TaskBatch) -> MetaLearner:
+    model = build_recommender(cfg, features, 0.0)
+    n_items = features.item_genres.shape[0]
+    counts = interaction_counts(train, n_items)
+    with torch.no_grad():
+        log_pop = counts.log1p()
+        bias = (log_pop - log_pop.mean()).float()
+        if cfg.model.pretrain_items and cfg.model.item_id_embedding:
+            dim = cfg.model.embedding_dim
+            _set_item_embeddings(model, svd_item_factors(train, n_items, dim, seed=cfg.seed), bias)
+        else:
+            model.item_bias.copy_(bias)
+    learner = MetaLearner(model, cfg.meta, feedback="implicit")
+    learner.item_popularity.copy_(counts)
+    return learner
 
 
 def _item_factors(
@@ -152,8 +178,8 @@ def _item_factors(
     return fits[maes.index(min(maes))]
 
 
-def _set_item_embeddings(model: Recommender, mf: MFFoldIn) -> None:
-    """Item-id embeddings (and biases) from biased-MF item factors of the training users.
+def _set_item_embeddings(model: Recommender, factors: Tensor, bias: Tensor) -> None:
+    """Item-id embeddings (and biases) from item factors of the training users.
 
     ALS sees every training rating at once and regularizes rare items toward zero, which a
     few hundred meta-batches cannot match; meta-training then refines the factors for
@@ -162,12 +188,12 @@ def _set_item_embeddings(model: Recommender, mf: MFFoldIn) -> None:
     zero-padded); otherwise they are rescaled to the MLP input scale of a fresh embedding.
     """
     table = model.emb["item"]
-    factors = mf.item_factors_.to(table.dtype)
+    factors = factors.to(table.dtype)
     if not model.has_factor_head:
         factors = factors * (table[1:].std() / factors.std().clamp_min(1e-8))
     table[1:] = 0.0
     table[1:, : factors.shape[1]] = factors
-    model.item_bias.copy_(mf.item_bias_.to(model.item_bias.dtype))
+    model.item_bias.copy_(bias.to(model.item_bias.dtype))
 
 
 def _item_bias_init(train: TaskBatch, n_items: int, mu: Tensor, shrinkage: float = 5.0) -> Tensor:

@@ -18,10 +18,12 @@ from torch import Tensor
 from metarec.batch import TaskBatch, bucketed_batches, from_table
 from metarec.config import MetarecConfig
 from metarec.data.prepared import PreparedDataset
+from metarec.implicit_metrics import valid_ndcg
 from metarec.initialise import build_learner
 from metarec.meta import MetaLearner, meta_gradients, predict
 from metarec.metrics import masked_mae
 from metarec.mf import MFFoldIn
+from metarec.negatives import draw_candidates, fixed_candidates, keep_negatives
 from metarec.train_state import TrainState
 
 __all__ = [
@@ -37,6 +39,9 @@ __all__ = [
     "run_epochs",
     "shard_summary",
     "train_epoch",
+    "valid_key",
+    "valid_objective",
+    "with_support_negatives",
 ]
 
 
@@ -178,6 +183,7 @@ def train_epoch(
         if cfg.short_supports > 0:  # this share of tasks keeps a uniform fraction of its support
             draw = torch.rand(len(index), 2, generator=generator)
             short = torch.where(draw[:, 0] < cfg.short_supports, draw[:, 1], 1.0)
+        cand = _candidates(learner, len(index), 2 * cfg.negatives, generator)
         rows = shard.local[index]
         mine = rows >= 0
         optimizer.zero_grad(set_to_none=False)
@@ -189,6 +195,10 @@ def train_epoch(
                 batch = batch.resampled(shard.query_size, keys[mine])
             if short is not None:
                 batch = batch.shortened(short[mine])
+            if cand is not None:  # half of each task's negatives to its support, half to its query
+                items, _, mask = batch.merged()
+                neg, ok = keep_negatives(cand[mine], items, mask, 2 * cfg.negatives)
+                batch = batch.with_negatives(*zip(neg.chunk(2, 1), ok.chunk(2, 1), strict=True))
             metrics = meta_gradients(learner, batch.to(device), denominator=len(index))
             loss = metrics["query_loss"]
         loss = _sum_across_workers(params, loss, all_reduce or (lambda _: None))
@@ -200,6 +210,42 @@ def train_epoch(
 
 def _device(learner: MetaLearner) -> torch.device:
     return next(learner.parameters()).device
+
+
+def _candidates(
+    learner: MetaLearner, tasks: int, count: int, generator: torch.Generator
+) -> Tensor | None:
+    """Candidate negatives for ``tasks`` implicit tasks (None for ratings), drawn from the
+    shared generator for a whole meta-batch so that every worker draws the same."""
+    if learner.loss == "mse":
+        return None
+    return draw_candidates(
+        tasks,
+        learner.model.item_genres.shape[0],
+        count,
+        popularity=learner.item_popularity.cpu(),
+        popular_share=learner.cfg.popular_share,
+        generator=generator,
+    )
+
+
+def with_support_negatives(learner: MetaLearner, tasks: TaskBatch) -> TaskBatch:
+    """Implicit tasks as the learner adapts on them: ``meta.negatives`` negatives beside each
+    support (never a support item), a function of the user alone
+    (``negatives.fixed_candidates``), so that a support adapts the same way in evaluation
+    and serving, whatever else is in the batch. Ratings tasks are returned as they are."""
+    if learner.loss == "mse":
+        return tasks
+    count = learner.cfg.negatives
+    cand = fixed_candidates(
+        tasks.users,
+        learner.model.item_genres.shape[0],
+        count,
+        popularity=learner.item_popularity.cpu(),
+        popular_share=learner.cfg.popular_share,
+    )
+    neg = keep_negatives(cand, tasks.support_items.cpu(), tasks.support_mask.cpu(), count)
+    return tasks.with_negatives(neg)
 
 
 def predict_items(
@@ -226,7 +272,7 @@ def predict_items(
     out = []
     for lo in range(0, tasks.num_tasks, chunk):
         idx = torch.arange(lo, min(lo + chunk, tasks.num_tasks))
-        b = tasks.select(idx).to(device)
+        b = with_support_negatives(learner, tasks.select(idx)).to(device)
         support = (b.users, b.support_items, b.support_ratings, b.support_mask)
         with torch.no_grad():  # inference: gradient-based adaptation re-enables what it needs
             fast = learner.adapt(
@@ -244,6 +290,30 @@ def predict_items(
 def predict_query(learner: MetaLearner, tasks: TaskBatch, *, chunk: int = 256) -> Tensor:
     """Adapted predictions of every task's query: (T, Q)."""
     return predict_items(learner, tasks, tasks.query_items, chunk=chunk)
+
+
+def valid_key(learner: MetaLearner) -> str:
+    """The history key of ``valid_objective``: ``valid/mae``, or ``valid/1-ndcg@10``."""
+    return "valid/mae" if learner.loss == "mse" else "valid/1-ndcg@10"
+
+
+def valid_objective(learner: MetaLearner, valid: TaskBatch, *, chunk: int = 256) -> float:
+    """What early stopping minimises: the query MAE on ratings; on implicit data
+    1 - NDCG@10 of the adapted ranking of the whole catalogue (support items excluded),
+    the metric the implicit baselines are chosen by."""
+    if learner.loss == "mse":
+        return masked_mae(predict_query(learner, valid, chunk=chunk), valid)
+    n = learner.model.item_genres.shape[0]
+    return 1.0 - valid_ndcg(_Adapted(learner, chunk), valid, n)
+
+
+@dataclass(frozen=True)
+class _Adapted:
+    learner: MetaLearner
+    chunk: int
+
+    def predict_items(self, tasks: TaskBatch, items: Tensor) -> Tensor:
+        return predict_items(self.learner, tasks, items, chunk=self.chunk)
 
 
 def build_optimizer(learner: MetaLearner, cfg: MetarecConfig) -> torch.optim.Optimizer:
@@ -302,12 +372,17 @@ def run_epochs(
         tasks = check_coverage(seen, expected, epoch=epoch, all_reduce=all_reduce)
         mae = 0.0
         if valid is not None:
-            mae = masked_mae(predict_query(learner, valid, chunk=cfg.train.eval_batch_size), valid)
+            mae = valid_objective(learner, valid, chunk=cfg.train.eval_batch_size)
         if all_reduce is not None:
             shared = torch.tensor([mae], dtype=torch.float64)
             all_reduce(shared)
             mae = float(shared)
-        row = {"epoch": epoch, "train/query_loss": loss, "valid/mae": mae, "train/tasks": tasks}
+        row = {
+            "epoch": epoch,
+            "train/query_loss": loss,
+            valid_key(learner): mae,
+            "train/tasks": tasks,
+        }
         state.history.append(row)
         state.epoch, state.rng = epoch + 1, generator.get_state()
         if mae < state.best_valid_mae:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -40,6 +41,7 @@ from metarec.model import (
 )
 
 __all__ = [
+    "LOSSES",
     "MetaLearner",
     "adapt",
     "masked_mse",
@@ -47,7 +49,13 @@ __all__ = [
     "meta_loss",
     "predict",
     "ridge_head",
+    "task_loss",
 ]
+
+# Per-task losses: squared error on ratings (explicit feedback), and for implicit feedback
+# binary cross-entropy or BPR on positives (target = interaction strength > 0) against
+# sampled negatives (target 0) in the same padded row.
+LOSSES = ("mse", "bce", "bpr")
 
 
 class MetaLearner(nn.Module):
@@ -57,12 +65,20 @@ class MetaLearner(nn.Module):
     Args:
         model: the recommender whose parameters are meta-learned.
         cfg: the algorithm settings; decides which parameters adapt and whether α is learned.
+        feedback: ``"explicit"`` (ratings: squared error) or ``"implicit"`` (interaction
+            strengths: ``cfg.implicit_loss`` against sampled negatives; the model's output
+            is then a logit, and ``item_popularity``, a buffer, is what negatives are drawn
+            by wherever the learner adapts, serving included).
     """
 
-    def __init__(self, model: Recommender, cfg: MetaConfig) -> None:
+    def __init__(self, model: Recommender, cfg: MetaConfig, feedback: str = "explicit") -> None:
         super().__init__()
         self.model = model
         self.cfg = cfg
+        self.feedback = feedback
+        self.loss = "mse" if feedback == "explicit" else cfg.implicit_loss
+        if feedback == "implicit":
+            self.register_buffer("item_popularity", torch.zeros(model.item_genres.shape[0]))
         groups = ADAPT_GROUPS["head" if cfg.algorithm == "anil" else cfg.adapt]
         self.adapted = [n for n, _ in model.named_parameters() if n.startswith(groups)]
         # Meta-SGD learns log(α): Adam then changes α multiplicatively, which keeps it
@@ -116,6 +132,7 @@ class MetaLearner(nn.Module):
             create_graph=create_graph,
             solver=cfg.inner_solver if steps > 0 else "gd",
             precision=precision,
+            loss=self.loss,
         )
 
     def lrs(self) -> Params | float:
@@ -138,6 +155,33 @@ def masked_mse(pred: Tensor, target: Tensor, mask: Tensor, *, prior: float = 0.0
     return ((pred - target) ** 2 * m).sum(-1) / (m.sum(-1) + prior).clamp_min(1.0)
 
 
+def task_loss(
+    pred: Tensor, target: Tensor, mask: Tensor, *, loss: str = "mse", prior: float = 0.0
+) -> Tensor:
+    """Per-task loss over valid entries, (T, N) -> (T,); ``loss`` one of ``LOSSES``.
+
+    Implicit targets are interaction strengths, 0 for a sampled negative. ``bce`` weighs a
+    positive's log-loss by its strength (a purchase counts more than a view) and a
+    negative's by 1, summed over (n + ``prior``) like ``masked_mse``. ``bpr`` is the
+    strength-weighted mean of -log sigmoid(pred_pos - pred_neg) over every (positive,
+    negative) pair of a task: a ranking loss, blind to a shift of all of a task's scores.
+    """
+    if loss == "mse":
+        return masked_mse(pred, target, mask, prior=prior)
+    m = mask.to(pred.dtype)
+    positive = target > 0
+    weight = torch.where(positive, target, torch.ones_like(target)) * m
+    if loss == "bce":
+        per = F.binary_cross_entropy_with_logits(pred, positive.to(pred.dtype), reduction="none")
+        return (per * weight).sum(-1) / (m.sum(-1) + prior).clamp_min(1.0)
+    if loss == "bpr":
+        pairs = (positive & mask).unsqueeze(-1) & (~positive & mask).unsqueeze(-2)  # (T, N, N)
+        per = F.softplus(pred.unsqueeze(-2) - pred.unsqueeze(-1))  # -log sigmoid(pos - neg)
+        w = weight.unsqueeze(-1) * pairs.to(pred.dtype)
+        return (per * w).sum((-1, -2)) / (w.sum((-1, -2)) + prior).clamp_min(1e-12)
+    raise ValueError(f"loss: got {loss!r}; expected one of {LOSSES}")
+
+
 def predict(model: Recommender, params: Params, items: Tensor, users: Tensor) -> Tensor:
     """Ratings of ``items`` (T, N) for ``users`` (T,) under (possibly fast) ``params``."""
     return functional_call(model, params, (items, users))
@@ -156,6 +200,7 @@ def adapt(
     create_graph: bool = False,
     solver: str = "gd",
     precision: Tensor | None = None,
+    loss: str = "mse",
 ) -> Params:
     """Fast weights after ``steps`` gradient steps on each task's support set, all at once.
 
@@ -170,13 +215,16 @@ def adapt(
         solver: ``"gd"``, or ``"ridge"``: the head's exact posterior mean under a Gaussian
             prior of mean θ and diagonal ``precision`` (default: ``proximal``), see
             ``ridge_head``.
+        loss: the support loss, one of ``LOSSES`` (implicit supports carry their negatives).
     Returns:
         A full parameter dict; adapted entries have shape (T, *param.shape).
     """
     if solver == "ridge":
         if precision is None:
             precision = torch.tensor(proximal)
-        return ridge_head(model, params, support, precision=precision, create_graph=create_graph)
+        return ridge_head(
+            model, params, support, precision=precision, create_graph=create_graph, loss=loss
+        )
     users, items, ratings, mask = support
     t = users.shape[0]
     theta = {n: params[n].expand(t, *params[n].shape) for n in names}  # (T, ...)
@@ -184,7 +232,7 @@ def adapt(
     if steps == 0:
         return {**params, **fast}
     step_size = inner_lr if isinstance(inner_lr, dict) else dict.fromkeys(names, inner_lr)
-    if model.hand_grads_for(names):
+    if loss == "mse" and model.hand_grads_for(names):  # hand-derived for squared error only
         support_set = model.support_set(params, items, users, ratings, mask, support_prior)
         fast = _adapt_mlp(
             model, params, names, support_set, steps, step_size, proximal, create_graph
@@ -196,12 +244,12 @@ def adapt(
     with torch.enable_grad():
         for _ in range(steps):
             pred = functional_call(model, {**params, **fast}, (items, users))
-            loss = masked_mse(pred, ratings, mask, prior=support_prior)
+            inner = task_loss(pred, ratings, mask, loss=loss, prior=support_prior)
             if proximal:
-                loss = loss + 0.5 * proximal * sum(
+                inner = inner + 0.5 * proximal * sum(
                     ((fast[n] - theta[n]) ** 2).flatten(1).sum(1) for n in names
                 )
-            grads = torch.autograd.grad(loss.sum(), list(fast.values()), create_graph=create_graph)
+            grads = torch.autograd.grad(inner.sum(), list(fast.values()), create_graph=create_graph)
             fast = {
                 n: _step(f, g, step_size[n]) for (n, f), g in zip(fast.items(), grads, strict=True)
             }
@@ -286,6 +334,7 @@ def ridge_head(
     *,
     precision: Tensor,
     create_graph: bool = True,
+    loss: str = "mse",
 ) -> Params:
     """Closed-form inner loop for the head: the posterior mean of a Bayesian linear model.
 
@@ -305,14 +354,24 @@ def ridge_head(
     References: L. Bertinetto et al., Meta-learning with differentiable closed-form solvers,
     ICLR 2019, https://arxiv.org/abs/1805.08136; A. Rajeswaran et al., Meta-Learning with
     Implicit Gradients, NeurIPS 2019, https://arxiv.org/abs/1909.04630
+
+    With an implicit ``loss`` the targets are 1 for a positive and 0 for a sampled negative,
+    each row weighted by its confidence (a positive's strength, 1 for a negative): the
+    fold-in of implicit ALS (Hu, Koren & Volinsky, ICDM 2008) with sampled negatives in
+    place of the whole catalogue, and the same learned prior.
     """
     users, items, ratings, mask = support
     h, offset = call_with(model, params, "head_inputs", items, users)
     if not create_graph:
         h, offset = h.detach(), offset.detach()
     m = mask.to(h.dtype)
+    target = ratings
+    if loss != "mse":
+        positive = ratings > 0
+        target = positive.to(h.dtype)
+        m = m * torch.where(positive, ratings, torch.ones_like(ratings)).sqrt()
     x = torch.cat([h, torch.ones_like(h[..., :1])], -1) * m.unsqueeze(-1)  # (T, S, F)
-    y = (ratings - offset) * m  # (T, S)
+    y = (target - offset) * m  # (T, S)
     xt = x.transpose(1, 2)  # (T, F, S)
     theta = torch.cat(
         [params["head.weight"][:, 0]]
@@ -333,7 +392,8 @@ def ridge_head(
 def meta_loss(
     learner: MetaLearner, batch: TaskBatch, *, denominator: int | None = None
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Outer objective of the gradient-based algorithms: query MSE after adaptation.
+    """Outer objective of the gradient-based algorithms: the query loss after adaptation
+    (``learner.loss``: MSE on ratings, BCE or BPR on implicit positives and negatives).
 
     With ``inner_steps == 0`` there is no adaptation and the loss covers all of a task's
     ratings (support and query): that is the plain global regressor, the same network
@@ -351,7 +411,8 @@ def meta_loss(
     n = batch.num_tasks if denominator is None else denominator
     if cfg.inner_steps == 0:
         items, ratings, mask = batch.merged()
-        loss = masked_mse(predict(learner.model, params, items, batch.users), ratings, mask)
+        pred = predict(learner.model, params, items, batch.users)
+        loss = task_loss(pred, ratings, mask, loss=learner.loss)
         return loss.sum() / n, {"query_loss": loss.sum().detach() / n}
     fast = learner.adapt(
         params,
@@ -359,7 +420,7 @@ def meta_loss(
         create_graph=cfg.algorithm in ("maml", "metasgd", "anil"),
     )
     pred = predict(learner.model, fast, batch.query_items, batch.users)
-    loss = masked_mse(pred, batch.query_ratings, batch.query_mask).sum() / n
+    loss = task_loss(pred, batch.query_ratings, batch.query_mask, loss=learner.loss).sum() / n
     return loss, {"query_loss": loss.detach()}
 
 
@@ -387,8 +448,8 @@ def _reptile_gradients(learner: MetaLearner, batch: TaskBatch, n: int) -> dict[s
     if not metrics:
         with torch.no_grad():
             pred = predict(learner.model, phi, batch.query_items, batch.users)
-            loss = masked_mse(pred, batch.query_ratings, batch.query_mask).sum() / n
-            metrics = {"query_loss": loss}
+            loss = task_loss(pred, batch.query_ratings, batch.query_mask, loss=learner.loss)
+            metrics = {"query_loss": loss.sum() / n}
     return metrics
 
 

@@ -22,7 +22,16 @@ from torch import Tensor
 
 from metarec.batch import TaskBatch
 
-__all__ = ["MF_GRID", "Estimator", "Groups", "MFFoldIn", "flat_ratings", "ridge_rows"]
+__all__ = [
+    "MF_GRID",
+    "Estimator",
+    "Groups",
+    "MFFoldIn",
+    "flat_ratings",
+    "interaction_counts",
+    "ridge_rows",
+    "svd_item_factors",
+]
 
 # MF fold-in's hyperparameters tried on validation users (factor count, penalty); the
 # meta-learner's item factors start at the same grid's choice.
@@ -41,6 +50,37 @@ def flat_ratings(tasks: TaskBatch, *, support_only: bool) -> tuple[Tensor, Tenso
         items, ratings, mask = tasks.merged()
     rows = torch.arange(tasks.num_tasks).unsqueeze(1).expand_as(mask)
     return rows[mask], items[mask], ratings[mask].double()
+
+
+def interaction_counts(tasks: TaskBatch, n_items: int) -> Tensor:
+    """``(n_items,)`` float64: how many of ``tasks`` interacted with each item (popularity)."""
+    _, items, _ = flat_ratings(tasks, support_only=False)
+    return torch.zeros(n_items, dtype=torch.float64).index_add_(
+        0, items, torch.ones(len(items), dtype=torch.float64)
+    )
+
+
+def svd_item_factors(tasks: TaskBatch, n_items: int, dim: int, *, seed: int = 0) -> Tensor:
+    """``(n_items, dim)`` item factors of implicit data: the top right singular vectors of
+    the binary user x item matrix, scaled by the root of their singular values (PureSVD,
+    Cremonesi et al., RecSys 2010), so that ``q_i . q_j`` approximates co-occurrence.
+
+    Where an implicit model's item factors start: one randomized SVD, no labels needed,
+    and no baseline involved (the implicit ALS baseline is the ``implicit`` library's).
+    """
+    rows, items, _ = flat_ratings(tasks, support_only=False)
+    x = torch.sparse_coo_tensor(
+        torch.stack([rows, items]),
+        torch.ones(len(rows)),
+        (tasks.num_tasks, n_items),
+        check_invariants=True,
+    ).coalesce()
+    x = torch.sparse_coo_tensor(
+        x.indices(), x.values().clamp(max=1.0), x.shape, is_coalesced=True, check_invariants=True
+    )
+    torch.manual_seed(seed)
+    _, s, v = torch.svd_lowrank(x, q=min(dim, *x.shape))
+    return v * s.sqrt()
 
 
 class Estimator:

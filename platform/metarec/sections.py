@@ -158,6 +158,11 @@ class MetaConfig:
     # fraction (0 included): trains the prior for users with few or no ratings, whom a
     # query loss on whole supports never scores (chosen on validation users: defaults-log §6)
     short_supports: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
+    # implicit feedback: the inner and outer loss on positives against sampled negatives
+    implicit_loss: Literal["bce", "bpr"] = "bce"
+    negatives: PositiveInt = 100  # negatives drawn per task's support, and again per query
+    # share of those drawn by item popularity (the rest uniform over the catalogue)
+    popular_share: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
 
 
 @dataclass

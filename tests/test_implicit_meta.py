@@ -1,0 +1,158 @@
+"""Oracles for the implicit-feedback meta-learning core (float64).
+
+Implicit tasks carry interaction strengths (> 0) for positives and 0 for sampled
+negatives; the vectorized inner loop with BCE or BPR must equal a per-task loop written
+from the textbook definitions, unpadded; the ridge head must minimise its confidence-
+weighted objective; and negatives are never a positive of their task.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from metarec.batch import TaskBatch
+from metarec.config import MetaConfig
+from metarec.meta import MetaLearner, meta_loss, task_loss
+from metarec.negatives import fixed_candidates, keep_negatives
+from tests.test_meta import N_ITEMS, _grads, tiny_model
+
+
+@pytest.fixture
+def implicit_tasks() -> TaskBatch:
+    """4 tasks: positives with strengths 1..9, then 3 negatives in support and query,
+    padded with garbage (padding holds strength 7: it must be masked, never read)."""
+    g = torch.Generator().manual_seed(3)
+    s_pos, q_pos = [2, 4, 1, 3], [2, 1, 3, 2]
+    s_len, q_len = max(s_pos) + 3, max(q_pos) + 3
+
+    def side(pos: list[int], width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        items = torch.randint(0, N_ITEMS, (4, width), generator=g)
+        ratings = torch.full((4, width), 7.0, dtype=torch.float64)
+        mask = torch.zeros(4, width, dtype=torch.bool)
+        for t, n in enumerate(pos):
+            ratings[t, :n] = torch.randint(1, 10, (n,), generator=g).double()
+            ratings[t, n : n + 3] = 0.0  # negatives
+            mask[t, : n + 3] = True
+        return items, ratings, mask
+
+    si, sr, sm = side(s_pos, s_len)
+    qi, qr, qm = side(q_pos, q_len)
+    return TaskBatch(torch.tensor([0, 3, 5, 2]), si, sr, sm, qi, qr, qm)
+
+
+def reference_loss(pred: torch.Tensor, target: torch.Tensor, loss: str, prior: float = 0.0):
+    """One task, unpadded, from the definitions."""
+    pos = target > 0
+    if loss == "bce":
+        total = sum(
+            -w * F.logsigmoid(p) if y else -F.logsigmoid(-p)
+            for p, y, w in zip(pred, pos, target, strict=True)
+        )
+        return total / (len(pred) + prior)
+    pairs = [(i, j) for i in range(len(pred)) for j in range(len(pred)) if pos[i] and not pos[j]]
+    num = sum(target[i] * -F.logsigmoid(pred[i] - pred[j]) for i, j in pairs)
+    return num / (sum(target[i] for i, _ in pairs) + prior)
+
+
+@pytest.mark.parametrize("loss", ["bce", "bpr"])
+def test_task_loss_matches_the_definitions(implicit_tasks, loss):
+    b = implicit_tasks
+    pred = torch.randn(b.support_items.shape, generator=torch.Generator().manual_seed(4)).double()
+    got = task_loss(pred, b.support_ratings, b.support_mask, loss=loss, prior=2.0)
+    for t in range(b.num_tasks):
+        m = b.support_mask[t]
+        want = reference_loss(pred[t][m], b.support_ratings[t][m], loss, prior=2.0)
+        torch.testing.assert_close(got[t], torch.as_tensor(want).double(), rtol=1e-10, atol=0)
+
+
+def reference_meta_loss(learner: MetaLearner, tasks: TaskBatch, loss: str, *, second_order: bool):
+    cfg, model = learner.cfg, learner.model
+    params = learner.params()
+    losses = []
+    for t in range(tasks.num_tasks):
+        s, q, user = tasks.support_mask[t], tasks.query_mask[t], tasks.users[t]
+        fast = {n: params[n] for n in learner.adapted}
+        for _ in range(cfg.inner_steps):
+            pred = functional_call(model, {**params, **fast}, (tasks.support_items[t][s], user))
+            inner = reference_loss(pred, tasks.support_ratings[t][s], loss, cfg.support_prior)
+            grads = torch.autograd.grad(inner, list(fast.values()), create_graph=second_order)
+            fast = {
+                n: f - cfg.inner_lr * gr for (n, f), gr in zip(fast.items(), grads, strict=True)
+            }
+        pred = functional_call(model, {**params, **fast}, (tasks.query_items[t][q], user))
+        losses.append(reference_loss(pred, tasks.query_ratings[t][q], loss))
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("loss", ["bce", "bpr"])
+@pytest.mark.parametrize(
+    ("algorithm", "adapt", "prior"), [("maml", "mlp", 0.0), ("fomaml", "all", 3.0)]
+)
+def test_vectorized_implicit_inner_loop_equals_per_task_loop(
+    implicit_tasks, loss, algorithm, adapt, prior
+):
+    cfg = MetaConfig(
+        inner_solver="gd",
+        algorithm=algorithm,
+        adapt=adapt,
+        inner_steps=3,
+        inner_lr=0.1,
+        support_prior=prior,
+        implicit_loss=loss,
+    )
+    learner = MetaLearner(tiny_model(), cfg, feedback="implicit").double()
+    got, _ = meta_loss(learner, implicit_tasks)
+    want = reference_meta_loss(learner, implicit_tasks, loss, second_order=algorithm == "maml")
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
+    g, w = _grads(learner, got), _grads(learner, want)
+    assert g.keys() == w.keys()
+    for name in w:
+        torch.testing.assert_close(g[name], w[name], atol=1e-8, rtol=1e-6, msg=name)
+
+
+def test_implicit_ridge_head_minimises_the_confidence_weighted_objective(implicit_tasks):
+    """Targets 1 for positives and 0 for negatives, each squared error weighted by its
+    strength (1 for a negative), plus the prior: the gradient at the solution is zero."""
+    cfg = MetaConfig(adapt="head", inner_solver="ridge", prior_precision=0.7)
+    learner = MetaLearner(tiny_model(factor_head=True), cfg, feedback="implicit").double()
+    params = {n: p.detach() for n, p in learner.params().items()}
+    b = implicit_tasks
+    fast = learner.adapt(params, (b.users, b.support_items, b.support_ratings, b.support_mask))
+    names = ["head.weight", "head.factor", "head.bias"]
+    positive = b.support_ratings > 0
+    conf = torch.where(positive, b.support_ratings, 1.0) * b.support_mask
+
+    def gradient(at: dict[str, torch.Tensor]) -> torch.Tensor:
+        w = {n: at[n].detach().clone().requires_grad_() for n in names}
+        pred = functional_call(learner.model, {**params, **w}, (b.support_items, b.users))
+        obj = (conf * (pred - positive.double()) ** 2).sum() + 0.7 * sum(
+            ((w[n] - params[n]) ** 2).sum() for n in names
+        )
+        return torch.cat([g.flatten() for g in torch.autograd.grad(obj, list(w.values()))])
+
+    prior_mean = {n: params[n].expand(b.num_tasks, *params[n].shape) for n in names}
+    assert gradient(prior_mean).abs().max() > 1e-2  # the data pull the head away from theta
+    torch.testing.assert_close(
+        gradient(fast), torch.zeros(len(gradient(fast))).double(), atol=1e-7, rtol=0
+    )
+
+
+def test_fixed_negatives_depend_on_the_user_alone_and_are_never_a_positive():
+    popularity = torch.arange(50, dtype=torch.float64) ** 2
+    users = torch.tensor([4, 9, 4, 1])
+    cand = fixed_candidates(users, 50, 10, popularity=popularity, popular_share=0.5)
+    assert torch.equal(cand[0], cand[2])  # same user, same candidates, any batch position
+    assert torch.equal(cand[1:2], fixed_candidates(users[1:2], 50, 10, popularity=popularity))
+    positives = torch.randint(0, 50, (4, 20), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(positives, dtype=torch.bool)
+    neg, ok = keep_negatives(cand, positives, mask, 10)
+    for t in range(4):
+        kept = neg[t][ok[t]]
+        assert not set(kept.tolist()) & set(positives[t].tolist())
+        assert len(set(kept.tolist())) == len(kept)
+    uniform = fixed_candidates(torch.arange(2000), 50, 10, popular_share=0.0)
+    counts = torch.bincount(uniform.flatten(), minlength=50).double()
+    assert counts.std() / counts.mean() < 0.05  # equidistributed over the catalogue
+    popular = fixed_candidates(torch.arange(2000), 50, 10, popularity=popularity, popular_share=1.0)
+    assert popular.double().mean() > 35  # P(i) ~ i^2: the mean index is ~37.5, uniform 24.5
