@@ -8,8 +8,7 @@ from metarec.batch import from_table
 from metarec.config import load_config
 from metarec.data.prepare import prepare
 from metarec.implicit_baselines import ALS, BPR, EASE, GRIDS, ItemKNN, Popularity
-from metarec.implicit_metrics import score_implicit
-from metarec.implicit_metrics import popularity_percentile
+from metarec.implicit_metrics import popularity_percentile, score_implicit
 
 
 @pytest.fixture(scope="module")
