@@ -78,7 +78,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from metarec.batch import TaskBatch, bucketed_batches
 from metarec.config import MetaConfig
 from metarec.data.features import USER_FEATURES
-from metarec.meta import MetaLearner, meta_gradients
+from metarec.meta import MetaLearner, meta_gradients, task_loss
 from metarec.model import Features, Recommender
 
 try:  # optional third candidate
@@ -145,7 +145,9 @@ def make_features(g: torch.Generator) -> Features:
     )
 
 
-def make_tasks(n: int, g: torch.Generator) -> list[Task]:
+def make_tasks(n: int, g: torch.Generator, loss: str = "mse") -> list[Task]:
+    """Ratings 1..5; for an implicit ``loss`` about two thirds of each task's entries become
+    sampled negatives (target 0) and the rest positives of strength 1..5."""
     lo, hi = SUPPORT_RANGE
     users = torch.randperm(N_USERS, generator=g)[:n]
     tasks = []
@@ -153,6 +155,8 @@ def make_tasks(n: int, g: torch.Generator) -> list[Task]:
         s = int(torch.randint(lo, hi + 1, (), generator=g))
         items = torch.randperm(N_ITEMS, generator=g)[: s + QUERY_SIZE]
         ratings = torch.randint(1, 6, (s + QUERY_SIZE,), generator=g).float()
+        if loss != "mse":
+            ratings = ratings * (torch.rand(s + QUERY_SIZE, generator=g) < 1 / 3)
         tasks.append(Task(users[k], items[:s], ratings[:s], items[s:], ratings[s:]))
     return tasks
 
@@ -205,15 +209,21 @@ def loop_step(learner: MetaLearner, tasks: list[Task], second_order: bool) -> No
     params = learner.params()
     lr = cfg.inner_lr
     losses = []
+
+    def one(pred: Tensor, target: Tensor) -> Tensor:  # the learner's loss of one task
+        return task_loss(
+            pred[None], target[None], torch.ones_like(target[None]).bool(), loss=learner.loss
+        )[0]
+
     for task in tasks:
         fast = {n: params[n] for n in learner.adapted}
         for _ in range(cfg.inner_steps):
             pred = functional_call(model, {**params, **fast}, (task.support_items, task.user))
-            loss = ((pred - task.support_ratings) ** 2).mean()
+            loss = one(pred, task.support_ratings)
             grads = torch.autograd.grad(loss, list(fast.values()), create_graph=second_order)
             fast = {n: f - lr * gr for (n, f), gr in zip(fast.items(), grads, strict=True)}
         pred = functional_call(model, {**params, **fast}, (task.query_items, task.user))
-        losses.append(((pred - task.query_ratings) ** 2).mean())
+        losses.append(one(pred, task.query_ratings))
     torch.stack(losses).mean().backward()
 
 
@@ -240,7 +250,7 @@ def make_candidates(
         "vectorized": (lambda: vectorized_step(learner, batch), batch.num_tasks),
         "loop": (lambda: loop_step(learner, tasks, order == 2), len(tasks)),
     }
-    if higher is not None and order == 2:
+    if higher is not None and order == 2 and learner.loss == "mse":
         candidates["higher"] = (lambda: higher_step(learner, tasks), len(tasks))
     return candidates
 
@@ -372,13 +382,20 @@ def run_config(
     reps: int,
     budget_s: float,
     profile: bool,
+    loss: str = "mse",
 ) -> dict[str, Any]:
     order = 2 if algorithm == "maml" else 1
     torch.manual_seed(0)
     cfg = MetaConfig(
-        algorithm=algorithm, adapt="mlp", inner_solver="gd", inner_steps=steps, inner_lr=INNER_LR
+        algorithm=algorithm,
+        adapt="mlp",
+        inner_solver="gd",
+        inner_steps=steps,
+        inner_lr=INNER_LR,
+        implicit_loss="bce" if loss == "mse" else loss,
     )
-    learner = MetaLearner(Recommender(features, embedding_dim=32, hidden=(64, 64)), cfg)
+    model = Recommender(features, embedding_dim=32, hidden=(64, 64))
+    learner = MetaLearner(model, cfg, feedback="explicit" if loss == "mse" else "implicit")
     learner = learner.to(device)
     with torch.no_grad():  # realistic, non-zero item biases (as after initialise._item_bias_init)
         learner.model.item_bias.normal_(0.0, 0.3)
@@ -498,6 +515,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--profile", action="store_true", help="add the top ops of each vectorized step"
     )
+    ap.add_argument(
+        "--loss",
+        default="mse",
+        choices=["mse", "bce", "bpr"],
+        help="mse: ratings (hand-derived inner gradients); bce/bpr: implicit tasks, two "
+        "thirds of their entries sampled negatives (autograd inner loop)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -522,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
 
     g = torch.Generator().manual_seed(args.seed)
     features = make_features(g)
-    pool = make_tasks(META_BATCH * POOL_BATCHES, g)
+    pool = make_tasks(META_BATCH * POOL_BATCHES, g, args.loss)
     tasks = pool[:META_BATCH]
     batch = pad(tasks).to(device)
     lengths = torch.tensor([len(t.support_items) for t in pool])
@@ -553,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
             reps=reps,
             budget_s=args.budget_s,
             profile=args.profile,
+            loss=args.loss,
         )
         r["padding_share_bucketed"] = round(pad_bucketed, 3)
         results.append(r)
@@ -585,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = {
         "results": results,
+        "loss": args.loss,
         "device": str(device),
         "threads": torch.get_num_threads(),
         "meta_batch": META_BATCH,

@@ -67,6 +67,28 @@ def synthetic_prepared(synthetic_cfg, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def shop_cfg():
+    """A small synthetic shop (implicit feedback: views, carts, purchases)."""
+    return load_config(
+        None,
+        overrides=["data.scenarios=user_cold"],
+        **{
+            "data.synthetic.feedback": "implicit",
+            "data.synthetic.n_users": 700,
+            "data.synthetic.n_items": 1500,
+            "data.synthetic.min_ratings_per_user": 20,
+            "data.synthetic.max_ratings_per_user": 60,
+            "train.epochs": 4,
+        },
+    )
+
+
+@pytest.fixture(scope="session")
+def shop_prepared(shop_cfg, tmp_path_factory):
+    return prepare(shop_cfg, tmp_path_factory.mktemp("shop") / "data", progress=False)
+
+
+@pytest.fixture(scope="session")
 def uneven_prepared(synthetic_cfg, tmp_path_factory):
     """481 training tasks (601 users, 80% of them train; 481 = 13 x 37): an uneven count
     for 2, 3 or 4 workers, where Ray's equal split would drop tasks."""

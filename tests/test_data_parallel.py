@@ -156,3 +156,15 @@ def test_coverage_sums_over_workers_and_checks_the_manifest_count():
     assert check_coverage(halves[0].clone(), 3, epoch=0, all_reduce=all_reduce) == 3
     with pytest.raises(TaskCoverageError, match="expected each of the 4 training tasks"):
         check_coverage(torch.ones(3, dtype=torch.int64), 4, epoch=0)
+
+
+@pytest.mark.integration  # two float64 epochs of the shop
+def test_implicit_training_with_two_workers_takes_the_steps_of_one(shop_cfg, shop_prepared):
+    """Negatives are drawn for a whole meta-batch from the shared generator and rejected
+    against each worker's own tasks, so sharding leaves them, and the steps, unchanged."""
+    cfg = apply_overrides(shop_cfg, **{"train.epochs": 1})
+    one, _, _ = _run(cfg, shop_prepared, 1)
+    two, _, _ = _run(cfg, shop_prepared, 2)
+    for a, b in zip(one, two, strict=True):
+        assert abs(a["train/query_loss"] - b["train/query_loss"]) < 1e-9
+        assert abs(a["valid/1-ndcg_at_10"] - b["valid/1-ndcg_at_10"]) < 1e-9

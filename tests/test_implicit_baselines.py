@@ -5,26 +5,13 @@ import pytest
 import torch
 
 from metarec.batch import from_table
-from metarec.config import load_config
-from metarec.data.prepare import prepare
 from metarec.implicit_baselines import ALS, BPR, EASE, GRIDS, ItemKNN, Popularity
 from metarec.implicit_metrics import popularity_percentile, score_implicit
 
 
 @pytest.fixture(scope="module")
-def shop(tmp_path_factory):
-    cfg = load_config(
-        None,
-        overrides=["data.scenarios=user_cold"],
-        **{
-            "data.synthetic.feedback": "implicit",
-            "data.synthetic.n_users": 700,
-            "data.synthetic.n_items": 1500,
-            "data.synthetic.min_ratings_per_user": 20,
-            "data.synthetic.max_ratings_per_user": 60,
-        },
-    )
-    ds = prepare(cfg, tmp_path_factory.mktemp("shop") / "ds", progress=False)
+def shop(shop_prepared):
+    ds = shop_prepared
     train, test = (from_table(ds.tasks("user_cold", s)) for s in ("train", "test"))
     return train, test, ds.manifest["counts"]["items"]
 

@@ -12,7 +12,7 @@ Plain lists and numbers only: checkpoints are read with ``torch.load(weights_onl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ from metarec.data.features import age_buckets, zip_prefixes
 from metarec.data.prepared import PreparedDataset
 from metarec.errors import DataError
 
-__all__ = ["Catalog", "FieldError", "catalog_dict", "require_catalog"]
+__all__ = ["ONBOARDING_RULES", "Catalog", "FieldError", "catalog_dict", "require_catalog"]
 
 
 class FieldError(ValueError):
@@ -53,6 +53,8 @@ def catalog_dict(ds: PreparedDataset, train: TaskBatch) -> dict[str, Any]:
         "vocab": m["vocab"],
         "has_user_features": bool(m["features"]["has_user_features"]),
         "rating_range": [float(m["ratings"]["min"]), float(m["ratings"]["max"])],
+        "feedback": ds.feedback,
+        "event_weights": m.get("event_weights", {}),
         "item_count": count.tolist(),
         "item_mean": mean.tolist(),
         "item_std": var.sqrt().tolist(),
@@ -76,6 +78,14 @@ def require_catalog(ckpt: dict[str, Any]) -> dict[str, Any]:
     return c
 
 
+# How ``Catalog.onboarding`` picks, by the model's feedback kind (``/v1/onboarding`` says it).
+ONBOARDING_RULES = {
+    "explicit": "log(1 + training ratings) x rating std (Rashid et al., IUI 2002)",
+    "implicit": "popular and diverse: each next item maximises log(1 + training "
+    "interactions) minus how often its categories, brands or genres were already shown",
+}
+
+
 @dataclass(frozen=True)
 class Catalog:
     """Raw ids <-> encoded indices, titles, and item statistics of one trained model."""
@@ -91,6 +101,8 @@ class Catalog:
     item_mean: Tensor
     item_std: Tensor
     dataset: dict[str, Any]
+    feedback: str = "explicit"  # implicit: requests send events, ``rating_range`` is strengths
+    event_weights: dict[str, float] = field(default_factory=dict)  # event name -> weight
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict[str, Any], item_genres: Tensor, item_year: Tensor):
@@ -114,6 +126,8 @@ class Catalog:
             item_mean=torch.tensor(c["item_mean"]),
             item_std=torch.tensor(c["item_std"]),
             dataset=c["dataset"],
+            feedback=c.get("feedback", "explicit"),
+            event_weights=dict(c.get("event_weights", {})),
         )
 
     def __post_init__(self) -> None:
@@ -183,16 +197,45 @@ class Catalog:
         return codes
 
     def onboarding(self, n: int, *, min_count: int = 5) -> list[int]:
-        """Items to ask a brand-new user to rate: log-popularity x rating spread.
+        """Items to ask a brand-new user about (``ONBOARDING_RULES``).
 
+        Ratings: log-popularity x rating spread.
         A rating is informative when the user is likely to know the item (popular) and when
         users disagree about it (high standard deviation): a universally loved film says
         little about anyone's taste. This is Rashid et al.'s "log(popularity) x entropy"
         rule with the standard deviation as the spread (IUI 2002, "Getting to know you:
         learning new user preferences in recommender systems"). Items with fewer than
         ``min_count`` training ratings have no trustworthy spread and are skipped.
+
+        Implicit feedback has no spread (every interaction is a positive), and a page of the
+        ten best sellers would all be one category: items are picked greedily, each the
+        most popular after a penalty of one per earlier pick sharing each of its tags
+        (genres, or a shop's category, brand and price band), so the first screen spans
+        the catalogue. Items nobody interacted with in training are never shown.
         """
+        if self.feedback == "implicit":
+            return self._popular_and_diverse(n)
         score = torch.log1p(self.item_count) * self.item_std
         score = score.masked_fill(self.item_count < min_count, -math.inf)
         top = torch.topk(score, min(n, len(self)))
         return top.indices[torch.isfinite(top.values)].tolist()
+
+    def _popular_and_diverse(self, n: int) -> list[int]:
+        names = sorted({g for row in self.genres for g in row})
+        column = {g: k for k, g in enumerate(names)}
+        tags = torch.zeros(len(self), max(1, len(names)))
+        rows = [(i, column[g]) for i, row in enumerate(self.genres) for g in row]
+        if rows:
+            tags[tuple(torch.tensor(rows).T)] = 1.0
+        score = torch.log1p(self.item_count).float()
+        score = score.masked_fill(self.item_count <= 0, -math.inf)
+        shown = torch.zeros(tags.shape[1])
+        picked: list[int] = []
+        for _ in range(min(n, len(self))):
+            i = int(torch.argmax(score - tags @ shown))
+            if not math.isfinite(float(score[i])):
+                break
+            picked.append(i)
+            score[i] = -math.inf
+            shown += tags[i]
+        return picked

@@ -51,6 +51,7 @@ def train_command(
 ) -> None:
     """Train ``cfg`` (or resume run ``resume`` with only ``resume_settings`` changed), record
     it in ``work_dir/last_run.json`` for scripts, and print where everything went."""
+    from metarec.loop import valid_key, valid_label
     from metarec.results import write_json_atomic
     from metarec.tracking import resolve_tracking_uri
     from metarec.train import resume as resume_run
@@ -72,19 +73,21 @@ def train_command(
     }
     write_json_atomic(Path(work_dir) / "last_run.json", record)  # for scripts (make demo)
     print(f"run:        {out.run_name} ({out.epochs_run} epochs, best {out.best_epoch})")
-    print(f"valid MAE:  {out.best_valid_mae:.4f}")
+    print(f"{valid_label(valid_key(out.feedback)) + ':':<11} {out.best_valid_mae:.4f}")
     print(f"MLflow run: {out.run_id}")
     print(f"model:      {out.model_uri}")
     print(f"checkpoint: {out.checkpoint}")
-    print_against_champion(uri, out.model_uri, out.run_id)
+    print_against_champion(uri, out.model_uri, out.run_id, out.feedback)
     print(f"see it:     mlflow ui --backend-store-uri {uri}")
 
 
-def print_against_champion(uri: str, model: str, run_id: str) -> None:
+def print_against_champion(uri: str, model: str, run_id: str, feedback: str = "explicit") -> None:
     """One line: this model against the champion, and the promote command; never moves it."""
+    from metarec.loop import best_key, valid_key, valid_label
     from metarec.registry import against_champion
 
-    c = against_champion(uri, model, run_id)
+    c = against_champion(uri, model, run_id, best_key(feedback))
+    label = valid_label(valid_key(feedback))
     promote = f"metarec promote {c['name']} {c['version']}"
     champ = c["champion"]
     if champ is None:
@@ -100,7 +103,7 @@ def print_against_champion(uri: str, model: str, run_id: str) -> None:
         diff = c["valid_mae"] - champ["valid_mae"]
         verdict = "better" if diff < 0 else "not better"
         print(
-            f"champion:   version {champ['version']}, valid MAE {champ['valid_mae']:.4f}; this "
+            f"champion:   version {champ['version']}, {label} {champ['valid_mae']:.4f}; this "
             f"one {c['valid_mae']:.4f} ({diff:+.4f}, {verdict}); champion unchanged. "
             f"To replace it: {promote}"
         )
@@ -139,7 +142,7 @@ def tune_command(
     print(f"model:      {out.model_uri}")
     if out.model_uri is not None:
         uri = resolve_tracking_uri(tracking_uri, work_dir)
-        print_against_champion(uri, out.model_uri, out.best["run_id"])
+        print_against_champion(uri, out.model_uri, out.best["run_id"], out.feedback)
 
 
 def promote_command(

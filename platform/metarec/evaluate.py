@@ -27,7 +27,7 @@ from metarec.batch import TaskBatch, from_table, item_marks
 from metarec.config import MetarecConfig, apply_overrides
 from metarec.data.prepared import PreparedDataset
 from metarec.implicit_metrics import valid_ndcg
-from metarec.loop import FitResult, fit
+from metarec.loop import FitResult, fit, valid_key
 from metarec.meta import MetaLearner
 from metarec.metrics import catalog_metrics, masked_mae, mean_metrics, query_metrics
 from metarec.scorers import AdaptedScorer, Scorer, adaptation_grid, relevance_threshold
@@ -217,7 +217,7 @@ def fit_methods(
     objective = valid_objective_for(ds)
     meta, _, value = _tuned(lambda hp: AdaptedScorer(learner, **hp), grid, valid, objective)
     assert isinstance(meta, AdaptedScorer)
-    key = "valid_mae" if ds.feedback == "explicit" else "valid_1-ndcg@10"
+    key = valid_key(ds.feedback).replace("/", "_")  # valid_mae on ratings
     adapt = {**meta.knobs(), key: value, "grid_points": len(grid)}
     scorers: dict[str, Scorer] = {method: meta, **(extra or {}), **classic}
     if {"global_model", "finetune"} & set(baselines):

@@ -23,13 +23,15 @@ from metarec.initialise import build_learner
 from metarec.meta import MetaLearner, meta_gradients, predict
 from metarec.metrics import masked_mae
 from metarec.mf import MFFoldIn
-from metarec.negatives import draw_candidates, fixed_candidates, keep_negatives
+from metarec.negatives import draw_candidates, keep_negatives
 from metarec.train_state import TrainState
 
 __all__ = [
+    "VALID_KEYS",
     "FitResult",
     "Shard",
     "TaskCoverageError",
+    "best_key",
     "check_coverage",
     "fit",
     "predict_items",
@@ -40,6 +42,7 @@ __all__ = [
     "shard_summary",
     "train_epoch",
     "valid_key",
+    "valid_label",
     "valid_objective",
     "with_support_negatives",
 ]
@@ -230,22 +233,11 @@ def _candidates(
 
 
 def with_support_negatives(learner: MetaLearner, tasks: TaskBatch) -> TaskBatch:
-    """Implicit tasks as the learner adapts on them: ``meta.negatives`` negatives beside each
-    support (never a support item), a function of the user alone
-    (``negatives.fixed_candidates``), so that a support adapts the same way in evaluation
-    and serving, whatever else is in the batch. Ratings tasks are returned as they are."""
+    """Implicit tasks as the learner adapts on them (``MetaLearner.support_negatives``
+    beside each support); ratings tasks as they are."""
     if learner.loss == "mse":
         return tasks
-    count = learner.cfg.negatives
-    cand = fixed_candidates(
-        tasks.users,
-        learner.model.item_genres.shape[0],
-        count,
-        popularity=learner.item_popularity.cpu(),
-        popular_share=learner.cfg.popular_share,
-    )
-    neg = keep_negatives(cand, tasks.support_items.cpu(), tasks.support_mask.cpu(), count)
-    return tasks.with_negatives(neg)
+    return tasks.with_negatives(learner.support_negatives(tasks.support_items, tasks.support_mask))
 
 
 def predict_items(
@@ -292,9 +284,24 @@ def predict_query(learner: MetaLearner, tasks: TaskBatch, *, chunk: int = 256) -
     return predict_items(learner, tasks, tasks.query_items, chunk=chunk)
 
 
-def valid_key(learner: MetaLearner) -> str:
-    """The history key of ``valid_objective``: ``valid/mae``, or ``valid/1-ndcg@10``."""
-    return "valid/mae" if learner.loss == "mse" else "valid/1-ndcg@10"
+# What early stopping minimises, by the dataset's feedback kind (``valid_objective``).
+VALID_KEYS = {"explicit": "valid/mae", "implicit": "valid/1-ndcg_at_10"}
+
+
+def valid_key(feedback: str) -> str:
+    """The per-epoch history (and MLflow) key of ``valid_objective``."""
+    return VALID_KEYS[feedback]
+
+
+def valid_label(key: str) -> str:
+    """How a person reads ``key`` (a ``VALID_KEYS`` value) in a progress line."""
+    return "valid MAE" if key == "valid/mae" else "valid 1-NDCG@10"
+
+
+def best_key(feedback: str) -> str:
+    """The key of the best ``valid_objective`` so far: ``best/valid_mae`` on ratings, what
+    Tune ranks trials by and the model registry compares champions on."""
+    return "best/" + valid_key(feedback).replace("/", "_")
 
 
 def valid_objective(learner: MetaLearner, valid: TaskBatch, *, chunk: int = 256) -> float:
@@ -380,7 +387,7 @@ def run_epochs(
         row = {
             "epoch": epoch,
             "train/query_loss": loss,
-            valid_key(learner): mae,
+            valid_key(learner.feedback): mae,
             "train/tasks": tasks,
         }
         state.history.append(row)

@@ -39,6 +39,7 @@ from metarec.model import (
     SupportSet,
     call_with,
 )
+from metarec.negatives import fixed_candidates, keep_negatives
 
 __all__ = [
     "LOSSES",
@@ -134,6 +135,21 @@ class MetaLearner(nn.Module):
             precision=precision,
             loss=self.loss,
         )
+
+    def support_negatives(self, items: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """``cfg.negatives`` negatives (and their mask) beside each implicit support set
+        ``(T, S)``, never one of its items, and a function of the support alone
+        (``negatives.fixed_candidates`` keyed by the sum of its item ids): a support adapts
+        the same way in evaluation and serving, whatever else is in the batch."""
+        items, mask = items.cpu(), mask.cpu()
+        cand = fixed_candidates(
+            torch.where(mask, items + 1, 0).sum(1),
+            self.model.item_genres.shape[0],
+            self.cfg.negatives,
+            popularity=self.item_popularity.cpu(),
+            popular_share=self.cfg.popular_share,
+        )
+        return keep_negatives(cand, items, mask, self.cfg.negatives)
 
     def lrs(self) -> Params | float:
         if not len(self.log_inner_lrs):

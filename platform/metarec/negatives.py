@@ -53,7 +53,7 @@ def draw_candidates(
 
 
 def fixed_candidates(
-    users: Tensor,
+    keys: Tensor,
     n_items: int,
     count: int,
     *,
@@ -61,16 +61,16 @@ def fixed_candidates(
     popular_share: float = 0.5,
     oversample: int = 3,
 ) -> Tensor:
-    """Like ``draw_candidates``, but a function of the user id alone: a user's candidates
-    are the same in any batch, chunk or process (evaluation and serving adapt one user the
-    same way). Candidate j of user u is ``quantile(frac(u * a + j * b))`` of the uniform or
-    popularity distribution, with irrational a, b (a low-discrepancy sequence per user);
-    the popularity share is interleaved evenly along j.
+    """Like ``draw_candidates``, but a function of one integer per task (``keys``, e.g. a
+    digest of its support set) alone: the same in any batch, chunk or process. Candidate j
+    of key u is ``quantile(frac(u * a + j * b))`` of the uniform or popularity
+    distribution, with irrational a, b (a low-discrepancy sequence per key); the
+    popularity share is interleaved evenly along j.
     """
     if not 0.0 <= popular_share <= 1.0:
         raise ValueError(f"popular_share: got {popular_share}; expected a share in [0, 1]")
     j = torch.arange(count * oversample, dtype=torch.float64)
-    start = torch.frac(users.cpu().double()[:, None] * _USER_STEP)
+    start = torch.frac(keys.cpu().double()[:, None] * _USER_STEP)
     u = torch.frac(start + j * _UNIFORM_STEP)
     cand = (u * n_items).long().clamp_max(n_items - 1)
     if popularity is None or popular_share == 0.0:

@@ -146,15 +146,16 @@ def learning_curves(
     *,
     title: str = "Learning curves (one colour per scenario, further seeds faded)",
 ) -> Path:
-    """Train query loss and validation MAE per epoch of training runs.
+    """Train query loss and the validation objective per epoch of training runs.
 
     Args:
         runs: group (one colour; a scenario) -> runs ``{"label", "rows"}``, rows being a
-            ``TrainState.history`` (``epoch``, ``train/query_loss``, ``valid/mae``); a
-            group's later runs (other seeds) are drawn faded.
+            ``TrainState.history`` (``epoch``, ``train/query_loss``, and ``valid/mae`` or
+            on implicit data ``valid/1-ndcg_at_10``); a group's later runs (other seeds) are
+            drawn faded.
     """
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=90)
-    drawn = 0
+    drawn, valid = 0, "valid/mae"
     for i, (group, group_runs) in enumerate(runs.items()):
         for j, run in enumerate(group_runs):
             epochs = [r["epoch"] for r in run["rows"]]
@@ -164,10 +165,12 @@ def learning_curves(
                 n = len(group_runs)
                 label = f"{group} ({n} seeds)" if n > 1 else f"{group}: {run['label']}"
             axes[0].plot(epochs, [r["train/query_loss"] for r in run["rows"]], label=label, **style)
-            axes[1].plot(epochs, [r["valid/mae"] for r in run["rows"]], label=label, **style)
+            valid = next((k for k in run["rows"][0] if k.startswith("valid/")), valid)
+            axes[1].plot(epochs, [r[valid] for r in run["rows"]], label=label, **style)
             drawn += 1
-    axes[0].set_ylabel("train query loss (MSE, stars²)")
-    axes[1].set_ylabel("validation MAE (stars)")
+    ratings = valid == "valid/mae"
+    axes[0].set_ylabel("train query loss (MSE, stars²)" if ratings else "train query loss")
+    axes[1].set_ylabel("validation MAE (stars)" if ratings else "validation 1 - NDCG@10")
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -26,10 +26,13 @@ def promote(uri: str, name: str, version: str | int, alias: str = CHAMPION) -> N
     client.set_registered_model_alias(name, alias, str(version))
 
 
-def against_champion(uri: str, model: str, run_id: str) -> dict[str, Any]:
-    """This run's best validation MAE beside the current champion's of the same registered
-    model (one dataset), so that ``train`` and ``tune`` can say whether promoting is worth
-    it. Nothing moves: ``champion`` changes only through ``promote``.
+def against_champion(
+    uri: str, model: str, run_id: str, key: str = "best/valid_mae"
+) -> dict[str, Any]:
+    """This run's best validation objective (``key``: MAE on ratings, ``loop.best_key``)
+    beside the current champion's of the same registered model (one dataset), so that
+    ``train`` and ``tune`` can say whether promoting is worth it. Nothing moves:
+    ``champion`` changes only through ``promote``.
 
     Returns ``{"name", "version" (this run's), "valid_mae", "champion": None | {"version",
     "valid_mae", "comparable"}}``; ``comparable`` is False when the two runs validated on
@@ -42,7 +45,7 @@ def against_champion(uri: str, model: str, run_id: str) -> dict[str, Any]:
     out: dict[str, Any] = {
         "name": name,
         "version": version,
-        "valid_mae": mine.metrics.get("best/valid_mae"),
+        "valid_mae": mine.metrics.get(key),
         "champion": None,
     }
     try:
@@ -53,7 +56,7 @@ def against_champion(uri: str, model: str, run_id: str) -> dict[str, Any]:
     scenario = "train.scenario"
     out["champion"] = {
         "version": str(mv.version),
-        "valid_mae": theirs.metrics.get("best/valid_mae"),
+        "valid_mae": theirs.metrics.get(key),
         "comparable": theirs.params.get(scenario) == mine.params.get(scenario),
     }
     return out

@@ -246,22 +246,27 @@ def reopen_run(uri: str, run_id: str) -> None:
     client.update_run(run_id, status="RUNNING")
 
 
-EPOCH_METRICS = ("train/query_loss", "valid/mae", "train/tasks_per_s", "train/epoch_s")
+def epoch_metrics(valid_key: str = "valid/mae") -> tuple[str, ...]:
+    """The per-epoch metrics every training run logs (``valid_key``: ``loop.valid_key``)."""
+    return ("train/query_loss", valid_key, "train/tasks_per_s", "train/epoch_s")
 
 
-def logged_epochs(uri: str, run_id: str, after: int = -1) -> list[dict[str, float]]:
-    """The per-epoch rows (``EPOCH_METRICS``) rank 0 has logged to the run, epochs > ``after``.
+def logged_epochs(
+    uri: str, run_id: str, after: int = -1, valid_key: str = "valid/mae"
+) -> list[dict[str, float]]:
+    """The per-epoch rows (``epoch_metrics``) rank 0 has logged to the run, epochs > ``after``.
 
     What the driver prints while Ray trains: the run is the one record every worker and
     the driver can reach, locally or on a cluster.
     """
     client = client_for(uri)
     rows: dict[int, dict[str, float]] = {}
-    for key in EPOCH_METRICS:
+    keys = epoch_metrics(valid_key)
+    for key in keys:
         for m in client.get_metric_history(run_id, key):
             if m.step > after:
                 rows.setdefault(m.step, {"epoch": m.step})[key] = m.value
-    return [rows[e] for e in sorted(rows) if len(rows[e]) == len(EPOCH_METRICS) + 1]
+    return [rows[e] for e in sorted(rows) if len(rows[e]) == len(keys) + 1]
 
 
 class EpochLogger:
@@ -272,9 +277,9 @@ class EpochLogger:
     are filled in from the restored history.
     """
 
-    def __init__(self, uri: str, run_id: str) -> None:
+    def __init__(self, uri: str, run_id: str, valid_key: str = "valid/mae") -> None:
         self.client, self.run_id = client_for(uri), run_id
-        history = self.client.get_metric_history(run_id, "valid/mae")
+        history = self.client.get_metric_history(run_id, valid_key)
         self.logged = {m.step for m in history}
 
     def log(self, rows: Iterable[dict[str, float]]) -> None:
@@ -362,8 +367,12 @@ def set_trial_status(uri: str, run_id: str, status: str) -> None:
     client.set_terminated(run_id, TRIAL_STATUS[status])
 
 
-def finish_sweep(uri: str, run_id: str, table: list[dict[str, Any]]) -> None:
-    """The sweep's parent run: summary table (CSV + Markdown), a plot, the best score."""
+def finish_sweep(
+    uri: str, run_id: str, table: list[dict[str, Any]], key: str = "best/valid_mae"
+) -> None:
+    """The sweep's parent run: summary table (CSV + Markdown), a plot, the best score
+    (``key``: ``loop.best_key``; the table's ``best_valid_mae`` column holds that
+    objective, 1 - NDCG@10 on implicit data)."""
     client = client_for(uri)
     frame = pd.DataFrame(table).drop(columns=["checkpoint"], errors="ignore")
     with tempfile.TemporaryDirectory() as tmp:
@@ -375,7 +384,7 @@ def finish_sweep(uri: str, run_id: str, table: list[dict[str, Any]]) -> None:
         client.log_artifacts(run_id, tmp)
     finite = frame["best_valid_mae"].dropna()
     if len(finite):
-        client.log_metric(run_id, "best/valid_mae", float(finite.min()))
+        client.log_metric(run_id, key, float(finite.min()))
     client.set_tag(run_id, "metarec.best_trial", str(table[0]["trial"]))
     client.set_terminated(run_id)
 

@@ -53,6 +53,7 @@ from metarec.config import MetarecConfig, apply_overrides
 from metarec.data.prepared import PreparedDataset, open_prepared
 from metarec.errors import ConfigError
 from metarec.initialise import build_learner
+from metarec.loop import best_key, valid_key
 from metarec.ray_cluster import connect_ray
 from metarec.train_progress import epoch_lines
 from metarec.train_state import TrainState
@@ -70,7 +71,8 @@ class TrainOutcome:
     run_id: str  # MLflow run id
     model_uri: str  # models:/<name>@candidate
     best_epoch: int
-    best_valid_mae: float
+    best_valid_mae: float  # the best validation objective (MAE; 1 - NDCG@10 on implicit data)
+    feedback: str  # the dataset's kind, which says which objective (``loop.valid_key``)
     epochs_run: int
     checkpoint: Path  # the final checkpoint (a local copy)
 
@@ -103,7 +105,6 @@ def train(
     from metarec import tracking
 
     ds = open_prepared(data_dir)
-    ds.require_explicit("train")
     cfg = _with_resources(cfg, workers=workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_name = f"{cfg.meta.algorithm}-{cfg.train.scenario}-{stamp}"
@@ -186,7 +187,7 @@ def _run(
             max_failures=max_failures,
         )
         t0 = time.perf_counter()
-        with epoch_lines(uri, run_id, cfg.train.epochs):
+        with epoch_lines(uri, run_id, cfg.train.epochs, valid_key(ds.feedback)):
             result = trainer.fit()
         wall = time.perf_counter() - t0
         with result.checkpoint.as_directory() as d:
@@ -200,7 +201,7 @@ def _run(
             checkpoint_dir=local,
             history=state.history,
             summary={
-                "best/valid_mae": state.best_valid_mae,
+                best_key(ds.feedback): state.best_valid_mae,
                 "best/epoch": state.best_epoch,
                 "wall_s": wall,
                 "train/tasks_per_s_mean": _mean(r.get("train/tasks_per_s") for r in state.history),
@@ -213,6 +214,7 @@ def _run(
         model_uri=model_uri,
         best_epoch=state.best_epoch,
         best_valid_mae=state.best_valid_mae,
+        feedback=ds.feedback,
         epochs_run=state.epoch,
         checkpoint=local / "checkpoint.pt",
     )

@@ -25,7 +25,16 @@ from metarec.checkpoint import (
 )
 from metarec.config import MetarecConfig
 from metarec.errors import ConfigError
-from metarec.loop import Shard, build_optimizer, cfg_dtype, rank_rows, run_epochs, shard_summary
+from metarec.loop import (
+    Shard,
+    best_key,
+    build_optimizer,
+    cfg_dtype,
+    rank_rows,
+    run_epochs,
+    shard_summary,
+    valid_key,
+)
 from metarec.train_state import TrainState
 
 __all__ = ["worker_loop"]
@@ -73,7 +82,8 @@ def worker_loop(config: dict[str, Any]) -> None:
 
     shard = Shard.gathered(tasks, summaries)
     valid = _read(ray.train.get_dataset_shard("valid")) if rank == 0 else None
-    logger = EpochLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    key = valid_key(learner.feedback)
+    logger = EpochLogger(config["tracking_uri"], config["run_id"], key) if rank == 0 else None
     if logger is not None:
         logger.log(state.history)  # epochs a crash left unlogged
     clock = [time.perf_counter()]
@@ -98,10 +108,10 @@ def worker_loop(config: dict[str, Any]) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             finished = state.stopped or state.epoch >= cfg.train.epochs
             # epochs_done/finished: for Tune's scheduler and the sweep summary (not MLflow)
-            # best/valid_mae: the best so far, what metarec ranks trials by (Tune's metric)
+            # best/valid_mae (ratings): the best so far, what metarec ranks trials by (Tune's)
             report = {
                 **row,
-                "best/valid_mae": state.best_valid_mae,
+                best_key(learner.feedback): state.best_valid_mae,
                 "epochs_done": state.epoch,
                 "finished": float(finished),
             }

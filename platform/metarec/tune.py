@@ -27,6 +27,7 @@ from metarec.checkpoint import load_checkpoint
 from metarec.config import MetarecConfig, apply_overrides
 from metarec.data.prepared import open_prepared
 from metarec.errors import ConfigError, MetarecError
+from metarec.loop import best_key
 from metarec.ray_cluster import connect_ray
 from metarec.train import (
     build_trainer,
@@ -39,9 +40,6 @@ from metarec.train_state import TrainState
 __all__ = ["Dimension", "SweepOutcome", "parse_space", "tune"]
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
-# The best validation MAE so far: the trial's checkpointed model and what metarec ranks
-# trials by, so Ray's "Current best trial" names the trial metarec registers.
-METRIC = "best/valid_mae"
 TRIAL_CPUS = 0.1  # the trial's own actor, which only drives its TorchTrainer
 _ENTRY = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*=\s*(\w+)\s*\((.*)\)\s*$")
 
@@ -113,6 +111,7 @@ class SweepOutcome:
     model_uri: str | None  # the best trial's registered model
     best: dict[str, Any]  # the best trial's row of the summary table
     table: list[dict[str, Any]]  # one row per trial
+    feedback: str = "explicit"  # the data's kind: which validation objective ranked them
 
 
 def _trial(params: dict[str, Any], *, spec: dict[str, Any]) -> None:
@@ -177,7 +176,6 @@ def tune(
         spec = json.loads(spec_path.read_text())
         cfg = MetarecConfig.from_dict(spec["config"], where=str(spec_path))
     ds = open_prepared(data_dir)
-    ds.require_explicit("tune")
     dims = parse_space(cfg.tune.space, cfg)  # fails before Ray starts
     search_alg = None
     if cfg.tune.search == "optuna":
@@ -216,6 +214,7 @@ def tune(
             "parent_run_id": parent,
             "storage": str(work / "ray_results"),
             "cpus_per_worker": cpus_per_worker,
+            "feedback": ds.feedback,
         }
         (sweeps / name).mkdir(parents=True, exist_ok=True)
         (sweeps / name / "metarec_sweep.json").write_text(json.dumps(spec, indent=2))
@@ -264,7 +263,9 @@ def _tuner(
         trainable,
         param_space=_ray_space(dims),
         tune_config=ray_tune.TuneConfig(
-            metric=METRIC,
+            # the best validation objective so far (MAE on ratings): what metarec ranks
+            # trials by, so Ray's "Current best trial" names the trial metarec registers
+            metric=best_key(spec.get("feedback", "explicit")),
             mode="min",
             num_samples=cfg.tune.num_samples,
             max_concurrent_trials=concurrent,
@@ -357,9 +358,15 @@ def _finish(grid: Any, spec: dict[str, Any], dims: list[Dimension], manifest: di
             best["run_id"],
             checkpoint_dir=Path(best["checkpoint"]).parent,
             history=state.history,
-            summary={"best/valid_mae": state.best_valid_mae, "best/epoch": state.best_epoch},
+            summary={
+                best_key(spec.get("feedback", "explicit")): state.best_valid_mae,
+                "best/epoch": state.best_epoch,
+            },
             model_name=model_name(manifest),
             end_status=None,
         )
-    tracking.finish_sweep(uri, spec["parent_run_id"], table)
-    return SweepOutcome(name, spec["parent_run_id"], model_uri, best, table)
+    tracking.finish_sweep(
+        uri, spec["parent_run_id"], table, best_key(spec.get("feedback", "explicit"))
+    )
+    feedback = spec.get("feedback", "explicit")
+    return SweepOutcome(name, spec["parent_run_id"], model_uri, best, table, feedback)

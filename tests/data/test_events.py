@@ -85,9 +85,7 @@ def _shop_log(tmp_path, users=40, items=60):
     return _events(tmp_path, rows)
 
 
-def test_an_implicit_dataset_is_evaluated_on_its_baselines_and_refused_by_training(
-    tmp_path, capsys
-):
+def test_an_implicit_dataset_is_evaluated_with_its_baselines_and_the_meta_learner(tmp_path, capsys):
     from metarec.cli import main
 
     path = _shop_log(tmp_path)
@@ -97,18 +95,22 @@ def test_an_implicit_dataset_is_evaluated_on_its_baselines_and_refused_by_traini
     assert {"user_cold", "temporal"} <= set(ds.scenarios)
     assert ds.manifest["ratings"]["max"] == 6.0  # view + purchase
     data = ["--data", str(tmp_path / "prepared")]
-    assert main(["train", *data]) == 2
+    assert main(["report", *data, "--out", str(tmp_path / "r")]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "got an implicit-feedback dataset" in line and "expected explicit" in line
     assert main(["evaluate", *data, "--out", str(tmp_path / "e"), "--seeds", "0", "1"]) == 2
     assert "--seeds: got [0, 1] for an implicit" in capsys.readouterr().err
     out = tmp_path / "e"
-    assert main(["evaluate", *data, "--out", str(out), "--baselines", "popularity,ease"]) == 0
+    flags = ["--baselines", "popularity,ease", "--epochs", "2"]
+    assert main(["evaluate", *data, "--out", str(out), *flags]) == 0
     rows = json.loads((out / "results.json").read_text())["user_cold"]
     paired = rows["_paired"]
-    other = ({"popularity", "ease"} - {paired["reference"]}).pop()
-    assert set(paired[other]) == {"hr@10", "ndcg@10", "recall@20", "mrr"}
+    assert paired["reference"] in {"popularity", "ease"}  # the best *baseline* on validation
+    other = {"popularity", "ease", "maml"} - {paired["reference"]}
+    assert set(paired) == {"reference", *other}
+    assert set(paired["maml"]) == {"hr@10", "ndcg@10", "recall@20", "mrr"}
     assert 0 <= rows["ease"]["ndcg@10"] <= 1 and 0 < rows["ease"]["coverage@10"] <= 1
+    assert len(rows["maml"]["history"]) == 2 and 0 <= rows["maml"]["ndcg@10"] <= 1
 
 
 def test_event_weights_come_from_config(tmp_path):

@@ -92,6 +92,8 @@ def prepare(cfg: MetarecConfig, out: str | Path, *, progress: bool = True) -> Pr
             skipped,
             cut_auto=d.item_cut_year is None,
             feedback=feedback,
+            # what an event weighs, for serving events (interactions carry their count)
+            event_weights=dict(d.event_weights) if d.source != "interactions" else {},
         )
         write_prepared(
             Path(out),
@@ -159,6 +161,7 @@ def _manifest(
     *,
     cut_auto: bool,
     feedback: str,
+    event_weights: dict[str, float],
 ) -> dict[str, Any]:
     r = ratings["rating"].to_numpy()
     duplicates = "a repeated (user, item) keeps its latest rating"
@@ -168,6 +171,7 @@ def _manifest(
         "metarec_version": __version__,
         "source": source,
         "feedback": feedback,
+        **({"event_weights": event_weights} if feedback == "implicit" else {}),
         "protocol": {
             "query_size": protocol.query_size,
             "min_ratings": protocol.min_ratings,

@@ -132,8 +132,8 @@ class PreparedDataset:
         if self.feedback != "explicit":
             raise DataError(
                 f"{self.root}: got an implicit-feedback dataset (events or counts); `metarec "
-                f"{command}` expected explicit ratings. This version prepares and inspects "
-                "implicit data (`metarec info`) but does not yet train, evaluate or serve it"
+                f"{command}` expected explicit ratings. Implicit data trains, tunes, "
+                "evaluates and serves; this command is not built for it yet"
             )
 
     def task_path(self, scenario: str, split: str) -> Path:

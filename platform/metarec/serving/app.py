@@ -118,6 +118,7 @@ def load_service(settings: ServeConfig, *, writer: str) -> Service:
             max_sessions=settings.max_sessions,
             max_ratings=settings.limits.max_ratings,
             index=catalog.index,
+            implicit=catalog.feedback == "implicit",
         ),
         feedback=FeedbackLog(feedback_dir, writer),
     )

@@ -124,6 +124,10 @@ class Engine:
         dtype = next(iter(self.params.values())).dtype
         dev = self.device
         users = torch.arange(b, device=dev)
+        if self.learner.loss != "mse":  # implicit: negatives beside the support, as evaluated
+            neg, ok = self.learner.support_negatives(items, mask)
+            items, mask = torch.cat([items, neg], 1), torch.cat([mask, ok], 1)
+            ratings = torch.cat([ratings, torch.zeros(neg.shape)], 1)
         support = (users, items.to(dev), ratings.to(dev, dtype), mask.to(dev))
         params = self._with_users(self.params, self._user_table(jobs))
         fast = self.learner.adapt(params, support, steps=self.steps, inner_lr=self.lrs)

@@ -15,6 +15,7 @@ from metarec.sections import HARD_MAX_ITEMS
 
 __all__ = [
     "HARD_MAX_ITEMS",
+    "Event",
     "FeedbackRequest",
     "ItemId",
     "PredictRequest",
@@ -48,12 +49,29 @@ class Rating(_Body):
     rating: float = Field(allow_inf_nan=False, description="On the training data's scale.")
 
 
+class Event(_Body):
+    """One interaction, for a model trained on implicit feedback: an event its data
+    weighed (``view``, ``cart``, ``purchase``: ``/v1/model`` lists them), a value (a play
+    count), or both (the event's weight times the value)."""
+
+    item: ItemId
+    event: str | None = Field(None, max_length=64)
+    value: float | None = Field(None, gt=0, allow_inf_nan=False)
+
+
 class _Adapt(_Body):
     user: UserFeatures | None = None
     ratings: list[Rating] = Field(
         default_factory=list,
         max_length=HARD_MAX_ITEMS,
-        description="The user's known ratings (the support set). Empty = cold start.",
+        description="The user's known ratings (the support set) for a model trained on "
+        "ratings. Empty = cold start.",
+    )
+    events: list[Event] = Field(
+        default_factory=list,
+        max_length=HARD_MAX_ITEMS,
+        description="The user's interactions (the support set) for a model trained on "
+        "implicit feedback; a repeated item's strengths add up. Empty = cold start.",
     )
 
 
@@ -70,6 +88,9 @@ class PredictRequest(_Adapt):
 
 
 class FeedbackRequest(_Body):
+    """New ratings, or events for an implicit model: at least one of the two."""
+
     user: UserFeatures | None = None
-    ratings: list[Rating] = Field(min_length=1, max_length=HARD_MAX_ITEMS)
+    ratings: list[Rating] = Field(default_factory=list, max_length=HARD_MAX_ITEMS)
+    events: list[Event] = Field(default_factory=list, max_length=HARD_MAX_ITEMS)
     k: int = Field(10, ge=1, le=HARD_MAX_ITEMS, description="Recommendations to return.")

@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
-from metarec.catalog import Catalog, FieldError
+from metarec.catalog import ONBOARDING_RULES, Catalog, FieldError
 from metarec.sections import LimitsConfig
 from metarec.serving.engine import Engine, Job, Result
 from metarec.serving.schemas import (
+    Event,
     FeedbackRequest,
     PredictRequest,
     Rating,
@@ -66,6 +67,45 @@ class Service:
         latest = dict(zip(items, values, strict=True))  # a repeated item keeps its last rating,
         return list(latest), list(latest.values())  # as in training data (data.features)
 
+    def _events(self, events: list[Event], loc: Loc) -> tuple[list[int], list[float]]:
+        """Events -> (items, strengths) as training weighed them: the event's weight (from
+        the data's ``event_weights``) times the value, or the value alone; a repeated
+        item's strengths add up (the training policy, ``data.events``)."""
+        self._check_len(events, self.limits.max_ratings, loc, "events")
+        weights = self.catalog.event_weights
+        strengths = []
+        for k, e in enumerate(events):
+            if e.event is None and e.value is None:
+                raise FieldError((*loc, k), "give an event, a value, or both")
+            weight = 1.0
+            if e.event is not None:
+                if e.event not in weights:
+                    expected = sorted(weights) or "none: this data had counts, send a value"
+                    raise FieldError(
+                        (*loc, k, "event"), f"{e.event!r} has no weight; expected {expected}"
+                    )
+                weight = weights[e.event]
+            strengths.append(weight * (1.0 if e.value is None else e.value))
+        items = self.catalog.item_index([str(e.item) for e in events], loc, ("item",))
+        total: dict[int, float] = {}
+        for i, s in zip(items, strengths, strict=True):
+            total[i] = total.get(i, 0.0) + s
+        return list(total), list(total.values())
+
+    def _support(
+        self, ratings: list[Rating], events: list[Event], loc: Loc
+    ) -> tuple[list[int], list[float]]:
+        """A request's support set in the kind of feedback the model learned from; the
+        other kind is refused, naming its field."""
+        implicit = self.catalog.feedback == "implicit"
+        wrong, given = ("ratings", ratings) if implicit else ("events", events)
+        if given:
+            learned = "implicit feedback: send events" if implicit else "ratings: send ratings"
+            raise FieldError((*loc, wrong), f"this model learned from {learned}")
+        if implicit:
+            return self._events(events, (*loc, "events"))
+        return self._ratings(ratings, (*loc, "ratings"))
+
     def _k(self, k: int, loc: Loc) -> None:
         if k > self.limits.max_k:
             raise FieldError(loc, f"{k} is larger than the limit {self.limits.max_k}")
@@ -75,9 +115,9 @@ class Service:
             return None
         return tuple(self.catalog.encode_user(user.model_dump(), ("body", "user")))
 
-    def adapt_job(self, user: UserFeatures | None, ratings: list[Rating]) -> Job:
-        items, values = self._ratings(ratings, ("body", "ratings"))
-        return Job(features=self._features(user), items=tuple(items), ratings=tuple(values))
+    def adapt_job(self, req: RecommendRequest | PredictRequest) -> Job:
+        items, values = self._support(req.ratings, req.events, ("body",))
+        return Job(features=self._features(req.user), items=tuple(items), ratings=tuple(values))
 
     # -- stateless endpoints ------------------------------------------------------------
 
@@ -90,7 +130,7 @@ class Service:
             candidates = self.catalog.item_index(
                 [str(c) for c in req.candidates], ("body", "candidates")
             )
-        return self.adapt_job(req.user, req.ratings), candidates
+        return self.adapt_job(req), candidates
 
     def recommend_response(
         self, req: RecommendRequest, job: Job, candidates: list[int] | None, result: Result
@@ -106,7 +146,7 @@ class Service:
         """The job, and the catalog indices of the items to predict."""
         self._check_len(req.items, self.limits.max_items, ("body", "items"), "items")
         items = self.catalog.item_index([str(i) for i in req.items], ("body", "items"))
-        return self.adapt_job(req.user, req.ratings), items
+        return self.adapt_job(req), items
 
     def predict_response(self, job: Job, items: list[int], result: Result) -> dict:
         scores = result.scores[items].tolist()
@@ -164,7 +204,7 @@ class Service:
     def onboarding(self, n: int) -> dict[str, Any]:
         self._k(n, ("query", "n"))
         return {
-            "rule": "log(1 + training ratings) x rating std (Rashid et al., IUI 2002)",
+            "rule": ONBOARDING_RULES[self.catalog.feedback],
             "items": [self.catalog.item(i) for i in self.catalog.onboarding(n)],
         }
 
@@ -173,7 +213,10 @@ class Service:
     def feedback_job(self, user_id: str, req: FeedbackRequest) -> tuple[Job, Session, int]:
         """Validate, log durably (fsync), then update the session: a 200 means on disk."""
         self._k(req.k, ("body", "k"))
-        items, values = self._ratings(req.ratings, ("body", "ratings"))
+        if not (req.ratings or req.events):
+            field = "events" if self.catalog.feedback == "implicit" else "ratings"
+            raise FieldError(("body", field), "at least one is required")
+        items, values = self._support(req.ratings, req.events, ("body",))
         features = req.user.model_dump(exclude_none=True) if req.user is not None else None
         if features is not None:
             self.catalog.encode_user(features, ("body", "user"))  # reject before logging
@@ -184,7 +227,8 @@ class Service:
                 {
                     "user_id": user_id,
                     "item": self.catalog.raw_ids[i],
-                    "rating": r,
+                    # an implicit model's strength: what the sessions replay and add up
+                    ("rating" if self.catalog.feedback == "explicit" else "strength"): r,
                     "timestamp": now,
                     "user": features,
                     "model": label,
@@ -195,7 +239,9 @@ class Service:
         session = self.sessions.get(user_id) or Session()
         if features:
             session.features = features
-        session.add(items, values, self.limits.max_ratings)
+        session.add(
+            items, values, self.limits.max_ratings, add_up=self.catalog.feedback == "implicit"
+        )
         self.sessions.record(user_id, session)
         return self._session_job(session), session, session.version
 

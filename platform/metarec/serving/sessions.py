@@ -71,22 +71,26 @@ def _cut_torn_tail(path: Path) -> None:
 
 @dataclass
 class Session:
-    """One user's ratings (latest per item, most recent last) and cached fast weights."""
+    """One user's ratings (latest per item, most recent last), or for an implicit model
+    interaction strengths (summed per item), and cached fast weights."""
 
     features: dict[str, Any] | None = None
     ratings: dict[int, float] = field(default_factory=dict)  # item index -> rating
     weights: dict[str, Tensor] | None = None  # valid for exactly these ratings
     version: int = 0  # bumped by every change, so a slow adaptation never caches stale weights
 
-    def add(self, items: list[int], ratings: list[float], max_ratings: int) -> None:
-        """Record ratings; a re-rated item keeps its latest rating (the training policy).
+    def add(
+        self, items: list[int], ratings: list[float], max_ratings: int, *, add_up: bool = False
+    ) -> None:
+        """Record ratings; a re-rated item keeps its latest rating (the training policy), or
+        with ``add_up`` (implicit strengths) its strengths add up, as events did in training.
 
         Only the ``max_ratings`` most recent are kept: the support set stays the size the
         model was meta-trained for, and a drifting taste is followed, not averaged away.
         """
         for i, r in zip(items, ratings, strict=True):
-            self.ratings.pop(i, None)
-            self.ratings[i] = r
+            before = self.ratings.pop(i, 0.0)
+            self.ratings[i] = before + r if add_up else r
         while len(self.ratings) > max_ratings:
             del self.ratings[next(iter(self.ratings))]
         self.weights = None
@@ -108,8 +112,11 @@ class Sessions:
         max_sessions: int,
         max_ratings: int,
         index: dict[str, int],
+        implicit: bool = False,
     ) -> None:
         self.log_dir = Path(log_dir)
+        # which logged records this model replays: ratings, or implicit strengths
+        self._value, self._add_up = ("strength", True) if implicit else ("rating", False)
         self.max_sessions, self.max_ratings = max_sessions, max_ratings
         self._index = index
         self._lru: OrderedDict[str, Session] = OrderedDict()
@@ -160,10 +167,10 @@ class Sessions:
 
     def _replay_one(self, session: Session | None, event: dict[str, Any]) -> Session | None:
         item = self._index.get(event["item"])
-        if item is None:  # logged against another model's catalog: not this model's item
+        if item is None or self._value not in event:  # another model's catalog or kind
             return session
         session = session or Session()
         if event.get("user"):
             session.features = event["user"]
-        session.add([item], [float(event["rating"])], self.max_ratings)
+        session.add([item], [float(event[self._value])], self.max_ratings, add_up=self._add_up)
         return session

@@ -1,0 +1,134 @@
+"""Serving a model trained on implicit feedback, without Ray or HTTP: events in, strengths
+as training weighed them, negatives drawn as evaluation draws them, sessions that add
+events up, and an onboarding page that spans the catalogue."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metarec.batch import from_table
+from metarec.catalog import Catalog, FieldError
+from metarec.checkpoint import learner_from_checkpoint, standalone_checkpoint
+from metarec.initialise import build_learner
+from metarec.loop import predict_items
+from metarec.sections import LimitsConfig
+from metarec.serving.engine import Engine, Job
+from metarec.serving.schemas import Event, FeedbackRequest, Rating, RecommendRequest
+from metarec.serving.service import Service
+from metarec.serving.sessions import FeedbackLog, Sessions
+
+
+@pytest.fixture(scope="module")
+def served(shop_cfg, shop_prepared):
+    ds = shop_prepared
+    train = from_table(ds.tasks("user_cold", "train"))
+    learner = build_learner(shop_cfg, ds, train)
+    ckpt = standalone_checkpoint(shop_cfg, learner, ds, train)
+    loaded = learner_from_checkpoint(ckpt, best=False)
+    catalog = Catalog.from_checkpoint(ckpt, loaded.model.item_genres, loaded.model.item_year)
+    return learner, loaded, catalog
+
+
+def _service(served, tmp_path) -> Service:
+    _, loaded, catalog = served
+    return Service(
+        Engine(loaded),
+        catalog,
+        model_info={"label": "test"},
+        limits=LimitsConfig(),
+        sessions=Sessions(
+            tmp_path, max_sessions=4, max_ratings=50, index=catalog.index, implicit=True
+        ),
+        feedback=FeedbackLog(tmp_path, "w0"),
+    )
+
+
+def test_the_checkpoint_knows_its_feedback_and_event_weights(served):
+    learner, loaded, catalog = served
+    assert loaded.feedback == "implicit" and loaded.loss == "bce"
+    assert catalog.feedback == "implicit"
+    assert catalog.event_weights == {"view": 1.0, "cart": 3.0, "purchase": 5.0}
+    torch.testing.assert_close(loaded.item_popularity, learner.item_popularity)
+
+
+def test_engine_equals_evaluation_with_the_same_negatives(served, shop_prepared):
+    """Served scores = ``loop.predict_items`` on the same support: the negatives beside a
+    support depend on the support alone, not on the batch or the user id."""
+    learner, loaded, catalog = served
+    tasks = from_table(shop_prepared.tasks("user_cold", "test")).select(torch.arange(5))
+    n = len(catalog)
+    expected = predict_items(learner, tasks, torch.arange(n).expand(5, n))
+    jobs = []
+    for t in range(5):
+        m = tasks.support_mask[t]
+        jobs.append(
+            Job(
+                items=tuple(tasks.support_items[t, m].tolist()),
+                ratings=tuple(tasks.support_ratings[t, m].tolist()),
+            )
+        )
+    got = torch.stack([r.scores for r in Engine(loaded).run(jobs[::-1])])  # another order
+    torch.testing.assert_close(got.flip(0), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_events_become_strengths_and_the_other_kind_is_refused(served, tmp_path):
+    service = _service(served, tmp_path)
+    catalog = served[2]
+    a, b = catalog.raw_ids[:2]
+    req = RecommendRequest(
+        events=[
+            Event(item=a, event="view"),
+            Event(item=a, event="purchase"),
+            Event(item=b, value=2.5),
+            Event(item=b, event="cart", value=2),
+        ]
+    )
+    job, _ = service.recommend_job(req)
+    assert dict(zip(job.items, job.ratings, strict=True)) == {
+        catalog.index[a]: 6.0,
+        catalog.index[b]: 8.5,
+    }
+    cases = [
+        (RecommendRequest(ratings=[Rating(item=a, rating=4)]), ("body", "ratings")),
+        (RecommendRequest(events=[Event(item=a, event="click")]), ("body", "events", 0, "event")),
+        (RecommendRequest(events=[Event(item=a)]), ("body", "events", 0)),
+        (RecommendRequest(events=[Event(item="nope", value=1)]), ("body", "events", 0, "item")),
+    ]
+    for bad, loc in cases:
+        with pytest.raises(FieldError) as e:
+            service.recommend_job(bad)
+        assert e.value.loc == loc, e.value.loc
+    with pytest.raises(FieldError) as e:
+        service.feedback_job("u", FeedbackRequest())
+    assert e.value.loc == ("body", "events")
+
+
+def test_sessions_add_events_up_and_rebuild_from_the_log(served, tmp_path):
+    service = _service(served, tmp_path)
+    catalog = served[2]
+    item = catalog.raw_ids[3]
+    for event in ("view", "cart", "purchase"):
+        service.feedback_job("ann", FeedbackRequest(events=[Event(item=item, event=event)]))
+    assert service.sessions.get("ann").ratings == {catalog.index[item]: 9.0}
+    service.feedback_log.close()
+    rebuilt = Sessions(tmp_path, max_sessions=4, max_ratings=50, index=catalog.index, implicit=True)
+    assert rebuilt.get("ann").ratings == {catalog.index[item]: 9.0}
+    # a model trained on ratings replays none of these strengths
+    assert (
+        Sessions(tmp_path, max_sessions=4, max_ratings=50, index=catalog.index).get("ann") is None
+    )
+
+
+def test_implicit_onboarding_spans_the_categories(served):
+    catalog = served[2]
+    picked = catalog.onboarding(20)
+    assert len(set(picked)) == 20
+
+    def categories(items: list[int]) -> int:
+        return len({g for i in items for g in catalog.genres[i] if g.startswith("category:")})
+
+    best_sellers = torch.topk(catalog.item_count, 20).indices.tolist()
+    assert categories(picked) >= 18  # of the shop's 20 categories
+    assert categories(picked) > categories(best_sellers)  # which crowd into fewer
+    assert picked[0] == best_sellers[0]
