@@ -3,7 +3,7 @@
 import pyarrow as pa
 import torch
 
-from metarec.batch import bucketed_batches, from_table
+from metarec.batch import TaskBatch, bucketed_batches, from_table
 from metarec.data.tasks import TASK_SCHEMA
 
 
@@ -87,3 +87,32 @@ def test_shortened_keeps_the_first_fraction_of_each_support():
     assert cut.support_mask.tolist() == [[True, True, False], [False, False, False]]
     assert torch.equal(cut.query_mask, b.query_mask)  # queries untouched
     assert torch.equal(b.shortened(torch.ones(2)).support_mask, b.support_mask)
+
+
+def test_cut_support_keeps_the_first_n_and_moves_the_rest_packed_to_the_query():
+    """Padded tasks of mixed sizes: after the cut and any ``select``, each task's support
+    is its first n items and its query its own plus the rest of its support (target 0),
+    with no entry lost to trimming (masks stay left-packed)."""
+    g = torch.Generator().manual_seed(0)
+    s_len, q_len = [7, 2, 5, 0], [3, 1, 2, 2]
+    s_mask = torch.arange(7)[None] < torch.tensor(s_len)[:, None]
+    q_mask = torch.arange(3)[None] < torch.tensor(q_len)[:, None]
+    tasks = TaskBatch(
+        users=torch.arange(4),
+        support_items=torch.randint(0, 100, (4, 7), generator=g),
+        support_ratings=torch.rand(4, 7, generator=g) + 1,
+        support_mask=s_mask,
+        query_items=torch.randint(100, 200, (4, 3), generator=g),
+        query_ratings=torch.rand(4, 3, generator=g) + 1,
+        query_mask=q_mask,
+    )
+    cut = tasks.cut_support(3)
+    for index in (torch.arange(4), torch.tensor([2, 0]), torch.tensor([1])):
+        sub = cut.select(index)
+        for row, t in enumerate(index.tolist()):
+            support = tasks.support_items[t, s_mask[t]].tolist()
+            assert sub.support_items[row, sub.support_mask[row]].tolist() == support[:3]
+            q = sub.query_mask[row]
+            asked = q & (sub.query_ratings[row] > 0)
+            assert sub.query_items[row, asked].tolist() == tasks.query_items[t, q_mask[t]].tolist()
+            assert sorted(sub.query_items[row, q & ~asked].tolist()) == sorted(support[3:])

@@ -2,15 +2,18 @@
 
 import itertools
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from metarec.batch import TaskBatch
 from metarec.implicit_metrics import (
     coverage,
     implicit_metrics,
     popularity_percentile,
+    score_implicit,
     topk_membership,
 )
 
@@ -94,3 +97,40 @@ def test_coverage_and_popularity_percentiles():
     assert coverage(torch.log1p(-member[[0, 2]]).sum(0)) == 0.5
     pct = popularity_percentile(torch.tensor([5, 1, 1, 9]))
     assert pct.tolist() == pytest.approx([200 / 3, 50 / 3, 50 / 3, 100.0])
+
+
+class _Fixed:
+    """Scores item i as ``scores[i]`` for every user."""
+
+    def __init__(self, scores: list[float]) -> None:
+        self.scores = torch.tensor(scores, dtype=torch.float64)
+
+    def predict_items(self, tasks, items):
+        return self.scores[items]
+
+
+def test_a_cut_support_leaves_the_rest_of_the_history_unranked_and_unasked():
+    """One user: support items 0..4 in order, query items 5, 6. Cut to the first 2 support
+    items, items 2..4 move to the query as known-but-not-asked (target 0): neither ranked
+    nor positives, while the model only sees items 0, 1."""
+    tasks = TaskBatch(
+        users=torch.tensor([0]),
+        support_items=torch.tensor([[0, 1, 2, 3, 4]]),
+        support_ratings=torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]]),
+        support_mask=torch.ones(1, 5, dtype=torch.bool),
+        query_items=torch.tensor([[5, 6]]),
+        query_ratings=torch.tensor([[1.0, 1.0]]),
+        query_mask=torch.ones(1, 2, dtype=torch.bool),
+    )
+    cut = tasks.cut_support(2)
+    assert cut.support_items[cut.support_mask].tolist() == [0, 1]
+    moved = cut.query_mask & (cut.query_ratings == 0)
+    assert sorted(cut.query_items[moved].tolist()) == [2, 3, 4]
+    # items 0..4 score highest; had 2..4 been ranked, item 5 would sit at rank 4, not 1
+    scorer = _Fixed([9.0, 8.0, 7.0, 6.0, 6.5, 5.0, 0.5, 0.1])
+    m, _ = score_implicit(scorer, cut, 8)
+    assert float(m["mrr"][0]) == 1.0  # item 5 first among the ranked items 5, 6, 7
+    assert float(m["ndcg@10"][0]) == pytest.approx(1.0)  # both positives on top
+    # the same three items as plain negatives would take ranks 1-3
+    plain = replace(cut, query_mask=cut.query_mask & (cut.query_ratings > 0))
+    assert float(score_implicit(scorer, plain, 8)[0]["mrr"][0]) == pytest.approx(0.25)

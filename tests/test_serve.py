@@ -306,6 +306,7 @@ BAD = [
     ("post", "/v1/recommend", {"user": {"gender": "X", "occupation": "astronaut"}}, "user"),
     ("post", "/v1/recommend", {"user": {"age": -3}}, "age"),
     ("post", "/v1/recommend", {"kk": 3}, "kk"),
+    ("post", "/v1/recommend", {"events": [{"item": "1", "event": "view"}]}, "events"),
     ("post", "/v1/predict", {"items": []}, "items"),
     ("post", "/v1/users/bob/feedback", {"ratings": []}, "ratings"),
     ("get", "/v1/users/bob/recommendations?k=-1", None, "k"),

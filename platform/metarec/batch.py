@@ -114,6 +114,34 @@ class TaskBatch:
         q = append(self.query_items, self.query_ratings, self.query_mask, query)
         return replace(out, query_items=q[0], query_ratings=q[1], query_mask=q[2])
 
+    def cut_support(self, n: int) -> TaskBatch:
+        """Implicit evaluation tasks whose support keeps its first ``n`` interactions (in
+        the support's order: random for ``user_cold``, oldest first for ``temporal``: a new
+        customer's first few); the others move to the query with target 0, where scoring
+        neither ranks them nor counts them as positives
+        (``implicit_metrics.score_implicit``): a user with only ``n`` interactions, the rest
+        of their history out of the way. Masks stay left-packed, as ``select`` expects."""
+        mask = self.support_mask
+        kept = mask & (mask.cumsum(1) <= n)
+        items = torch.cat([self.query_items, self.support_items], 1)
+        ratings = torch.cat([self.query_ratings, torch.zeros_like(self.support_ratings)], 1)
+        in_query = torch.cat([self.query_mask, mask & ~kept], 1)
+        order = (~in_query).to(torch.int8).argsort(dim=1, stable=True)  # valid entries first
+        width = max(1, int(in_query.sum(1).max()))
+        items, ratings, in_query = (
+            t.gather(1, order)[:, :width] for t in (items, ratings, in_query)
+        )
+        s_len = max(1, int(kept.sum(1).max()))
+        return replace(
+            self,
+            support_items=self.support_items[:, :s_len],
+            support_ratings=self.support_ratings[:, :s_len],
+            support_mask=kept[:, :s_len],
+            query_items=items,
+            query_ratings=ratings,
+            query_mask=in_query,
+        )
+
     def shortened(self, keep: Tensor) -> TaskBatch:
         """Each task keeps the first ``floor(keep[t] * n_t)`` of its n_t support ratings.
 

@@ -185,6 +185,7 @@ def fit_methods(
     learner: MetaLearner | None = None,
     extra: dict[str, Scorer] | None = None,
     tune_adaptation: bool = True,
+    valid: TaskBatch | None = None,
 ) -> SeedFit:
     """Meta-train (unless ``learner`` is given) and tune every baseline for ``cfg.seed``.
 
@@ -192,8 +193,13 @@ def fit_methods(
         extra: scorers built elsewhere (a transferred model), scored like the rest.
         tune_adaptation: choose the meta-learner's test-time steps, step size and support
             prior on validation users (``adaptation_grid``); else score the trained ones.
+        valid: the validation tasks everything here is chosen on (default: the split's;
+            implicit evaluation passes them cut to ``evaluate.max_support``). Early stopping
+            always validates on the split's own.
     """
-    train, valid = (from_table(ds.tasks(scenario, s)) for s in ("train", "valid"))
+    train = from_table(ds.tasks(scenario, "train"))
+    if valid is None:
+        valid = from_table(ds.tasks(scenario, "valid"))
     n_items = ds.manifest["counts"]["items"]
     method = cfg.meta.algorithm
     history = None

@@ -100,6 +100,11 @@ def _evaluation(req: EvaluationRequest, cfg: Any, ds: Any, *, report: bool) -> _
     from dataclasses import replace
 
     ds.require_explicit("report" if report else "evaluate")
+    if cfg.evaluate.max_support is not None:
+        raise ConfigError(
+            f"evaluate.max_support: got {cfg.evaluate.max_support} for ratings; expected "
+            "null: it cuts implicit supports (for ratings, `metarec report --shots`)"
+        )
     if req.cross_domain and not req.model:
         raise ConfigError("--cross-domain: got no --model; expected the model to transfer")
     ev = _load_model(req, ds) if req.model else _Evaluation(cfg, ds)
@@ -271,16 +276,14 @@ def _evaluate_implicit(req: EvaluationRequest, ds: Any) -> None:
     e = cfg.evaluate
     refused = {  # flag -> (value, what it accepts)
         "--model": (req.model, "none"),
-        "--splits": (req.splits, "none"),
-        "--split-seeds": (e.split_seeds, "none"),
         "--seeds": (list(e.seeds) if len(e.seeds) > 1 else None, "one seed"),
     }
     for flag, (value, accepted) in refused.items():
         if value:
             raise ConfigError(
                 f"{flag}: got {value!r} for an implicit-feedback dataset; expected {accepted}: "
-                "this version evaluates implicit data once, on the prepared split (trained "
-                "models, seeds and resplits are not built for implicit data yet)"
+                "this version trains the meta-learner once per user split on implicit data "
+                "(scoring a trained model and several init seeds are not built for it yet)"
             )
     scenarios = _scenarios(req, ds, cfg.train.scenario)
     names = _baselines(e.baselines, IMPLICIT_BASELINES)
@@ -289,6 +292,7 @@ def _evaluate_implicit(req: EvaluationRequest, ds: Any) -> None:
         ds,
         scenarios=scenarios,
         baselines=names,
+        splits=_splits(req, e.split_seeds, ds, scenarios),
         resamples=e.bootstrap,
         log=lambda msg: print(msg, file=sys.stderr, flush=True),
     )

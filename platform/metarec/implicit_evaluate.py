@@ -46,72 +46,119 @@ def evaluate_implicit(
     *,
     scenarios: Sequence[str],
     baselines: Sequence[str],
+    splits: Sequence[tuple[int | str, PreparedDataset]] | None = None,
     resamples: int = 2000,
     log: Callable[[str], None] = print,
 ) -> dict[str, dict[str, Any]]:
-    """``{scenario: {method: {metric: mean, "params": ..}, "_paired": {...}}}``.
+    """``{scenario: {method: {metric: mean, "per_split": [...], "params": [...]},
+    "_paired": {...}, "_protocol": {...}}}``.
 
-    The meta-learner (``cfg``, meta-trained here with its implicit loss, its test-time
-    adaptation chosen on validation NDCG@10) and the ``network`` baselines come from
-    ``evaluate.fit_methods``, the same as on ratings; the implicit baselines are tuned on
-    validation NDCG@10 over their ``GRIDS``. The reference every method is compared with is
-    the best *baseline* on validation users.
+    On every user split (``splits``, default the prepared one): the meta-learner (``cfg``,
+    meta-trained here with its implicit loss, its test-time adaptation chosen on validation
+    NDCG@10) and the ``network`` baselines come from ``evaluate.fit_methods``, the same as
+    on ratings; the implicit baselines are tuned on validation NDCG@10 over their
+    ``GRIDS``. With ``evaluate.max_support`` validation and test users adapt on that many
+    support interactions (``TaskBatch.cut_support``). A method's figure is the mean over
+    splits of its mean over test users; the reference every method is compared with is the
+    best *baseline* on validation users (summed over splits), and paired differences pool
+    every test user of every split (users resampled within splits).
     """
-    from metarec.evaluate import fit_methods, valid_objective_for
-
-    n_items = ds.manifest["counts"]["items"]
-    seed = cfg.seed
+    splits = list(splits) if splits else [(ds.manifest["protocol"]["seed"], ds)]
+    cut = cfg.evaluate.max_support
     results: dict[str, dict[str, Any]] = {}
     for scenario in scenarios:
-        train, valid, test = (from_table(ds.tasks(scenario, s)) for s in ("train", "valid", "test"))
-        pct = popularity_percentile(Popularity().fit(train, n_items=n_items).counts_)
-        scorers: dict[str, tuple[Any, dict[str, Any], float]] = {}  # scorer, params, valid
-        for name in (b for b in baselines if b in GRIDS):
-            cls, grid = GRIDS[name]
-            params = [hp | ({"seed": seed} if "seed" in cls().get_params() else {}) for hp in grid]
-            fits = [cls(**hp).fit(train, n_items=n_items) for hp in params]
-            values = [valid_ndcg(f, valid, n_items) for f in fits]
-            best = int(np.argmax(values))
-            scorers[name] = (fits[best], params[best], values[best])
-        network = tuple(b for b in baselines if b in NETWORK_BASELINES)
-        fitted = fit_methods(cfg, ds, scenario, network, log=log)
-        objective = valid_objective_for(ds)
-        for name, scorer in fitted.scorers.items():
-            knobs = fitted.adapt if name == fitted.method else {}
-            scorers[name] = (scorer, knobs, 1.0 - objective(scorer, valid))
+        per_split = []
+        for label, view in splits:
+            log(f"[{scenario}] split {label}")
+            per_split.append(_split_scores(cfg, view, scenario, baselines, cut, log))
+        methods = list(per_split[0])
+        method = next(n for n in methods if per_split[0][n]["meta"])
         rows: dict[str, Any] = {}
-        per_user: dict[str, dict[str, np.ndarray]] = {}
-        for name, (scorer, params, valid_value) in scorers.items():
-            m, log_not_shown = score_implicit(scorer, test, n_items, pct)
-            rows[name] = {k: float(torch.nanmean(v.double())) for k, v in m.items()}
-            rows[name] |= {"coverage@10": coverage(log_not_shown), "params": params}
-            rows[name]["valid_ndcg@10"] = valid_value
-            per_user[name] = {k: v.double().numpy() for k, v in m.items()}
-            log(f"[{scenario}] {name}: test ndcg@10 {rows[name]['ndcg@10']:.4f} ({params})")
-        if fitted.history is not None:
-            rows[fitted.method]["history"] = fitted.history
-        candidates = [n for n in rows if n != fitted.method] or list(rows)
+        for name in methods:
+            runs = [s[name] for s in per_split]
+            rows[name] = {
+                k: float(np.mean([r["means"][k] for r in runs])) for k in runs[0]["means"]
+            }
+            rows[name] |= {
+                "valid_ndcg@10": float(np.mean([r["valid"] for r in runs])),
+                "per_split": [r["means"] for r in runs],
+                "params": [r["params"] for r in runs],
+            }
+            if runs[0]["history"] is not None:
+                rows[name]["history"] = [r["history"] for r in runs]
+        candidates = [n for n in methods if n != method] or methods
         reference = max(candidates, key=lambda n: rows[n]["valid_ndcg@10"])
+        pooled = {n: [s[n]["per_user"] for s in per_split] for n in methods}
         rows["_paired"] = {
             "reference": reference,
             **{
                 name: paired_differences(
-                    [per_user[name]], [per_user[reference]], METRICS, resamples=resamples, seed=seed
+                    pooled[name], pooled[reference], METRICS, resamples=resamples, seed=cfg.seed
                 )
-                for name in rows
-                if name not in (reference, "_paired")
+                for name in methods
+                if name != reference
             },
         }
         rows["_protocol"] = {
-            "test_users": test.num_tasks,
-            "items": n_items,
+            "test_users": sum(s[method]["users"] for s in per_split),
+            "splits": [label for label, _ in splits],
+            "items": ds.manifest["counts"]["items"],
+            "support": f"at most {cut} interactions" if cut else "every support interaction",
             "positives": "every query interaction",
-            "excluded": "support items",
+            "excluded": "support items" + (" and the rest of the user's history" if cut else ""),
             "negatives": "the whole catalogue (no sampling)",
             "reference": "the best baseline on validation NDCG@10",
         }
         results[scenario] = rows
     return results
+
+
+def _split_scores(
+    cfg: MetarecConfig,
+    ds: PreparedDataset,
+    scenario: str,
+    baselines: Sequence[str],
+    cut: int | None,
+    log: Callable[[str], None],
+) -> dict[str, dict[str, Any]]:
+    """Every method fitted and tuned on one split, and its test users' metrics."""
+    from metarec.evaluate import fit_methods, valid_objective_for
+
+    n_items = ds.manifest["counts"]["items"]
+    train, valid, test = (from_table(ds.tasks(scenario, s)) for s in ("train", "valid", "test"))
+    if cut:
+        valid, test = valid.cut_support(cut), test.cut_support(cut)
+    pct = popularity_percentile(Popularity().fit(train, n_items=n_items).counts_)
+    scorers: dict[str, tuple[Any, dict[str, Any], float]] = {}  # scorer, params, valid
+    for name in (b for b in baselines if b in GRIDS):
+        cls, grid = GRIDS[name]
+        params = [hp | ({"seed": cfg.seed} if "seed" in cls().get_params() else {}) for hp in grid]
+        fits = [cls(**hp).fit(train, n_items=n_items) for hp in params]
+        values = [valid_ndcg(f, valid, n_items) for f in fits]
+        best = int(np.argmax(values))
+        scorers[name] = (fits[best], params[best], values[best])
+    network = tuple(b for b in baselines if b in NETWORK_BASELINES)
+    fitted = fit_methods(cfg, ds, scenario, network, log=log, valid=valid)
+    objective = valid_objective_for(ds)
+    for name, scorer in fitted.scorers.items():
+        knobs = fitted.adapt if name == fitted.method else {}
+        scorers[name] = (scorer, knobs, 1.0 - objective(scorer, valid))
+    out: dict[str, dict[str, Any]] = {}
+    for name, (scorer, params, valid_value) in scorers.items():
+        m, log_not_shown = score_implicit(scorer, test, n_items, pct)
+        means = {k: float(torch.nanmean(v.double())) for k, v in m.items()}
+        means["coverage@10"] = coverage(log_not_shown)
+        out[name] = {
+            "means": means,
+            "params": params,
+            "valid": valid_value,
+            "per_user": {k: v.double().numpy() for k, v in m.items()},
+            "users": test.num_tasks,
+            "meta": name == fitted.method,
+            "history": fitted.history if name == fitted.method else None,
+        }
+        log(f"[{scenario}] {name}: test ndcg@10 {means['ndcg@10']:.4f} ({params})")
+    return out
 
 
 def format_implicit(results: dict[str, dict[str, Any]]) -> str:
@@ -127,8 +174,10 @@ def format_implicit(results: dict[str, dict[str, Any]]) -> str:
         for name, r in method_rows(rows).items():
             cells = [f"{r[m]:.4f}" for m in (*METRICS, "coverage@10")] + [f"{r['pop_pct@10']:.1f}"]
             body.append([name + (" (reference)" if name == paired["reference"] else ""), *cells])
+        p = rows["_protocol"]
         lines += [
-            f"{scenario} ({rows['_protocol']['test_users']} test users)",
+            f"{scenario} ({p['test_users']} test users over {len(p['splits'])} split(s); "
+            f"support: {p['support']})",
             *pipe_table(header, body),
         ]
         lines.append(

@@ -41,7 +41,11 @@ def score_implicit(
     """Per-user metrics ``(T,)`` of ``scorer`` (anything with ``predict_items``) ranking the
     whole catalogue, and per item ``sum over users of log(1 - P(in top 10))`` (for
     ``coverage``); users go through in blocks that bound the (users, catalogue) scores.
-    ``popularity_pct``: see ``implicit_metrics`` (None: not measured, zeros)."""
+    ``popularity_pct``: see ``implicit_metrics`` (None: not measured, zeros).
+
+    Support items are not ranked; query items are the positives, except those with
+    target 0 (``TaskBatch.cut_support``'s known-but-not-asked history), which are not
+    ranked either."""
     pct = torch.zeros(n_items) if popularity_pct is None else popularity_pct
     out: dict[str, list[Tensor]] = {}
     log_not_shown = torch.zeros(n_items, dtype=torch.float64)
@@ -49,8 +53,10 @@ def score_implicit(
     for lo in range(0, tasks.num_tasks, block):
         part = tasks.select(torch.arange(lo, min(lo + block, tasks.num_tasks)))
         scores = scorer.predict_items(part, torch.arange(n_items).expand(part.num_tasks, -1))
+        asked = part.query_mask & (part.query_ratings > 0)
         exclude = item_marks(part.support_items, part.support_mask, n_items)
-        positives = item_marks(part.query_items, part.query_mask, n_items) & ~exclude
+        exclude |= item_marks(part.query_items, part.query_mask & ~asked, n_items)
+        positives = item_marks(part.query_items, asked, n_items) & ~exclude
         for k, v in implicit_metrics(scores, positives, exclude, pct).items():
             out.setdefault(k, []).append(v)
         log_not_shown += torch.log1p(-topk_membership(scores, exclude, 10)).sum(0)

@@ -220,6 +220,10 @@ class EvaluateConfig:
     relevance_threshold: float | None = None
     # choose the meta-learner's test-time knobs on validation users (False: as trained)
     tune_adaptation: bool = True
+    # implicit data: validation and test users adapt on at most this many support
+    # interactions (a new customer's first few); their other ones are neither ranked nor
+    # positives. None: the whole support
+    max_support: PositiveInt | None = None
 
 
 @dataclass
