@@ -68,7 +68,8 @@ def synthetic_prepared(synthetic_cfg, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def shop_cfg():
-    """A small synthetic shop (implicit feedback: views, carts, purchases)."""
+    """A small synthetic shop (implicit feedback: views, carts, purchases). BCE: it learns
+    in the 4 epochs a test can afford, where the default BPR needs about 10."""
     return load_config(
         None,
         overrides=["data.scenarios=user_cold"],
@@ -79,6 +80,7 @@ def shop_cfg():
             "data.synthetic.min_ratings_per_user": 20,
             "data.synthetic.max_ratings_per_user": 60,
             "train.epochs": 4,
+            "meta.implicit_loss": "bce",
         },
     )
 

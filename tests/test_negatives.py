@@ -2,7 +2,14 @@
 
 import torch
 
-from metarec.negatives import sample_negatives
+from metarec.negatives import draw_candidates, keep_negatives
+
+
+def sample_negatives(positives, mask, n_items, count, **kw):
+    """Draw, then reject: what training does for a meta-batch."""
+    return keep_negatives(
+        draw_candidates(len(positives), n_items, count, **kw), positives, mask, count
+    )
 
 
 def _tasks(seed=0, t=64, n_items=300, longest=40):

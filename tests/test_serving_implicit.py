@@ -44,9 +44,9 @@ def _service(served, tmp_path) -> Service:
     )
 
 
-def test_the_checkpoint_knows_its_feedback_and_event_weights(served):
+def test_the_checkpoint_knows_its_feedback_and_event_weights(served, shop_cfg):
     learner, loaded, catalog = served
-    assert loaded.feedback == "implicit" and loaded.loss == "bce"
+    assert loaded.feedback == "implicit" and loaded.loss == shop_cfg.meta.implicit_loss
     assert catalog.feedback == "implicit"
     assert catalog.event_weights == {"view": 1.0, "cart": 3.0, "purchase": 5.0}
     torch.testing.assert_close(loaded.item_popularity, learner.item_popularity)

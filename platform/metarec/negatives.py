@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["draw_candidates", "fixed_candidates", "keep_negatives", "sample_negatives"]
+__all__ = ["draw_candidates", "fixed_candidates", "keep_negatives"]
 
 # Weyl-sequence steps (fractional parts of irrational multiples are equidistributed).
 _USER_STEP, _UNIFORM_STEP = 0.6180339887498949, 0.7548776662466927
@@ -33,11 +33,19 @@ def draw_candidates(
     generator: torch.Generator | None = None,
     oversample: int = 3,
 ) -> Tensor:
-    """``(tasks, count * oversample)`` candidate negatives, before rejection.
+    """``(tasks, count * oversample)`` candidate negatives, before rejection
+    (``keep_negatives`` then keeps ``count`` of them per task).
 
     Kept apart from ``keep_negatives`` so that data-parallel workers can draw for a whole
     meta-batch from their shared generator and each reject against the tasks it holds:
     the same negatives as one process, whatever the sharding.
+
+    Args:
+        n_items: catalogue size; items are ``0 .. n_items - 1``.
+        popularity: ``(n_items,)`` non-negative weights (e.g. interaction counts) for the
+            popularity-weighted share; None: every candidate is uniform.
+        popular_share: the share of candidates drawn by popularity (the rest uniform).
+        oversample: candidates drawn per negative wanted, before rejection.
     """
     if not 0.0 <= popular_share <= 1.0:
         raise ValueError(f"popular_share: got {popular_share}; expected a share in [0, 1]")
@@ -86,7 +94,17 @@ def keep_negatives(
     cand: Tensor, positives: Tensor, mask: Tensor, count: int
 ) -> tuple[Tensor, Tensor]:
     """The first ``count`` candidates of each row that are neither a positive of that task
-    nor a repeat: ``(T, count)`` items and mask (False where too few survive)."""
+    nor a repeat.
+
+    Args:
+        cand: ``(T, C)`` candidates (``draw_candidates``, ``fixed_candidates``).
+        positives: ``(T, L)`` item indices of each task's positives (support and query).
+        mask: ``(T, L)`` bool, which entries of ``positives`` are real.
+
+    Returns:
+        ``(T, count)`` items and a ``(T, count)`` bool mask: False only where a task has
+        fewer than ``count`` candidates left (a tiny catalogue or a very active user).
+    """
     big = torch.iinfo(torch.long).max
     own = torch.sort(torch.where(mask, positives, big), dim=1).values
     at = torch.searchsorted(own, cand).clamp(max=own.shape[1] - 1)
@@ -99,41 +117,3 @@ def keep_negatives(
     keep = ~(is_positive | repeat)
     first = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :count]
     return cand.gather(1, first), keep.gather(1, first)
-
-
-def sample_negatives(
-    positives: Tensor,
-    mask: Tensor,
-    n_items: int,
-    count: int,
-    *,
-    popularity: Tensor | None = None,
-    popular_share: float = 0.5,
-    generator: torch.Generator | None = None,
-    oversample: int = 3,
-) -> tuple[Tensor, Tensor]:
-    """``count`` distinct negative items per task, none of them a positive of that task.
-
-    Args:
-        positives: ``(T, L)`` item indices of each task's positives (support and query).
-        mask: ``(T, L)`` bool, which entries of ``positives`` are real.
-        n_items: catalogue size; items are ``0 .. n_items - 1``.
-        popularity: ``(n_items,)`` non-negative weights (e.g. interaction counts) for the
-            popularity-weighted share; None: every negative is uniform.
-        popular_share: the share of candidates drawn by popularity (the rest uniform).
-        oversample: candidates drawn per negative wanted, before rejection.
-
-    Returns:
-        ``(T, count)`` items and a ``(T, count)`` bool mask: False only where a task has
-        fewer than ``count`` items left to draw (a tiny catalogue or a very active user).
-    """
-    cand = draw_candidates(
-        positives.shape[0],
-        n_items,
-        count,
-        popularity=popularity,
-        popular_share=popular_share,
-        generator=generator,
-        oversample=oversample,
-    )
-    return keep_negatives(cand, positives, mask, count)

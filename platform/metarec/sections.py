@@ -159,7 +159,8 @@ class MetaConfig:
     # query loss on whole supports never scores (chosen on validation users: defaults-log §6)
     short_supports: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
     # implicit feedback: the inner and outer loss on positives against sampled negatives
-    implicit_loss: Literal["bce", "bpr"] = "bce"
+    # (bpr chosen on validation users of the synthetic shop: defaults-log §9)
+    implicit_loss: Literal["bce", "bpr"] = "bpr"
     negatives: PositiveInt = 100  # negatives drawn per task's support, and again per query
     # share of those drawn by item popularity (the rest uniform over the catalogue)
     popular_share: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
