@@ -270,3 +270,14 @@ def test_every_command_resolves_its_section_through_the_one_config(tmp_path):
     assert (cfg.evaluate.seeds, cfg.evaluate.bootstrap, cfg.report.shots) == ((3, 4), 5000, (1, 2))
     cfg = load(parse(["report", "--data", "d", "--out", "o", "--seeds", "5", "--shots", "0"]))
     assert (cfg.report.seeds, cfg.report.shots, cfg.evaluate.seeds) == ((5,), (0,), (0,))
+
+
+def test_max_support_is_refused_for_ratings(synthetic_prepared, tmp_path, capsys):
+    """``evaluate.max_support`` cuts implicit supports; on ratings it would be silently
+    meaningless, so it is an error naming the key and what to use instead."""
+    from metarec.cli import main
+
+    args = ["evaluate", "--data", str(synthetic_prepared.root), "--out", str(tmp_path / "o")]
+    assert main([*args, "--set", "evaluate.max_support=3"]) == 2
+    err = capsys.readouterr().err
+    assert "evaluate.max_support: got 3 for ratings" in err and "--shots" in err

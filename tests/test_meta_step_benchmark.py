@@ -14,9 +14,10 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.integration  # a fresh interpreter, ~15 s on 2 cores
 
 
-def test_meta_step_smoke_runs_and_agrees_with_the_loop():
+@pytest.mark.parametrize("loss", ["mse", "bpr"])
+def test_meta_step_smoke_runs_and_agrees_with_the_loop(loss):
     out = subprocess.run(
-        [sys.executable, "benchmarks/meta_step.py", "--smoke"],
+        [sys.executable, "benchmarks/meta_step.py", "--smoke", "--loss", loss],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -24,6 +25,7 @@ def test_meta_step_smoke_runs_and_agrees_with_the_loop():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["loss"] == loss
     assert {r["algorithm"] for r in report["results"]} >= {"maml", "fomaml"}
     for r in report["results"]:
         assert r["max_rel_grad_diff"] < 1e-6, r

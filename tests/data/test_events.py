@@ -110,7 +110,17 @@ def test_an_implicit_dataset_is_evaluated_with_its_baselines_and_the_meta_learne
     assert set(paired) == {"reference", *other}
     assert set(paired["maml"]) == {"hr@10", "ndcg@10", "recall@20", "mrr"}
     assert 0 <= rows["ease"]["ndcg@10"] <= 1 and 0 < rows["ease"]["coverage@10"] <= 1
-    assert len(rows["maml"]["history"]) == 2 and 0 <= rows["maml"]["ndcg@10"] <= 1
+    (history,) = rows["maml"]["history"]  # one split, two epochs
+    assert len(history) == 2 and 0 <= rows["maml"]["ndcg@10"] <= 1
+    cut = tmp_path / "cut"
+    flags = ["--baselines", "popularity", "--epochs", "1", "--split-seeds", "3", "4"]
+    assert (
+        main(["evaluate", *data, "--out", str(cut), *flags, "--set", "evaluate.max_support=5"]) == 0
+    )
+    rows = json.loads((cut / "results.json").read_text())["user_cold"]
+    assert rows["_protocol"]["splits"] == [3, 4]
+    assert rows["_protocol"]["support"] == "at most 5 interactions"
+    assert len(rows["maml"]["per_split"]) == len(rows["popularity"]["per_split"]) == 2
 
 
 def test_event_weights_come_from_config(tmp_path):
