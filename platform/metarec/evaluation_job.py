@@ -267,15 +267,18 @@ def evaluate_command(req: EvaluationRequest) -> None:
 
 
 def _evaluate_implicit(req: EvaluationRequest, ds: Any) -> None:
-    """An implicit dataset: the implicit baselines' table (``metarec.implicit_evaluate``);
-    what it cannot honour yet is refused, never ignored."""
+    """An implicit dataset: the meta-learner against the implicit baselines
+    (``metarec.implicit_evaluate``); what it cannot honour yet is refused, never ignored.
+    ``--model`` is scored where it fits (``evaluate.model_fits``), as on ratings."""
+    from dataclasses import replace
+
     from metarec.implicit_evaluate import IMPLICIT_BASELINES, evaluate_implicit, format_implicit
     from metarec.results import write_results
 
     cfg = _settings(req)
     e = cfg.evaluate
     refused = {  # flag -> (value, what it accepts)
-        "--model": (req.model, "none"),
+        "--cross-domain": (req.cross_domain, "none"),
         "--seeds": (list(e.seeds) if len(e.seeds) > 1 else None, "one seed"),
     }
     for flag, (value, accepted) in refused.items():
@@ -283,8 +286,12 @@ def _evaluate_implicit(req: EvaluationRequest, ds: Any) -> None:
             raise ConfigError(
                 f"{flag}: got {value!r} for an implicit-feedback dataset; expected {accepted}: "
                 "this version trains the meta-learner once per user split on implicit data "
-                "(scoring a trained model and several init seeds are not built for it yet)"
+                "(several init seeds and cross-domain transfer are not built for it yet)"
             )
+    learner = None
+    if req.model:
+        given = _load_model(req, ds)
+        cfg, learner = replace(given.cfg, evaluate=cfg.evaluate), given.learner
     scenarios = _scenarios(req, ds, cfg.train.scenario)
     names = _baselines(e.baselines, IMPLICIT_BASELINES)
     results = evaluate_implicit(
@@ -295,6 +302,7 @@ def _evaluate_implicit(req: EvaluationRequest, ds: Any) -> None:
         splits=_splits(req, e.split_seeds, ds, scenarios),
         resamples=e.bootstrap,
         log=lambda msg: print(msg, file=sys.stderr, flush=True),
+        learner=learner,
     )
     print(format_implicit(results))
     print(f"wrote {req.out}: {write_results(results, req.out).name}")

@@ -25,6 +25,7 @@ from metarec.implicit_metrics import (
     score_implicit,
     valid_ndcg,
 )
+from metarec.meta import MetaLearner
 from metarec.stats import paired_differences, verdict
 
 __all__ = [
@@ -49,9 +50,15 @@ def evaluate_implicit(
     splits: Sequence[tuple[int | str, PreparedDataset]] | None = None,
     resamples: int = 2000,
     log: Callable[[str], None] = print,
+    learner: MetaLearner | None = None,
 ) -> dict[str, dict[str, Any]]:
     """``{scenario: {method: {metric: mean, "per_split": [...], "params": [...]},
     "_paired": {...}, "_protocol": {...}}}``.
+
+    ``learner``: a trained model (``--model``, trained on ``cfg.train.scenario`` of ``ds``)
+    scored instead of meta-training one wherever it fits (``evaluate.model_fits``: it saw
+    none of that split's held-out interactions); the meta row's ``"source"`` says, per
+    split, ``model`` or ``fit``.
 
     On every user split (``splits``, default the prepared one): the meta-learner (``cfg``,
     meta-trained here with its implicit loss, its test-time adaptation chosen on validation
@@ -63,14 +70,22 @@ def evaluate_implicit(
     best *baseline* on validation users (summed over splits), and paired differences pool
     every test user of every split (users resampled within splits).
     """
+    from metarec.evaluate import model_fits
+
     splits = list(splits) if splits else [(ds.manifest["protocol"]["seed"], ds)]
     cut = cfg.evaluate.max_support
     results: dict[str, dict[str, Any]] = {}
     for scenario in scenarios:
         per_split = []
+        sources = []
         for label, view in splits:
             log(f"[{scenario}] split {label}")
-            per_split.append(_split_scores(cfg, view, scenario, baselines, cut, log))
+            given = learner
+            if learner is not None and not model_fits(ds, cfg.train.scenario, scenario, view):
+                log(f"[{scenario}] split {label}: the model saw held-out interactions; fitting")
+                given = None
+            sources.append("model" if given is not None else "fit")
+            per_split.append(_split_scores(cfg, view, scenario, baselines, cut, log, given))
         methods = list(per_split[0])
         method = next(n for n in methods if per_split[0][n]["meta"])
         rows: dict[str, Any] = {}
@@ -86,6 +101,7 @@ def evaluate_implicit(
             }
             if runs[0]["history"] is not None:
                 rows[name]["history"] = [r["history"] for r in runs]
+        rows[method]["source"] = sources
         candidates = [n for n in methods if n != method] or methods
         reference = max(candidates, key=lambda n: rows[n]["valid_ndcg@10"])
         pooled = {n: [s[n]["per_user"] for s in per_split] for n in methods}
@@ -120,8 +136,10 @@ def _split_scores(
     baselines: Sequence[str],
     cut: int | None,
     log: Callable[[str], None],
+    learner: MetaLearner | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Every method fitted and tuned on one split, and its test users' metrics."""
+    """Every method fitted and tuned on one split (the meta-learner unless ``learner`` is
+    given), and its test users' metrics."""
     from metarec.evaluate import fit_methods, valid_objective_for
 
     n_items = ds.manifest["counts"]["items"]
@@ -138,7 +156,7 @@ def _split_scores(
         best = int(np.argmax(values))
         scorers[name] = (fits[best], params[best], values[best])
     network = tuple(b for b in baselines if b in NETWORK_BASELINES)
-    fitted = fit_methods(cfg, ds, scenario, network, log=log, valid=valid)
+    fitted = fit_methods(cfg, ds, scenario, network, log=log, valid=valid, learner=learner)
     objective = valid_objective_for(ds)
     for name, scorer in fitted.scorers.items():
         knobs = fitted.adapt if name == fitted.method else {}

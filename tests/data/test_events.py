@@ -137,3 +137,32 @@ def test_explicit_manifests_without_the_field_read_as_explicit(tmp_path):
     from metarec.data.prepared import PreparedDataset
 
     assert PreparedDataset(tmp_path, {"scenarios": {}}).feedback == "explicit"
+
+
+def test_a_trained_implicit_model_is_scored_where_it_fits(tmp_path):
+    """``evaluate --model``: the model is scored on its own split, and re-fitted on a split
+    whose test users it trained on."""
+    from metarec.batch import from_table
+    from metarec.checkpoint import save_checkpoint, standalone_checkpoint
+    from metarec.cli import main
+    from metarec.config import apply_overrides
+    from metarec.loop import fit
+
+    path = _shop_log(tmp_path)
+    cfg = load_config(None, **{"data.source": "events", "data.input": str(path)})
+    ds = prepare(cfg, tmp_path / "prepared", progress=False)
+    cfg = apply_overrides(cfg, **{"train.epochs": 1})
+    train = from_table(ds.tasks("user_cold", "train"))
+    ckpt = standalone_checkpoint(cfg, fit(cfg, ds).learner, ds, train)
+    model = save_checkpoint(ckpt, tmp_path / "model")
+    data = ["--data", str(tmp_path / "prepared"), "--baselines", "popularity", "--epochs", "1"]
+    out = tmp_path / "e"
+    assert main(["evaluate", *data, "--model", str(model), "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["user_cold"]
+    assert rows["maml"]["source"] == ["model"]
+    again = tmp_path / "e2"
+    args = ["--model", str(model), "--split-seeds", "7", "--out", str(again)]
+    assert main(["evaluate", *data, *args]) == 0
+    assert json.loads((again / "results.json").read_text())["user_cold"]["maml"]["source"] == [
+        "fit"
+    ]
