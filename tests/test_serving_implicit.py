@@ -132,3 +132,12 @@ def test_implicit_onboarding_spans_the_categories(served):
     assert categories(picked) >= 18  # of the shop's 20 categories
     assert categories(picked) > categories(best_sellers)  # which crowd into fewer
     assert picked[0] == best_sellers[0]
+
+
+def test_the_openapi_examples_of_an_implicit_model_are_valid_requests(served, tmp_path):
+    service = _service(served, tmp_path)
+    examples = service.request_examples()
+    assert examples["RecommendRequest"]["events"][0]["event"] == "purchase"
+    job, _ = service.recommend_job(RecommendRequest(**examples["RecommendRequest"]))
+    assert len(job.items) == 2
+    service.feedback_job("ex", FeedbackRequest(**examples["FeedbackRequest"]))

@@ -162,13 +162,19 @@ class Service:
         """One valid body per request schema, with real ids of this catalog (onboarding
         items), for the OpenAPI page: Swagger's "Try it out" then works as it is."""
         a, b, c = (self.catalog.raw_ids[i] for i in self.catalog.onboarding(3))
-        lo, hi = self.catalog.rating_range
-        ratings = [{"item": a, "rating": hi}, {"item": b, "rating": lo}]
+        if self.catalog.feedback == "implicit":  # the heaviest and the lightest event
+            weights = self.catalog.event_weights
+            field, names = "events", sorted(weights, key=weights.get)
+            how = [{"event": names[-1]}, {"event": names[0]}] if names else [{"value": 2.0}] * 2
+            support = [{"item": a, **how[0]}, {"item": b, **how[1]}]
+        else:
+            field, (lo, hi) = "ratings", self.catalog.rating_range
+            support = [{"item": a, "rating": hi}, {"item": b, "rating": lo}]
         user = {"user": {"age": 30}} if self.catalog.has_user_features else {}
         return {
-            "RecommendRequest": {**user, "ratings": ratings, "k": 5},
-            "PredictRequest": {**user, "ratings": ratings, "items": [c]},
-            "FeedbackRequest": {"ratings": ratings[:1], "k": 5},
+            "RecommendRequest": {**user, field: support, "k": 5},
+            "PredictRequest": {**user, field: support, "items": [c]},
+            "FeedbackRequest": {field: support[:1], "k": 5},
         }
 
     def search(self, q: str, n: int) -> dict[str, Any]:
