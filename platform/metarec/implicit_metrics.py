@@ -32,7 +32,7 @@ __all__ = [
     "valid_ndcg",
 ]
 
-CATALOGUE_BLOCK = 1 << 22  # (users x items) scores per block of a full-catalogue ranking
+CATALOGUE_BLOCK = 1 << 20  # (users x items) pairs per block; a network's activations grow with it
 
 
 def score_implicit(
