@@ -361,3 +361,31 @@ def test_train_prints_one_line_per_epoch_and_keeps_ray_logs_out(uneven_prepared,
     ray_noise += ("Token authentication is enabled", "PYTHON worker processes")
     for noise in (*ray_noise, *mlflow_noise):
         assert noise not in both, (noise, both[-3000:])
+
+
+def test_train_on_implicit_data_tracks_its_ranking_objective(shop_prepared, tmp_path):
+    """`metarec train` on events: Ray Train workers, BPR/BCE against sampled negatives,
+    early stopping and MLflow on 1 - NDCG@10 of the full catalogue."""
+    from mlflow.tracking import MlflowClient
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
+    out = subprocess.run(
+        [
+            *(sys.executable, "-m", "metarec.cli", "train", "--data", str(shop_prepared.root)),
+            *("--epochs", "2", "--workers", "2", "--work-dir", str(tmp_path)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        start_new_session=True,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    epochs = [line for line in out.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 2 and all("valid 1-NDCG@10" in e for e in epochs), out.stdout
+    assert "valid 1-NDCG@10:" in out.stdout
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("metarec").experiment_id])
+    history = client.get_metric_history(run.info.run_id, "valid/1-ndcg_at_10")
+    assert [m.step for m in history] == [0, 1] and all(0 < m.value < 1 for m in history)
+    assert "best/valid_1-ndcg_at_10" in run.data.metrics
