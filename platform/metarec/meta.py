@@ -45,6 +45,7 @@ __all__ = [
     "LOSSES",
     "MetaLearner",
     "adapt",
+    "implicit_targets",
     "masked_mse",
     "meta_gradients",
     "meta_loss",
@@ -171,6 +172,13 @@ def masked_mse(pred: Tensor, target: Tensor, mask: Tensor, *, prior: float = 0.0
     return ((pred - target) ** 2 * m).sum(-1) / (m.sum(-1) + prior).clamp_min(1.0)
 
 
+def implicit_targets(target: Tensor) -> tuple[Tensor, Tensor]:
+    """An implicit task's targets read as (positive, confidence): a strength > 0 is a
+    positive weighted by that strength, a 0 (a sampled negative) a negative weighted 1."""
+    positive = target > 0
+    return positive, torch.where(positive, target, torch.ones_like(target))
+
+
 def task_loss(
     pred: Tensor, target: Tensor, mask: Tensor, *, loss: str = "mse", prior: float = 0.0
 ) -> Tensor:
@@ -185,8 +193,8 @@ def task_loss(
     if loss == "mse":
         return masked_mse(pred, target, mask, prior=prior)
     m = mask.to(pred.dtype)
-    positive = target > 0
-    weight = torch.where(positive, target, torch.ones_like(target)) * m
+    positive, confidence = implicit_targets(target)
+    weight = confidence * m
     if loss == "bce":
         per = F.binary_cross_entropy_with_logits(pred, positive.to(pred.dtype), reduction="none")
         return (per * weight).sum(-1) / (m.sum(-1) + prior).clamp_min(1.0)
@@ -383,9 +391,9 @@ def ridge_head(
     m = mask.to(h.dtype)
     target = ratings
     if loss != "mse":
-        positive = ratings > 0
+        positive, confidence = implicit_targets(ratings)
         target = positive.to(h.dtype)
-        m = m * torch.where(positive, ratings, torch.ones_like(ratings)).sqrt()
+        m = m * confidence.sqrt()
     x = torch.cat([h, torch.ones_like(h[..., :1])], -1) * m.unsqueeze(-1)  # (T, S, F)
     y = (target - offset) * m  # (T, S)
     xt = x.transpose(1, 2)  # (T, F, S)
