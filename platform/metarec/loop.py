@@ -23,7 +23,7 @@ from metarec.initialise import build_learner
 from metarec.meta import MetaLearner, meta_gradients, predict
 from metarec.metrics import masked_mae
 from metarec.mf import MFFoldIn
-from metarec.negatives import draw_candidates, keep_negatives
+from metarec.negatives import keep_negatives
 from metarec.train_state import TrainState
 
 __all__ = [
@@ -186,7 +186,9 @@ def train_epoch(
         if cfg.short_supports > 0:  # this share of tasks keeps a uniform fraction of its support
             draw = torch.rand(len(index), 2, generator=generator)
             short = torch.where(draw[:, 0] < cfg.short_supports, draw[:, 1], 1.0)
-        cand = _candidates(learner, len(index), 2 * cfg.negatives, generator)
+        cand = None  # implicit: negatives drawn for the whole batch, so every worker draws alike
+        if learner.loss != "mse":
+            cand = learner.negative_candidates(len(index), 2 * cfg.negatives, generator)
         rows = shard.local[index]
         mine = rows >= 0
         optimizer.zero_grad(set_to_none=False)
@@ -213,23 +215,6 @@ def train_epoch(
 
 def _device(learner: MetaLearner) -> torch.device:
     return next(learner.parameters()).device
-
-
-def _candidates(
-    learner: MetaLearner, tasks: int, count: int, generator: torch.Generator
-) -> Tensor | None:
-    """Candidate negatives for ``tasks`` implicit tasks (None for ratings), drawn from the
-    shared generator for a whole meta-batch so that every worker draws the same."""
-    if learner.loss == "mse":
-        return None
-    return draw_candidates(
-        tasks,
-        learner.model.item_genres.shape[0],
-        count,
-        popularity=learner.item_popularity.cpu(),
-        popular_share=learner.cfg.popular_share,
-        generator=generator,
-    )
 
 
 def with_support_negatives(learner: MetaLearner, tasks: TaskBatch) -> TaskBatch:

@@ -21,6 +21,7 @@ iMAML, NeurIPS 2019) keeps adapted weights near the meta-learned ones.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ from metarec.model import (
     SupportSet,
     call_with,
 )
-from metarec.negatives import fixed_candidates, keep_negatives
+from metarec.negatives import draw_candidates, fixed_candidates, keep_negatives
 
 __all__ = [
     "LOSSES",
@@ -137,20 +138,28 @@ class MetaLearner(nn.Module):
             loss=self.loss,
         )
 
+    def negative_candidates(self, tasks: int, count: int, generator: torch.Generator) -> Tensor:
+        """Random candidate negatives for ``tasks`` implicit training tasks
+        (``negatives.draw_candidates``; ``keep_negatives`` then rejects each task's own)."""
+        return draw_candidates(tasks, count=count, generator=generator, **self._sampling())
+
     def support_negatives(self, items: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """``cfg.negatives`` negatives (and their mask) beside each implicit support set
         ``(T, S)``, never one of its items, and a function of the support alone
         (``negatives.fixed_candidates`` keyed by the sum of its item ids): a support adapts
         the same way in evaluation and serving, whatever else is in the batch."""
         items, mask = items.cpu(), mask.cpu()
-        cand = fixed_candidates(
-            torch.where(mask, items + 1, 0).sum(1),
-            self.model.item_genres.shape[0],
-            self.cfg.negatives,
-            popularity=self.item_popularity.cpu(),
-            popular_share=self.cfg.popular_share,
-        )
+        key = torch.where(mask, items + 1, 0).sum(1)
+        cand = fixed_candidates(key, count=self.cfg.negatives, **self._sampling())
         return keep_negatives(cand, items, mask, self.cfg.negatives)
+
+    def _sampling(self) -> dict[str, Any]:
+        """The catalogue and the mix every negative of this learner is drawn from."""
+        return {
+            "n_items": self.model.item_genres.shape[0],
+            "popularity": self.item_popularity.cpu(),
+            "popular_share": self.cfg.popular_share,
+        }
 
     def lrs(self) -> Params | float:
         if not len(self.log_inner_lrs):
