@@ -14,7 +14,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-__all__ = ["TaskBatch", "bucketed_batches", "from_table", "item_marks"]
+__all__ = ["TaskBatch", "append_negatives", "bucketed_batches", "from_table", "item_marks"]
 
 
 @dataclass(frozen=True)
@@ -96,22 +96,12 @@ class TaskBatch:
         self, support: tuple[Tensor, Tensor], query: tuple[Tensor, Tensor] | None = None
     ) -> TaskBatch:
         """Implicit tasks with sampled negatives ``(items (T, K), mask (T, K))`` appended to
-        the support (and the query) as target 0: the losses of ``meta.task_loss`` read a
-        positive strength as a positive and 0 as a negative."""
-
-        def append(items: Tensor, targets: Tensor, mask: Tensor, extra: tuple[Tensor, Tensor]):
-            neg, neg_mask = (t.to(items.device) for t in extra)
-            return (
-                torch.cat([items, neg], 1),
-                torch.cat([targets, targets.new_zeros(neg.shape)], 1),
-                torch.cat([mask, neg_mask], 1),
-            )
-
-        s = append(self.support_items, self.support_ratings, self.support_mask, support)
+        the support (and the query) as target 0 (``append_negatives``)."""
+        s = append_negatives(self.support_items, self.support_ratings, self.support_mask, support)
         out = replace(self, support_items=s[0], support_ratings=s[1], support_mask=s[2])
         if query is None:
             return out
-        q = append(self.query_items, self.query_ratings, self.query_mask, query)
+        q = append_negatives(self.query_items, self.query_ratings, self.query_mask, query)
         return replace(out, query_items=q[0], query_ratings=q[1], query_mask=q[2])
 
     def cut_support(self, n: int) -> TaskBatch:
@@ -157,6 +147,20 @@ class TaskBatch:
         rank = mask.cumsum(1) - 1
         kept = mask & (rank < (keep.to(mask.device)[:, None] * n).floor())
         return replace(self, support_mask=kept)
+
+
+def append_negatives(
+    items: Tensor, targets: Tensor, mask: Tensor, negatives: tuple[Tensor, Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Padded ``(T, L)`` items, targets and mask with negatives ``(items (T, K), mask (T, K))``
+    appended as target 0: the losses of ``meta.task_loss`` read a strength > 0 as a
+    positive and 0 as a negative."""
+    neg, neg_mask = (t.to(items.device) for t in negatives)
+    return (
+        torch.cat([items, neg], 1),
+        torch.cat([targets, targets.new_zeros(neg.shape)], 1),
+        torch.cat([mask, neg_mask], 1),
+    )
 
 
 def item_marks(items: Tensor, mask: Tensor, n_items: int) -> Tensor:

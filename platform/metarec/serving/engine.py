@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
+from metarec.batch import append_negatives
 from metarec.meta import MetaLearner
 from metarec.model import call_with
 
@@ -125,9 +126,8 @@ class Engine:
         dev = self.device
         users = torch.arange(b, device=dev)
         if self.learner.loss != "mse":  # implicit: negatives beside the support, as evaluated
-            neg, ok = self.learner.support_negatives(items, mask)
-            items, mask = torch.cat([items, neg], 1), torch.cat([mask, ok], 1)
-            ratings = torch.cat([ratings, torch.zeros(neg.shape)], 1)
+            negatives = self.learner.support_negatives(items, mask)
+            items, ratings, mask = append_negatives(items, ratings, mask, negatives)
         support = (users, items.to(dev), ratings.to(dev, dtype), mask.to(dev))
         params = self._with_users(self.params, self._user_table(jobs))
         fast = self.learner.adapt(params, support, steps=self.steps, inner_lr=self.lrs)
