@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from metarec.batch import TaskBatch
-from metarec.mf import Estimator, flat_ratings
+from metarec.mf import Estimator, flat_ratings, interaction_counts
 
 __all__ = ["ALS", "BPR", "EASE", "GRIDS", "ItemKNN", "Popularity", "interaction_matrix"]
 
@@ -61,9 +61,7 @@ class Popularity(Estimator):
         pass
 
     def fit(self, train: TaskBatch, *, n_items: int) -> Popularity:
-        self.counts_ = torch.from_numpy(
-            np.asarray(_all(train, n_items, binary=True).sum(0)).ravel()
-        ).double()
+        self.counts_ = interaction_counts(train, n_items)
         return self
 
     def predict_items(self, tasks: TaskBatch, items: Tensor) -> Tensor:
