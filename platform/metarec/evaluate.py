@@ -44,6 +44,7 @@ __all__ = [
     "fit_with_bar",
     "model_fits",
     "score_tasks",
+    "tuned",
     "valid_objective_for",
 ]
 
@@ -122,7 +123,7 @@ def valid_objective_for(ds: PreparedDataset) -> Objective:
     return lambda scorer, valid: 1.0 - valid_ndcg(scorer, valid, n_items)
 
 
-def _tuned(
+def tuned(
     make: Callable[[dict], Scorer],
     grid: Iterable[dict],
     valid: TaskBatch,
@@ -205,7 +206,7 @@ def fit_methods(
     history = None
     grids = classic_baselines(seed=cfg.seed)
     classic = {  # first: the networks start from the tuned mf_foldin's items (no refit)
-        name: _tuned(
+        name: tuned(
             lambda hp, g=grids[name]: g.cls(**hp).fit(train, n_items=n_items),
             grids[name].grid,
             valid,
@@ -221,7 +222,7 @@ def fit_methods(
         learner, history = fitted.learner, fitted.history
     grid = adaptation_grid(learner.cfg) if tune_adaptation else [{}]
     objective = valid_objective_for(ds)
-    meta, _, value = _tuned(lambda hp: AdaptedScorer(learner, **hp), grid, valid, objective)
+    meta, _, value = tuned(lambda hp: AdaptedScorer(learner, **hp), grid, valid, objective)
     assert isinstance(meta, AdaptedScorer)
     key = valid_key(ds.feedback).replace("/", "_")  # valid_mae on ratings
     adapt = {**meta.knobs(), key: value, "grid_points": len(grid)}
@@ -240,7 +241,7 @@ def fit_methods(
                 grid = adaptation_grid(cfg.meta)
             else:
                 grid = [{"inner_lr": lr} for lr in sorted({*FINETUNE_LRS, cfg.meta.inner_lr})]
-            scorers["finetune"] = _tuned(
+            scorers["finetune"] = tuned(
                 lambda hp: AdaptedScorer(glob, **hp), grid, valid, objective
             )[0]
     return SeedFit(scenario, cfg.seed, method, scorers, history, adapt)

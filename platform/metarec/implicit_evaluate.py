@@ -23,7 +23,6 @@ from metarec.implicit_metrics import (
     coverage,
     popularity_percentile,
     score_implicit,
-    valid_ndcg,
 )
 from metarec.meta import MetaLearner
 from metarec.stats import paired_differences, verdict
@@ -140,24 +139,23 @@ def _split_scores(
 ) -> dict[str, dict[str, Any]]:
     """Every method fitted and tuned on one split (the meta-learner unless ``learner`` is
     given), and its test users' metrics."""
-    from metarec.evaluate import fit_methods, valid_objective_for
+    from metarec.evaluate import fit_methods, tuned, valid_objective_for
 
     n_items = ds.manifest["counts"]["items"]
     train, valid, test = (from_table(ds.tasks(scenario, s)) for s in ("train", "valid", "test"))
     if cut:
         valid, test = valid.cut_support(cut), test.cut_support(cut)
     pct = popularity_percentile(Popularity().fit(train, n_items=n_items).counts_)
+    objective = valid_objective_for(ds)
     scorers: dict[str, tuple[Any, dict[str, Any], float]] = {}  # scorer, params, valid
     for name in (b for b in baselines if b in GRIDS):
         cls, grid = GRIDS[name]
         params = [hp | ({"seed": cfg.seed} if "seed" in cls().get_params() else {}) for hp in grid]
-        fits = [cls(**hp).fit(train, n_items=n_items) for hp in params]
-        values = [valid_ndcg(f, valid, n_items) for f in fits]
-        best = int(np.argmax(values))
-        scorers[name] = (fits[best], params[best], values[best])
+        fit = lambda hp, cls=cls: cls(**hp).fit(train, n_items=n_items)  # noqa: E731
+        best, hp, value = tuned(fit, params, valid, objective)
+        scorers[name] = (best, hp, 1.0 - value)
     network = tuple(b for b in baselines if b in NETWORK_BASELINES)
     fitted = fit_methods(cfg, ds, scenario, network, log=log, valid=valid, learner=learner)
-    objective = valid_objective_for(ds)
     for name, scorer in fitted.scorers.items():
         knobs = fitted.adapt if name == fitted.method else {}
         scorers[name] = (scorer, knobs, 1.0 - objective(scorer, valid))
