@@ -334,12 +334,13 @@ def test_a_run_that_fails_inside_fit_is_failed_in_mlflow(
     assert "hold 481 tasks; expected all 482 training tasks" in run.data.tags["metarec.error"]
 
 
-def test_train_prints_one_line_per_epoch_and_keeps_ray_logs_out(uneven_prepared, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
+def _train_cli(data: Path, work: Path, epochs: int) -> subprocess.CompletedProcess:
+    """`metarec train` as a user runs it, 2 workers on its own local Ray; must succeed."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     out = subprocess.run(
         [
-            *(sys.executable, "-m", "metarec.cli", "train", "--data", str(uneven_prepared.root)),
-            *("--epochs", "3", "--workers", "2", "--work-dir", str(tmp_path)),
+            *(sys.executable, "-m", "metarec.cli", "train", "--data", str(data)),
+            *("--epochs", str(epochs), "--workers", "2", "--work-dir", str(work)),
         ],
         capture_output=True,
         text=True,
@@ -348,6 +349,11 @@ def test_train_prints_one_line_per_epoch_and_keeps_ray_logs_out(uneven_prepared,
         start_new_session=True,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def test_train_prints_one_line_per_epoch_and_keeps_ray_logs_out(uneven_prepared, tmp_path):
+    out = _train_cli(uneven_prepared.root, tmp_path, epochs=3)
     lines = out.stdout.splitlines()
     epochs = [line for line in lines if line.startswith("epoch ")]
     assert [e.split()[1] for e in epochs] == ["1/3", "2/3", "3/3"], out.stdout
@@ -368,19 +374,7 @@ def test_train_on_implicit_data_tracks_its_ranking_objective(shop_prepared, tmp_
     early stopping and MLflow on 1 - NDCG@10 of the full catalogue."""
     from mlflow.tracking import MlflowClient
 
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
-    out = subprocess.run(
-        [
-            *(sys.executable, "-m", "metarec.cli", "train", "--data", str(shop_prepared.root)),
-            *("--epochs", "2", "--workers", "2", "--work-dir", str(tmp_path)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        start_new_session=True,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    out = _train_cli(shop_prepared.root, tmp_path, epochs=2)
     epochs = [line for line in out.stdout.splitlines() if line.startswith("epoch ")]
     assert len(epochs) == 2 and all("valid 1-NDCG@10" in e for e in epochs), out.stdout
     assert "valid 1-NDCG@10:" in out.stdout
