@@ -319,6 +319,7 @@ def _finish(grid: Any, spec: dict[str, Any], dims: list[Dimension], manifest: di
     from metarec import tracking
 
     uri, name = spec["tracking_uri"], spec["name"]
+    feedback = spec.get("feedback", "explicit")  # sweeps started before implicit data: ratings
     storage = Path(spec["storage"]) / "trials"
     table, loaded = [], {}
     for result in grid:
@@ -359,14 +360,11 @@ def _finish(grid: Any, spec: dict[str, Any], dims: list[Dimension], manifest: di
             checkpoint_dir=Path(best["checkpoint"]).parent,
             history=state.history,
             summary={
-                best_key(spec.get("feedback", "explicit")): state.best_valid_mae,
+                best_key(feedback): state.best_valid_mae,
                 "best/epoch": state.best_epoch,
             },
             model_name=model_name(manifest),
             end_status=None,
         )
-    tracking.finish_sweep(
-        uri, spec["parent_run_id"], table, best_key(spec.get("feedback", "explicit"))
-    )
-    feedback = spec.get("feedback", "explicit")
+    tracking.finish_sweep(uri, spec["parent_run_id"], table, best_key(feedback))
     return SweepOutcome(name, spec["parent_run_id"], model_uri, best, table, feedback)
