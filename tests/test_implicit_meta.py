@@ -13,6 +13,8 @@ from torch.func import functional_call
 
 from metarec.batch import TaskBatch
 from metarec.config import MetaConfig
+from metarec.implicit_baselines import ItemKNN
+from metarec.loop import predict_items
 from metarec.meta import MetaLearner, meta_loss, task_loss
 from metarec.negatives import fixed_candidates, keep_negatives
 from tests.test_meta import N_ITEMS, _grads, tiny_model
@@ -136,6 +138,93 @@ def test_implicit_ridge_head_minimises_the_confidence_weighted_objective(implici
     torch.testing.assert_close(
         gradient(fast), torch.zeros(len(gradient(fast))).double(), atol=1e-7, rtol=0
     )
+
+
+def _knn(neighbours: int = 4) -> ItemKNN:
+    """Item-KNN fitted on 40 random users of the tiny catalogue (positives only)."""
+    g = torch.Generator().manual_seed(7)
+    items = torch.stack([torch.randperm(N_ITEMS, generator=g)[:5] for _ in range(40)])
+    mask = torch.rand(40, 5, generator=g) < 0.8
+    ones = torch.ones(40, 5, dtype=torch.float64)
+    train = TaskBatch(torch.arange(40), items, ones, mask, items[:, :0], ones[:, :0], mask[:, :0])
+    return ItemKNN(neighbours=neighbours).fit(train, n_items=N_ITEMS)
+
+
+def test_neighbour_scores_are_item_knn_scores_standardised(implicit_tasks):
+    """The model's neighbourhood term is item-KNN's score of every item (the support
+    positives' summed similarities, an item never its own neighbour), standardised per task."""
+    knn = _knn()
+    model = tiny_model(graph=knn.graph())
+    b = implicit_tasks
+    positive = (b.support_ratings > 0) & b.support_mask
+    got = model.neighbour_scores(b.support_items, positive)
+    sim = torch.as_tensor(knn.similarity_.toarray()).double().fill_diagonal_(0.0)
+    for t in range(b.num_tasks):
+        raw = sim[b.support_items[t][positive[t]]].sum(0)
+        want = (raw - raw.mean()) / raw.std()
+        torch.testing.assert_close(got[t].double(), want, atol=1e-6, rtol=1e-5)
+
+
+def test_ridge_head_fits_the_neighbour_weight_with_the_rest_of_the_head(implicit_tasks):
+    """With a neighbour graph, the closed form minimises the same objective with one more
+    input (the support's item-KNN scores); its weight ends up in the user's item biases."""
+    cfg = MetaConfig(adapt="head", inner_solver="ridge", prior_precision=0.7)
+    model = tiny_model(factor_head=True, graph=_knn().graph())
+    learner = MetaLearner(model, cfg, feedback="implicit").double()
+    params = {n: p.detach() for n, p in learner.params().items()}
+    b = implicit_tasks
+    fast = learner.adapt(params, (b.users, b.support_items, b.support_ratings, b.support_mask))
+    names = ["head.weight", "head.factor", "head.neighbour", "head.bias"]
+    positive = b.support_ratings > 0
+    conf = torch.where(positive, b.support_ratings, 1.0) * b.support_mask
+    scores = model.neighbour_scores(b.support_items, positive & b.support_mask).double()
+    folded = params["item_bias"] + fast["head.neighbour"] * scores
+    torch.testing.assert_close(fast["item_bias"], folded)
+
+    def gradient(at: dict[str, torch.Tensor]) -> torch.Tensor:
+        w = {n: at[n].detach().clone().requires_grad_() for n in names}
+        pred = functional_call(model, {**params, **w}, (b.support_items, b.users))
+        pred = pred + w["head.neighbour"] * scores.gather(1, b.support_items)
+        obj = (conf * (pred - positive.double()) ** 2).sum() + 0.7 * sum(
+            ((w[n] - params[n]) ** 2).sum() for n in names
+        )
+        return torch.cat([g.flatten() for g in torch.autograd.grad(obj, list(w.values()))])
+
+    torch.testing.assert_close(
+        gradient(fast), torch.zeros(len(gradient(fast))).double(), atol=1e-7, rtol=0
+    )
+
+
+def test_the_learner_contains_item_knn(implicit_tasks):
+    """With a zero head prior mean but for the neighbour weight 1, an infinitely stiff prior
+    and zero item biases, the adapted learner scores the catalogue as item-KNN does (up to
+    a per-user affine map, so the same ranking; support items are not their own
+    neighbours, and evaluation never ranks them)."""
+    knn = _knn()
+    model = tiny_model(factor_head=True, graph=knn.graph())
+    cfg = MetaConfig(adapt="head", inner_solver="ridge", negatives=3)
+    learner = MetaLearner(model, cfg, feedback="implicit").double()
+    with torch.no_grad():
+        for p in model.head.values():
+            p.zero_()
+        model.head["neighbour"].fill_(1.0)
+        model.item_bias.zero_()
+        model.global_mean.zero_()
+        learner.log_precision.fill_(30.0)
+    b = implicit_tasks
+    items = torch.arange(N_ITEMS).expand(b.num_tasks, N_ITEMS)
+    got = predict_items(learner, b, items)
+    positive = (b.support_ratings > 0) & b.support_mask
+    query = (b.query_items, b.query_ratings, b.query_mask)
+    positives = TaskBatch(b.users, b.support_items, b.support_ratings, positive, *query)
+    knn_scores = knn.predict_items(positives, items)
+    sim = torch.as_tensor(knn.similarity_.toarray()).double().fill_diagonal_(0.0)
+    for t in range(b.num_tasks):
+        support = b.support_items[t][positive[t]]
+        raw = sim[support].sum(0)
+        others = torch.ones(N_ITEMS, dtype=torch.bool).index_fill_(0, support, False)
+        torch.testing.assert_close(raw[others], knn_scores[t][others])
+        torch.testing.assert_close(got[t], (raw - raw.mean()) / raw.std(), atol=1e-6, rtol=1e-6)
 
 
 def test_fixed_negatives_depend_on_the_user_alone_and_are_never_a_positive():

@@ -30,7 +30,11 @@ N_ITEMS, N_USERS = 12, 6
 
 
 def tiny_model(
-    *, item_ids: bool = True, users: bool = True, factor_head: bool = False
+    *,
+    item_ids: bool = True,
+    users: bool = True,
+    factor_head: bool = False,
+    graph: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Recommender:
     g = torch.Generator().manual_seed(0)
     genres = (torch.rand(N_ITEMS, 4, generator=g) > 0.5).double()
@@ -49,6 +53,8 @@ def tiny_model(
             "zip_prefix": 3,
         },
         user_names=USER_FEATURES if users else (),
+        neighbour_index=None if graph is None else graph[0],
+        neighbour_sim=None if graph is None else graph[1],
     )
     torch.manual_seed(0)
     model = Recommender(

@@ -17,9 +17,16 @@ mlflow = require_module("mlflow")  # under CI=true a missing mlflow fails, never
 from metarec.tracking import ERROR_TAG, Terminated, ends_honestly, reopen_run, start_run  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One SQLite store for the module: creating one runs MLflow's schema migrations."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
 @pytest.fixture
-def run(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def run(store):
+    """A fresh run (its own id) in the module's store."""
+    uri = store
     manifest = {"dataset_hash": "h", "source": {"name": "synthetic"}, "counts": {}}
     run_id = start_run(uri, run_name="r", config={"meta": {"algorithm": "maml"}}, manifest=manifest)
     return uri, run_id

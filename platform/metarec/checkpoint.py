@@ -59,6 +59,7 @@ def make_checkpoint(
             "n_users": int(model.user_table.shape[0]) if model.use_user else 0,
             "vocab_sizes": dict(model.vocab_sizes),
             "feedback": learner.feedback,
+            "neighbours": int(model.neighbour_index.shape[1]) if model.has_neighbours else 0,
         },
         "learner": learner.state_dict(),
         "optimizer": None if optimizer is None else optimizer.state_dict(),

@@ -24,6 +24,7 @@ from pydantic import TypeAdapter, ValidationError
 from metarec.errors import ConfigError
 from metarec.sections import (
     ALGORITHMS,
+    DEFAULT_NEIGHBOURS,
     DEFAULT_PRIOR_PRECISION,
     SCENARIOS,
     SOURCES,
@@ -100,6 +101,13 @@ class MetarecConfig:
             return self.model.factor_head
         return self.meta.inner_solver == "ridge" and self.model.item_id_embedding
 
+    def neighbours(self, feedback: str) -> int:
+        """``model.neighbours`` resolved for a dataset's feedback kind."""
+        if self.model.neighbours is not None:
+            return self.model.neighbours
+        implicit_ridge = feedback == "implicit" and self.meta.inner_solver == "ridge"
+        return DEFAULT_NEIGHBOURS if implicit_ridge else 0
+
     def validate(self) -> MetarecConfig:
         """Check the constraints that span several keys (single keys check themselves)."""
         d = self.data
@@ -141,6 +149,12 @@ class MetarecConfig:
                 self.model.item_id_embedding,
                 "true with model.factor_head (p_u multiplies the item's embedding q_i)",
             )
+        _require(
+            not self.model.neighbours or m.inner_solver == "ridge",
+            "model.neighbours",
+            self.model.neighbours,
+            "0 or null with meta.inner_solver gd (the ridge head fits the neighbour weight)",
+        )
         if m.inner_solver == "ridge":
             _require(
                 m.adapt == "head" or m.algorithm == "anil",

@@ -220,7 +220,7 @@ def fit_methods(
         log(f"[seed {cfg.seed}] meta-training {method} on {scenario}")
         fitted = fit_with_bar(cfg, ds, scenario, f"{method} seed {cfg.seed}", tuned_mf)
         learner, history = fitted.learner, fitted.history
-    grid = adaptation_grid(learner.cfg) if tune_adaptation else [{}]
+    grid = adaptation_grid(learner.cfg, learner.feedback) if tune_adaptation else [{}]
     objective = valid_objective_for(ds)
     meta, _, value = tuned(lambda hp: AdaptedScorer(learner, **hp), grid, valid, objective)
     assert isinstance(meta, AdaptedScorer)
@@ -238,7 +238,7 @@ def fit_methods(
             scorers["global_model"] = AdaptedScorer(glob, steps=0)
         if "finetune" in baselines:
             if cfg.meta.inner_solver == "ridge":  # fold the head in under the untrained prior
-                grid = adaptation_grid(cfg.meta)
+                grid = adaptation_grid(cfg.meta, ds.feedback)
             else:
                 grid = [{"inner_lr": lr} for lr in sorted({*FINETUNE_LRS, cfg.meta.inner_lr})]
             scorers["finetune"] = tuned(

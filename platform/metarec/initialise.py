@@ -18,6 +18,7 @@ from metarec.batch import TaskBatch
 from metarec.config import DEFAULT_PRIOR_PRECISION, MetarecConfig
 from metarec.data.features import USER_FEATURES
 from metarec.data.prepared import PreparedDataset
+from metarec.implicit_baselines import ItemKNN
 from metarec.meta import MetaLearner
 from metarec.metrics import masked_mae
 from metarec.mf import MF_GRID, MFFoldIn, interaction_counts, svd_item_factors
@@ -63,7 +64,7 @@ def dataset_features(ds: PreparedDataset, *, seen_items: Tensor | None = None) -
 def blank_features(spec: dict[str, Any]) -> Features:
     """Zero tables of a checkpoint's shapes (``spec``): its saved state fills them in."""
     sizes = spec["vocab_sizes"]
-    n_items, n_users = spec["n_items"], spec["n_users"]
+    n_items, n_users, k = spec["n_items"], spec["n_users"], spec.get("neighbours", 0)
     return Features(
         item_genres=torch.zeros(n_items, sizes["genre"]),
         item_year=torch.zeros(n_items, dtype=torch.long),
@@ -71,6 +72,8 @@ def blank_features(spec: dict[str, Any]) -> Features:
         user_table=torch.zeros(n_users, len(USER_FEATURES), dtype=torch.long) if n_users else None,
         vocab_sizes=sizes,
         user_names=USER_FEATURES if n_users else (),
+        neighbour_index=torch.zeros(n_items, k, dtype=torch.long) if k else None,
+        neighbour_sim=torch.zeros(n_items, k) if k else None,
     )
 
 
@@ -139,8 +142,12 @@ def build_learner(
 
 
 def _implicit_learner(cfg: MetarecConfig, features: Features, train: TaskBatch) -> MetaLearner:
-    model = build_recommender(cfg, features, 0.0)
     n_items = features.item_genres.shape[0]
+    k = cfg.neighbours("implicit")
+    if k:  # the neighbourhood term's graph: item-KNN's, from the training users
+        index, sim = ItemKNN(neighbours=k).fit(train, n_items=n_items).graph()
+        features = dataclasses.replace(features, neighbour_index=index, neighbour_sim=sim)
+    model = build_recommender(cfg, features, 0.0)
     counts = interaction_counts(train, n_items)
     with torch.no_grad():
         log_pop = counts.log1p()

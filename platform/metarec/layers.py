@@ -145,15 +145,20 @@ class MLP(nn.ParameterDict):
 
 class Head(nn.ParameterDict):
     """The per-user linear head: ``weight``, ``bias`` and, as a factor head, ``factor`` (p_u
-    of MF, multiplying the item's id embedding q_i)."""
+    of MF, multiplying the item's id embedding q_i), and with a neighbour graph
+    ``neighbour``: the weight of the support's item-KNN scores. That term is not in
+    ``predict``: the ridge solver fits it per user and folds weight x scores into the user's
+    item biases (``meta.ridge_head``), where every scoring path already reads them."""
 
-    def __init__(self, width: int, factor_dim: int | None = None) -> None:
+    def __init__(self, width: int, factor_dim: int | None = None, neighbour: bool = False) -> None:
         head = {"weight": init_linear(width, 1), "bias": nn.Parameter(torch.zeros(1))}
         if factor_dim is not None:
             # The MF part starts as MF fold-in's prior (p_u = 0) and the MLP part at zero,
             # so the initial model is exactly MF fold-in; meta-training moves it from there.
             head["weight"] = nn.Parameter(torch.zeros(width, 1))
             head["factor"] = nn.Parameter(torch.zeros(factor_dim))
+        if neighbour:  # one standard deviation of item-KNN score is worth one logit
+            head["neighbour"] = nn.Parameter(torch.ones(1))
         super().__init__(head)
 
     def predict(self, z: Tensor, q: Tensor | None, offset: Tensor) -> Tensor:

@@ -104,6 +104,12 @@ class MetaLearner(nn.Module):
     def params(self) -> Params:
         return dict(self.model.named_parameters())
 
+    @property
+    def personal(self) -> list[str]:
+        """The parameters one user's adaptation sets: the adapted ones, plus the item
+        biases where the ridge head folds the neighbourhood term into them."""
+        return self.adapted + ["item_bias"] * self.model.has_neighbours
+
     def adapt(
         self,
         params: Params,
@@ -403,22 +409,27 @@ def ridge_head(
         positive, confidence = implicit_targets(ratings)
         target = positive.to(h.dtype)
         m = m * confidence.sqrt()
-    x = torch.cat([h, torch.ones_like(h[..., :1])], -1) * m.unsqueeze(-1)  # (T, S, F)
+    columns = [h]
+    if model.has_neighbours:  # the support's item-KNN scores, one more head input
+        neighbours = model.neighbour_scores(items, (ratings > 0) & mask).to(h.dtype)  # (T, I)
+        columns.append(neighbours.gather(1, items).unsqueeze(-1))
+    columns.append(torch.ones_like(h[..., :1]))
+    x = torch.cat(columns, -1) * m.unsqueeze(-1)  # (T, S, F)
     y = (target - offset) * m  # (T, S)
     xt = x.transpose(1, 2)  # (T, F, S)
-    theta = torch.cat(
-        [params["head.weight"][:, 0]]
-        + ([params["head.factor"]] if "head.factor" in params else [])
-        + [params["head.bias"]]
-    )  # (F,)
+    names = [n for n in ("head.weight", "head.factor", "head.neighbour") if n in params]
+    theta = torch.cat([params["head.weight"][:, 0]] + [params[n] for n in names[1:]])
+    theta = torch.cat([theta, params["head.bias"]])  # (F,), in the order of x's columns
     lam = precision.to(x.dtype).expand(x.shape[-1])
     a = xt @ x + torch.diag_embed(lam)  # (T, F, F)
     b = (xt @ y.unsqueeze(-1)).squeeze(-1) + lam * theta  # (T, F)
     w = torch.linalg.solve(a, b)  # (T, F)
-    hw = params["head.weight"].shape[0]
-    out = {**params, "head.weight": w[:, :hw, None], "head.bias": w[:, -1:]}
-    if "head.factor" in params:
-        out["head.factor"] = w[:, hw:-1]
+    out = {**params, "head.bias": w[:, -1:]}
+    sizes = [params[n].numel() for n in names]
+    for n, part in zip(names, w[:, :-1].split(sizes, dim=1), strict=True):
+        out[n] = part.view(-1, *params[n].shape)
+    if model.has_neighbours:  # spent: the user's item biases now carry weight x scores
+        out["item_bias"] = params["item_bias"] + out["head.neighbour"] * neighbours
     return out
 
 

@@ -65,6 +65,11 @@ class Features:
     user_table: Tensor | None  # (U, F) long user features, None when the dataset has none
     vocab_sizes: dict[str, int]
     user_names: tuple[str, ...] = ()  # user_table's columns (their vocab_sizes keys)
+    # The item-item neighbour graph (``implicit_baselines.item_neighbours``): each item's
+    # k most similar items (I, k) long and their cosine similarities (I, k), 0 where a row
+    # has fewer; None: no neighbourhood term.
+    neighbour_index: Tensor | None = None
+    neighbour_sim: Tensor | None = None
 
     def __post_init__(self) -> None:
         columns = 0 if self.user_table is None else self.user_table.shape[1]
@@ -73,6 +78,8 @@ class Features:
                 f"user_names: got {len(self.user_names)} names for a user_table of {columns} "
                 "columns; expected one name (a vocab_sizes key) per column"
             )
+        if (self.neighbour_index is None) != (self.neighbour_sim is None):
+            raise ValueError("neighbour_index and neighbour_sim: give both or neither")
 
 
 @dataclass(frozen=True)
@@ -155,7 +162,12 @@ class Recommender(nn.Module):
         self.item_bias = nn.Parameter(torch.zeros(n_items))
         widths = [d * (2 + item_id_embedding + len(self.user_names)), *hidden]
         self.mlp = MLP(widths)
-        self.head = Head(widths[-1], d if factor_head else None)
+        self.head = Head(
+            widths[-1], d if factor_head else None, neighbour=features.neighbour_index is not None
+        )
+        if features.neighbour_index is not None:
+            self.register_buffer("neighbour_index", features.neighbour_index)
+            self.register_buffer("neighbour_sim", features.neighbour_sim)
 
     def forward(
         self,
@@ -193,6 +205,32 @@ class Recommender(nn.Module):
     @property
     def has_factor_head(self) -> bool:
         return "factor" in self.head
+
+    @property
+    def has_neighbours(self) -> bool:
+        return "neighbour" in self.head
+
+    def neighbour_scores(self, items: Tensor, positive: Tensor) -> Tensor:
+        """Each task's item-KNN scores of the whole catalogue, standardised: (T, I).
+
+        The sum of the ``positive`` support items' similarities to every item (item-KNN's
+        score), then centred and scaled to unit standard deviation over the catalogue per
+        task, so that one head weight means the same for a user with 2 interactions and one
+        with 200. A task without positives scores 0 everywhere. Not differentiable: the
+        graph is fixed data, like the item features.
+
+        Args:
+            items: (T, S) support items; positive: (T, S) bool, which of them count.
+        """
+        t, n = items.shape[0], self.item_genres.shape[0]
+        index = self.neighbour_index[items]  # (T, S, k)
+        sim = self.neighbour_sim[items] * positive.unsqueeze(-1).to(self.neighbour_sim.dtype)
+        rows = torch.arange(t, device=items.device).view(t, 1, 1) * n
+        raw = torch.zeros(t * n, dtype=sim.dtype, device=items.device)
+        raw.index_add_(0, (rows + index).flatten(), sim.flatten())
+        raw = raw.view(t, n)
+        std, mean = torch.std_mean(raw, dim=1, keepdim=True)
+        return (raw - mean) / std.clamp_min(1e-12)
 
     def item_factors(self, item_x: Tensor) -> Tensor:
         """q_i, the item-id embedding, from the item-side inputs (its last D columns)."""
@@ -380,7 +418,7 @@ class Recommender(nn.Module):
 
     def hand_grads_for(self, names: list[str]) -> bool:
         """Whether ``support_grads`` covers adapting exactly ``names``."""
-        if self.has_factor_head:  # support_grads knows no factor term
+        if self.has_factor_head or self.has_neighbours:  # support_grads knows neither term
             return False
         head = {n for n, _ in self.named_parameters() if n.startswith("head.")}
         mlp = {n for n, _ in self.named_parameters() if n.startswith("mlp.")}

@@ -83,16 +83,20 @@ class AdaptedScorer:
         }
 
 
-def adaptation_grid(cfg: MetaConfig) -> list[dict[str, Any]]:
+def adaptation_grid(cfg: MetaConfig, feedback: str = "explicit") -> list[dict[str, Any]]:
     """Test-time knobs tried on validation users, the trained ones first (kept on ties).
 
     A small grid around what was trained: half/double the steps and step size, and the
     support prior kappa at half/double (or 0, 5, 20 when trained without one). Choosing
     them on validation users is the courtesy every baseline gets; it needs no retraining.
-    The ridge solver has no steps: its learned prior precision is scaled by 1/4 .. 4.
+    The ridge solver has no steps: its learned prior precision is scaled by 1/4 .. 4, and
+    on implicit data up to 64: there a few positives sit among ``meta.negatives`` sampled
+    ones, and a new customer's least-squares fit can want a much stiffer prior than the
+    training users' mix of history lengths taught (defaults-log §9).
     """
     if cfg.inner_solver == "ridge":
-        return [{"prior_scale": c} for c in (1.0, 0.5, 2.0, 0.25, 4.0)]
+        stiffer = (16.0, 64.0) if feedback == "implicit" else ()
+        return [{"prior_scale": c} for c in (1.0, 0.5, 2.0, 0.25, 4.0, *stiffer)]
     s, k = cfg.inner_steps, cfg.support_prior
     steps = [s] if s == 0 else list(dict.fromkeys([s, max(1, s // 2), 2 * s]))
     priors = list(dict.fromkeys([k, k / 2, 2 * k] if k > 0 else [0.0, 5.0, 20.0]))

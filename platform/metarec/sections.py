@@ -17,6 +17,7 @@ from pydantic.dataclasses import dataclass as _pydantic_dataclass
 
 __all__ = [
     "ALGORITHMS",
+    "DEFAULT_NEIGHBOURS",
     "DEFAULT_PRIOR_PRECISION",
     "HARD_MAX_ITEMS",
     "SCENARIOS",
@@ -67,6 +68,7 @@ def dataclass(cls: type) -> type:
 
 
 DEFAULT_PRIOR_PRECISION = 10.0  # ridge prior precision / ALS penalty when nothing chooses
+DEFAULT_NEIGHBOURS = 200  # model.neighbours on implicit data with the ridge solver
 
 
 @dataclass
@@ -127,6 +129,10 @@ class ModelConfig:
     user_features: bool = True  # embed user features when the dataset has them
     # the head also weighs q_i (p_u . q_i of MF); None: whenever the ridge solver can use it
     factor_head: bool | None = None
+    # neighbours per item of the neighbourhood term (the support's item-KNN scores, their
+    # weight fitted per user by the ridge head); 0: none. None: 200 on implicit data with
+    # the ridge solver, else 0 (chosen on validation users: defaults-log §9)
+    neighbours: Annotated[int, Field(ge=0)] | None = None
 
 
 @dataclass
@@ -162,8 +168,10 @@ class MetaConfig:
     # (bpr chosen on validation users of the synthetic shop: defaults-log §9)
     implicit_loss: Literal["bce", "bpr"] = "bpr"
     negatives: PositiveInt = 100  # negatives drawn per task's support, and again per query
-    # share of those drawn by item popularity (the rest uniform over the catalogue)
-    popular_share: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    # share of those drawn by item popularity, the rest uniform over the catalogue (0:
+    # uniform, as implicit ALS treats every unobserved item; chosen on validation users of
+    # the synthetic shop with the neighbourhood term: defaults-log §9)
+    popular_share: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
 
 
 @dataclass

@@ -131,7 +131,7 @@ class Engine:
         support = (users, items.to(dev), ratings.to(dev, dtype), mask.to(dev))
         params = self._with_users(self.params, self._user_table(jobs))
         fast = self.learner.adapt(params, support, steps=self.steps, inner_lr=self.lrs)
-        adapted = {n: fast[n] for n in self.learner.adapted}
+        adapted = {n: fast[n] for n in self.learner.personal}
         # Clones: a cached user must not keep the whole batch's tensors alive.
         return [{n: w[row].clone() for n, w in adapted.items()} for row in range(b)]
 
