@@ -60,3 +60,11 @@ def test_a_tiny_catalogue_masks_what_cannot_be_drawn_and_seeds_repeat():
     assert not (items[1][ok[1]] == 0).any()
     again, _ = sample_negatives(positives, mask, 6, 4, generator=torch.Generator().manual_seed(0))
     assert torch.equal(items, again)
+
+
+def test_tasks_without_any_positive_keep_every_candidate():
+    """A cold-start task (a support cut to nothing) has a zero-width positives tensor."""
+    cand = torch.tensor([[3, 1, 3, 2], [0, 0, 4, 1]])
+    none = torch.zeros(2, 0, dtype=torch.long)
+    items, ok = keep_negatives(cand, none, none.bool(), 3)
+    assert items.tolist() == [[3, 1, 2], [0, 4, 1]] and ok.all()

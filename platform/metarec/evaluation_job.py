@@ -8,7 +8,9 @@ MLflow run). Kept apart from the CLI so that the CLI only parses and dispatches.
 
 from __future__ import annotations
 
+import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,7 +101,6 @@ def _evaluation(req: EvaluationRequest, cfg: Any, ds: Any, *, report: bool) -> _
     ``report`` sections still come from ``--config``, ``--set`` and the flags."""
     from dataclasses import replace
 
-    ds.require_explicit("report" if report else "evaluate")
     if cfg.evaluate.max_support is not None:
         raise ConfigError(
             f"evaluate.max_support: got {cfg.evaluate.max_support} for ratings; expected "
@@ -267,13 +268,39 @@ def evaluate_command(req: EvaluationRequest) -> None:
 
 
 def _evaluate_implicit(req: EvaluationRequest, ds: Any) -> None:
+    from metarec.implicit_evaluate import format_implicit
+    from metarec.results import write_results
+
+    results = _implicit_results(req, ds)
+    print(format_implicit(results))
+    print(f"wrote {req.out}: {write_results(results, req.out).name}")
+
+
+def _report_implicit(req: EvaluationRequest, ds: Any) -> None:
+    from metarec.implicit_report import ImplicitCurves, write_implicit_report
+
+    curves = ImplicitCurves(shots=_settings(req).report.shots)
+    results = _implicit_results(req, ds, on_split=curves)
+    m = ds.manifest
+    preamble = [
+        f"- data: `{req.data}` ({m['source']['name']}, dataset hash `{m['dataset_hash']}`, "
+        f"protocol `{json.dumps(m['protocol'])}`)",
+        f"- model: `{req.model}`" if req.model else "- model: meta-trained in process per split",
+    ]
+    files = write_implicit_report(req.out, results, curves.summary(), preamble=preamble)
+    print(f"wrote {req.out}: " + ", ".join(f.name for f in files))
+    print(f"report:     {Path(req.out) / 'report.md'}")
+
+
+def _implicit_results(
+    req: EvaluationRequest, ds: Any, on_split: Callable[[Any], None] | None = None
+) -> dict[str, Any]:
     """An implicit dataset: the meta-learner against the implicit baselines
     (``metarec.implicit_evaluate``); what it cannot honour yet is refused, never ignored.
     ``--model`` is scored where it fits (``evaluate.model_fits``), as on ratings."""
     from dataclasses import replace
 
-    from metarec.implicit_evaluate import IMPLICIT_BASELINES, evaluate_implicit, format_implicit
-    from metarec.results import write_results
+    from metarec.implicit_evaluate import IMPLICIT_BASELINES, evaluate_implicit
 
     cfg = _settings(req)
     e = cfg.evaluate
@@ -294,7 +321,7 @@ def _evaluate_implicit(req: EvaluationRequest, ds: Any) -> None:
         cfg, learner = replace(given.cfg, evaluate=cfg.evaluate), given.learner
     scenarios = _scenarios(req, ds, cfg.train.scenario)
     names = _baselines(e.baselines, IMPLICIT_BASELINES)
-    results = evaluate_implicit(
+    return evaluate_implicit(
         apply_overrides(cfg, seed=e.seeds[0]),
         ds,
         scenarios=scenarios,
@@ -303,9 +330,8 @@ def _evaluate_implicit(req: EvaluationRequest, ds: Any) -> None:
         resamples=e.bootstrap,
         log=lambda msg: print(msg, file=sys.stderr, flush=True),
         learner=learner,
+        on_split=on_split,
     )
-    print(format_implicit(results))
-    print(f"wrote {req.out}: {write_results(results, req.out).name}")
 
 
 def report_command(req: EvaluationRequest) -> None:
@@ -313,7 +339,10 @@ def report_command(req: EvaluationRequest) -> None:
     from metarec.report import CurveCollector, report_header, write_report
 
     cfg = _settings(req)
-    ev = _evaluation(req, cfg, open_prepared(req.data), report=True)
+    ds = open_prepared(req.data)
+    if ds.feedback == "implicit":
+        return _report_implicit(req, ds)
+    ev = _evaluation(req, cfg, ds, report=True)
     settings = ev.cfg.report
     collector = CurveCollector(
         shots=settings.shots, steps=range(settings.curve_steps + 1), history=ev.history

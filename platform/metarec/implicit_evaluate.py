@@ -10,12 +10,13 @@ difference over test users with a 95% bootstrap CI (``metarec.stats``).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from metarec.batch import from_table
+from metarec.batch import TaskBatch, from_table
 from metarec.config import MetarecConfig
 from metarec.data.prepared import PreparedDataset
 from metarec.implicit_baselines import GRIDS, Popularity
@@ -30,6 +31,7 @@ from metarec.stats import paired_differences, verdict
 __all__ = [
     "IMPLICIT_BASELINES",
     "METRICS",
+    "ImplicitSplit",
     "evaluate_implicit",
     "format_implicit",
 ]
@@ -38,6 +40,22 @@ METRICS = ("hr@10", "ndcg@10", "recall@20", "mrr")  # compared with CIs
 # the same network without adaptation, and fine-tuned (``evaluate.fit_methods``)
 NETWORK_BASELINES = ("global_model", "finetune")
 IMPLICIT_BASELINES = (*GRIDS, *NETWORK_BASELINES)
+
+
+@dataclass(frozen=True)
+class ImplicitSplit:
+    """One user split's fitted and tuned scorers, for a hook that measures more with them
+    (``metarec report``'s curves): the test users before any support cut."""
+
+    scenario: str
+    split: int | str
+    method: str  # the meta-learner's name among ``scorers``
+    scorers: dict[str, Any]
+    test: TaskBatch
+    n_items: int
+    popularity_pct: torch.Tensor
+    per_user: dict[str, dict[str, np.ndarray]]  # method -> metric -> (T,) at the evaluated cut
+    history: list[dict[str, float]] | None
 
 
 def evaluate_implicit(
@@ -50,6 +68,7 @@ def evaluate_implicit(
     resamples: int = 2000,
     log: Callable[[str], None] = print,
     learner: MetaLearner | None = None,
+    on_split: Callable[[ImplicitSplit], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """``{scenario: {method: {metric: mean, "per_split": [...], "params": [...]},
     "_paired": {...}, "_protocol": {...}}}``.
@@ -67,7 +86,8 @@ def evaluate_implicit(
     support interactions (``TaskBatch.cut_support``). A method's figure is the mean over
     splits of its mean over test users; the reference every method is compared with is the
     best *baseline* on validation users (summed over splits), and paired differences pool
-    every test user of every split (users resampled within splits).
+    every test user of every split (users resampled within splits). ``on_split`` is called
+    with each split's scorers once they are scored.
     """
     from metarec.evaluate import model_fits
 
@@ -84,7 +104,8 @@ def evaluate_implicit(
                 log(f"[{scenario}] split {label}: the model saw held-out interactions; fitting")
                 given = None
             sources.append("model" if given is not None else "fit")
-            per_split.append(_split_scores(cfg, view, scenario, baselines, cut, log, given))
+            scores = _split_scores(cfg, view, scenario, baselines, cut, log, given, on_split, label)
+            per_split.append(scores)
         methods = list(per_split[0])
         method = next(n for n in methods if per_split[0][n]["meta"])
         rows: dict[str, Any] = {}
@@ -114,6 +135,16 @@ def evaluate_implicit(
                 if name != reference
             },
         }
+        rows["_paired_meta"] = {  # the meta-learner against each method by name
+            "method": method,
+            **{
+                name: paired_differences(
+                    pooled[method], pooled[name], METRICS, resamples=resamples, seed=cfg.seed
+                )
+                for name in methods
+                if name != method
+            },
+        }
         rows["_protocol"] = {
             "test_users": sum(s[method]["users"] for s in per_split),
             "splits": [label for label, _ in splits],
@@ -136,15 +167,18 @@ def _split_scores(
     cut: int | None,
     log: Callable[[str], None],
     learner: MetaLearner | None = None,
+    on_split: Callable[[ImplicitSplit], None] | None = None,
+    label: int | str = 0,
 ) -> dict[str, dict[str, Any]]:
     """Every method fitted and tuned on one split (the meta-learner unless ``learner`` is
     given), and its test users' metrics."""
     from metarec.evaluate import fit_methods, tuned, valid_objective_for
 
     n_items = ds.manifest["counts"]["items"]
-    train, valid, test = (from_table(ds.tasks(scenario, s)) for s in ("train", "valid", "test"))
+    train, valid, whole = (from_table(ds.tasks(scenario, s)) for s in ("train", "valid", "test"))
+    test = whole
     if cut:
-        valid, test = valid.cut_support(cut), test.cut_support(cut)
+        valid, test = valid.cut_support(cut), whole.cut_support(cut)
     pct = popularity_percentile(Popularity().fit(train, n_items=n_items).counts_)
     objective = valid_objective_for(ds)
     scorers: dict[str, tuple[Any, dict[str, Any], float]] = {}  # scorer, params, valid
@@ -174,6 +208,20 @@ def _split_scores(
             "history": fitted.history if name == fitted.method else None,
         }
         log(f"[{scenario}] {name}: test ndcg@10 {means['ndcg@10']:.4f} ({params})")
+    if on_split is not None:
+        on_split(
+            ImplicitSplit(
+                scenario=scenario,
+                split=label,
+                method=fitted.method,
+                scorers={name: scorer for name, (scorer, _, _) in scorers.items()},
+                test=whole,
+                n_items=n_items,
+                popularity_pct=pct,
+                per_user={name: o["per_user"] for name, o in out.items()},
+                history=fitted.history,
+            )
+        )
     return out
 
 
@@ -184,7 +232,7 @@ def format_implicit(results: dict[str, dict[str, Any]]) -> str:
 
     lines: list[str] = []
     for scenario, rows in results.items():
-        paired = rows["_paired"]
+        paired, meta = rows["_paired"], rows.get("_paired_meta", {})
         header = ["method", *METRICS, "coverage@10", "pop_pct@10"]
         body = []
         for name, r in method_rows(rows).items():
@@ -199,16 +247,24 @@ def format_implicit(results: dict[str, dict[str, Any]]) -> str:
         lines.append(
             f"\nminus {paired['reference']}: diff [95% CI], win/loss only if the CI excludes 0"
         )
-        for name, diffs in paired.items():
-            if name == "reference":
-                continue
-            cells = [
-                f"{d['diff']:+.4f} [{d['ci95'][0]:+.3f},{d['ci95'][1]:+.3f}] "
-                f"{verdict(m, d['diff'], d['ci95'])[0].upper()}"
-                for m, d in diffs.items()
-            ]
-            lines.append(
-                f"{name:<12} " + "  ".join(f"{m} {c}" for m, c in zip(METRICS, cells, strict=True))
-            )
+        lines += _diff_lines({k: v for k, v in paired.items() if k != "reference"})
+        if meta:
+            lines.append(f"\n{meta['method']} minus each method:")
+            lines += _diff_lines({k: v for k, v in meta.items() if k != "method"})
         lines.append("")
     return "\n".join(lines)
+
+
+def _diff_lines(pairs: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per method: each metric's difference, CI and W/L/T verdict."""
+    lines = []
+    for name, diffs in pairs.items():
+        cells = [
+            f"{d['diff']:+.4f} [{d['ci95'][0]:+.3f},{d['ci95'][1]:+.3f}] "
+            f"{verdict(m, d['diff'], d['ci95'])[0].upper()}"
+            for m, d in diffs.items()
+        ]
+        lines.append(
+            f"{name:<12} " + "  ".join(f"{m} {c}" for m, c in zip(METRICS, cells, strict=True))
+        )
+    return lines

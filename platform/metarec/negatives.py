@@ -107,6 +107,8 @@ def keep_negatives(
     """
     big = torch.iinfo(torch.long).max
     own = torch.sort(torch.where(mask, positives, big), dim=1).values
+    sentinel = torch.full((own.shape[0], 1), big, dtype=own.dtype, device=own.device)
+    own = torch.cat([own, sentinel], 1)  # a task with no positives (zero width) is fine
     at = torch.searchsorted(own, cand).clamp(max=own.shape[1] - 1)
     is_positive = own.gather(1, at) == cand
     # a repeat of an earlier candidate in the same row is rejected too

@@ -59,15 +59,21 @@ def _finish(fig: Figure, path: Path, title: str) -> Path:
     return path
 
 
+# What the curves of a ratings report show; an implicit one names its own in curves.json.
+RATING_SHOT_METRICS = (("mae", "query MAE"), ("ndcg@3", "query nDCG@3"))
+RATING_PER_USER = ("mae", "per-user query MAE")
+
+
 def shot_curve(curves: dict[str, Any], path: Path) -> Path:
-    """Query MAE and nDCG@3 against support ratings per user (log2 x axis, 0 included): two
-    rows, one column per scenario; one scenario gets the two panels side by side."""
+    """Two metrics (query MAE and nDCG@3 on ratings; a scenario's ``shot_metrics``
+    otherwise) against support size per user (log2 x axis, 0 included): two rows, one
+    column per scenario; one scenario gets the two panels side by side."""
     scenarios = list(curves)
-    single = len(scenarios) == 1  # then MAE and nDCG side by side, not stacked
+    single = len(scenarios) == 1  # then the two metrics side by side, not stacked
     fig, axes = _grid(1, scenarios * 2) if single else _grid(2, scenarios)
     for col, scenario in enumerate(scenarios):
         c = curves[scenario]
-        for row, (metric, name) in enumerate((("mae", "query MAE"), ("ndcg@3", "query nDCG@3"))):
+        for row, (metric, name) in enumerate(c.get("shot_metrics", RATING_SHOT_METRICS)):
             ax = axes[0][row] if single else axes[row][col]
             for method, values in c["shot_curve"].items():
                 mean, std = zip(*values[metric], strict=True)
@@ -77,10 +83,10 @@ def shot_curve(curves: dict[str, Any], path: Path) -> Path:
                 )  # fmt: skip
             ax.set_xscale("symlog", base=2, linthresh=1)  # log2, and 0 shots fits on it
             ax.set_xticks(c["shots"], [str(k) for k in c["shots"]])
-            ax.set_xlabel("support ratings per user (at most)")
+            ax.set_xlabel(f"support {c.get('unit', 'ratings')} per user (at most)")
             ax.set_ylabel(name)
             ax.grid(alpha=0.3)
-    return _finish(fig, path, "Shot curve: accuracy vs ratings known per test user")
+    return _finish(fig, path, "Shot curve: accuracy vs what is known per test user")
 
 
 def step_curve(curves: dict[str, Any], path: Path) -> Path:
@@ -107,16 +113,18 @@ def step_curve(curves: dict[str, Any], path: Path) -> Path:
 
 
 def per_user(curves: dict[str, Any], path: Path) -> Path:
-    """Box plots of per-user query MAE by support-size bucket (mean over seeds per user)."""
+    """Box plots of a per-user metric (query MAE on ratings, mean over seeds per user; the
+    scenario's ``per_user.metric`` otherwise) by support-size bucket."""
     scenarios = list(curves)
     fig, axes = _grid(1, scenarios, height=3.4)
     for col, scenario in enumerate(scenarios):
         pu, ax = curves[scenario]["per_user"], axes[0][col]
-        methods = list(pu["mae"])
+        metric, name = pu.get("metric", RATING_PER_USER)
+        methods = list(pu[metric])
         width = 0.8 / max(len(methods), 1)
         for j, method in enumerate(methods):
             data = [
-                [e for e, b in zip(pu["mae"][method], pu["bucket"], strict=True) if b == k]
+                [e for e, b in zip(pu[metric][method], pu["bucket"], strict=True) if b == k]
                 for k in range(len(pu["bucket_labels"]))
             ]
             pos = [k + (j - (len(methods) - 1) / 2) * width for k in range(len(data))]
@@ -134,10 +142,10 @@ def per_user(curves: dict[str, Any], path: Path) -> Path:
         counts = [pu["bucket"].count(k) for k in range(len(pu["bucket_labels"]))]
         ticks = [f"{lab}\n({n} users)" for lab, n in zip(pu["bucket_labels"], counts, strict=True)]
         ax.set_xticks(range(len(ticks)), ticks, fontsize=8)
-        ax.set_xlabel("support ratings per user")
-        ax.set_ylabel("per-user query MAE")
+        ax.set_xlabel(f"support {curves[scenario].get('unit', 'ratings')} per user")
+        ax.set_ylabel(name)
         ax.grid(alpha=0.3, axis="y")
-    return _finish(fig, path, "Per-user error by activity (boxes: quartiles, whiskers 1.5 IQR)")
+    return _finish(fig, path, "Per user, by activity (boxes: quartiles, whiskers 1.5 IQR)")
 
 
 def learning_curves(

@@ -249,7 +249,7 @@ def shot_paired_markdown(curves: dict[str, Any]) -> str:
             continue
         shots = cur["shots"]
         lines += [f"### {scenario}: meta-learner minus each method, per support size", ""]
-        for metric in SHOT_METRICS:
+        for metric in [k for k, _ in cur.get("shot_metrics", ())] or SHOT_METRICS:
             rows = []
             for b, per_k in paired.items():
                 cells = [b]

@@ -95,9 +95,6 @@ def test_an_implicit_dataset_is_evaluated_with_its_baselines_and_the_meta_learne
     assert {"user_cold", "temporal"} <= set(ds.scenarios)
     assert ds.manifest["ratings"]["max"] == 6.0  # view + purchase
     data = ["--data", str(tmp_path / "prepared")]
-    assert main(["report", *data, "--out", str(tmp_path / "r")]) == 2
-    (line,) = capsys.readouterr().err.strip().splitlines()
-    assert "got an implicit-feedback dataset" in line and "expected explicit" in line
     assert main(["evaluate", *data, "--out", str(tmp_path / "e"), "--seeds", "0", "1"]) == 2
     assert "--seeds: got [0, 1] for an implicit" in capsys.readouterr().err
     out = tmp_path / "e"
@@ -109,6 +106,7 @@ def test_an_implicit_dataset_is_evaluated_with_its_baselines_and_the_meta_learne
     other = {"popularity", "ease", "maml"} - {paired["reference"]}
     assert set(paired) == {"reference", *other}
     assert set(paired["maml"]) == {"hr@10", "ndcg@10", "recall@20", "mrr"}
+    assert set(rows["_paired_meta"]) == {"method", "popularity", "ease"}  # maml minus each
     assert 0 <= rows["ease"]["ndcg@10"] <= 1 and 0 < rows["ease"]["coverage@10"] <= 1
     (history,) = rows["maml"]["history"]  # one split, two epochs
     assert len(history) == 2 and 0 <= rows["maml"]["ndcg@10"] <= 1
@@ -121,6 +119,34 @@ def test_an_implicit_dataset_is_evaluated_with_its_baselines_and_the_meta_learne
     assert rows["_protocol"]["splits"] == [3, 4]
     assert rows["_protocol"]["support"] == "at most 5 interactions"
     assert len(rows["maml"]["per_split"]) == len(rows["popularity"]["per_split"]) == 2
+
+
+def test_an_implicit_report_has_the_shot_curve_with_cis_and_the_plots(tmp_path, capsys):
+    from metarec.cli import main
+
+    cfg = load_config(None, **{"data.source": "events", "data.input": str(_shop_log(tmp_path))})
+    prepare(cfg, tmp_path / "prepared", progress=False)
+    out = tmp_path / "r"
+    flags = ["--baselines", "popularity,item_knn", "--epochs", "1", "--shots", "0", "1", "4"]
+    assert main(["report", "--data", str(tmp_path / "prepared"), "--out", str(out), *flags]) == 0
+    curves = json.loads((out / "curves.json").read_text())["user_cold"]
+    assert curves["shots"] == [0, 1, 4]
+    assert set(curves["shot_curve"]) == {"maml", "popularity", "item_knn"}
+    for per_metric in curves["shot_curve"].values():
+        ndcg = [mean for mean, _ in per_metric["ndcg@10"]]
+        assert len(ndcg) == 3 and all(0 <= v <= 1 for v in ndcg)
+    popularity = [mean for mean, _ in curves["shot_curve"]["popularity"]["recall@20"]]
+    assert popularity[0] == pytest.approx(popularity[1], abs=0.05)  # blind to the support
+    paired = curves["shot_paired"]["item_knn"]  # the meta-learner minus item-KNN, per shot
+    assert len(paired) == 3 and set(paired[0]) == {"ndcg@10", "recall@20"}
+    lo, hi = paired[2]["ndcg@10"]["ci95"]
+    assert lo <= paired[2]["ndcg@10"]["diff"] <= hi
+    users = curves["per_user"]
+    assert len(users["ndcg@10"]["maml"]) == len(users["support_size"]) == len(users["bucket"])
+    report = (out / "report.md").read_text()
+    assert "| maml" in report and "Shot curve, paired" in report and "K = 4" in report
+    for png in ("shot_curve.png", "per_user.png", "learning_curves.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_event_weights_come_from_config(tmp_path):

@@ -126,16 +126,6 @@ class PreparedDataset:
         predate implicit data and are explicit."""
         return self.manifest.get("feedback", "explicit")
 
-    def require_explicit(self, command: str) -> None:
-        """Refuse an implicit dataset where only ratings are understood, before any work:
-        its strengths read as stars would train and score a meaningless model."""
-        if self.feedback != "explicit":
-            raise DataError(
-                f"{self.root}: got an implicit-feedback dataset (events or counts); `metarec "
-                f"{command}` expected explicit ratings. Implicit data trains, tunes, "
-                "evaluates and serves; this command is not built for it yet"
-            )
-
     def task_path(self, scenario: str, split: str) -> Path:
         if scenario not in self.manifest["scenarios"]:
             raise DataError(
