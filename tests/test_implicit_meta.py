@@ -16,6 +16,7 @@ from metarec.config import MetaConfig
 from metarec.implicit_baselines import ItemKNN
 from metarec.loop import predict_items
 from metarec.meta import MetaLearner, meta_loss, task_loss
+from metarec.mf import cosine_neighbours
 from metarec.negatives import fixed_candidates, keep_negatives
 from tests.test_meta import N_ITEMS, _grads, tiny_model
 
@@ -140,21 +141,44 @@ def test_implicit_ridge_head_minimises_the_confidence_weighted_objective(implici
     )
 
 
-def _knn(neighbours: int = 4) -> ItemKNN:
-    """Item-KNN fitted on 40 random users of the tiny catalogue (positives only)."""
+def _train() -> TaskBatch:
+    """40 random users of the tiny catalogue (positives only)."""
     g = torch.Generator().manual_seed(7)
     items = torch.stack([torch.randperm(N_ITEMS, generator=g)[:5] for _ in range(40)])
     mask = torch.rand(40, 5, generator=g) < 0.8
     ones = torch.ones(40, 5, dtype=torch.float64)
-    train = TaskBatch(torch.arange(40), items, ones, mask, items[:, :0], ones[:, :0], mask[:, :0])
-    return ItemKNN(neighbours=neighbours).fit(train, n_items=N_ITEMS)
+    return TaskBatch(torch.arange(40), items, ones, mask, items[:, :0], ones[:, :0], mask[:, :0])
+
+
+def _knn() -> tuple[ItemKNN, tuple[torch.Tensor, torch.Tensor]]:
+    """The ``implicit`` library's item-KNN and the model's graph from the same users, every
+    item keeping all its neighbours (no top-k cut, whose ties two codes may break apart)."""
+    train = _train()
+    knn = ItemKNN(neighbours=N_ITEMS).fit(train, n_items=N_ITEMS)
+    return knn, cosine_neighbours(train, N_ITEMS, N_ITEMS)
+
+
+def test_the_neighbour_graph_keeps_each_items_k_most_similar_others():
+    train = _train()
+    index, sim = cosine_neighbours(train, N_ITEMS, 3)
+    x = torch.zeros(40, N_ITEMS, dtype=torch.float64)
+    x[
+        torch.arange(40)[:, None].expand(-1, 5)[train.support_mask],
+        train.support_items[train.support_mask],
+    ] = 1
+    x = x / x.norm(dim=0).clamp_min(1e-12)
+    dense = (x.T @ x).fill_diagonal_(-1.0)  # itself never a neighbour
+    want = dense.topk(3, dim=1).values
+    torch.testing.assert_close(sim.double(), want.clamp_min(0), atol=1e-6, rtol=0)
+    assert not (index == torch.arange(N_ITEMS)[:, None]).any()
+    torch.testing.assert_close(dense.gather(1, index), sim.double(), atol=1e-6, rtol=0)
 
 
 def test_neighbour_scores_are_item_knn_scores_standardised(implicit_tasks):
     """The model's neighbourhood term is item-KNN's score of every item (the support
     positives' summed similarities, an item never its own neighbour), standardised per task."""
-    knn = _knn()
-    model = tiny_model(graph=knn.graph())
+    knn, graph = _knn()
+    model = tiny_model(graph=graph)
     b = implicit_tasks
     positive = (b.support_ratings > 0) & b.support_mask
     got = model.neighbour_scores(b.support_items, positive)
@@ -169,7 +193,7 @@ def test_ridge_head_fits_the_neighbour_weight_with_the_rest_of_the_head(implicit
     """With a neighbour graph, the closed form minimises the same objective with one more
     input (the support's item-KNN scores); its weight ends up in the user's item biases."""
     cfg = MetaConfig(adapt="head", inner_solver="ridge", prior_precision=0.7)
-    model = tiny_model(factor_head=True, graph=_knn().graph())
+    model = tiny_model(factor_head=True, graph=_knn()[1])
     learner = MetaLearner(model, cfg, feedback="implicit").double()
     params = {n: p.detach() for n, p in learner.params().items()}
     b = implicit_tasks
@@ -200,8 +224,8 @@ def test_the_learner_contains_item_knn(implicit_tasks):
     and zero item biases, the adapted learner scores the catalogue as item-KNN does (up to
     a per-user affine map, so the same ranking; support items are not their own
     neighbours, and evaluation never ranks them)."""
-    knn = _knn()
-    model = tiny_model(factor_head=True, graph=knn.graph())
+    knn, graph = _knn()
+    model = tiny_model(factor_head=True, graph=graph)
     cfg = MetaConfig(adapt="head", inner_solver="ridge", negatives=3)
     learner = MetaLearner(model, cfg, feedback="implicit").double()
     with torch.no_grad():

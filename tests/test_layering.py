@@ -34,6 +34,7 @@ CORE = [
     "metarec.negatives",
     "metarec.implicit_baselines",
     "metarec.implicit_evaluate",
+    "metarec.implicit_report",
     "metarec.stats",
     "metarec.baselines",
     "metarec.loop",

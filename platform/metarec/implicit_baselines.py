@@ -89,24 +89,6 @@ class ItemKNN(Estimator):
         scores = (_support(tasks, self.n_items_, binary=True) @ self.similarity_).toarray()
         return _gather(scores, items)
 
-    def graph(self) -> tuple[Tensor, Tensor]:
-        """The fitted similarities as each item's neighbour list: indices (I, k) and
-        similarities (I, k), zero-padded, the item itself left out (a support item must not
-        explain itself): what ``model.Recommender`` takes as its neighbourhood term."""
-        sim = self.similarity_.tocoo()
-        keep = sim.row != sim.col
-        rows, cols, vals = sim.row[keep], sim.col[keep], sim.data[keep]
-        counts = np.bincount(rows, minlength=self.n_items_)
-        k = max(1, int(counts.max(initial=0)))
-        order = np.lexsort((cols, rows))  # row-major, so each row's entries are contiguous
-        rows, cols, vals = rows[order], cols[order], vals[order]
-        slot = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
-        index = torch.zeros(self.n_items_, k, dtype=torch.long)
-        value = torch.zeros(self.n_items_, k)
-        index[rows, slot] = torch.from_numpy(cols.astype(np.int64))
-        value[rows, slot] = torch.from_numpy(vals.astype(np.float32))
-        return index, value
-
 
 class ALS(Estimator):
     """Implicit ALS (Hu, Koren & Volinsky), confidence ``1 + alpha x strength``, with

@@ -18,10 +18,15 @@ from metarec.batch import TaskBatch
 from metarec.config import DEFAULT_PRIOR_PRECISION, MetarecConfig
 from metarec.data.features import USER_FEATURES
 from metarec.data.prepared import PreparedDataset
-from metarec.implicit_baselines import ItemKNN
 from metarec.meta import MetaLearner
 from metarec.metrics import masked_mae
-from metarec.mf import MF_GRID, MFFoldIn, interaction_counts, svd_item_factors
+from metarec.mf import (
+    MF_GRID,
+    MFFoldIn,
+    cosine_neighbours,
+    interaction_counts,
+    svd_item_factors,
+)
 from metarec.model import Features, Recommender
 
 __all__ = [
@@ -145,7 +150,7 @@ def _implicit_learner(cfg: MetarecConfig, features: Features, train: TaskBatch) 
     n_items = features.item_genres.shape[0]
     k = cfg.neighbours("implicit")
     if k:  # the neighbourhood term's graph: item-KNN's, from the training users
-        index, sim = ItemKNN(neighbours=k).fit(train, n_items=n_items).graph()
+        index, sim = cosine_neighbours(train, n_items, k)
         features = dataclasses.replace(features, neighbour_index=index, neighbour_sim=sim)
     model = build_recommender(cfg, features, 0.0)
     counts = interaction_counts(train, n_items)

@@ -27,6 +27,7 @@ __all__ = [
     "Estimator",
     "Groups",
     "MFFoldIn",
+    "cosine_neighbours",
     "flat_ratings",
     "interaction_counts",
     "ridge_rows",
@@ -81,6 +82,42 @@ def svd_item_factors(tasks: TaskBatch, n_items: int, dim: int, *, seed: int = 0)
     torch.manual_seed(seed)
     _, s, v = torch.svd_lowrank(x, q=min(dim, *x.shape))
     return v * s.sqrt()
+
+
+def cosine_neighbours(tasks: TaskBatch, n_items: int, k: int) -> tuple[Tensor, Tensor]:
+    """Each item's ``k`` most similar items by cosine over the binary user x item matrix
+    (item-KNN's similarity), an item never its own neighbour: indices ``(n_items, k)``
+    and similarities ``(n_items, k)``, zero-padded where an item has fewer.
+
+    The graph of the implicit meta-learner's neighbourhood term
+    (``Recommender.neighbour_scores``). It lives here, below both, for the reason MF
+    fold-in does: the meta-learning core never imports the baselines it is compared with
+    (the item-KNN baseline is the ``implicit`` library's, and the tests check the two agree).
+    """
+    import scipy.sparse as sp
+
+    rows, items, _ = flat_ratings(tasks, support_only=False)
+    x = sp.csr_matrix(
+        (np.ones(len(rows), np.float32), (rows.numpy(), items.numpy())),
+        shape=(tasks.num_tasks, n_items),
+    )
+    x.data[:] = 1.0  # binary: a repeated interaction counts once
+    norm = np.sqrt(np.asarray(x.sum(0)).ravel())
+    x = x @ sp.diags(1.0 / np.maximum(norm, 1e-12))
+    sim = (x.T @ x).tocoo()
+    keep = sim.row != sim.col
+    row, col, val = sim.row[keep], sim.col[keep], sim.data[keep]
+    order = np.lexsort((col, -val, row))  # per row: most similar first, ties by index
+    row, col, val = row[order], col[order], val[order]
+    starts = np.searchsorted(row, np.arange(n_items))
+    rank = np.arange(len(row)) - starts[row]
+    top = rank < k
+    width = max(1, min(k, int(rank.max(initial=-1)) + 1))
+    index = torch.zeros(n_items, width, dtype=torch.long)
+    value = torch.zeros(n_items, width)
+    index[row[top], rank[top]] = torch.from_numpy(col[top].astype(np.int64))
+    value[row[top], rank[top]] = torch.from_numpy(val[top].astype(np.float32))
+    return index, value
 
 
 class Estimator:

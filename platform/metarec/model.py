@@ -65,7 +65,7 @@ class Features:
     user_table: Tensor | None  # (U, F) long user features, None when the dataset has none
     vocab_sizes: dict[str, int]
     user_names: tuple[str, ...] = ()  # user_table's columns (their vocab_sizes keys)
-    # The item-item neighbour graph (``implicit_baselines.item_neighbours``): each item's
+    # The item-item neighbour graph (``mf.cosine_neighbours``): each item's
     # k most similar items (I, k) long and their cosine similarities (I, k), 0 where a row
     # has fewer; None: no neighbourhood term.
     neighbour_index: Tensor | None = None
