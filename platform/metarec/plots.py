@@ -19,8 +19,29 @@ from matplotlib.ticker import MaxNLocator
 
 __all__ = ["learning_curves", "per_user", "shot_curve", "step_curve"]
 
-COLOURS = {"finetune": "C1", "mf_foldin": "C2", "transfer": "C3"}  # meta-learner: C0
-LABELS = {"finetune": "fine-tune (global model)", "mf_foldin": "MF fold-in", "transfer": "transfer"}
+# meta-learner: C0; ratings baselines, then implicit ones
+COLOURS = {
+    "finetune": "C1",
+    "mf_foldin": "C2",
+    "transfer": "C3",
+    "item_knn": "C2",
+    "ease": "C3",
+    "als": "C4",
+    "bpr": "C5",
+    "global_model": "C6",
+    "popularity": "C7",
+}
+LABELS = {
+    "finetune": "fine-tune (global model)",
+    "mf_foldin": "MF fold-in",
+    "transfer": "transfer",
+    "item_knn": "item-KNN",
+    "ease": "EASE",
+    "als": "ALS fold-in",
+    "bpr": "BPR",
+    "global_model": "global model",
+    "popularity": "popularity",
+}
 
 
 def _colour(method: str) -> str:
@@ -142,7 +163,7 @@ def per_user(curves: dict[str, Any], path: Path) -> Path:
         counts = [pu["bucket"].count(k) for k in range(len(pu["bucket_labels"]))]
         ticks = [f"{lab}\n({n} users)" for lab, n in zip(pu["bucket_labels"], counts, strict=True)]
         ax.set_xticks(range(len(ticks)), ticks, fontsize=8)
-        ax.set_xlabel(f"support {curves[scenario].get('unit', 'ratings')} per user")
+        ax.set_xlabel(pu.get("xlabel", "support ratings per user"))
         ax.set_ylabel(name)
         ax.grid(alpha=0.3, axis="y")
     return _finish(fig, path, "Per user, by activity (boxes: quartiles, whiskers 1.5 IQR)")
