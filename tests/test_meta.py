@@ -434,3 +434,22 @@ def test_hand_derived_gradients_cover_only_whole_head_or_mlp_groups():
     assert not model.hand_grads_for(
         MetaLearner(model, MetaConfig(inner_solver="gd", adapt="all")).adapted
     )
+
+
+@pytest.mark.parametrize("factor", [False, True])
+def test_shared_item_side_scoring_equals_the_forward(tiny_tasks, factor):
+    """Without user features and with only the head adapted, every user sees the same item
+    features: ``predict_shared`` (the MLP once per item) gives the forward's scores."""
+    cfg = MetaConfig(adapt="head", inner_solver="ridge", prior_precision=0.5)
+    learner = MetaLearner(tiny_model(users=False, factor_head=factor), cfg).double()
+    model, b = learner.model, tiny_tasks
+    params = {n: p.detach() for n, p in learner.params().items()}
+    fast = learner.adapt(params, (b.users, b.support_items, b.support_ratings, b.support_mask))
+    fast["item_bias"] = params["item_bias"] + torch.randn(b.num_tasks, N_ITEMS).double()
+    items = torch.randint(0, N_ITEMS, (b.num_tasks, 7), generator=torch.Generator().manual_seed(1))
+    assert model.shares_item_side(fast)
+    want = functional_call(model, fast, (items, b.users))
+    torch.testing.assert_close(model.predict_shared(fast, items), want, atol=1e-12, rtol=1e-12)
+    assert not tiny_model(users=True).shares_item_side(params)  # user features: per pair
+    mlp = {**params, "mlp.0_bias": params["mlp.0_bias"].expand(b.num_tasks, -1)}
+    assert not model.shares_item_side(mlp)  # an adapted MLP: per user

@@ -260,7 +260,11 @@ def predict_items(
                 support_prior=support_prior,
                 prior_scale=prior_scale,
             )
-            out.append(predict(learner.model, fast, items[idx].to(device), b.users).cpu())
+            chunk_items = items[idx].to(device)
+            if learner.model.shares_item_side(fast):  # the MLP once per item, not per pair
+                out.append(learner.model.predict_shared(fast, chunk_items).cpu())
+            else:
+                out.append(predict(learner.model, fast, chunk_items, b.users).cpu())
     return torch.cat(out)
 
 

@@ -285,6 +285,44 @@ class Recommender(nn.Module):
             offset = offset + dot(self.item_factors(item_x), params["head.factor"])
         return cv.mul_(r).mul_(width**-0.5).add_(params["head.bias"]).add_(offset)
 
+    def shares_item_side(self, params: Params) -> bool:
+        """Whether every user sees the same item features: no user features, and the
+        encoder and MLP not adapted (no task dim), so only the head and item biases are
+        per user and ``predict_shared`` applies."""
+        own = dict(self.named_parameters())
+        return not self.use_user and all(
+            params[k].dim() == own[k].dim() for k in own if k.startswith(("emb.", "mlp."))
+        )
+
+    @torch.no_grad()
+    def predict_shared(self, params: Params, items: Tensor) -> Tensor:
+        """``forward`` for T tasks' fast weights when ``shares_item_side``: (T, N).
+
+        The MLP runs once per catalogue item instead of once per (user, item) pair, and
+        each user's head is one (I, H) x (H, 1) product: scoring a 20,000-item catalogue for
+        256 users is then a matmul, not an MLP over 5 million rows. ``tests/test_meta.py``
+        checks it against ``forward``.
+
+        Args:
+            params: full parameters; the head and item biases may carry a task dim T.
+            items: (T, N) item indices.
+        """
+        catalogue = torch.arange(self.item_genres.shape[0], device=items.device)
+        z, q = call_with(self, params, "item_side", catalogue)  # (I, H), (I, D) or None
+        t, weight = items.shape[0], params["head.weight"]
+        per_item = (weight.expand(t, *weight.shape[-2:]).squeeze(-1) @ z.T) * z.shape[-1] ** -0.5
+        if q is not None:
+            per_item = per_item + params["head.factor"].expand(t, -1) @ q.T  # (T, I)
+        offset = gather_bias(params["item_bias"], items) + self.global_mean
+        return per_item.gather(1, items) + params["head.bias"] + offset
+
+    def item_side(self, items: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The unit-RMS features (N, H) and item factors (N, D) or None of ``items`` with
+        no user in them (``shares_item_side``)."""
+        item_x, _ = self.encode_parts(items, items[:1])
+        q = self.item_factors(item_x) if self.has_factor_head else None
+        return self.mlp.features(item_x), q
+
     def _with_task_dim(self, params: Params, tasks: int) -> Params:
         """MLP and head parameters with a leading task dim (a view where they are shared)."""
         own = dict(self.named_parameters())
