@@ -139,6 +139,9 @@ class Engine:
         """(B, I) ratings of every catalog item under each user's fast weights."""
         b = next(iter(weights.values())).shape[0]
         params = self._with_users({**self.params, **weights}, table)
+        if self.model.shares_item_side(params):  # the MLP once per item, heads as a matmul
+            items = torch.arange(self.n_items, device=self.device).expand(b, -1)
+            return self.model.predict_shared(params, items).cpu()
         users = torch.arange(b, device=self.device)
         out = torch.empty(b, self.n_items)
         block = max(1, self.max_rows // b)
