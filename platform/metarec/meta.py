@@ -417,17 +417,18 @@ def ridge_head(
     x = torch.cat(columns, -1) * m.unsqueeze(-1)  # (T, S, F)
     y = (target - offset) * m  # (T, S)
     xt = x.transpose(1, 2)  # (T, F, S)
-    names = [n for n in ("head.weight", "head.factor", "head.neighbour") if n in params]
-    theta = torch.cat([params["head.weight"][:, 0]] + [params[n] for n in names[1:]])
-    theta = torch.cat([theta, params["head.bias"]])  # (F,), in the order of x's columns
+    vectors = [n for n in ("head.factor", "head.neighbour") if n in params]
+    theta = torch.cat(
+        [params["head.weight"][:, 0]] + [params[n] for n in vectors] + [params["head.bias"]]
+    )  # (F,), in the order of x's columns
     lam = precision.to(x.dtype).expand(x.shape[-1])
     a = xt @ x + torch.diag_embed(lam)  # (T, F, F)
     b = (xt @ y.unsqueeze(-1)).squeeze(-1) + lam * theta  # (T, F)
     w = torch.linalg.solve(a, b)  # (T, F)
-    out = {**params, "head.bias": w[:, -1:]}
-    sizes = [params[n].numel() for n in names]
-    for n, part in zip(names, w[:, :-1].split(sizes, dim=1), strict=True):
-        out[n] = part.view(-1, *params[n].shape)
+    lo = params["head.weight"].shape[0]
+    out = {**params, "head.weight": w[:, :lo, None], "head.bias": w[:, -1:]}
+    for n in vectors:  # slices (a split rounds float32 gradients differently)
+        out[n], lo = w[:, lo : lo + params[n].numel()], lo + params[n].numel()
     if model.has_neighbours:  # spent: the user's item biases now carry weight x scores
         out["item_bias"] = params["item_bias"] + out["head.neighbour"] * neighbours
     return out
