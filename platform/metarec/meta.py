@@ -377,8 +377,9 @@ def ridge_head(
 ) -> Params:
     """Closed-form inner loop for the head: the posterior mean of a Bayesian linear model.
 
-    argmin_w sum_S (x.w - y)² + (w - θ)ᵀ Λ (w - θ), with x = [h, q_i, 1] the head inputs
-    (unit-norm MLP features, the item factors when the model has a factor head, a bias
+    argmin_w sum_S (x.w - y)² + (w - θ)ᵀ Λ (w - θ), with x = [h, q_i, n_i, 1] the head
+    inputs (unit-norm MLP features, the item factors when the model has a factor head, the
+    support's standardised item-KNN score of i when it has a neighbour graph, a bias
     column), y the rating minus the item bias and μ, θ the meta-learned head (the prior
     mean a user starts from) and Λ = diag(``precision``). A *sum* over ratings, not a mean:
     the prior weighs as much as Λ ratings whatever the support size, so a user with one
