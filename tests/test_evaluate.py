@@ -127,31 +127,62 @@ def test_scoring_in_chunks_equals_scoring_at_once(synthetic_prepared):
         assert whole[k].shape == (test.num_tasks,)
 
 
-@pytest.fixture(scope="module")
-def registered(synthetic_cfg, synthetic_prepared, tmp_path_factory):
-    """A user_cold model trained in process and registered in a SQLite MLflow store."""
+def _register(cfg, ds, tmp_path_factory):
+    """``cfg`` trained in process on ``ds`` and registered in a SQLite MLflow store:
+    (work dir, tracking uri, run id, model uri)."""
     from metarec.checkpoint import make_checkpoint, save_checkpoint
     from metarec.tracking import finish_run, resolve_tracking_uri, start_run
     from metarec.train_state import TrainState
 
-    cfg = apply_overrides(
-        synthetic_cfg,
-        **{"meta.algorithm": "fomaml", "meta.inner_steps": 1, "train.epochs": 2},
-    )
-    res = fit(cfg, synthetic_prepared)
+    res = fit(cfg, ds)
     state = TrainState(epoch=2, best_epoch=res.best_epoch, history=res.history)
-    ds_hash = synthetic_prepared.manifest["dataset_hash"]
+    ds_hash = ds.manifest["dataset_hash"]
     work = tmp_path_factory.mktemp("work")
     ckpt_dir = work / "ckpt"
     save_checkpoint(make_checkpoint(cfg, res.learner, None, state, dataset_hash=ds_hash), ckpt_dir)
     uri = resolve_tracking_uri(None, work)
-    run_id = start_run(
-        uri, run_name="r", config=cfg.to_dict(), manifest=synthetic_prepared.manifest
-    )
+    run_id = start_run(uri, run_name="r", config=cfg.to_dict(), manifest=ds.manifest)
     model = finish_run(
         uri, run_id, checkpoint_dir=ckpt_dir, history=res.history, summary={}, model_name="m"
     )
     return work, uri, run_id, model
+
+
+@pytest.fixture(scope="module")
+def registered(synthetic_cfg, synthetic_prepared, tmp_path_factory):
+    """A user_cold model trained in process and registered in a SQLite MLflow store."""
+    cfg = apply_overrides(
+        synthetic_cfg,
+        **{"meta.algorithm": "fomaml", "meta.inner_steps": 1, "train.epochs": 2},
+    )
+    return _register(cfg, synthetic_prepared, tmp_path_factory)
+
+
+@pytest.mark.integration  # a whole CLI report on implicit data, logged to MLflow
+def test_implicit_report_of_a_registered_model_is_logged_to_its_run(
+    shop_cfg, shop_prepared, tmp_path_factory
+):
+    from mlflow.tracking import MlflowClient
+
+    from metarec.cli import main
+
+    cfg = apply_overrides(shop_cfg, **{"train.epochs": 1})
+    work, uri, run_id, model = _register(cfg, shop_prepared, tmp_path_factory)
+    out = tmp_path_factory.mktemp("report")
+    args = ["report", "--data", str(shop_prepared.root), "--out", str(out), "--model", model]
+    args += ["--work-dir", str(work), "--scenario", "user_cold", "--baselines", "popularity"]
+    assert main([*args, "--shots", "1", "4"]) == 0
+    results = json.loads((out / "results.json").read_text())["user_cold"]
+    assert results["maml"]["source"] == ["model"]
+    client = MlflowClient(uri)
+    logged = {f.path for f in client.list_artifacts(run_id, "eval")}
+    assert {"eval/report.md", "eval/results.json", "eval/shot_curve.png"} <= logged
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["eval/user_cold/maml/ndcg_at_10"] == pytest.approx(results["maml"]["ndcg@10"])
+    diff = results["_paired_meta"]["popularity"]["recall@20"]["diff"]
+    assert metrics["eval/user_cold/paired/maml-vs-popularity/recall_at_20/diff"] == pytest.approx(
+        diff
+    )
 
 
 @pytest.mark.integration  # a whole CLI report, logged to MLflow

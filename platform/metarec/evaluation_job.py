@@ -229,13 +229,17 @@ def _source_vocab(req: EvaluationRequest, ckpt: dict[str, Any]) -> dict[str, lis
 
 
 def _finish_evaluation(
-    req: EvaluationRequest, ev: _Evaluation, results: dict, files: list[Path]
+    req: EvaluationRequest,
+    ds: Any,
+    results: dict,
+    files: list[Path],
+    transfer: dict[str, Any] | None = None,
 ) -> None:
     """transfer.json (--cross-domain); attach everything to ``--model``'s MLflow run."""
     from metarec.results import write_json_atomic
 
-    if ev.transfer is not None:
-        files.append(write_json_atomic(Path(req.out) / "transfer.json", ev.transfer))
+    if transfer is not None:
+        files.append(write_json_atomic(Path(req.out) / "transfer.json", transfer))
     print(f"wrote {req.out}: " + ", ".join(f.name for f in files))
     if not req.model or not req.model.startswith(("models:/", "runs:/")):
         return
@@ -246,9 +250,9 @@ def _finish_evaluation(
     run_id = describe_model(req.model, uri)["run_id"]
     if run_id is None:
         return
-    m = ev.ds.manifest
+    m = ds.manifest
     prefix = "eval"
-    if ev.transfer is not None:
+    if transfer is not None:
         prefix = f"cross_domain/{m['source']['name']}-{m['dataset_hash'][:8]}"
     log_evaluation(uri, run_id, results, files, prefix=prefix)
     print(f"logged to MLflow run {run_id} under {prefix}/")
@@ -264,7 +268,7 @@ def evaluate_command(req: EvaluationRequest) -> None:
     ev = _evaluation(req, _settings(req), ds, report=False)
     results = ev.run()
     print(format_table(results))
-    _finish_evaluation(req, ev, results, [write_results(results, req.out)])
+    _finish_evaluation(req, ev.ds, results, [write_results(results, req.out)], ev.transfer)
 
 
 def _evaluate_implicit(req: EvaluationRequest, ds: Any) -> None:
@@ -273,7 +277,7 @@ def _evaluate_implicit(req: EvaluationRequest, ds: Any) -> None:
 
     results = _implicit_results(req, ds)
     print(format_implicit(results))
-    print(f"wrote {req.out}: {write_results(results, req.out).name}")
+    _finish_evaluation(req, ds, results, [write_results(results, req.out)])
 
 
 def _report_implicit(req: EvaluationRequest, ds: Any) -> None:
@@ -288,7 +292,7 @@ def _report_implicit(req: EvaluationRequest, ds: Any) -> None:
         f"- model: `{req.model}`" if req.model else "- model: meta-trained in process per split",
     ]
     files = write_implicit_report(req.out, results, curves.summary(), preamble=preamble)
-    print(f"wrote {req.out}: " + ", ".join(f.name for f in files))
+    _finish_evaluation(req, ds, results, files)
     print(f"report:     {Path(req.out) / 'report.md'}")
 
 
@@ -360,5 +364,5 @@ def report_command(req: EvaluationRequest) -> None:
     files = write_report(
         req.out, results, collector.summary(), title=title, preamble=preamble, notes=notes
     )
-    _finish_evaluation(req, ev, results, files)
+    _finish_evaluation(req, ev.ds, results, files, ev.transfer)
     print(f"report:     {Path(req.out) / 'report.md'}")

@@ -403,6 +403,19 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(pipe_table([str(c) for c in frame.columns], rows)) + "\n"
 
 
+def _pairs(rows: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(a, b, {metric: {"diff", "ci95"}}) of a scenario's paired differences: on ratings
+    ``_paired`` is {meta method: {baseline: ...}}; on implicit data it is every method
+    against ``_paired["reference"]``, and ``_paired_meta`` the meta-learner against each."""
+    paired = rows.get("_paired", {})
+    if "reference" not in paired:
+        return [(a, b, d) for a, against in paired.items() for b, d in against.items()]
+    ref, meta = paired["reference"], rows.get("_paired_meta", {})
+    pairs = {(a, ref): d for a, d in paired.items() if a != "reference"}
+    pairs |= {(meta["method"], b): d for b, d in meta.items() if b != "method"}
+    return [(a, b, d) for (a, b), d in pairs.items()]
+
+
 def log_evaluation(
     uri: str,
     run_id: str,
@@ -426,16 +439,11 @@ def log_evaluation(
                 flat += [
                     (f"{scenario}/{method}/{k}", v) for k, v in row.items() if isinstance(v, float)
                 ]
-        for a, against in rows.get("_paired", {}).items():
-            for b, diffs in against.items():
-                for k, d in diffs.items():
-                    lo, hi = d["ci95"]
-                    base = f"{scenario}/paired/{a}-vs-{b}/{k}"
-                    flat += [
-                        (f"{base}/diff", d["diff"]),
-                        (f"{base}/ci_lo", lo),
-                        (f"{base}/ci_hi", hi),
-                    ]
+        for a, b, diffs in _pairs(rows):
+            for k, d in diffs.items():
+                lo, hi = d["ci95"]
+                base = f"{scenario}/paired/{a}-vs-{b}/{k}"
+                flat += [(f"{base}/diff", d["diff"]), (f"{base}/ci_lo", lo), (f"{base}/ci_hi", hi)]
         if "_protocol" in rows:
             protocol = {k: v for k, v in rows["_protocol"].items() if k != "adapt_per_fit"}
             client.set_tag(run_id, f"{prefix}/{scenario}/protocol", json.dumps(protocol))
