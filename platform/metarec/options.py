@@ -262,7 +262,7 @@ def add_parsers(sub: Any, commands: dict[str, Command]) -> None:
             "to that MLflow run.",
         ),
         ("--seeds", "report.seeds", "init seeds within each user split"),
-        ("--shots", "report.shots", "shot curve: support ratings per test user (0: cold start)"),
+        ("--shots", "report.shots", "shot curve: support size per test user (0: cold start)"),
         ("--curve-steps", "report.curve_steps", "step curve: 0..N inner steps"),
         scenario="all",
     )
