@@ -174,6 +174,8 @@ def test_implicit_report_of_a_registered_model_is_logged_to_its_run(
     assert main([*args, "--shots", "1", "4"]) == 0
     results = json.loads((out / "results.json").read_text())["user_cold"]
     assert results["maml"]["source"] == ["model"]
+    (curve,) = json.loads((out / "curves.json").read_text())["user_cold"]["learning_curves"]
+    assert curve["label"] == "the given model" and len(curve["rows"]) == 1  # one epoch
     client = MlflowClient(uri)
     logged = {f.path for f in client.list_artifacts(run_id, "eval")}
     assert {"eval/report.md", "eval/results.json", "eval/shot_curve.png"} <= logged

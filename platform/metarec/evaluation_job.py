@@ -275,7 +275,7 @@ def _evaluate_implicit(req: EvaluationRequest, ds: Any) -> None:
     from metarec.implicit_evaluate import format_implicit
     from metarec.results import write_results
 
-    results = _implicit_results(req, ds)
+    results, _ = _implicit_results(req, ds)
     print(format_implicit(results))
     _finish_evaluation(req, ds, results, [write_results(results, req.out)])
 
@@ -284,24 +284,26 @@ def _report_implicit(req: EvaluationRequest, ds: Any) -> None:
     from metarec.implicit_report import ImplicitCurves, write_implicit_report
 
     curves = ImplicitCurves(shots=_settings(req).report.shots)
-    results = _implicit_results(req, ds, on_split=curves)
+    results, history = _implicit_results(req, ds, on_split=curves)
     m = ds.manifest
     preamble = [
         f"- data: `{req.data}` ({m['source']['name']}, dataset hash `{m['dataset_hash']}`, "
         f"protocol `{json.dumps(m['protocol'])}`)",
         f"- model: `{req.model}`" if req.model else "- model: meta-trained in process per split",
     ]
-    files = write_implicit_report(req.out, results, curves.summary(), preamble=preamble)
+    summary = curves.summary(history)
+    files = write_implicit_report(req.out, results, summary, preamble=preamble)
     _finish_evaluation(req, ds, results, files)
     print(f"report:     {Path(req.out) / 'report.md'}")
 
 
 def _implicit_results(
     req: EvaluationRequest, ds: Any, on_split: Callable[[Any], None] | None = None
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], list[dict[str, float]] | None]:
     """An implicit dataset: the meta-learner against the implicit baselines
     (``metarec.implicit_evaluate``); what it cannot honour yet is refused, never ignored.
-    ``--model`` is scored where it fits (``evaluate.model_fits``), as on ratings."""
+    ``--model`` is scored where it fits (``evaluate.model_fits``), as on ratings. Returns
+    the results and the given model's training history (None without ``--model``)."""
     from dataclasses import replace
 
     from metarec.implicit_evaluate import IMPLICIT_BASELINES, evaluate_implicit
@@ -319,13 +321,14 @@ def _implicit_results(
                 "this version trains the meta-learner once per user split on implicit data "
                 "(several init seeds and cross-domain transfer are not built for it yet)"
             )
-    learner = None
+    learner, history = None, None
     if req.model:
         given = _load_model(req, ds)
         cfg, learner = replace(given.cfg, evaluate=cfg.evaluate), given.learner
+        history = given.history
     scenarios = _scenarios(req, ds, cfg.train.scenario)
     names = _baselines(e.baselines, IMPLICIT_BASELINES)
-    return evaluate_implicit(
+    results = evaluate_implicit(
         apply_overrides(cfg, seed=e.seeds[0]),
         ds,
         scenarios=scenarios,
@@ -336,6 +339,7 @@ def _implicit_results(
         learner=learner,
         on_split=on_split,
     )
+    return results, history
 
 
 def report_command(req: EvaluationRequest) -> None:

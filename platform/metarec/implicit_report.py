@@ -73,10 +73,14 @@ class ImplicitCurves:
         if split.history is not None:
             cur.histories.append({"label": f"split {split.split}", "rows": split.history})
 
-    def summary(self) -> dict[str, Any]:
-        """Per scenario, what ``plots`` and ``report.md`` draw (JSON)."""
+    def summary(self, history: list[dict[str, float]] | None = None) -> dict[str, Any]:
+        """Per scenario, what ``plots`` and ``report.md`` draw (JSON). ``history``: the
+        given model's training history (its checkpoint's), drawn where no split trained."""
         out: dict[str, Any] = {}
         for scenario, cur in self.by_scenario.items():
+            curves = cur.histories
+            if not curves and history is not None:
+                curves = [{"label": "the given model", "rows": history}]
             sizes = np.concatenate(cur.support_size)
             bucket, labels = activity_buckets(sizes)
             out[scenario] = {
@@ -96,7 +100,7 @@ class ImplicitCurves:
                     "xlabel": "the user's support interactions before any cut",
                     "ndcg@10": {m: np.concatenate(v).tolist() for m, v in cur.user_ndcg.items()},
                 },
-                "learning_curves": cur.histories,
+                "learning_curves": curves,
             }
         return out
 
