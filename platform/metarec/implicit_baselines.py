@@ -27,19 +27,9 @@ import torch
 from torch import Tensor
 
 from metarec.batch import TaskBatch
-from metarec.mf import Estimator, flat_ratings, interaction_counts
+from metarec.mf import Estimator, interaction_counts, interaction_matrix
 
-__all__ = ["ALS", "BPR", "EASE", "GRIDS", "ItemKNN", "Popularity", "interaction_matrix"]
-
-
-def interaction_matrix(
-    tasks: TaskBatch, n_items: int, *, support_only: bool, binary: bool = False
-) -> sp.csr_matrix:
-    """``(T, n_items)`` CSR of each task's interactions (its support, or all of them), as
-    strengths or as 1 with ``binary``; a repeated item keeps the sum."""
-    rows, items, values = flat_ratings(tasks, support_only=support_only)
-    data = np.ones(len(rows), np.float32) if binary else values.numpy().astype(np.float32)
-    return sp.csr_matrix((data, (rows.numpy(), items.numpy())), shape=(tasks.num_tasks, n_items))
+__all__ = ["ALS", "BPR", "EASE", "GRIDS", "ItemKNN", "Popularity"]
 
 
 def _support(tasks: TaskBatch, n_items: int, **kw: Any) -> sp.csr_matrix:

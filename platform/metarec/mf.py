@@ -14,13 +14,16 @@ items) -> (T, N)`` scores any items for each evaluation task using only that tas
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from metarec.batch import TaskBatch
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
 
 __all__ = [
     "MF_GRID",
@@ -30,6 +33,7 @@ __all__ = [
     "cosine_neighbours",
     "flat_ratings",
     "interaction_counts",
+    "interaction_matrix",
     "ridge_rows",
     "svd_item_factors",
 ]
@@ -84,6 +88,19 @@ def svd_item_factors(tasks: TaskBatch, n_items: int, dim: int, *, seed: int = 0)
     return v * s.sqrt()
 
 
+def interaction_matrix(
+    tasks: TaskBatch, n_items: int, *, support_only: bool, binary: bool = False
+) -> sp.csr_matrix:
+    """``(T, n_items)`` CSR of each task's interactions (its support, or all of them), as
+    strengths or as 1 with ``binary``; a repeated item keeps the sum. The implicit
+    baselines' input and the neighbour graph's, so it lives below both."""
+    import scipy.sparse as sp
+
+    rows, items, values = flat_ratings(tasks, support_only=support_only)
+    data = np.ones(len(rows), np.float32) if binary else values.numpy().astype(np.float32)
+    return sp.csr_matrix((data, (rows.numpy(), items.numpy())), shape=(tasks.num_tasks, n_items))
+
+
 def cosine_neighbours(tasks: TaskBatch, n_items: int, k: int) -> tuple[Tensor, Tensor]:
     """Each item's ``k`` most similar items by cosine over the binary user x item matrix
     (item-KNN's similarity), an item never its own neighbour: indices ``(n_items, k)``
@@ -96,11 +113,7 @@ def cosine_neighbours(tasks: TaskBatch, n_items: int, k: int) -> tuple[Tensor, T
     """
     import scipy.sparse as sp
 
-    rows, items, _ = flat_ratings(tasks, support_only=False)
-    x = sp.csr_matrix(
-        (np.ones(len(rows), np.float32), (rows.numpy(), items.numpy())),
-        shape=(tasks.num_tasks, n_items),
-    )
+    x = interaction_matrix(tasks, n_items, support_only=False, binary=True)
     x.data[:] = 1.0  # binary: a repeated interaction counts once
     norm = np.sqrt(np.asarray(x.sum(0)).ravel())
     x = x @ sp.diags(1.0 / np.maximum(norm, 1e-12))
