@@ -295,7 +295,12 @@ class Recommender(nn.Module):
         )
 
     @torch.no_grad()
-    def predict_shared(self, params: Params, items: Tensor) -> Tensor:
+    def predict_shared(
+        self,
+        params: Params,
+        items: Tensor,
+        side: tuple[Tensor, Tensor | None] | None = None,
+    ) -> Tensor:
         """``forward`` for T tasks' fast weights when ``shares_item_side``: (T, N).
 
         The MLP runs once per catalogue item instead of once per (user, item) pair, and
@@ -306,9 +311,13 @@ class Recommender(nn.Module):
         Args:
             params: full parameters; the head and item biases may carry a task dim T.
             items: (T, N) item indices.
+            side: ``item_side`` of the whole catalogue under ``params``, computed earlier
+                (the serving engine keeps it: the shared weights never change there).
         """
-        catalogue = torch.arange(self.item_genres.shape[0], device=items.device)
-        z, q = call_with(self, params, "item_side", catalogue)  # (I, H), (I, D) or None
+        if side is None:
+            catalogue = torch.arange(self.item_genres.shape[0], device=items.device)
+            side = call_with(self, params, "item_side", catalogue)
+        z, q = side  # (I, H), (I, D) or None
         t, weight = items.shape[0], params["head.weight"]
         per_item = (weight.expand(t, *weight.shape[-2:]).squeeze(-1) @ z.T) * z.shape[-1] ** -0.5
         if q is not None:

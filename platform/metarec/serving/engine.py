@@ -75,6 +75,9 @@ class Engine:
         self.n_features = 4 if self.model.use_user else 0
         # Item-side inputs of every item, once, unless adaptation changes them.
         self.item_x: Tensor | None = None
+        # ``Recommender.item_side`` of the catalogue, kept at the first batch that scores
+        # with ``predict_shared`` (self.params, which it depends on, never change)
+        self.item_side: tuple[Tensor, Tensor | None] | None = None
         if not any(n.startswith(("emb.", "item_bias")) for n in learner.adapted):
             with torch.no_grad():
                 items = torch.arange(self.n_items, device=self.device)[None]
@@ -140,8 +143,11 @@ class Engine:
         b = next(iter(weights.values())).shape[0]
         params = self._with_users({**self.params, **weights}, table)
         if self.model.shares_item_side(params):  # the MLP once per item, heads as a matmul
-            items = torch.arange(self.n_items, device=self.device).expand(b, -1)
-            return self.model.predict_shared(params, items).cpu()
+            catalogue = torch.arange(self.n_items, device=self.device)
+            if self.item_side is None:
+                self.item_side = call_with(self.model, self.params, "item_side", catalogue)
+            items = catalogue.expand(b, -1)
+            return self.model.predict_shared(params, items, self.item_side).cpu()
         users = torch.arange(b, device=self.device)
         out = torch.empty(b, self.n_items)
         block = max(1, self.max_rows // b)
