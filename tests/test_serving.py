@@ -8,6 +8,7 @@ with any mix of support sizes (zero = cold start) and with cached fast weights.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 
@@ -175,7 +176,7 @@ def test_service_rejects_bad_requests_naming_the_field(tmp_path, served):
         assert e.value.loc == loc
     other = catalog.raw_ids[1]
     twice = [Rating(item=item, rating=1), Rating(item=other, rating=4), Rating(item=item, rating=5)]
-    job, _ = svc.recommend_job(req(ratings=twice))  # a re-rated item keeps its latest rating
+    job = svc.recommend_job(req(ratings=twice))  # a re-rated item keeps its latest rating
     assert job.items == (0, 1) and job.ratings == (5.0, 4.0)
 
 
@@ -184,18 +185,24 @@ def test_recommendations_respect_exclusions_and_candidates(tmp_path, served):
     svc = _service(tmp_path, catalog, loaded, max_k=len(catalog))
     rated = catalog.raw_ids[:5]
     request = RecommendRequest(ratings=[Rating(item=i, rating=5) for i in rated], k=len(catalog))
-    job, candidates = svc.recommend_job(request)
+    job = svc.recommend_job(request)
     (result,) = svc.engine.run([job])
-    out = svc.recommend_response(request, job, candidates, result)
-    ids = [x["item"] for x in out["items"]]
+    out_all = svc.recommend_response(request, job, result)["items"]
+    ids = [x["item"] for x in out_all]
     assert len(ids) == len(catalog) - 5 and not set(ids) & set(rated)
-    scores = [x["score"] for x in out["items"]]
+    scores = [x["score"] for x in out_all]
     assert scores == sorted(scores, reverse=True)
     some = catalog.raw_ids[3:9]
     request = RecommendRequest(ratings=request.ratings, k=100, candidates=some)
-    _, candidates = svc.recommend_job(request)
-    out = svc.recommend_response(request, job, candidates, result)
-    assert [x["item"] for x in out["items"]] == [i for i in ids if i in some]  # 5..8 only
+    job = svc.recommend_job(request)
+    (result,) = svc.engine.run([job])
+    assert len(result.scores) == len(some)  # the candidates are scored, nothing else
+    out = svc.recommend_response(request, job, result)
+    got = [x["item"] for x in out["items"]]
+    assert got == [i for i in ids if i in some]  # 5..8 only, in the whole ranking's order
+    assert [x["score"] for x in out["items"]] == pytest.approx(
+        [x["score"] for x in out_all if x["item"] in some], rel=1e-6
+    )
 
 
 def test_feedback_is_on_disk_before_the_answer(tmp_path, served):
@@ -229,3 +236,23 @@ def test_search_finds_titles_by_every_word_most_rated_first(tmp_path, served):
     assert svc.search("no title has this", 5)["items"] == []
     with pytest.raises(FieldError, match="limit"):
         svc.search("a", len(catalog) + 1)
+
+
+def test_two_stage_re_ranks_with_the_adapted_network(served, synthetic_prepared):
+    """With user features the inner product is only the first stage; the returned scores
+    are the network's, and with every item a candidate the ranking is the full one."""
+    from metarec.sections import RetrievalConfig
+
+    learner, loaded, catalog = served
+    tasks = from_table(synthetic_prepared.tasks("user_cold", "test")).select(torch.arange(3))
+    jobs = [
+        dataclasses.replace(j, top=10)
+        for j in _jobs_for(tasks, learner.model.user_table, [0, 4, 20])
+    ]
+    full = Engine(loaded).run(jobs)
+    for candidates in (10, len(catalog)):
+        engine = Engine(loaded, retrieval=RetrievalConfig(full_below=0, candidates=candidates))
+        for f, t in zip(full, engine.run(jobs), strict=True):
+            torch.testing.assert_close(t.scores, f.scores[t.items], rtol=1e-5, atol=1e-5)
+            if candidates == len(catalog):
+                assert t.items.tolist() == f.scores.topk(10).indices.tolist()

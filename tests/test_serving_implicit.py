@@ -4,6 +4,8 @@ events up, and an onboarding page that spans the catalogue."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -84,7 +86,7 @@ def test_events_become_strengths_and_the_other_kind_is_refused(served, tmp_path)
             Event(item=b, event="cart", value=2),
         ]
     )
-    job, _ = service.recommend_job(req)
+    job = service.recommend_job(req)
     assert dict(zip(job.items, job.ratings, strict=True)) == {
         catalog.index[a]: 6.0,
         catalog.index[b]: 8.5,
@@ -138,6 +140,44 @@ def test_the_openapi_examples_of_an_implicit_model_are_valid_requests(served, tm
     service = _service(served, tmp_path)
     examples = service.request_examples()
     assert examples["RecommendRequest"]["events"][0]["event"] == "purchase"
-    job, _ = service.recommend_job(RecommendRequest(**examples["RecommendRequest"]))
+    job = service.recommend_job(RecommendRequest(**examples["RecommendRequest"]))
     assert len(job.items) == 2
     service.feedback_job("ex", FeedbackRequest(**examples["FeedbackRequest"]))
+
+
+def test_two_stage_top_is_the_exact_ranking_when_the_score_is_an_inner_product(served):
+    """No user features and only the head adapted: the retrieval score is the network's
+    score, the per-user neighbourhood term included, so the exact search's 10 candidates
+    are the full ranking's top 10."""
+    full, two = _two_stage(served, ann=False)
+    for f, t in zip(full, two, strict=True):
+        best = f.scores.topk(10)
+        assert t.items.tolist() == best.indices.tolist()
+        torch.testing.assert_close(t.scores, best.values, rtol=1e-5, atol=1e-5)
+
+
+def test_two_stage_with_an_ann_index_re_ranks_with_the_network(served):
+    """An IVF index probing every list: exact for a user without a per-user term (cold
+    start); otherwise its candidates plus the term's own best, each re-ranked with the
+    network's exact score."""
+    full, two = _two_stage(served, ann=True)
+    assert two[0].items.tolist() == full[0].scores.topk(10).indices.tolist()
+    for f, t in zip(full, two, strict=True):
+        assert len(set(t.items.tolist())) == 10
+        torch.testing.assert_close(t.scores, f.scores[t.items], rtol=1e-5, atol=1e-5)
+        assert t.scores.tolist() == sorted(t.scores.tolist(), reverse=True)
+
+
+def _two_stage(served, *, ann: bool):
+    from metarec.sections import RetrievalConfig
+
+    _, loaded, catalog = served
+    a, b, c = (catalog.index[i] for i in catalog.raw_ids[:3])
+    jobs = [Job(), Job(items=(a, b), ratings=(5.0, 1.0)), Job(items=(c,), ratings=(3.0,))]
+    settings = RetrievalConfig(
+        full_below=0, ann_above=0 if ann else 10**9, candidates=10, nprobe=10**6
+    )
+    engine = Engine(loaded, retrieval=settings)
+    assert engine.retriever is not None and (engine.retriever.index is not None) == ann
+    two = engine.run([dataclasses.replace(j, top=10) for j in jobs])
+    return Engine(loaded).run(jobs), two

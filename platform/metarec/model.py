@@ -319,10 +319,16 @@ class Recommender(nn.Module):
             side = call_with(self, params, "item_side", catalogue)
         z, q = side  # (I, H), (I, D) or None
         t, weight = items.shape[0], params["head.weight"]
-        per_item = (weight.expand(t, *weight.shape[-2:]).squeeze(-1) @ z.T) * z.shape[-1] ** -0.5
+        w = weight.expand(t, *weight.shape[-2:])  # (T, H, 1)
+        offset = gather_bias(params["item_bias"], items) + self.global_mean
+        if items.numel() < z.shape[0]:  # few items a task: only theirs, gathered
+            score = (z[items] @ w).squeeze(-1) * z.shape[-1] ** -0.5  # (T, N)
+            if q is not None:
+                score = score + dot(q[items], params["head.factor"])
+            return score + params["head.bias"] + offset
+        per_item = (w.squeeze(-1) @ z.T) * z.shape[-1] ** -0.5
         if q is not None:
             per_item = per_item + params["head.factor"].expand(t, -1) @ q.T  # (T, I)
-        offset = gather_bias(params["item_bias"], items) + self.global_mean
         return per_item.gather(1, items) + params["head.bias"] + offset
 
     def item_side(self, items: Tensor) -> tuple[Tensor, Tensor | None]:

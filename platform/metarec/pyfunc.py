@@ -43,7 +43,7 @@ class MetarecPyfunc(mlflow.pyfunc.PythonModel):
         missing = {"support_items", "support_ratings", "items"} - set(model_input.columns)
         if missing:
             raise ValueError(f"model input: missing column(s) {sorted(missing)}")
-        jobs, wanted = [], []
+        jobs = []
         users = model_input["user"] if "user" in model_input else [None] * len(model_input)
         rows = zip(
             model_input["support_items"],
@@ -64,11 +64,10 @@ class MetarecPyfunc(mlflow.pyfunc.PythonModel):
                         features=tuple(self.catalog.encode_user(user)),
                         items=tuple(self.catalog.item_index(list(support), ("support_items",))),
                         ratings=tuple(float(x) for x in ratings),
+                        score=tuple(self.catalog.item_index(list(items), ("items",))),
                     )
                 )
-                wanted.append(self.catalog.item_index(list(items), ("items",)))
             except FieldError as e:
                 where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e.loc)
                 raise ValueError(f"row {r}: {where.lstrip('.')}: {e.msg}") from None
-        results = self.engine.run(jobs)
-        return [res.scores[idx].tolist() for res, idx in zip(results, wanted, strict=True)]
+        return [res.scores.tolist() for res in self.engine.run(jobs)]

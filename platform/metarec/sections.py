@@ -57,6 +57,7 @@ def _comma_list(value: Any) -> Any:
 
 Scenarios = Annotated[tuple[Scenario, ...], BeforeValidator(_comma_list)]
 PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
 NonNegative = Annotated[float, Field(ge=0.0)]
 Positive = Annotated[float, Field(gt=0.0)]
 
@@ -267,6 +268,19 @@ class LimitsConfig:
 
 
 @dataclass
+class RetrievalConfig:
+    """Two-stage scoring of large catalogues: retrieve candidates by inner product, re-rank
+    them with the adapted network (``serving/retrieval.py``; docs/serving.md)."""
+
+    # catalogues up to this size: the network scores every item (exact, no retrieval)
+    full_below: NonNegativeInt = 20_000
+    # above it, retrieval is a FAISS IVF index instead of an exact blocked matmul
+    ann_above: NonNegativeInt = 200_000
+    candidates: PositiveInt = 500  # retrieved per user, then re-ranked
+    nprobe: PositiveInt = 32  # IVF lists searched per query
+
+
+@dataclass
 class ServeConfig:
     """``metarec serve``, and ``args:`` of ``serve/config.yaml``: the model, each replica's
     settings, and the deployment (address, replicas, micro-batching)."""
@@ -280,6 +294,7 @@ class ServeConfig:
     threads: PositiveInt | None = None  # torch threads per replica; None: torch's default
     max_sessions: PositiveInt = 1000  # session LRU size; each caches one user's fast weights
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     host: str = "127.0.0.1"  # bind address (0.0.0.0: every interface)
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
     replicas: PositiveInt = 1  # Serve replicas (processes); sessions live per replica

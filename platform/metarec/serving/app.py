@@ -94,7 +94,12 @@ def load_service(settings: ServeConfig, *, writer: str) -> Service:
     if settings.threads:
         torch.set_num_threads(settings.threads)
 
-    engine = Engine(learner, steps=settings.steps, device=resolve_device(settings.device))
+    engine = Engine(
+        learner,
+        steps=settings.steps,
+        device=resolve_device(settings.device),
+        retrieval=settings.retrieval,
+    )
     feedback_dir = Path(settings.feedback_dir or Path(settings.work_dir) / "feedback")
     label = f"{info['name']}/{info['version']}" if info["name"] else model
     cfg = learner.cfg
@@ -271,15 +276,14 @@ class MetarecServer:
     @api.post("/v1/recommend")
     async def recommend(self, req: RecommendRequest) -> JSONResponse:
         """Top-k items after adapting to the given ratings (none: cold start)."""
-        job, candidates = self.service.recommend_job(req)
-        result = await self._run(job)
-        return JSONResponse(self.service.recommend_response(req, job, candidates, result))
+        job = self.service.recommend_job(req)
+        return JSONResponse(self.service.recommend_response(req, job, await self._run(job)))
 
     @api.post("/v1/predict")
     async def predict(self, req: PredictRequest) -> JSONResponse:
         """Predicted ratings of the given items after adapting to the given ratings."""
-        job, items = self.service.predict_job(req)
-        return JSONResponse(self.service.predict_response(job, items, await self._run(job)))
+        job = self.service.predict_job(req)
+        return JSONResponse(self.service.predict_response(job, await self._run(job)))
 
     @api.get("/v1/items")
     async def items(
@@ -308,7 +312,7 @@ class MetarecServer:
         self, user_id: UserId, k: K = 10, exclude_seen: bool = True
     ) -> JSONResponse:
         """Top-k for the session (cached fast weights; a new user gets the cold start)."""
-        job, session, version = self.service.session_job(user_id, k)
+        job, session, version = self.service.session_job(user_id, k, exclude_seen)
         result = await self._run(job)
         answer = self.service.session_response(
             user_id, session, version, job, result, k, exclude_seen

@@ -1,12 +1,17 @@
-"""Adapt a micro-batch of users at once and score the whole catalog for each.
+"""Adapt a micro-batch of users at once, then score what each request asks for.
 
 The same ``MetaLearner.adapt`` as training and evaluation runs on a padded batch of
 requests, so a served prediction is exactly what ``metarec evaluate`` measured. A new user
 has no row in the model's ``user_table`` buffer, so the batch brings its own: the request's
 feature codes are passed as that buffer (``functional_call`` swaps buffers like parameters)
 and user ``b`` of the batch is row ``b``. Item representations (the embedding lookups of
-every catalog item) are computed once at load when embeddings do not adapt, and the catalog
-is scored in item blocks so memory stays bounded for large catalogs.
+every catalog item) are computed once at load when embeddings do not adapt.
+
+What a job scores: the items it names (``/v1/predict``, candidates), nothing else; or the
+best ``top`` of the catalogue. Up to ``RetrievalConfig.full_below`` items the network scores
+the whole catalogue (in item blocks, memory bounded); above, two stages: a ``Retriever``
+(inner product over per-item vectors built at load) proposes ``candidates`` items per user
+and the adapted network re-ranks them.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from torch.func import functional_call
 from metarec.batch import append_negatives
 from metarec.meta import MetaLearner
 from metarec.model import call_with
+from metarec.sections import RetrievalConfig
+from metarec.serving.retrieval import Retriever
 
 __all__ = ["Engine", "Job", "Result"]
 
@@ -29,18 +36,23 @@ Weights = dict[str, Tensor]  # one user's adapted parameters (no task dimension)
 
 @dataclass(frozen=True)
 class Job:
-    """One user to score: adapt on (items, ratings), or reuse cached ``weights``."""
+    """One user to score: adapt on (items, ratings), or reuse cached ``weights``; then
+    score the items ``score`` names, or find the catalogue's best ``top``, or (neither)
+    score every catalogue item."""
 
     features: tuple[int, ...] | None = None  # encoded user features (Catalog.encode_user)
     items: tuple[int, ...] = ()
     ratings: tuple[float, ...] = ()
     weights: Weights | None = None
+    score: tuple[int, ...] | None = None
+    top: int = 0
 
 
 @dataclass(frozen=True)
 class Result:
-    scores: Tensor  # (I,) predicted rating of every catalog item
+    scores: Tensor  # (N,) predicted ratings of ``items``, or (I,) of the whole catalogue
     weights: Weights  # the user's fast weights (cache them to skip adaptation next time)
+    items: Tensor | None = None  # (N,) catalogue indices (``top``: best first); None: all
 
 
 class Engine:
@@ -50,6 +62,7 @@ class Engine:
         learner: the meta-learner (its adaptation settings are the served ones).
         steps: inner steps at serve time (default: the learner's own).
         max_rows: (users x items) rows scored at once; bounds activation memory.
+        retrieval: when the catalogue is large enough for two-stage scoring, and how.
     """
 
     def __init__(
@@ -59,6 +72,7 @@ class Engine:
         steps: int | None = None,
         device: str | torch.device = "cpu",
         max_rows: int = 1 << 14,
+        retrieval: RetrievalConfig | None = None,
     ) -> None:
         self.learner = learner.to(device).eval()
         self.model = learner.model
@@ -83,6 +97,13 @@ class Engine:
                 items = torch.arange(self.n_items, device=self.device)[None]
                 users = torch.zeros(1, dtype=torch.long, device=self.device)
                 self.item_x = self.model.encode_parts(items, users)[0][0]  # (I, Fi)
+        self.retrieval = retrieval or RetrievalConfig()
+        self.retriever: Retriever | None = None
+        if self.n_items > self.retrieval.full_below:
+            kind = "ann" if self.n_items > self.retrieval.ann_above else "exact"
+            self.retriever = Retriever(
+                self._item_vectors(), kind=kind, nprobe=self.retrieval.nprobe
+            )
 
     @torch.no_grad()
     def run(self, jobs: list[Job]) -> list[Result]:
@@ -99,11 +120,26 @@ class Engine:
         todo = [j for j in jobs if j.weights is None]
         fresh = iter(self._adapt(todo) if todo else [])
         weights = [j.weights if j.weights is not None else next(fresh) for j in jobs]
-        scores = self._score(
-            {n: torch.stack([w[n] for w in weights]) for n in weights[0]},
-            self._user_table(jobs),
-        )
-        return [Result(s, w) for s, w in zip(scores, weights, strict=True)]
+        results: list[Result | None] = [None] * len(jobs)
+        kinds: dict[str, list[int]] = {"items": [], "top": [], "all": []}
+        for b, j in enumerate(jobs):  # without a retriever, a top is the whole catalogue
+            top = "top" if j.top and self.retriever else "all"
+            kinds["items" if j.score is not None else top].append(b)
+        for kind, rows in kinds.items():
+            if not rows:
+                continue
+            group = [jobs[b] for b in rows]
+            stacked = {n: torch.stack([weights[b][n] for b in rows]) for n in weights[0]}
+            table = self._user_table(group)
+            if kind == "all":
+                out = [(s, None) for s in self._score(stacked, table)]
+            elif kind == "items":
+                out = self._score_asked(stacked, table, [j.score for j in group])
+            else:
+                out = self._two_stage(stacked, table, [j.top for j in group])
+            for b, (s, items) in zip(rows, out, strict=True):
+                results[b] = Result(s, weights[b], items)
+        return results  # type: ignore[return-value]
 
     def _user_table(self, jobs: list[Job]) -> Tensor | None:
         if not self.n_features:
@@ -138,16 +174,79 @@ class Engine:
         # Clones: a cached user must not keep the whole batch's tensors alive.
         return [{n: w[row].clone() for n, w in adapted.items()} for row in range(b)]
 
+    def _score_asked(
+        self, weights: Weights, table: Tensor | None, asked: list[tuple[int, ...]]
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Each job's named items, and nothing else, in the order asked."""
+        n = max(1, *(len(a) for a in asked))
+        items = torch.zeros(len(asked), n, dtype=torch.long)
+        for row, a in enumerate(asked):  # request lists to a tensor, not compute
+            items[row, : len(a)] = torch.tensor(a, dtype=torch.long)
+        scores = self._score_items(weights, table, items.to(self.device)).cpu()
+        return [(scores[r, : len(a)], items[r, : len(a)]) for r, a in enumerate(asked)]
+
+    def _two_stage(
+        self, weights: Weights, table: Tensor | None, tops: list[int]
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Retrieve candidates by inner product, re-rank them with the adapted network."""
+        assert self.retriever is not None
+        params = {**self.params, **weights}
+        b = len(tops)
+        w = params["head.weight"].expand(b, -1, 1).squeeze(-1)
+        parts = [w, params["head.factor"].expand(b, -1)] if self.model.has_factor_head else [w]
+        queries = torch.cat([*parts, torch.ones(b, 1, dtype=w.dtype, device=w.device)], 1)
+        extra = None
+        if params["item_bias"].dim() == 2:  # per-user biases: their change from the shared
+            extra = (params["item_bias"] - self.params["item_bias"]).cpu()
+        n = max(self.retrieval.candidates, *tops)
+        found, valid = self.retriever.search(queries.cpu(), n, extra)
+        scores = self._score_items(weights, table, found.to(self.device)).cpu()
+        scores = scores.masked_fill(~valid, float("-inf"))
+        out = []
+        for row, top in enumerate(tops):
+            best = scores[row].topk(min(top, int(valid[row].sum())))
+            out.append((best.values, found[row, best.indices]))
+        return out
+
+    def _score_items(self, weights: Weights, table: Tensor | None, items: Tensor) -> Tensor:
+        """(B, N) scores of each user's own ``items`` (B, N) under the adapted network."""
+        b = items.shape[0]
+        params = self._with_users({**self.params, **weights}, table)
+        if self.model.shares_item_side(params):
+            return self.model.predict_shared(params, items, self._item_side())
+        users = torch.arange(b, device=self.device)
+        if self.item_x is None:  # embeddings adapt: the general forward
+            return functional_call(self.model, params, (items, users))
+        user_x = call_with(self.model, params, "encode_parts", items[:, :1], users)[1]
+        return self.model.predict_encoded(params, self.item_x[items], user_x, items)
+
+    def _item_side(self) -> tuple[Tensor, Tensor | None]:
+        """``Recommender.item_side`` of the catalogue under the shared weights, computed
+        once (they never change in a server)."""
+        if self.item_side is None:
+            catalogue = torch.arange(self.n_items, device=self.device)
+            self.item_side = call_with(self.model, self.params, "item_side", catalogue)
+        return self.item_side
+
+    def _item_vectors(self) -> Tensor:
+        """(I, F) retrieval vectors [z_i; q_i; μ + b_i] (``Recommender.head_inputs``) under
+        the shared weights, for a user whose features are unknown, in item blocks."""
+        params = self._with_users(self.params, self._user_table([Job()]))
+        users = torch.zeros(1, dtype=torch.long, device=self.device)
+        out = []
+        for lo in range(0, self.n_items, self.max_rows):
+            items = torch.arange(lo, min(lo + self.max_rows, self.n_items), device=self.device)
+            x, offset = call_with(self.model, params, "head_inputs", items[None], users)
+            out.append(torch.cat([x[0], offset[0, :, None]], 1).cpu())
+        return torch.cat(out)
+
     def _score(self, weights: Weights, table: Tensor | None) -> Tensor:
         """(B, I) ratings of every catalog item under each user's fast weights."""
         b = next(iter(weights.values())).shape[0]
         params = self._with_users({**self.params, **weights}, table)
         if self.model.shares_item_side(params):  # the MLP once per item, heads as a matmul
-            catalogue = torch.arange(self.n_items, device=self.device)
-            if self.item_side is None:
-                self.item_side = call_with(self.model, self.params, "item_side", catalogue)
-            items = catalogue.expand(b, -1)
-            return self.model.predict_shared(params, items, self.item_side).cpu()
+            items = torch.arange(self.n_items, device=self.device).expand(b, -1)
+            return self.model.predict_shared(params, items, self._item_side()).cpu()
         users = torch.arange(b, device=self.device)
         out = torch.empty(b, self.n_items)
         block = max(1, self.max_rows // b)

@@ -8,6 +8,7 @@ jobs at once, and ``*_response`` turns one ``engine.Result`` into the JSON answe
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any
@@ -121,40 +122,40 @@ class Service:
 
     # -- stateless endpoints ------------------------------------------------------------
 
-    def recommend_job(self, req: RecommendRequest) -> tuple[Job, list[int] | None]:
-        """The job, and the candidates' catalog indices (None: rank the whole catalog)."""
+    def recommend_job(self, req: RecommendRequest) -> Job:
+        """The job: score the candidates only, or find the catalogue's best."""
         self._k(req.k, ("body", "k"))
         self._check_len(req.candidates, self.limits.max_items, ("body", "candidates"), "items")
-        candidates = None
+        job = self.adapt_job(req)
         if req.candidates is not None:
             candidates = self.catalog.item_index(
                 [str(c) for c in req.candidates], ("body", "candidates")
             )
-        return self.adapt_job(req), candidates
+            return dataclasses.replace(job, score=tuple(candidates))
+        return _ranking(job, req.k, req.exclude_seen)
 
-    def recommend_response(
-        self, req: RecommendRequest, job: Job, candidates: list[int] | None, result: Result
-    ) -> dict:
+    def recommend_response(self, req: RecommendRequest, job: Job, result: Result) -> dict:
         seen = job.items if req.exclude_seen else ()
         return {
             "model": self.model_info["label"],
             "adapted_on": len(job.items),
-            "items": self.top_k(result.scores, req.k, seen, candidates),
+            "items": self.top_k(result, req.k, seen),
         }
 
-    def predict_job(self, req: PredictRequest) -> tuple[Job, list[int]]:
-        """The job, and the catalog indices of the items to predict."""
+    def predict_job(self, req: PredictRequest) -> Job:
+        """The job: adapt, then score exactly the items asked for."""
         self._check_len(req.items, self.limits.max_items, ("body", "items"), "items")
         items = self.catalog.item_index([str(i) for i in req.items], ("body", "items"))
-        return self.adapt_job(req), items
+        return dataclasses.replace(self.adapt_job(req), score=tuple(items))
 
-    def predict_response(self, job: Job, items: list[int], result: Result) -> dict:
-        scores = result.scores[items].tolist()
+    def predict_response(self, job: Job, result: Result) -> dict:
+        assert job.score is not None
+        scores = result.scores.tolist()
         return {
             "model": self.model_info["label"],
             "adapted_on": len(job.items),
             "predictions": [
-                {**self.catalog.item(i), "score": s} for i, s in zip(items, scores, strict=True)
+                {**self.catalog.item(i), "score": s} for i, s in zip(job.score, scores, strict=True)
             ],
         }
 
@@ -186,24 +187,18 @@ class Service:
         return {"query": q, "items": [self.catalog.item(i) for i in found[:n]]}
 
     def top_k(
-        self,
-        scores: torch.Tensor,
-        k: int,
-        exclude: tuple[int, ...] | list[int] = (),
-        candidates: list[int] | None = None,
+        self, result: Result, k: int, exclude: tuple[int, ...] | list[int] = ()
     ) -> list[dict[str, Any]]:
-        """The k best-scored items, optionally among ``candidates``, never ``exclude``."""
-        s = scores.clone()
-        if candidates is not None:
-            keep = torch.zeros_like(s, dtype=torch.bool)
-            keep[candidates] = True
-            s[~keep] = -math.inf
+        """The k best-scored items of a result (every item, or those it scored), never
+        ``exclude``."""
+        s = result.scores.clone()
+        items = torch.arange(len(s)) if result.items is None else result.items
         if exclude:
-            s[list(exclude)] = -math.inf
+            s[torch.isin(items, torch.tensor(list(exclude), dtype=items.dtype))] = -math.inf
         top = torch.topk(s, min(k, len(s)))
         return [
             {**self.catalog.item(i), "score": v}
-            for v, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+            for v, i in zip(top.values.tolist(), items[top.indices].tolist(), strict=True)
             if v > -math.inf
         ]
 
@@ -249,14 +244,16 @@ class Service:
             items, values, self.limits.max_ratings, add_up=self.catalog.feedback == "implicit"
         )
         self.sessions.record(user_id, session)
-        return self._session_job(session), session, session.version
+        return _ranking(self._session_job(session), req.k), session, session.version
 
-    def session_job(self, user_id: str, k: int) -> tuple[Job, Session | None, int]:
+    def session_job(
+        self, user_id: str, k: int, exclude_seen: bool = True
+    ) -> tuple[Job, Session | None, int]:
         self._k(k, ("query", "k"))
         session = self.sessions.get(user_id)
         if session is None:  # nobody by that id yet: a brand-new user, cold start
-            return Job(), None, 0
-        return self._session_job(session), session, session.version
+            return Job(top=k), None, 0
+        return _ranking(self._session_job(session), k, exclude_seen), session, session.version
 
     def _session_job(self, session: Session) -> Job:
         features = tuple(self.catalog.encode_user(session.features)) if session.features else None
@@ -284,5 +281,10 @@ class Service:
             "user_id": user_id,
             "model": self.model_info["label"],
             "adapted_on": len(job.items),
-            "items": self.top_k(result.scores, k, job.items if exclude_seen else ()),
+            "items": self.top_k(result, k, job.items if exclude_seen else ()),
         }
+
+
+def _ranking(job: Job, k: int, exclude_seen: bool = True) -> Job:
+    """``job`` asking for the catalogue's best k, and as many more as it may exclude."""
+    return dataclasses.replace(job, top=k + len(job.items) * exclude_seen)
