@@ -52,53 +52,40 @@ import time
 from pathlib import Path
 from typing import Any
 
+from retrieval import build_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 CONCURRENCY = (1, 16, 32, 64)
 
 
-def build_checkpoint(data: Path, out: Path) -> Path:
-    """The ml100k config's network, untrained, saved as `metarec train` would."""
-    from metarec.batch import from_table
-    from metarec.checkpoint import save_checkpoint, standalone_checkpoint
-    from metarec.config import load_config
-    from metarec.data.prepared import open_prepared
-    from metarec.initialise import build_learner
-
-    cfg = load_config(REPO / "configs" / "ml100k.yaml")
-    ds = open_prepared(data)
-    train = from_table(ds.tasks("user_cold", "train"))
-    return save_checkpoint(
-        standalone_checkpoint(cfg, build_learner(cfg, ds, train), ds, train), out
-    )
-
-
 def request_bodies(data: Path, n_ratings: int, limit: int = 256) -> list[dict[str, Any]]:
-    """Real test users with >= n_ratings support ratings: their first n and their features."""
+    """Real test users with >= n_ratings support ratings: their first n and their features
+    (on implicit data, their first n interactions as events of that strength)."""
     from metarec.data.prepared import open_prepared
 
     ds = open_prepared(data)
     raw = ds.items().column("raw_id").to_pylist()
-    users = ds.users().to_pylist()
+    users = ds.users().to_pylist() if ds.manifest.get("has_user_features", True) else None
     vocab = ds.manifest["vocab"]
     ages = [None, 15, 20, 30, 40, 47, 52, 60]  # one age inside each age bucket
     bodies = []
     for row in ds.tasks("user_cold", "test").to_pylist():
         if len(row["support_items"]) < n_ratings:
             continue
-        u = users[row["user"]]
         pairs = list(zip(row["support_items"], row["support_ratings"], strict=True))[:n_ratings]
-        bodies.append(
-            {
-                "user": {
-                    "age": ages[u["age_bucket"]],
-                    "gender": vocab["gender"][u["gender"]] if u["gender"] else None,
-                    "occupation": vocab["occupation"][u["occupation"]] if u["occupation"] else None,
-                    "zip": str(u["zip_prefix"] - 1) if u["zip_prefix"] else None,
-                },
-                "ratings": [{"item": raw[i], "rating": r} for i, r in pairs],
-                "k": 10,
+        if ds.feedback == "implicit":
+            body = {"events": [{"item": raw[i], "value": r} for i, r in pairs], "k": 10}
+        else:
+            body = {"ratings": [{"item": raw[i], "rating": r} for i, r in pairs], "k": 10}
+        if users is not None:
+            u = users[row["user"]]
+            body["user"] = {
+                "age": ages[u["age_bucket"]],
+                "gender": vocab["gender"][u["gender"]] if u["gender"] else None,
+                "occupation": vocab["occupation"][u["occupation"]] if u["occupation"] else None,
+                "zip": str(u["zip_prefix"] - 1) if u["zip_prefix"] else None,
             }
-        )
+        bodies.append(body)
     if not bodies:
         sys.exit(f"no test user of {data} has {n_ratings} support ratings")
     return bodies[:limit]
@@ -161,7 +148,7 @@ def engine_alone(model: str, bodies: list[dict], batch: int, threads: int) -> di
 
     torch.set_num_threads(threads)
     svc = load_service(ServeConfig(model=model, work_dir=tempfile.mkdtemp()), writer="bench")
-    jobs = [svc.recommend_job(RecommendRequest.model_validate(b))[0] for b in bodies]
+    jobs = [svc.recommend_job(RecommendRequest.model_validate(b)) for b in bodies]
     jobs = (jobs * (1 + batch // len(jobs)))[:batch]
 
     def ms_per_user(group: int) -> float:
@@ -193,7 +180,13 @@ def engine_stats(url: str) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=REPO / "work" / "ml100k", help="prepared ML-100k")
-    ap.add_argument("--model", help="checkpoint or models:/ URI (default: untrained ml100k net)")
+    ap.add_argument("--model", help="checkpoint or models:/ URI (default: untrained --config net)")
+    ap.add_argument(
+        "--config", type=Path, default=REPO / "configs" / "ml100k.yaml", help="the untrained net"
+    )
+    ap.add_argument(
+        "--modes", nargs="+", default=["on", "off"], choices=["on", "off"], help="batching"
+    )
     ap.add_argument("--ratings", type=int, default=20, help="ratings per request")
     ap.add_argument("--requests", type=int, default=512, help="measured requests per level")
     ap.add_argument("--budget-s", type=float, default=20.0, help="time cap per level")
@@ -216,7 +209,7 @@ def main() -> None:
     from metarec.serving.app import MetarecServer
 
     tmp = Path(tempfile.mkdtemp(prefix="serve-load-"))
-    model = args.model or str(build_checkpoint(args.data, tmp / "model"))
+    model = args.model or str(build_checkpoint(args.data, args.config, tmp / "model"))
     bodies = request_bodies(args.data, args.ratings)
     local_ray_settings(os.environ)
     ray.init(logging_level="ERROR", include_dashboard=False, log_to_driver=False)
@@ -226,7 +219,10 @@ def main() -> None:
     sock.close()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = ServeConfig(model=model, work_dir=str(tmp), threads=args.threads)
-    for name, batch, wait in (("on", args.batch, args.wait_ms / 1e3), ("off", 1, 0.0)):
+    modes = {"on": (args.batch, args.wait_ms / 1e3), "off": (1, 0.0)}
+    for name, (batch, wait) in modes.items():
+        if name not in args.modes:
+            continue
         app = MetarecServer.options(
             name=f"metarec-{name}",
             ray_actor_options={"num_cpus": 0.5},
@@ -235,7 +231,7 @@ def main() -> None:
         serve.run(app, name=name, route_prefix=f"/{name}")
     import urllib.request
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/on/v1/model") as r:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/{args.modes[0]}/v1/model") as r:
         info = json.loads(r.read())
     results: dict[str, Any] = {}
     base = f"http://127.0.0.1:{port}"
@@ -243,9 +239,9 @@ def main() -> None:
         for c in args.concurrency:
             # The HTTP stack's own ceiling: the same server, a route that does no work.
             results[f"healthz_c{c}"] = asyncio.run(
-                level(f"{base}/on/healthz", [], c, args.requests, args.budget_s)
+                level(f"{base}/{args.modes[0]}/healthz", [], c, args.requests, args.budget_s)
             )
-            for name in ("off", "on"):  # alternate, so load bursts hit both
+            for name in sorted(args.modes, reverse=True):  # off, on: load bursts hit both
                 before = engine_stats(f"{base}/{name}/v1/model")
                 r = asyncio.run(
                     level(f"{base}/{name}/v1/recommend", bodies, c, args.requests, args.budget_s)
@@ -285,9 +281,11 @@ def main() -> None:
         "loadavg": os.getloadavg(),
         "results": results,
         "engine_alone": alone,
-        f"throughput_ratio_on_off_c{top}": results[f"on_c{top}"]["rps"]
-        / results[f"off_c{top}"]["rps"],
     }
+    if len(args.modes) == 2:
+        summary[f"throughput_ratio_on_off_c{top}"] = (
+            results[f"on_c{top}"]["rps"] / results[f"off_c{top}"]["rps"]
+        )
     if "on_c32" in results:
         summary["p99_ms_on_c32"] = results["on_c32"]["p99_ms"]
     print(json.dumps(summary))

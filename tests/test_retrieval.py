@@ -18,7 +18,7 @@ def test_exact_search_is_a_brute_force_top_n_over_blocks():
     vectors, queries = _data()
     extra = torch.randn(4, 1000, generator=torch.Generator().manual_seed(1))
     for term in (None, extra):
-        found, valid = Retriever(vectors, block=64).search(queries, 25, term)
+        found, valid = Retriever(vectors, max_scores=4 * 64).search(queries, 25, term)
         full = queries @ vectors.T + (0 if term is None else term)
         assert valid.all()
         assert found.tolist() == full.topk(25).indices.tolist()

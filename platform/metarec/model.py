@@ -229,8 +229,12 @@ class Recommender(nn.Module):
         raw = torch.zeros(t * n, dtype=sim.dtype, device=items.device)
         raw.index_add_(0, (rows + index).flatten(), sim.flatten())
         raw = raw.view(t, n)
-        std, mean = torch.std_mean(raw, dim=1, keepdim=True)
-        return (raw - mean) / std.clamp_min(1e-12)
+        # The moments from one pass over the (T, I) scores, the sum from the sparse terms:
+        # at a million items each dense pass costs as much as the rest of an adaptation.
+        mean = sim.sum((1, 2)) / n
+        var = (torch.linalg.vector_norm(raw, dim=1).square() - n * mean.square()) / (n - 1)
+        scale = var.clamp_min(0.0).sqrt().clamp_min(1e-12).reciprocal()
+        return raw.mul_(scale[:, None]).sub_((mean * scale)[:, None])
 
     def item_factors(self, item_x: Tensor) -> Tensor:
         """q_i, the item-id embedding, from the item-side inputs (its last D columns)."""
