@@ -144,6 +144,60 @@ def test_sessions_rebuild_from_the_log_after_restart_and_eviction(tmp_path):
     assert s.ratings == {2: 2.0, 3: 3.0} and s.version == 1  # the most recent are kept
 
 
+def test_the_log_rotates_segments_and_replays_them_in_order(tmp_path):
+    log = FeedbackLog(tmp_path, "r1", segment_bytes=80)
+    for k in range(6):  # 40 bytes a line: a new segment every 2 appends
+        log.append([{"user_id": "u", "item": str(k), "rating": 1.0 + k % 5}])
+    log.close()
+    names = sorted(p.name for p in tmp_path.glob("feedback-*"))
+    assert names == ["feedback-r1+000001.jsonl", "feedback-r1+000002.jsonl", "feedback-r1.jsonl"]
+    assert [e["item"] for _, _, e in read_feedback(tmp_path)] == [str(k) for k in range(6)]
+    again = FeedbackLog(tmp_path, "r1", segment_bytes=80)  # reopens the last segment
+    assert again.path.name == "feedback-r1+000002.jsonl"
+    again.close()
+
+
+def test_an_evicted_session_is_rebuilt_from_its_own_lines_not_a_rescan(tmp_path, monkeypatch):
+    import metarec.serving.sessions as sessions_module
+
+    index = {str(i): i for i in range(10)}
+    log = FeedbackLog(tmp_path, "a", segment_bytes=120)
+    for u, i, r in [("u", "1", 4.0), ("v", "2", 5.0), ("u", "3", 1.0), ("w", "4", 3.0)]:
+        log.append([{"user_id": u, "item": i, "rating": r}])
+    sessions = Sessions(tmp_path, max_sessions=1, max_ratings=50, index=index)
+
+    def rescan(*args):
+        raise AssertionError("the whole log was read again")
+
+    monkeypatch.setattr(sessions_module, "scan_feedback", rescan)
+    # feedback after the start, into a new segment, goes into the index too
+    where = log.append([{"user_id": "u", "item": "5", "rating": 2.0}])
+    u = sessions.get("u")
+    u.add([5], [2.0], max_ratings=50)
+    sessions.record("u", u, where)
+    assert sessions.get("w").ratings == {4: 3.0}  # evicts u
+    assert sessions.get("u").ratings == {1: 4.0, 3: 1.0, 5: 2.0}
+    assert sessions.get("v").ratings == {2: 5.0}
+    log.close()
+
+
+def test_appends_from_threads_never_interleave_and_their_offsets_are_their_lines(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    log = FeedbackLog(tmp_path, "t", segment_bytes=1 << 30)
+    batches = [
+        [{"user_id": f"u{k}", "item": str(j), "rating": 3.0} for j in range(3)] for k in range(40)
+    ]
+    with ThreadPoolExecutor(8) as pool:
+        written = list(pool.map(log.append, batches))
+    log.close()
+    data = log.path.read_bytes()
+    for batch, (path, offsets) in zip(batches, written, strict=True):
+        assert path == log.path
+        got = [json.loads(data[o : data.index(b"\n", o)]) for o in offsets]
+        assert got == batch
+
+
 def _service(tmp_path, catalog, loaded, **limits):
     return Service(
         Engine(loaded),

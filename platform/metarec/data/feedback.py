@@ -25,29 +25,74 @@ import pandas as pd
 from metarec.data.sources import USER_COLUMNS, RawData
 from metarec.errors import DataError
 
-__all__ = ["PATTERN", "fold_feedback", "read_feedback"]
+__all__ = [
+    "PATTERN",
+    "feedback_files",
+    "fold_feedback",
+    "read_events_at",
+    "read_feedback",
+    "scan_feedback",
+]
 
 log = logging.getLogger(__name__)
 PATTERN = "feedback-*.jsonl"
 
 
-def read_feedback(directory: str | os.PathLike) -> Iterator[tuple[Path, int, dict[str, Any]]]:
-    """Every complete event of a log directory: (file, line number, event), file by file.
+def feedback_files(directory: str | os.PathLike) -> list[Path]:
+    """A log directory's files in replay order: writer by writer, each writer's segments
+    in the order written (``feedback-<writer>.jsonl``, then ``feedback-<writer>+000001.jsonl``
+    and on: the server starts a new segment when one passes its size)."""
+
+    def order(path: Path) -> tuple[str, int]:
+        stem = path.name.removeprefix("feedback-").removesuffix(".jsonl")
+        writer, _, segment = stem.partition("+")
+        return writer, int(segment) if segment.isdigit() else 0
+
+    return sorted(Path(directory).glob(PATTERN), key=order)
+
+
+def scan_feedback(
+    directory: str | os.PathLike,
+) -> Iterator[tuple[Path, int, int, dict[str, Any]]]:
+    """Every complete event of a log directory: (file, line number, byte offset, event).
 
     A last line without its newline is a write a crash interrupted — never acknowledged to
     the client — so it is skipped; any other unreadable line is an error naming the line.
     """
-    for path in sorted(Path(directory).glob(PATTERN)):
+    for path in feedback_files(directory):
         with open(path, "rb") as f:
+            offset = 0
             for lineno, line in enumerate(f, 1):
                 if not line.endswith(b"\n"):
                     log.warning("%s line %d: incomplete last line skipped", path, lineno)
                     break
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path} line {lineno}: not a JSON object ({e.msg})") from e
-                yield path, lineno, event
+                yield path, lineno, offset, _parse(path, lineno, line)
+                offset += len(line)
+
+
+def read_feedback(directory: str | os.PathLike) -> Iterator[tuple[Path, int, dict[str, Any]]]:
+    """Every complete event of a log directory: (file, line number, event), in replay order."""
+    for path, lineno, _, event in scan_feedback(directory):
+        yield path, lineno, event
+
+
+def read_events_at(path: Path, offsets: list[int]) -> list[dict[str, Any]]:
+    """The events that start at ``offsets`` of one log file (an index kept from a scan):
+    a user's history without reading anyone else's."""
+    events = []
+    with open(path, "rb") as f:
+        for offset in offsets:
+            f.seek(offset)
+            events.append(_parse(path, None, f.readline()))
+    return events
+
+
+def _parse(path: Path, lineno: int | None, line: bytes) -> dict[str, Any]:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        where = f"line {lineno}" if lineno is not None else "an indexed line"
+        raise DataError(f"{path} {where}: not a JSON object ({e.msg})") from e
 
 
 def fold_feedback(raw: RawData, directory: str | os.PathLike) -> RawData:
@@ -62,7 +107,7 @@ def fold_feedback(raw: RawData, directory: str | os.PathLike) -> RawData:
             f"--feedback {directory}: got a log of star ratings for a {raw.feedback} dataset; "
             "expected an explicit one (the serve log holds ratings)"
         )
-    files = sorted(Path(directory).glob(PATTERN))
+    files = feedback_files(directory)
     if not files:
         raise DataError(f"--feedback {directory}: no {PATTERN} files there")
     item_ids = _known_items(raw)

@@ -12,6 +12,7 @@ serve/config.yaml`` and ``serve deploy serve/config.yaml`` (both through ``build
 
 # No `from __future__ import annotations` here: FastAPI reads these route signatures at
 # runtime, and Serve's ingress wrapper cannot resolve string annotations.
+import asyncio
 import dataclasses
 import hmac
 import json
@@ -247,6 +248,8 @@ class MetarecServer:
         ctx = serve.get_replica_context()
         resolved = section_from_dict("serve", settings, where="replica settings")
         self.service = load_service(resolved, writer=ctx.replica_tag)
+        # one user's feedback is logged and applied in arrival order, others' concurrently
+        self._locks: dict[str, list] = {}  # user -> [lock, requests holding or awaiting it]
         schema = api.openapi()  # built once and cached by FastAPI: add the catalog's examples
         for name, example in self.service.request_examples().items():
             schema["components"]["schemas"][name]["examples"] = [example]
@@ -302,7 +305,18 @@ class MetarecServer:
     @api.post("/v1/users/{user_id}/feedback")
     async def feedback(self, user_id: UserId, req: FeedbackRequest) -> JSONResponse:
         """Append ratings to the user's session (durably), re-adapt, return top-k."""
-        job, session, version = self.service.feedback_job(user_id, req)
+        events = self.service.feedback_events(user_id, req)
+        entry = self._locks.setdefault(user_id, [asyncio.Lock(), 0])
+        entry[1] += 1  # requests holding or awaiting this user's lock
+        try:
+            async with entry[0]:
+                # the fsync in a worker thread: the loop keeps accepting and batching
+                logged = await asyncio.to_thread(self.service.feedback_log.append, events)
+                job, session, version = self.service.apply_feedback(user_id, req, events, logged)
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._locks[user_id]
         result = await self._run(job)
         answer = self.service.session_response(user_id, session, version, job, result, req.k)
         return JSONResponse(answer)

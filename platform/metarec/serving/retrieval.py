@@ -14,8 +14,9 @@ product search:
   inner product; the item vectors are stored transposed (F, I), which the matmul streams
   fastest, and it is memory-bound: every request batch reads all of them.
 * ``ann``: a FAISS IVF index (inner-product metric, sqrt(I) lists, k-means on 64 points a
-  list) built once at load; ``nprobe`` lists searched per query. The per-user bias term cannot live in a shared index, so each user's
-  n items with the largest term are added to the ANN's n before re-ranking.
+  list) built once at load; ``nprobe`` lists searched per query. The per-user bias term
+  cannot live in a shared index, so each user's n items with the largest term are added
+  to the ANN's n before re-ranking.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -212,7 +213,14 @@ class Service:
     # -- sessions -----------------------------------------------------------------------
 
     def feedback_job(self, user_id: str, req: FeedbackRequest) -> tuple[Job, Session, int]:
-        """Validate, log durably (fsync), then update the session: a 200 means on disk."""
+        """Validate, log durably (fsync), then update the session: a 200 means on disk.
+        (The server runs the same three steps with the fsync in a worker thread.)"""
+        events = self.feedback_events(user_id, req)
+        return self.apply_feedback(user_id, req, events, self.feedback_log.append(events))
+
+    def feedback_events(self, user_id: str, req: FeedbackRequest) -> list[dict[str, Any]]:
+        """The log records of a feedback request, or ``FieldError`` before anything is
+        written."""
         self._k(req.k, ("body", "k"))
         if not (req.ratings or req.events):
             field = "events" if self.catalog.feedback == "implicit" else "ratings"
@@ -223,27 +231,41 @@ class Service:
             self.catalog.encode_user(features, ("body", "user"))  # reject before logging
         now = time.time()
         label = self.model_info["label"]
-        self.feedback_log.append(
-            [
-                {
-                    "user_id": user_id,
-                    "item": self.catalog.raw_ids[i],
-                    # an implicit model's strength: what the sessions replay and add up
-                    ("rating" if self.catalog.feedback == "explicit" else "strength"): r,
-                    "timestamp": now,
-                    "user": features,
-                    "model": label,
-                }
-                for i, r in zip(items, values, strict=True)
-            ]
-        )
+        return [
+            {
+                "user_id": user_id,
+                "item": self.catalog.raw_ids[i],
+                # an implicit model's strength: what the sessions replay and add up
+                ("rating" if self.catalog.feedback == "explicit" else "strength"): r,
+                "timestamp": now,
+                "user": features,
+                "model": label,
+            }
+            for i, r in zip(items, values, strict=True)
+        ]
+
+    def apply_feedback(
+        self,
+        user_id: str,
+        req: FeedbackRequest,
+        events: list[dict[str, Any]],
+        logged: tuple[Path, list[int]],
+    ) -> tuple[Job, Session, int]:
+        """The session after the logged ``events`` (``logged``: where they were written),
+        and the job that re-adapts it."""
+        value = "rating" if self.catalog.feedback == "explicit" else "strength"
+        items = [self.catalog.index[e["item"]] for e in events]
+        features = events[0]["user"]
         session = self.sessions.get(user_id) or Session()
         if features:
             session.features = features
         session.add(
-            items, values, self.limits.max_ratings, add_up=self.catalog.feedback == "implicit"
+            items,
+            [e[value] for e in events],
+            self.limits.max_ratings,
+            add_up=self.catalog.feedback == "implicit",
         )
-        self.sessions.record(user_id, session)
+        self.sessions.record(user_id, session, logged)
         return _ranking(self._session_job(session), req.k), session, session.version
 
     def session_job(

@@ -4,13 +4,16 @@ The log is the source of truth; the LRU is a cache of it. Every feedback event i
 to a JSON-lines file and fsync'd *before* the request is answered, so an acknowledged
 rating survives a crash or a restart of the server. A replica rebuilds its sessions from
 the log when it starts, and a session evicted from the LRU is rebuilt from the log when its
-user comes back. ``metarec prepare --feedback DIR`` folds the same files into the next
-training round (serve -> feedback -> meta-train again).
+user comes back: from that user's lines alone, found by a per-user index of byte offsets
+kept from the start-up scan and every append (never a rescan of the log).
+``metarec prepare --feedback DIR`` folds the same files into the next training round
+(serve -> feedback -> meta-train again).
 
-Each process appends to its own file (``feedback-<name>.jsonl``): no two writers share a
-file, so lines never interleave. A crash can leave at most one torn last line, which was
-never acknowledged; it is cut off when the file is next opened for writing and skipped
-when read.
+Each process appends to its own files (``feedback-<name>.jsonl``, and once that passes
+``segment_bytes`` the next segment, ``feedback-<name>+000001.jsonl`` and on): no two
+writers share a file, so lines never interleave, and no file grows without bound. A crash
+can leave at most one torn last line, which was never acknowledged; it is cut off when the
+file is next opened for writing and skipped when read.
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ import json
 import logging
 import os
 import re
-from collections import OrderedDict
+import threading
+from array import array
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from metarec.data.feedback import read_feedback
+from metarec.data.feedback import feedback_files, read_events_at, read_feedback, scan_feedback
 
 __all__ = ["FeedbackLog", "Session", "Sessions", "read_feedback"]
 
@@ -34,25 +39,57 @@ log = logging.getLogger(__name__)
 
 
 class FeedbackLog:
-    """Append-only, fsync'd JSON-lines log of feedback events (one file per writer)."""
+    """Append-only, fsync'd JSON-lines log of feedback events (one writer's segments).
 
-    def __init__(self, directory: str | os.PathLike, name: str) -> None:
+    ``append`` is thread-safe: a server calls it from worker threads, so the fsync never
+    blocks the event loop that accepts requests.
+    """
+
+    def __init__(
+        self, directory: str | os.PathLike, name: str, *, segment_bytes: int = 64 << 20
+    ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-        self.path = self.directory / f"feedback-{safe}.jsonl"
+        self.segment_bytes = segment_bytes
+        self._base = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+        mine = [p for p in feedback_files(self.directory) if _writer(p) == self._base]
+        self._segment = len(mine) - 1 if mine else 0
+        self.path = self._segment_path(self._segment)
         _cut_torn_tail(self.path)
         self._file = open(self.path, "ab")  # noqa: SIM115 (held open for the server's life)
+        self._lock = threading.Lock()
 
-    def append(self, events: list[dict[str, Any]]) -> None:
-        """Write ``events`` and fsync: once this returns, they are on disk."""
-        data = b"".join(json.dumps(e, separators=(",", ":")).encode() + b"\n" for e in events)
-        self._file.write(data)
-        self._file.flush()
-        os.fsync(self._file.fileno())
+    def _segment_path(self, k: int) -> Path:
+        suffix = f"+{k:06d}" if k else ""
+        return self.directory / f"feedback-{self._base}{suffix}.jsonl"
+
+    def append(self, events: list[dict[str, Any]]) -> tuple[Path, list[int]]:
+        """Write ``events`` and fsync: once this returns, they are on disk. Returns the file
+        and the byte offset of each event's line (for the sessions' index)."""
+        lines = [json.dumps(e, separators=(",", ":")).encode() + b"\n" for e in events]
+        with self._lock:
+            start = self._file.tell()
+            if start >= self.segment_bytes:  # the next segment: files stay bounded
+                self._file.close()
+                self._segment += 1
+                self.path = self._segment_path(self._segment)
+                self._file = open(self.path, "ab")  # noqa: SIM115
+                start = 0
+            offsets, at = [], start
+            for line in lines:
+                offsets.append(at)
+                at += len(line)
+            self._file.write(b"".join(lines))
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            return self.path, offsets
 
     def close(self) -> None:
         self._file.close()
+
+
+def _writer(path: Path) -> str:
+    return path.name.removeprefix("feedback-").removesuffix(".jsonl").partition("+")[0]
 
 
 def _cut_torn_tail(path: Path) -> None:
@@ -120,22 +157,19 @@ class Sessions:
         self.max_sessions, self.max_ratings = max_sessions, max_ratings
         self._index = index
         self._lru: OrderedDict[str, Session] = OrderedDict()
-        # Two passes: find the most recently active users, then replay only theirs (a
-        # session evicted half-way through one pass would come back missing ratings).
-        recent: OrderedDict[str, None] = OrderedDict()
-        for _, _, event in read_feedback(self.log_dir):
-            recent[event["user_id"]] = None
-            recent.move_to_end(event["user_id"])
-        self._logged = set(recent)  # users with events on disk (rebuilt on a miss)
-        keep = set(list(recent)[-max_sessions:]) if max_sessions else set()
-        replayed: dict[str, Session] = {}
-        for _, _, event in read_feedback(self.log_dir):
+        # Where each user's events are: file number << 40 | byte offset, in log order.
+        self._files: list[Path] = []
+        self._file_no: dict[Path, int] = {}
+        self._where: defaultdict[str, array] = defaultdict(lambda: array("q"))
+        recent: OrderedDict[str, None] = OrderedDict()  # users by last activity
+        for path, _, offset, event in scan_feedback(self.log_dir):
             u = event["user_id"]
-            if u in keep and (s := self._replay_one(replayed.get(u), event)) is not None:
-                replayed[u] = s
-        for u in recent:  # LRU order = order of last activity
-            if u in replayed:
-                self._put(u, replayed[u])
+            self._where[u].append(self._file_number(path) << 40 | offset)
+            recent[u] = None
+            recent.move_to_end(u)
+        for u in list(recent)[-max_sessions:] if max_sessions else []:
+            if (session := self._rebuild(u)) is not None:
+                self._put(u, session)
 
     def __len__(self) -> int:
         return len(self._lru)
@@ -145,18 +179,36 @@ class Sessions:
         if user_id in self._lru:
             self._lru.move_to_end(user_id)
             return self._lru[user_id]
-        if user_id not in self._logged:
-            return None
-        session = None
-        for _, _, event in read_feedback(self.log_dir):  # an evicted user: O(log) once
-            if event["user_id"] == user_id:
-                session = self._replay_one(session, event)
+        session = self._rebuild(user_id) if user_id in self._where else None
         if session is not None:
             self._put(user_id, session)
         return session
 
-    def record(self, user_id: str, session: Session) -> None:
-        self._logged.add(user_id)
+    def _rebuild(self, user_id: str) -> Session | None:
+        """Replay one user's logged events, read at their indexed offsets."""
+        by_file: defaultdict[int, list[int]] = defaultdict(list)
+        for key in self._where[user_id]:
+            by_file[key >> 40].append(key & ((1 << 40) - 1))
+        session = None
+        for no in sorted(by_file):  # file numbers follow replay order
+            for event in read_events_at(self._files[no], by_file[no]):
+                session = self._replay_one(session, event)
+        return session
+
+    def _file_number(self, path: Path) -> int:
+        if path not in self._file_no:
+            self._file_no[path] = len(self._files)
+            self._files.append(path)
+        return self._file_no[path]
+
+    def record(
+        self, user_id: str, session: Session, logged: tuple[Path, list[int]] | None = None
+    ) -> None:
+        """Put ``session`` in the LRU; ``logged``: where its new events were appended
+        (``FeedbackLog.append``), so an eviction can rebuild it."""
+        if logged is not None:
+            no = self._file_number(logged[0])
+            self._where[user_id].extend(no << 40 | offset for offset in logged[1])
         self._put(user_id, session)
 
     def _put(self, user_id: str, session: Session) -> None:
