@@ -157,15 +157,18 @@ def test_two_stage_top_is_the_exact_ranking_when_the_score_is_an_inner_product(s
 
 
 def test_two_stage_with_an_ann_index_re_ranks_with_the_network(served):
-    """An IVF index probing every list: exact for a user without a per-user term (cold
-    start); otherwise its candidates plus the term's own best, each re-ranked with the
-    network's exact score."""
+    """An IVF index probing every list, plus every item the support's neighbour graph
+    reaches (where the per-user term differs from its constant), re-ranked with the
+    network's exact score: with a positive neighbourhood weight, the full ranking's top."""
     full, two = _two_stage(served, ann=True)
-    assert two[0].items.tolist() == full[0].scores.topk(10).indices.tolist()
+    positive = 0
     for f, t in zip(full, two, strict=True):
-        assert len(set(t.items.tolist())) == 10
         torch.testing.assert_close(t.scores, f.scores[t.items], rtol=1e-5, atol=1e-5)
         assert t.scores.tolist() == sorted(t.scores.tolist(), reverse=True)
+        if float(t.weights["head.neighbour"]) > 0:  # else neighbours may fall below the rest
+            positive += 1
+            assert t.items.tolist() == f.scores.topk(10).indices.tolist()
+    assert positive >= 1
 
 
 def _two_stage(served, *, ann: bool):

@@ -62,6 +62,8 @@ class Engine:
         learner: the meta-learner (its adaptation settings are the served ones).
         steps: inner steps at serve time (default: the learner's own).
         max_rows: (users x items) rows scored at once; bounds activation memory.
+        max_user_items: (users x catalogue items) adapted and scored at once: a batch of
+            more users than fit runs in parts.
         retrieval: when the catalogue is large enough for two-stage scoring, and how.
     """
 
@@ -72,6 +74,7 @@ class Engine:
         steps: int | None = None,
         device: str | torch.device = "cpu",
         max_rows: int = 1 << 14,
+        max_user_items: int = 1 << 22,
         retrieval: RetrievalConfig | None = None,
     ) -> None:
         self.learner = learner.to(device).eval()
@@ -79,6 +82,7 @@ class Engine:
         self.device = torch.device(device)
         self.steps = steps
         self.max_rows = max_rows
+        self.max_user_items = max_user_items
         self.params = {n: p.detach() for n, p in learner.params().items()}
         lrs = learner.lrs()
         self.lrs = {n: v.detach() for n, v in lrs.items()} if isinstance(lrs, dict) else lrs
@@ -117,6 +121,13 @@ class Engine:
         return results
 
     def _run(self, jobs: list[Job]) -> list[Result]:
+        # Per-user (I,) tensors of a large catalogue, a batch at a time: past a few users
+        # they outgrow the caches, and every fresh allocation is an mmap that page-faults.
+        chunk = max(1, self.max_user_items // self.n_items)
+        if len(jobs) > chunk:
+            return [
+                r for lo in range(0, len(jobs), chunk) for r in self._run(jobs[lo : lo + chunk])
+            ]
         todo = [j for j in jobs if j.weights is None]
         fresh = iter(self._adapt(todo) if todo else [])
         weights = [j.weights if j.weights is not None else next(fresh) for j in jobs]
@@ -136,7 +147,7 @@ class Engine:
             elif kind == "items":
                 out = self._score_asked(stacked, table, [j.score for j in group])
             else:
-                out = self._two_stage(stacked, table, [j.top for j in group])
+                out = self._two_stage(stacked, table, group)
             for b, (s, items) in zip(rows, out, strict=True):
                 results[b] = Result(s, weights[b], items)
         return results  # type: ignore[return-value]
@@ -186,20 +197,22 @@ class Engine:
         return [(scores[r, : len(a)], items[r, : len(a)]) for r, a in enumerate(asked)]
 
     def _two_stage(
-        self, weights: Weights, table: Tensor | None, tops: list[int]
+        self, weights: Weights, table: Tensor | None, jobs: list[Job]
     ) -> list[tuple[Tensor, Tensor]]:
         """Retrieve candidates by inner product, re-rank them with the adapted network."""
         assert self.retriever is not None
         params = {**self.params, **weights}
-        b = len(tops)
+        b, tops = len(jobs), [j.top for j in jobs]
         w = params["head.weight"].expand(b, -1, 1).squeeze(-1)
         parts = [w, params["head.factor"].expand(b, -1)] if self.model.has_factor_head else [w]
         queries = torch.cat([*parts, torch.ones(b, 1, dtype=w.dtype, device=w.device)], 1)
-        extra = None
-        if params["item_bias"].dim() == 2:  # per-user biases: their change from the shared
-            extra = (params["item_bias"] - self.params["item_bias"]).cpu()
         n = max(self.retrieval.candidates, *tops)
-        found, valid = self.retriever.search(queries.cpu(), n, extra)
+        extra = also = None
+        if self.retriever.index is not None and self.model.has_neighbours:
+            also = self._neighbours_of([j.items for j in jobs])
+        elif params["item_bias"].dim() == 2:  # per-user biases: their change from the shared
+            extra = (params["item_bias"] - self.params["item_bias"]).cpu()
+        found, valid = self.retriever.search(queries.cpu(), n, extra, also)
         scores = self._score_items(weights, table, found.to(self.device)).cpu()
         scores = scores.masked_fill(~valid, float("-inf"))
         out = []
@@ -207,6 +220,17 @@ class Engine:
             best = scores[row].topk(min(top, int(valid[row].sum())))
             out.append((best.values, found[row, best.indices]))
         return out
+
+    def _neighbours_of(self, supports: list[tuple[int, ...]]) -> Tensor:
+        """(B, M) every item the supports' neighbour graph reaches (repeats allowed): the
+        only items whose neighbourhood term differs from the user's constant for the rest,
+        so with them among the candidates an index needs no per-user term."""
+        n = max(1, *(len(s) for s in supports))
+        items = torch.zeros(len(supports), n, dtype=torch.long)
+        for row, s in enumerate(supports):  # request lists to a tensor, not compute
+            items[row, : len(s)] = torch.tensor(s, dtype=torch.long)
+            items[row, len(s) :] = s[0] if s else 0
+        return self.model.neighbour_index[items].flatten(1).cpu()
 
     def _score_items(self, weights: Weights, table: Tensor | None, items: Tensor) -> Tensor:
         """(B, N) scores of each user's own ``items`` (B, N) under the adapted network."""

@@ -15,8 +15,9 @@ product search:
   fastest, and it is memory-bound: every request batch reads all of them.
 * ``ann``: a FAISS IVF index (inner-product metric, sqrt(I) lists, k-means on 64 points a
   list) built once at load; ``nprobe`` lists searched per query. The per-user bias term
-  cannot live in a shared index, so each user's n items with the largest term are added
-  to the ANN's n before re-ranking.
+  cannot live in a shared index, so the items where it can be large are added to the
+  ANN's n before re-ranking: each user's n largest, or (``also``) the items the engine
+  knows carry it (an implicit model's: the support's graph neighbours).
 """
 
 from __future__ import annotations
@@ -62,24 +63,33 @@ class Retriever:
     def __len__(self) -> int:
         return self.n_items
 
-    def search(self, queries: Tensor, n: int, extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def search(
+        self,
+        queries: Tensor,
+        n: int,
+        extra: Tensor | None = None,
+        also: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """(B, M) candidate item indices, M >= min(n, I), and (B, M) which of them count
         (a row's repeats and FAISS's empty slots do not; their index is a valid item, 0).
 
         Args:
             queries: (B, F) user queries.
             extra: (B, I) per-user additive term of the score (None: zero).
+            also: (B, K) items to add to the candidates whatever their score.
         """
         n = min(n, len(self))
         queries = queries.float()
         if self.index is None:
             found = self._exact(queries, n, extra)
-            return found, torch.ones_like(found, dtype=torch.bool)
-        _, ids = self.index.search(np.ascontiguousarray(queries.numpy()), n)
-        found = torch.from_numpy(ids)
-        if extra is not None:  # the per-user term's own best items: an index cannot hold it
-            found = torch.cat([found, extra.topk(n, dim=1).indices], 1)
-        return _unique_rows(found)
+            if also is None:
+                return found, torch.ones_like(found, dtype=torch.bool)
+        else:
+            _, ids = self.index.search(np.ascontiguousarray(queries.numpy()), n)
+            found = torch.from_numpy(ids)
+            if extra is not None:  # the per-user term's best: an index cannot hold it
+                found = torch.cat([found, extra.topk(n, dim=1).indices], 1)
+        return _unique_rows(found if also is None else torch.cat([found, also], 1))
 
     def _exact(self, queries: Tensor, n: int, extra: Tensor | None) -> Tensor:
         assert self.columns is not None
