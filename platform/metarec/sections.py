@@ -81,6 +81,9 @@ class SyntheticConfig:
     n_items: Annotated[int, Field(ge=20)] = 1000  # catalogue size
     min_ratings_per_user: int = 15  # each user's rating count is uniform in [min, max]
     max_ratings_per_user: int = 80
+    # a > 0: rating counts follow a power law instead, min x Pareto(a) capped at max (most
+    # users rate few items, a few rate thousands: MovieLens' shape)
+    activity_pareto: NonNegative = 0.0
     latent_dim: PositiveInt = 8  # rank of the planted user x item preference
     noise: NonNegative = 0.35  # std of rating noise, in stars
     drift: NonNegative = 1.0  # how far a user's taste moves between first and last rating

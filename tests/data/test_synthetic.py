@@ -1,5 +1,7 @@
 """The synthetic generator plants signal that only per-user adaptation can recover."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -8,6 +10,8 @@ from metarec.config import SyntheticConfig, apply_overrides, load_config
 from metarec.data.prepare import prepare
 from metarec.data.synthetic import SCALES, VARIANTS, apply_variant, generate
 from metarec.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _rows(table):
@@ -179,3 +183,17 @@ def test_variants_are_settable_keys_and_unknown_names_fail():
     assert cfg == apply_variant(load_config(None), "half_star")
     with pytest.raises(ConfigError, match="synthetic variant: got 'sparse'; expected one of"):
         apply_variant(load_config(None), "sparse")
+
+
+def test_pareto_activity_has_a_long_tail_of_heavy_users():
+    """``configs/ml25m.yaml``'s activity: most users rate a few dozen items, a few rate
+    thousands, and the mean gives ~25M ratings over 160,000 users."""
+    from metarec.data.synthetic import activity
+
+    cfg = load_config(REPO / "configs" / "ml25m.yaml").data.synthetic
+    counts = activity(np.random.default_rng(0), cfg, cfg.n_users)
+    assert counts.min() == cfg.min_ratings_per_user and counts.max() == cfg.max_ratings_per_user
+    assert np.median(counts) < 60 and (counts >= 5000).sum() > 100
+    assert 22e6 < counts.sum() < 28e6
+    uniform = activity(np.random.default_rng(0), load_config(None).data.synthetic, 1000)
+    assert uniform.min() >= 15 and uniform.max() <= 80  # the default stays uniform

@@ -31,6 +31,7 @@ import pandas as pd
 from metarec.config import SyntheticConfig
 from metarec.data.events import interactions
 from metarec.data.sources import RawData
+from metarec.data.synthetic import activity
 from metarec.errors import ConfigError
 
 __all__ = ["EVENTS", "generate_shop"]
@@ -65,7 +66,7 @@ def generate_shop(
     # What each user is shown: CANDIDATES x as many items as they will view, at random
     # times on their timeline; some from the front page (popular overall), most from
     # categories their taste of the moment browses (popular within the category).
-    want = rng.integers(cfg.min_ratings_per_user, cfg.max_ratings_per_user + 1, size=n_u)
+    want = activity(rng, cfg, n_u)
     user = np.repeat(np.arange(n_u), CANDIDATES * want)
     tau = rng.random(len(user))  # when on the user's timeline it was shown
     taste = (1 - tau)[:, None] * u0[user] + tau[:, None] * u1[user]

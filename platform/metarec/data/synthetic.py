@@ -43,6 +43,7 @@ __all__ = [
     "GENRES",
     "SCALES",
     "VARIANTS",
+    "activity",
     "apply_variant",
     "generate",
     "item_choice",
@@ -133,7 +134,7 @@ def generate(cfg: SyntheticConfig, *, seed: int) -> RawData:
     user_bias = (0.45 * rng.normal(size=n_u)).astype(np.float32)
     age_z = ((age - 35.0) / 12.0).astype(np.float32)
     # Which items each user rates: popularity-skewed, no repeats.
-    want = rng.integers(cfg.min_ratings_per_user, cfg.max_ratings_per_user + 1, size=n_u)
+    want = activity(rng, cfg, n_u)
     user, item = sample_pairs(rng, want, item_choice(cfg, popularity))
     start = rng.uniform(_T0, _T1 - 3e7, size=n_u)
     span = rng.exponential(3e7, size=n_u) + 86_400
@@ -205,6 +206,17 @@ def _to_scale(score: np.ndarray, scale: str) -> np.ndarray:
     if hi != 5.0:  # skipped on 1-5 and 0.5-5, so their arithmetic stays bit-identical
         score = 1 + (score - 1) * np.float32((hi - 1) / 4)
     return np.clip(np.rint(score / step) * step, lo, hi).astype(np.float64)
+
+
+def activity(rng: np.random.Generator, cfg: SyntheticConfig, n_users: int) -> np.ndarray:
+    """How many items each user rates (or views): uniform in [min, max] by default; with
+    ``activity_pareto`` a > 0, ``min x Pareto(a)`` capped at max, the long tail of real
+    logs where a few users have thousands of interactions and most a few dozen."""
+    lo, hi = cfg.min_ratings_per_user, cfg.max_ratings_per_user
+    if cfg.activity_pareto > 0:
+        heavy = np.floor(lo * (1.0 + rng.pareto(cfg.activity_pareto, size=n_users)))
+        return np.minimum(heavy, hi).astype(np.int64)
+    return rng.integers(lo, hi + 1, size=n_users)
 
 
 def item_choice(cfg: SyntheticConfig, popularity: np.ndarray) -> np.ndarray:
