@@ -78,6 +78,13 @@ def test_mf_foldin_solves_each_user_exactly_with_items_frozen():
         torch.testing.assert_close(got[t], want.float(), atol=1e-5, rtol=1e-5)
 
 
+    # The whole catalogue is scored as one (T, I) matmul, never a (T, I, dim) gather; it
+    # agrees with the per-item path item by item.
+    catalogue = torch.arange(n_items).expand(3, n_items)
+    whole = model.predict_items(test, catalogue)
+    torch.testing.assert_close(whole.gather(1, test.query_items), got, atol=1e-5, rtol=1e-5)
+
+
 def test_mf_beats_bias_on_low_rank_data():
     g = torch.Generator().manual_seed(1)
     u, v = torch.randn(300, 3, generator=g), torch.randn(50, 3, generator=g)

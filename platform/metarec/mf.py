@@ -253,6 +253,9 @@ class MFFoldIn(Estimator):
         self._check_fitted()
         rows, s_items, ratings = flat_ratings(tasks, support_only=True)
         users = self._users(Groups(rows, tasks.num_tasks), s_items, ratings)  # (T, dim + 1)
-        q = self.item_factors_[items]  # (T, N, dim)
-        dot = (q * users[:, None, :-1]).sum(-1)
+        factors = self.item_factors_
+        if items.shape[1] * 4 >= factors.shape[0]:  # most of the catalogue: (T, I), no (T, N, dim)
+            dot = (users[:, :-1] @ factors.T).gather(1, items)
+        else:
+            dot = (factors[items] * users[:, None, :-1]).sum(-1)
         return (self.mu_ + self.item_bias_[items] + users[:, None, -1] + dot).float()

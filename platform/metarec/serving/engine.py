@@ -108,6 +108,10 @@ class Engine:
             self.retriever = Retriever(
                 self._item_vectors(), kind=kind, nprobe=self.retrieval.nprobe
             )
+            if not self.model.use_user and not any(
+                n.startswith(("emb.", "mlp.")) for n in learner.adapted
+            ):  # predict_shared's item side, at load: the first request would wait for it
+                self._item_side()
 
     @torch.no_grad()
     def run(self, jobs: list[Job]) -> list[Result]:
