@@ -135,7 +135,9 @@ def generate(cfg: SyntheticConfig, *, seed: int) -> RawData:
     age_z = ((age - 35.0) / 12.0).astype(np.float32)
     # Which items each user rates: popularity-skewed, no repeats.
     want = activity(rng, cfg, n_u)
-    user, item = sample_pairs(rng, want, item_choice(cfg, popularity))
+    # heavy users repeat the Zipf head often: draw more to still reach their counts
+    oversample = 3.0 if cfg.activity_pareto > 0 else 1.5
+    user, item = sample_pairs(rng, want, item_choice(cfg, popularity), oversample=oversample)
     start = rng.uniform(_T0, _T1 - 3e7, size=n_u)
     span = rng.exponential(3e7, size=n_u) + 86_400
     tau = rng.random(len(user)).astype(np.float32)  # position in the user's timeline
@@ -237,7 +239,7 @@ def item_choice(cfg: SyntheticConfig, popularity: np.ndarray) -> np.ndarray:
 
 
 def sample_pairs(
-    rng: np.random.Generator, want: np.ndarray, p: np.ndarray
+    rng: np.random.Generator, want: np.ndarray, p: np.ndarray, *, oversample: float = 1.5
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw ``want[u]`` distinct items for each user u (item i with probability ``p[i]``),
     vectorized over users; pairs come grouped by user, in random order within a user.
@@ -247,7 +249,7 @@ def sample_pairs(
     up with a few fewer ratings than asked.
     """
     n_u, n_i = len(want), len(p)
-    draws = (want * 1.5).astype(np.int64) + 5
+    draws = (want * oversample).astype(np.int64) + 5
     user = np.repeat(np.arange(n_u, dtype=np.int64), draws)
     item = rng.choice(n_i, size=len(user), p=p)
     key = np.sort(user * n_i + item)  # sort + mask: np.unique's hashing is ~100x slower here
