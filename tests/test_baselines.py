@@ -77,7 +77,6 @@ def test_mf_foldin_solves_each_user_exactly_with_items_frozen():
         want = model.mu_ + model.item_bias_[test.query_items[t]] + qq @ w[:-1] + w[-1]
         torch.testing.assert_close(got[t], want.float(), atol=1e-5, rtol=1e-5)
 
-
     # The whole catalogue is scored as one (T, I) matmul, never a (T, I, dim) gather; it
     # agrees with the per-item path item by item.
     catalogue = torch.arange(n_items).expand(3, n_items)

@@ -1,5 +1,7 @@
 """Padded task tensors: built without loops, resampled without losing ratings."""
 
+from dataclasses import fields
+
 import pyarrow as pa
 import torch
 
@@ -116,3 +118,41 @@ def test_cut_support_keeps_the_first_n_and_moves_the_rest_packed_to_the_query():
             asked = q & (sub.query_ratings[row] > 0)
             assert sub.query_items[row, asked].tolist() == tasks.query_items[t, q_mask[t]].tolist()
             assert sorted(sub.query_items[row, q & ~asked].tolist()) == sorted(support[3:])
+
+
+def test_ragged_tasks_cut_the_same_batches_as_the_padded_split(synthetic_prepared):
+    """The flat store holds a split in its ratings' memory and cuts exactly the padded
+    batches ``TaskBatch.select`` cuts, and the same flat (row, item, rating) list."""
+    from metarec.batch import ragged_from_table
+
+    table = synthetic_prepared.tasks("user_cold", "train")
+    padded, ragged = from_table(table), ragged_from_table(table)
+    assert ragged.items.numel() == int(padded.support_mask.sum() + padded.query_mask.sum())
+    for rows in (torch.tensor([5, 0, 17, 3]), torch.arange(padded.num_tasks)):
+        a, b = padded.select(rows), ragged.select(rows)
+        for f in fields(a):
+            assert torch.equal(getattr(a, f.name), getattr(b, f.name)), f.name
+    for support_only in (False, True):
+        for x, y in zip(
+            padded.flat(support_only=support_only),
+            ragged.flat(support_only=support_only),
+            strict=True,
+        ):
+            assert torch.equal(x, y)
+    assert all(torch.equal(x, y) for x, y in zip(padded.lengths(), ragged.lengths(), strict=True))
+
+
+def test_a_window_keeps_at_most_n_support_ratings_and_all_of_a_short_support():
+    tasks = TaskBatch(
+        torch.arange(2),
+        torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0]]),
+        torch.ones(2, 4),
+        torch.tensor([[True] * 4, [True, True, False, False]]),
+        torch.tensor([[7], [8]]),
+        torch.ones(2, 1),
+        torch.ones(2, 1, dtype=torch.bool),
+    )
+    cut = tasks.windowed(3)
+    assert cut.support_items.tolist() == [[1, 2, 3], [5, 6, 0]]
+    assert cut.support_mask.sum(1).tolist() == [3, 2]
+    assert tasks.windowed(4) is tasks

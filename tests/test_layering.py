@@ -53,6 +53,7 @@ CORE = [
     "metarec.data.feedback",
     # serving's core: only its `app` module is the Ray shell
     "metarec.serving.engine",
+    "metarec.serving.retrieval",
     "metarec.serving.sessions",
     "metarec.serving.schemas",
     "metarec.serving.service",

@@ -149,3 +149,44 @@ def test_short_supports_change_training_but_not_the_data(quick_cfg, synthetic_pr
     assert all(math.isfinite(r["valid/mae"]) for r in a.history)
     assert [r["train/query_loss"] for r in a.history] != [r["train/query_loss"] for r in b.history]
     assert [r["train/tasks"] for r in a.history] == [r["train/tasks"] for r in b.history]
+
+
+def test_a_flat_split_trains_as_the_padded_one_and_a_window_bounds_supports(
+    quick_cfg, synthetic_prepared, monkeypatch
+):
+    """A Ray worker holds its split flat (``RaggedTasks``): an epoch from it is the padded
+    split's epoch, bit for bit. ``meta.support_window`` cuts every support a meta-batch
+    adapts on to a window (random: after the epoch's re-split), and still trains on every
+    task."""
+    from metarec import loop
+    from metarec.batch import from_table, ragged_from_table
+    from metarec.initialise import build_learner
+
+    table = synthetic_prepared.tasks("user_cold", "train")
+    padded = from_table(table)
+    widths = []
+    real = loop.meta_gradients
+
+    def spy(learner, batch, **kw):
+        widths.append(int(batch.support_mask.sum(1).max()))
+        return real(learner, batch, **kw)
+
+    monkeypatch.setattr(loop, "meta_gradients", spy)
+
+    def epoch(cfg, tasks):
+        learner = build_learner(cfg, synthetic_prepared, padded)
+        optimizer = loop.build_optimizer(learner, cfg)
+        shard = loop.Shard.whole(tasks)
+        loss, seen = loop.train_epoch(learner, optimizer, shard, torch.Generator().manual_seed(0))
+        return loss, seen, [p.detach().clone() for p in learner.parameters()]
+
+    a, b = epoch(quick_cfg, padded), epoch(quick_cfg, ragged_from_table(table))
+    assert a[0] == b[0] and torch.equal(a[1], b[1])
+    assert all(torch.equal(x, y) for x, y in zip(a[2], b[2], strict=True))
+    longest = int(padded.support_mask.sum(1).max())
+    assert max(widths) > 8
+    widths.clear()
+    whole = {"meta.short_supports": 0.0}  # no task shortened below its window
+    window = epoch(apply_overrides(quick_cfg, **{"meta.support_window": 8, **whole}), padded)
+    assert max(widths) == 8 < longest
+    assert torch.equal(window[1], a[1]) and window[0] != a[0]  # every task, other supports

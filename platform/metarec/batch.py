@@ -1,8 +1,11 @@
-"""Padded task tensors: a whole split at once, then cheap row selection per meta-batch.
+"""Task tensors: padded batches, and a flat store of a whole split to cut them from.
 
 Support and query sizes differ per user, so tasks are padded to the longest in a batch with
 boolean masks. Conversion from the prepared Parquet list columns is vectorized (offsets and
 one scatter), and batches are cut from length-sorted windows so little of a batch is padding.
+A whole split is either one ``TaskBatch`` (padded to its longest task: fine when every user
+has at most a hundred ratings) or ``RaggedTasks`` (flat, offsets per task: memory is the
+ratings themselves, so users with thousands of ratings pad nobody but their own batch).
 """
 
 from __future__ import annotations
@@ -14,7 +17,16 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-__all__ = ["TaskBatch", "append_negatives", "bucketed_batches", "from_table", "item_marks"]
+__all__ = [
+    "RaggedTasks",
+    "TaskBatch",
+    "Tasks",
+    "append_negatives",
+    "bucketed_batches",
+    "from_table",
+    "item_marks",
+    "ragged_from_table",
+]
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,20 @@ class TaskBatch:
             query_ratings=self.query_ratings[index, :q_len],
             query_mask=self.query_mask[index, :q_len],
         )
+
+    def lengths(self) -> tuple[Tensor, Tensor]:
+        """(T,) support sizes and (T,) query sizes."""
+        return self.support_mask.sum(1), self.query_mask.sum(1)
+
+    def flat(self, *, support_only: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """(row, item, rating) of every rating (or every support rating), task by task,
+        support before query: the order of ``merged()[mask]``."""
+        if support_only:
+            items, ratings, mask = self.support_items, self.support_ratings, self.support_mask
+        else:
+            items, ratings, mask = self.merged()
+        rows = torch.arange(self.num_tasks).unsqueeze(1).expand_as(mask)
+        return rows[mask], items[mask], ratings[mask]
 
     def merged(self) -> tuple[Tensor, Tensor, Tensor]:
         """Support and query side by side: all of a task's ratings, (T, S+Q) each."""
@@ -132,6 +158,20 @@ class TaskBatch:
             query_mask=in_query,
         )
 
+    def windowed(self, n: int) -> TaskBatch:
+        """Each task keeps at most its first ``n`` support ratings (after ``resampled``, a
+        random window of its history, drawn again every epoch): a user with thousands of
+        ratings costs a meta-batch ``n``, not thousands."""
+        if self.support_items.shape[1] <= n:
+            return self
+        kept = self.support_mask & (self.support_mask.cumsum(1) <= n)
+        return replace(
+            self,
+            support_items=self.support_items[:, :n],
+            support_ratings=self.support_ratings[:, :n],
+            support_mask=kept[:, :n],
+        )
+
     def shortened(self, keep: Tensor) -> TaskBatch:
         """Each task keeps the first ``floor(keep[t] * n_t)`` of its n_t support ratings.
 
@@ -197,6 +237,96 @@ def from_table(table: pa.Table) -> TaskBatch:
     q_ratings, _ = _pad(table.column("query_ratings"), torch.float32)
     users = torch.as_tensor(table.column("user").to_numpy().astype(np.int64))
     return TaskBatch(users, s_items, s_ratings, s_mask, q_items, q_ratings, q_mask)
+
+
+@dataclass(frozen=True)
+class RaggedTasks:
+    """T tasks stored flat: each task's support then query ratings, one task after another.
+
+    What a training worker holds of a long-tailed split: memory is proportional to the
+    ratings, where a ``TaskBatch`` of the split is T x the longest task (a user with 8,000
+    ratings would pad 128,000 others to 8,000). ``select`` cuts a padded ``TaskBatch`` of
+    a few rows, identical to ``TaskBatch.select`` of the same rows.
+    """
+
+    users: Tensor  # (T,) long
+    items: Tensor  # (R,) long
+    ratings: Tensor  # (R,) float
+    offsets: Tensor  # (T + 1,) long: task t is [offsets[t], offsets[t + 1])
+    n_support: Tensor  # (T,) long: the first n_support[t] of task t are its support
+
+    @property
+    def num_tasks(self) -> int:
+        return int(self.users.shape[0])
+
+    def lengths(self) -> tuple[Tensor, Tensor]:
+        """(T,) support sizes and (T,) query sizes."""
+        total = self.offsets[1:] - self.offsets[:-1]
+        return self.n_support, total - self.n_support
+
+    def flat(self, *, support_only: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """(row, item, rating) of every rating (or every support rating), as
+        ``TaskBatch.flat``."""
+        total = self.offsets[1:] - self.offsets[:-1]
+        rows = torch.repeat_interleave(torch.arange(self.num_tasks), total)
+        if not support_only:
+            return rows, self.items, self.ratings
+        keep = (torch.arange(len(rows)) - self.offsets[:-1][rows]) < self.n_support[rows]
+        return rows[keep], self.items[keep], self.ratings[keep]
+
+    def select(self, index: Tensor) -> TaskBatch:
+        """Rows ``index`` as a padded ``TaskBatch``, trimmed to their longest support and
+        query."""
+        s_len, q_len = (n[index] for n in self.lengths())
+        start = self.offsets[:-1][index]
+        support = self._pad(start, s_len)
+        query = self._pad(start + s_len, q_len)
+        return TaskBatch(self.users[index], *support, *query)
+
+    def _pad(self, start: Tensor, length: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        width = int(length.max()) if len(length) else 0
+        j = torch.arange(width)[None]
+        mask = j < length[:, None]
+        at = torch.where(mask, start[:, None] + j, 0)
+        return (
+            self.items[at].masked_fill(~mask, 0),
+            self.ratings[at].masked_fill(~mask, 0.0),
+            mask,
+        )
+
+
+Tasks = TaskBatch | RaggedTasks  # a whole split: padded, or flat
+
+
+def ragged_from_table(table: pa.Table) -> RaggedTasks:
+    """A prepared tasks table -> ``RaggedTasks`` (vectorized: offsets and one scatter)."""
+    parts = {}
+    for side in ("support", "query"):
+        items = table.column(f"{side}_items").combine_chunks()
+        ratings = table.column(f"{side}_ratings").combine_chunks()
+        offsets = items.offsets.to_numpy().astype(np.int64)
+        parts[side] = (
+            np.diff(offsets),
+            offsets[:-1] - offsets[0],
+            items.flatten().to_numpy(zero_copy_only=False),
+            ratings.flatten().to_numpy(zero_copy_only=False),
+        )
+    s_len, q_len = parts["support"][0], parts["query"][0]
+    total = s_len + q_len
+    offsets = np.concatenate([[0], np.cumsum(total)]).astype(np.int64)
+    items = np.zeros(int(offsets[-1]), dtype=np.int64)
+    ratings = np.zeros(int(offsets[-1]), dtype=np.float32)
+    for side, shift in (("support", offsets[:-1]), ("query", offsets[:-1] + s_len)):
+        lengths, starts, its, rs = parts[side]
+        dest = np.repeat(shift - starts, lengths) + np.arange(len(its))
+        items[dest], ratings[dest] = its, rs
+    return RaggedTasks(
+        users=torch.as_tensor(table.column("user").to_numpy().astype(np.int64)),
+        items=torch.from_numpy(items),
+        ratings=torch.from_numpy(ratings),
+        offsets=torch.from_numpy(offsets),
+        n_support=torch.from_numpy(s_len.astype(np.int64)),
+    )
 
 
 def bucketed_batches(

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metarec.batch import TaskBatch
+from metarec.batch import Tasks
 from metarec.data.features import age_buckets, zip_prefixes
 from metarec.data.prepared import PreparedDataset
 from metarec.errors import DataError
@@ -35,13 +35,13 @@ class FieldError(ValueError):
         self.loc, self.msg = loc, msg
 
 
-def catalog_dict(ds: PreparedDataset, train: TaskBatch) -> dict[str, Any]:
+def catalog_dict(ds: PreparedDataset, train: Tasks) -> dict[str, Any]:
     """The checkpoint's ``catalog`` entry for a model trained on ``train`` tasks of ``ds``."""
     items = ds.items()
     m = ds.manifest
     n = items.num_rows
-    flat_items, ratings, mask = train.merged()
-    it, r = flat_items[mask], ratings[mask].double()
+    _, it, r = train.flat()
+    r = r.double()
     count = torch.zeros(n, dtype=torch.float64).index_add_(0, it, torch.ones_like(r))
     total = torch.zeros(n, dtype=torch.float64).index_add_(0, it, r)
     squares = torch.zeros(n, dtype=torch.float64).index_add_(0, it, r * r)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from metarec.batch import TaskBatch
+from metarec.batch import Tasks
 from metarec.catalog import catalog_dict
 from metarec.config import MetarecConfig
 from metarec.data.prepared import PreparedDataset
@@ -69,7 +69,7 @@ def make_checkpoint(
 
 
 def standalone_checkpoint(
-    cfg: MetarecConfig, learner: MetaLearner, ds: PreparedDataset, train: TaskBatch
+    cfg: MetarecConfig, learner: MetaLearner, ds: PreparedDataset, train: Tasks
 ) -> dict[str, Any]:
     """A checkpoint of ``learner`` with no optimizer or run state, but with the catalog of
     ``ds`` (``train``: the tasks it learned from): what a run starts from, and enough for

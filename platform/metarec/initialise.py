@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metarec.batch import TaskBatch
+from metarec.batch import TaskBatch, Tasks
 from metarec.config import DEFAULT_PRIOR_PRECISION, MetarecConfig
 from metarec.data.features import USER_FEATURES
 from metarec.data.prepared import PreparedDataset
@@ -97,15 +97,14 @@ def build_recommender(
     )
 
 
-def train_ratings_mean(train: TaskBatch) -> float:
-    _, ratings, mask = train.merged()
-    return float(ratings[mask].mean())
+def train_ratings_mean(train: Tasks) -> float:
+    return float(train.flat()[2].mean())
 
 
 def build_learner(
     cfg: MetarecConfig,
     ds: PreparedDataset,
-    train: TaskBatch,
+    train: Tasks,
     valid: TaskBatch | None = None,
     *,
     tuned_mf: MFFoldIn | None = None,
@@ -128,9 +127,8 @@ def build_learner(
     fitted twice.
     """
     torch.manual_seed(cfg.seed)  # parameter init only; batching uses its own generator
-    items, _, mask = train.merged()
     seen = torch.zeros(ds.manifest["counts"]["items"], dtype=torch.bool)
-    seen[items[mask]] = True
+    seen[train.flat()[1]] = True
     m, meta = cfg.model, cfg.meta
     features = dataset_features(ds, seen_items=seen)
     if ds.feedback == "implicit":
@@ -146,7 +144,7 @@ def build_learner(
     return MetaLearner(model, meta)
 
 
-def _implicit_learner(cfg: MetarecConfig, features: Features, train: TaskBatch) -> MetaLearner:
+def _implicit_learner(cfg: MetarecConfig, features: Features, train: Tasks) -> MetaLearner:
     n_items = features.item_genres.shape[0]
     k = cfg.neighbours("implicit")
     if k:  # the neighbourhood term's graph: item-KNN's, from the training users
@@ -169,7 +167,7 @@ def _implicit_learner(cfg: MetarecConfig, features: Features, train: TaskBatch) 
 
 def _item_factors(
     cfg: MetarecConfig,
-    train: TaskBatch,
+    train: Tasks,
     valid: TaskBatch | None,
     n_items: int,
     tuned: MFFoldIn | None = None,
@@ -208,8 +206,8 @@ def _set_item_embeddings(model: Recommender, factors: Tensor, bias: Tensor) -> N
     model.item_bias.copy_(bias.to(model.item_bias.dtype))
 
 
-def _item_bias_init(train: TaskBatch, n_items: int, mu: Tensor, shrinkage: float = 5.0) -> Tensor:
-    items, ratings, mask = train.merged()
-    sums = torch.zeros(n_items).index_add_(0, items[mask], ratings[mask] - mu)
-    counts = torch.zeros(n_items).index_add_(0, items[mask], torch.ones_like(ratings[mask]))
+def _item_bias_init(train: Tasks, n_items: int, mu: Tensor, shrinkage: float = 5.0) -> Tensor:
+    _, items, ratings = train.flat()
+    sums = torch.zeros(n_items).index_add_(0, items, ratings - mu)
+    counts = torch.zeros(n_items).index_add_(0, items, torch.ones_like(ratings))
     return sums / (counts + shrinkage)

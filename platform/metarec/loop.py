@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from metarec.batch import TaskBatch, bucketed_batches, from_table
+from metarec.batch import TaskBatch, Tasks, bucketed_batches, from_table
 from metarec.config import MetarecConfig
 from metarec.data.prepared import PreparedDataset
 from metarec.implicit_metrics import valid_ndcg
@@ -68,18 +68,18 @@ class Shard:
     everything. That makes N workers train like 1 (up to float summation order).
     """
 
-    tasks: TaskBatch  # this worker's tasks
+    tasks: Tasks  # this worker's tasks (a flat store on Ray workers)
     lengths: Tensor  # (N,) rating count (support + query) of every task, canonical order
     local: Tensor  # (N,) row of each task in ``tasks``, -1 where another worker holds it
     query_size: int  # the largest query of any task (what resampling draws)
 
     @classmethod
-    def whole(cls, tasks: TaskBatch) -> Shard:
+    def whole(cls, tasks: Tasks) -> Shard:
         """All tasks in one process."""
         return cls.gathered(tasks, [shard_summary(tasks)])
 
     @classmethod
-    def gathered(cls, tasks: TaskBatch, summaries: list[tuple[Tensor, Tensor, int]]) -> Shard:
+    def gathered(cls, tasks: Tasks, summaries: list[tuple[Tensor, Tensor, int]]) -> Shard:
         """This worker's tasks and every worker's ``(users, lengths, query size)``."""
         users = torch.cat([u for u, _, _ in summaries])
         lengths = torch.cat([n for _, n, _ in summaries])
@@ -105,10 +105,10 @@ def rank_rows(users: Tensor, rank: int, world: int) -> Tensor:
     return users.argsort(stable=True)[rank::world]
 
 
-def shard_summary(tasks: TaskBatch) -> tuple[Tensor, Tensor, int]:
+def shard_summary(tasks: Tasks) -> tuple[Tensor, Tensor, int]:
     """What a worker shares with the others to build its ``Shard`` (all-gather this)."""
-    lengths = tasks.support_mask.sum(1) + tasks.query_mask.sum(1)
-    return tasks.users, lengths, int(tasks.query_mask.sum(1).max()) if tasks.num_tasks else 0
+    support, query = tasks.lengths()
+    return tasks.users, support + query, int(query.max()) if tasks.num_tasks else 0
 
 
 AllReduce = Callable[[Tensor], None]  # in-place sum across workers
@@ -198,6 +198,8 @@ def train_epoch(
             seen.index_add_(0, index[mine], torch.ones(len(batch.users), dtype=torch.int64))
             if keys is not None:
                 batch = batch.resampled(shard.query_size, keys[mine])
+            if cfg.support_window is not None:
+                batch = batch.windowed(cfg.support_window)
             if short is not None:
                 batch = batch.shortened(short[mine])
             if cand is not None:  # half of each task's negatives to its support, half to its query

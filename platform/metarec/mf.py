@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metarec.batch import TaskBatch
+from metarec.batch import TaskBatch, Tasks
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
@@ -47,17 +47,13 @@ MF_GRID: tuple[dict[str, Any], ...] = tuple(
 MAX_PADDED = 16_000_000  # elements of one padded (groups, width, F) chunk
 
 
-def flat_ratings(tasks: TaskBatch, *, support_only: bool) -> tuple[Tensor, Tensor, Tensor]:
+def flat_ratings(tasks: Tasks, *, support_only: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(row, item, rating) of every valid rating, rows indexing tasks."""
-    if support_only:
-        items, ratings, mask = tasks.support_items, tasks.support_ratings, tasks.support_mask
-    else:
-        items, ratings, mask = tasks.merged()
-    rows = torch.arange(tasks.num_tasks).unsqueeze(1).expand_as(mask)
-    return rows[mask], items[mask], ratings[mask].double()
+    rows, items, ratings = tasks.flat(support_only=support_only)
+    return rows, items, ratings.double()
 
 
-def interaction_counts(tasks: TaskBatch, n_items: int) -> Tensor:
+def interaction_counts(tasks: Tasks, n_items: int) -> Tensor:
     """``(n_items,)`` float64: how many of ``tasks`` interacted with each item (popularity)."""
     _, items, _ = flat_ratings(tasks, support_only=False)
     return torch.zeros(n_items, dtype=torch.float64).index_add_(
@@ -65,7 +61,7 @@ def interaction_counts(tasks: TaskBatch, n_items: int) -> Tensor:
     )
 
 
-def svd_item_factors(tasks: TaskBatch, n_items: int, dim: int, *, seed: int = 0) -> Tensor:
+def svd_item_factors(tasks: Tasks, n_items: int, dim: int, *, seed: int = 0) -> Tensor:
     """``(n_items, dim)`` item factors of implicit data: the top right singular vectors of
     the binary user x item matrix, scaled by the root of their singular values (PureSVD,
     Cremonesi et al., RecSys 2010), so that ``q_i . q_j`` approximates co-occurrence.
@@ -89,7 +85,7 @@ def svd_item_factors(tasks: TaskBatch, n_items: int, dim: int, *, seed: int = 0)
 
 
 def interaction_matrix(
-    tasks: TaskBatch, n_items: int, *, support_only: bool, binary: bool = False
+    tasks: Tasks, n_items: int, *, support_only: bool, binary: bool = False
 ) -> sp.csr_matrix:
     """``(T, n_items)`` CSR of each task's interactions (its support, or all of them), as
     strengths or as 1 with ``binary``; a repeated item keeps the sum. The implicit
@@ -101,7 +97,7 @@ def interaction_matrix(
     return sp.csr_matrix((data, (rows.numpy(), items.numpy())), shape=(tasks.num_tasks, n_items))
 
 
-def cosine_neighbours(tasks: TaskBatch, n_items: int, k: int) -> tuple[Tensor, Tensor]:
+def cosine_neighbours(tasks: Tasks, n_items: int, k: int) -> tuple[Tensor, Tensor]:
     """Each item's ``k`` most similar items by cosine over the binary user x item matrix
     (item-KNN's similarity), an item never its own neighbour: indices ``(n_items, k)``
     and similarities ``(n_items, k)``, zero-padded where an item has fewer.
@@ -234,7 +230,7 @@ class MFFoldIn(Estimator):
         feats = torch.cat([q, torch.ones(len(items), 1, dtype=torch.float64)], 1)
         return ridge_rows(by_user, feats, ratings - self.mu_ - self.item_bias_[items], self.reg)
 
-    def fit(self, train: TaskBatch, *, n_items: int) -> MFFoldIn:
+    def fit(self, train: Tasks, *, n_items: int) -> MFFoldIn:
         rows, items, ratings = flat_ratings(train, support_only=False)
         self.mu_ = float(ratings.mean())
         g = torch.Generator().manual_seed(self.seed)

@@ -164,6 +164,10 @@ class MetaConfig:
     grad_clip: float = 10.0  # max norm of the meta-gradient (guards against rare spikes)
     meta_batch_size: PositiveInt = 32  # tasks per meta-update
     resample_query: bool = True  # re-split each training user's ratings every epoch
+    # a training task adapts on at most this many support ratings, a random window of its
+    # history drawn again each epoch (with resample_query): heavy users are kept, and cost
+    # a meta-batch no more than this. None: whole supports
+    support_window: PositiveInt | None = 256
     # share of training tasks per meta-batch whose support is cut to a uniform random
     # fraction (0 included): trains the prior for users with few or no ratings, whom a
     # query loss on whole supports never scores (chosen on validation users: defaults-log §6)

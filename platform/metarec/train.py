@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from metarec.batch import from_table
+from metarec.batch import from_table, ragged_from_table
 from metarec.checkpoint import (
     load_checkpoint,
     save_checkpoint,
@@ -250,7 +250,7 @@ def initial_checkpoint(cfg: MetarecConfig, ds: PreparedDataset) -> dict[str, Any
         raise ConfigError(
             f"train.scenario: got {scenario!r}; {ds.root} has {sorted(ds.manifest['scenarios'])}"
         )
-    train_tasks = from_table(ds.tasks(scenario, "train"))
+    train_tasks = ragged_from_table(ds.tasks(scenario, "train"))
     learner = build_learner(cfg, ds, train_tasks, from_table(ds.tasks(scenario, "valid")))
     return standalone_checkpoint(cfg, learner, ds, train_tasks)
 

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from metarec.batch import TaskBatch, from_table
+from metarec.batch import RaggedTasks, TaskBatch, from_table, ragged_from_table
 from metarec.checkpoint import (
     learner_from_checkpoint,
     load_checkpoint,
@@ -68,7 +68,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(ckpt["optimizer"])
         state = TrainState.from_dict(ckpt["state"])
 
-    tasks = _read(ray.train.get_dataset_shard("train"), rank=rank, world=world)
+    tasks = _read(ray.train.get_dataset_shard("train"), rank=rank, world=world, flat=True)
     summaries = [shard_summary(tasks)]
     all_reduce = None
     if world > 1:
@@ -132,9 +132,11 @@ def worker_loop(config: dict[str, Any]) -> None:
     )
 
 
-def _read(iterator: Any, *, rank: int = 0, world: int = 1) -> TaskBatch:
-    """A whole tasks table from Ray Data -> the padded TaskBatch of ``rank``'s tasks
-    (``loop.rank_rows``; all of them when ``world`` is 1)."""
+def _read(
+    iterator: Any, *, rank: int = 0, world: int = 1, flat: bool = False
+) -> TaskBatch | RaggedTasks:
+    """A whole tasks table from Ray Data -> ``rank``'s tasks (``loop.rank_rows``; all of
+    them when ``world`` is 1): padded, or ``flat`` (training: heavy users pad nobody)."""
     tables = [b for b in iterator.iter_batches(batch_format="pyarrow", batch_size=None)]
     if not tables:
         raise ConfigError("train: a worker received no tasks; use fewer workers")
@@ -142,4 +144,4 @@ def _read(iterator: Any, *, rank: int = 0, world: int = 1) -> TaskBatch:
     if world > 1:
         users = torch.as_tensor(table.column("user").to_numpy().astype(np.int64))
         table = table.take(pa.array(rank_rows(users, rank, world).numpy()))
-    return from_table(table)
+    return ragged_from_table(table) if flat else from_table(table)
