@@ -184,8 +184,14 @@ class Groups:
             sel = width[grouped] == w  # sorted by row: bucket groups in ids' order
             self.buckets.append((ids, order[sel], local[grouped[sel]], pos[sel], w))
 
-    def normal_equations(self, feats: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        """Per group: X^T X (n_rows, F, F) and X^T y (n_rows, F); zeros for empty groups."""
+    def normal_equations(
+        self, feats: Tensor, target: Tensor, index: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Per group: X^T X (n_rows, F, F) and X^T y (n_rows, F); zeros for empty groups.
+
+        ``index``: observation j's features are ``feats[index[j]]`` (a table of users or
+        items), gathered chunk by chunk: an (N, F) float64 copy of 25M ratings is 6 GB.
+        """
         f = feats.shape[1]
         gram = feats.new_zeros(self.n_rows, f, f)
         rhs = feats.new_zeros(self.n_rows, f)
@@ -196,7 +202,8 @@ class Groups:
                 a, b = torch.searchsorted(local, torch.tensor([lo, hi])).tolist()
                 x = feats.new_zeros(hi - lo, w, f)
                 y = target.new_zeros(hi - lo, w)
-                x[local[a:b] - lo, pos[a:b]] = feats[obs[a:b]]
+                rows = obs[a:b] if index is None else index[obs[a:b]]
+                x[local[a:b] - lo, pos[a:b]] = feats[rows]
                 y[local[a:b] - lo, pos[a:b]] = target[obs[a:b]]
                 xt = x.transpose(1, 2)  # (groups, F, w)
                 gram[ids[lo:hi]] = xt @ x
@@ -204,13 +211,16 @@ class Groups:
         return gram, rhs
 
 
-def ridge_rows(groups: Groups, feats: Tensor, target: Tensor, reg: float) -> Tensor:
+def ridge_rows(
+    groups: Groups, feats: Tensor, target: Tensor, reg: float, index: Tensor | None = None
+) -> Tensor:
     """Solve one ridge regression per row group at once: min |X w - y|² + reg |w|².
 
-    Args: groups: the row of each observation, grouped; feats (N, F); target (N,).
+    Args: groups: the row of each observation, grouped; feats (N, F), or with ``index``
+        (N,) a table whose row ``index[j]`` is observation j's features; target (N,).
     Returns: (n_rows, F) solutions (zero for groups without observations).
     """
-    gram, rhs = groups.normal_equations(feats, target)
+    gram, rhs = groups.normal_equations(feats, target, index)
     gram += reg * torch.eye(feats.shape[1], dtype=torch.float64)  # SPD: Cholesky
     return torch.cholesky_solve(rhs.unsqueeze(-1), torch.linalg.cholesky(gram)).squeeze(-1)
 
@@ -226,9 +236,10 @@ class MFFoldIn(Estimator):
 
     def _users(self, by_user: Groups, items: Tensor, ratings: Tensor) -> Tensor:
         """(n_rows, dim + 1): user vectors with the user bias as last coordinate."""
-        q = self.item_factors_[items]  # (N, dim)
-        feats = torch.cat([q, torch.ones(len(items), 1, dtype=torch.float64)], 1)
-        return ridge_rows(by_user, feats, ratings - self.mu_ - self.item_bias_[items], self.reg)
+        ones = torch.ones(len(self.item_factors_), 1, dtype=torch.float64)
+        table = torch.cat([self.item_factors_, ones], 1)  # (I, dim + 1), gathered per chunk
+        resid = ratings - self.mu_ - self.item_bias_[items]
+        return ridge_rows(by_user, table, resid, self.reg, index=items)
 
     def fit(self, train: Tasks, *, n_items: int) -> MFFoldIn:
         rows, items, ratings = flat_ratings(train, support_only=False)
@@ -239,9 +250,9 @@ class MFFoldIn(Estimator):
         by_user, by_item = Groups(rows, train.num_tasks), Groups(items, n_items)
         for _ in range(self.iters):
             users = self._users(by_user, items, ratings)  # (U, dim + 1)
-            p, b_u = users[rows, :-1], users[rows, -1]
-            feats = torch.cat([p, torch.ones(len(rows), 1, dtype=torch.float64)], 1)
-            item = ridge_rows(by_item, feats, ratings - self.mu_ - b_u, self.reg)
+            table = torch.cat([users[:, :-1], torch.ones(len(users), 1, dtype=torch.float64)], 1)
+            resid = ratings - self.mu_ - users[rows, -1]
+            item = ridge_rows(by_item, table, resid, self.reg, index=rows)
             self.item_factors_, self.item_bias_ = item[:, :-1], item[:, -1]
         return self
 
