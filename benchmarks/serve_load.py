@@ -65,7 +65,7 @@ def request_bodies(data: Path, n_ratings: int, limit: int = 256) -> list[dict[st
 
     ds = open_prepared(data)
     raw = ds.items().column("raw_id").to_pylist()
-    users = ds.users().to_pylist() if ds.manifest.get("has_user_features", True) else None
+    users = ds.users().to_pylist() if ds.manifest["features"]["has_user_features"] else None
     vocab = ds.manifest["vocab"]
     ages = [None, 15, 20, 30, 40, 47, 52, 60]  # one age inside each age bucket
     bodies = []

@@ -190,3 +190,17 @@ def test_a_flat_split_trains_as_the_padded_one_and_a_window_bounds_supports(
     window = epoch(apply_overrides(quick_cfg, **{"meta.support_window": 8, **whole}), padded)
     assert max(widths) == 8 < longest
     assert torch.equal(window[1], a[1]) and window[0] != a[0]  # every task, other supports
+
+
+def test_evaluation_chunks_shrink_only_around_long_supports():
+    from metarec.loop import row_chunks
+
+    short = torch.full((600,), 90)
+    assert [c.tolist() for c in row_chunks(short, 256, 256 * 512)] == [
+        list(range(lo, min(lo + 256, 600))) for lo in range(0, 600, 256)
+    ]
+    heavy = torch.tensor([10] * 100 + [8000] + [10] * 200)
+    chunks = row_chunks(heavy, 256, 256 * 512)
+    assert torch.equal(torch.cat(chunks), torch.arange(301))  # every task once, in order
+    assert all(len(c) * int(heavy[c].max()) <= 256 * 512 for c in chunks)
+    assert len(row_chunks(torch.tensor([10**6]), 256, 10)) == 1  # one task always fits

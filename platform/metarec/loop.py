@@ -242,15 +242,15 @@ def predict_items(
 
     The one evaluation/serving path: the same ``learner.adapt`` as training, with the
     learner's own steps, (meta-learned) step sizes and support prior unless overridden (the
-    fine-tune baseline; evaluation's adaptation tuning).
+    fine-tune baseline; evaluation's adaptation tuning). Chunks hold ``chunk`` tasks, fewer
+    where a long support would pad them past ``chunk`` x ``PADDED_SUPPORT`` rows.
     """
     params = {n: p.detach() for n, p in learner.params().items()}
     lrs = learner.lrs() if inner_lr is None else inner_lr
     lrs = {n: v.detach() for n, v in lrs.items()} if isinstance(lrs, dict) else lrs
     device = _device(learner)
     out = []
-    for lo in range(0, tasks.num_tasks, chunk):
-        idx = torch.arange(lo, min(lo + chunk, tasks.num_tasks))
+    for idx in row_chunks(tasks.support_mask.sum(1), chunk, chunk * PADDED_SUPPORT):
         b = with_support_negatives(learner, tasks.select(idx)).to(device)
         support = (b.users, b.support_items, b.support_ratings, b.support_mask)
         with torch.no_grad():  # inference: gradient-based adaptation re-enables what it needs
@@ -268,6 +268,24 @@ def predict_items(
             else:
                 out.append(predict(learner.model, fast, chunk_items, b.users).cpu())
     return torch.cat(out)
+
+
+PADDED_SUPPORT = 512  # support rows per task a chunk may pad to, on average
+
+
+def row_chunks(lengths: Tensor, most: int, max_rows: int) -> list[Tensor]:
+    """Consecutive task index chunks of at most ``most`` tasks, each cut earlier where its
+    longest task times its size would pass ``max_rows`` (at least one task a chunk): a user
+    with 8,000 support ratings pads a few others, not 255. Short supports (every chunk
+    under the budget) give exactly ``range(0, T, most)``'s chunks."""
+    out, lo, n = [], 0, len(lengths)
+    while lo < n:
+        longest = lengths[lo : lo + most].cummax(0).values
+        fits = (longest * torch.arange(1, len(longest) + 1)) <= max_rows
+        k = max(1, int(fits.sum()) if bool(fits.all()) else int(fits.int().argmin()))
+        out.append(torch.arange(lo, lo + k))
+        lo += k
+    return out
 
 
 def predict_query(learner: MetaLearner, tasks: TaskBatch, *, chunk: int = 256) -> Tensor:
