@@ -204,3 +204,27 @@ def test_evaluation_chunks_shrink_only_around_long_supports():
     assert torch.equal(torch.cat(chunks), torch.arange(301))  # every task once, in order
     assert all(len(c) * int(heavy[c].max()) <= 256 * 512 for c in chunks)
     assert len(row_chunks(torch.tensor([10**6]), 256, 10)) == 1  # one task always fits
+
+
+@pytest.mark.parametrize("data", ["ratings", "implicit"])
+def test_validation_sharded_across_workers_sums_to_the_whole(
+    data, quick_cfg, synthetic_prepared, shop_cfg, shop_prepared
+):
+    """Each Ray worker validates every world-th user (``rank_rows``); the summed totals give
+    the objective one process computes over every user."""
+    from metarec.batch import from_table
+    from metarec.initialise import build_learner
+    from metarec.loop import rank_rows, valid_objective, valid_totals
+
+    cfg, ds = (quick_cfg, synthetic_prepared) if data == "ratings" else (shop_cfg, shop_prepared)
+    learner = build_learner(cfg, ds, from_table(ds.tasks("user_cold", "train")))
+    valid = from_table(ds.tasks("user_cold", "valid"))
+    whole = valid_objective(learner, valid, chunk=32)
+    totals = sum(
+        valid_totals(learner, valid.select(rank_rows(valid.users, rank, 3)), chunk=32)
+        for rank in range(3)
+    )
+    assert totals[1] > 0
+    assert float(totals[0] / totals[1]) == pytest.approx(whole, rel=1e-6)
+    empty = from_table(ds.tasks("user_cold", "valid").slice(0, 0))  # a worker with none
+    assert valid_totals(learner, empty).tolist() == [0.0, 0.0]

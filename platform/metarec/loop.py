@@ -18,10 +18,10 @@ from torch import Tensor
 from metarec.batch import TaskBatch, Tasks, bucketed_batches, from_table
 from metarec.config import MetarecConfig
 from metarec.data.prepared import PreparedDataset
-from metarec.implicit_metrics import valid_ndcg
+from metarec.implicit_metrics import score_implicit, valid_ndcg
 from metarec.initialise import build_learner
 from metarec.meta import MetaLearner, meta_gradients, predict
-from metarec.metrics import masked_mae
+from metarec.metrics import masked_mae, task_mae
 from metarec.mf import MFFoldIn
 from metarec.negatives import keep_negatives
 from metarec.train_state import TrainState
@@ -323,6 +323,23 @@ def valid_objective(learner: MetaLearner, valid: TaskBatch, *, chunk: int = 256)
     return 1.0 - valid_ndcg(_Adapted(learner, chunk), valid, n)
 
 
+def valid_totals(learner: MetaLearner, valid: TaskBatch, *, chunk: int = 256) -> Tensor:
+    """A worker's share of ``valid_objective``: (sum of the per-user values it averages,
+    users counted), float64, to be summed across workers: validation sharded like training,
+    so no worker idles while one validates every user."""
+    if valid.num_tasks == 0:
+        return torch.zeros(2, dtype=torch.float64)
+    if learner.loss == "mse":
+        pred = predict_query(learner, valid, chunk=chunk)
+        per_user = task_mae(pred, valid.query_ratings, valid.query_mask)
+    else:
+        n = learner.model.item_genres.shape[0]
+        per_user = 1.0 - score_implicit(_Adapted(learner, chunk), valid, n)[0]["ndcg@10"]
+    per_user = per_user.double()
+    counted = ~per_user.isnan()
+    return torch.stack([per_user[counted].sum(), counted.sum().double()])
+
+
 @dataclass(frozen=True)
 class _Adapted:
     learner: MetaLearner
@@ -362,8 +379,9 @@ def run_epochs(
     """Epochs from ``state.epoch`` on, validation after each, early stopping on valid MAE.
 
     The one training loop: ``fit`` runs it in-process, each Ray Train worker runs it on its
-    shard (``metarec.train``). Only workers given ``valid`` validate; ``all_reduce`` shares
-    their MAE so every worker takes the same early-stopping decision.
+    shard (``metarec.train``). With ``all_reduce`` each worker validates its own share of the
+    validation users (``valid_totals``) and the sums give every worker the same objective,
+    so all take the same early-stopping decision.
 
     Each epoch checks that the workers together trained on every one of ``expected_tasks``
     (default: the tasks in ``shard``) exactly once, and raises ``TaskCoverageError`` if not:
@@ -386,13 +404,15 @@ def run_epochs(
         learner.train()
         loss, seen = train_epoch(learner, optimizer, shard, generator, all_reduce=all_reduce)
         tasks = check_coverage(seen, expected, epoch=epoch, all_reduce=all_reduce)
-        mae = 0.0
-        if valid is not None:
-            mae = valid_objective(learner, valid, chunk=cfg.train.eval_batch_size)
-        if all_reduce is not None:
-            shared = torch.tensor([mae], dtype=torch.float64)
-            all_reduce(shared)
-            mae = float(shared)
+        chunk = cfg.train.eval_batch_size
+        if all_reduce is not None:  # every worker's share, summed
+            totals = torch.zeros(2, dtype=torch.float64)
+            if valid is not None:
+                totals = valid_totals(learner, valid, chunk=chunk)
+            all_reduce(totals)
+            mae = float(totals[0] / totals[1].clamp_min(1))
+        else:
+            mae = valid_objective(learner, valid, chunk=chunk) if valid is not None else 0.0
         row = {
             "epoch": epoch,
             "train/query_loss": loss,

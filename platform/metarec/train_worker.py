@@ -81,7 +81,8 @@ def worker_loop(config: dict[str, Any]) -> None:
             t.copy_(on_device)
 
     shard = Shard.gathered(tasks, summaries)
-    valid = _read(ray.train.get_dataset_shard("valid")) if rank == 0 else None
+    # each worker validates its share of the users (every world-th, as for training)
+    valid = _read(ray.train.get_dataset_shard("valid"), rank=rank, world=world)
     key = valid_key(learner.feedback)
     logger = EpochLogger(config["tracking_uri"], config["run_id"], key) if rank == 0 else None
     if logger is not None:
