@@ -228,3 +228,32 @@ def test_validation_sharded_across_workers_sums_to_the_whole(
     assert float(totals[0] / totals[1]) == pytest.approx(whole, rel=1e-6)
     empty = from_table(ds.tasks("user_cold", "valid").slice(0, 0))  # a worker with none
     assert valid_totals(learner, empty).tolist() == [0.0, 0.0]
+
+
+def test_a_frozen_item_table_is_not_all_reduced(quick_cfg, synthetic_prepared):
+    """``meta.item_lr_scale: 0`` (the default) freezes the pretrained item table: the one
+    all-reduce per meta-batch carries only what the step moves (and the loss)."""
+    from metarec import loop
+    from metarec.batch import from_table
+    from metarec.initialise import build_learner
+
+    train = from_table(synthetic_prepared.tasks("user_cold", "train"))
+    sizes = {}
+    for scale in (0.0, 0.1):
+        cfg = apply_overrides(quick_cfg, **{"meta.item_lr_scale": scale})
+        learner = build_learner(cfg, synthetic_prepared, train)
+        optimizer = loop.build_optimizer(learner, cfg)
+        table = learner.model.emb["item"].detach().clone()
+        sent = []
+        loop.train_epoch(
+            learner,
+            optimizer,
+            loop.Shard.whole(train),
+            torch.Generator().manual_seed(0),
+            all_reduce=lambda t, sent=sent: sent.append(t.numel()),
+        )
+        sizes[scale] = sent[0]
+        moved = not torch.equal(learner.model.emb["item"], table)
+        assert moved == (scale > 0)
+    item = learner.model.emb["item"].numel() + learner.model.item_bias.numel()
+    assert sizes[0.1] - sizes[0.0] == item

@@ -176,7 +176,11 @@ def train_epoch(
     """
     cfg = learner.cfg
     device = _device(learner)
-    params = [p for p in learner.parameters() if p.requires_grad]
+    # What the step can move: a frozen group (lr 0: the pretrained item table, 96% of the
+    # parameters at 60,000 items) is neither all-reduced nor part of the clipped norm.
+    params = [
+        p for g in optimizer.param_groups if g["lr"] > 0 for p in g["params"] if p.requires_grad
+    ]
     longest = int(shard.lengths.max())
     total = torch.zeros((), dtype=torch.float64)
     seen = torch.zeros(len(shard.lengths), dtype=torch.int64)
