@@ -108,10 +108,10 @@ class Engine:
             self.retriever = Retriever(
                 self._item_vectors(), kind=kind, nprobe=self.retrieval.nprobe
             )
-            if not self.model.use_user and not any(
-                n.startswith(("emb.", "mlp.")) for n in learner.adapted
-            ):  # predict_shared's item side, at load: the first request would wait for it
-                self._item_side()
+            # One cold start at load: what the first request would otherwise wait for (the
+            # catalogue's item side, when scoring shares it) is computed and kept.
+            with torch.no_grad():
+                self._run([Job(top=1)])
 
     @torch.no_grad()
     def run(self, jobs: list[Job]) -> list[Result]:
@@ -167,15 +167,8 @@ class Engine:
 
     def _adapt(self, jobs: list[Job]) -> list[Weights]:
         b = len(jobs)
-        s = max([1, *(len(j.items) for j in jobs)])
-        items = torch.zeros(b, s, dtype=torch.long)
-        ratings = torch.zeros(b, s)
-        mask = torch.zeros(b, s, dtype=torch.bool)
-        for row, j in enumerate(jobs):  # building tensors from request lists, not compute
-            n = len(j.items)
-            items[row, :n] = torch.tensor(j.items, dtype=torch.long)
-            ratings[row, :n] = torch.tensor(j.ratings)
-            mask[row, :n] = True
+        items, mask = _padded([j.items for j in jobs], torch.long)
+        ratings, _ = _padded([j.ratings for j in jobs], torch.float32)
         dtype = next(iter(self.params.values())).dtype
         dev = self.device
         users = torch.arange(b, device=dev)
@@ -193,10 +186,7 @@ class Engine:
         self, weights: Weights, table: Tensor | None, asked: list[tuple[int, ...]]
     ) -> list[tuple[Tensor, Tensor]]:
         """Each job's named items, and nothing else, in the order asked."""
-        n = max(1, *(len(a) for a in asked))
-        items = torch.zeros(len(asked), n, dtype=torch.long)
-        for row, a in enumerate(asked):  # request lists to a tensor, not compute
-            items[row, : len(a)] = torch.tensor(a, dtype=torch.long)
+        items, _ = _padded(asked, torch.long)
         scores = self._score_items(weights, table, items.to(self.device)).cpu()
         return [(scores[r, : len(a)], items[r, : len(a)]) for r, a in enumerate(asked)]
 
@@ -229,11 +219,8 @@ class Engine:
         """(B, M) every item the supports' neighbour graph reaches (repeats allowed): the
         only items whose neighbourhood term differs from the user's constant for the rest,
         so with them among the candidates an index needs no per-user term."""
-        n = max(1, *(len(s) for s in supports))
-        items = torch.zeros(len(supports), n, dtype=torch.long)
-        for row, s in enumerate(supports):  # request lists to a tensor, not compute
-            items[row, : len(s)] = torch.tensor(s, dtype=torch.long)
-            items[row, len(s) :] = s[0] if s else 0
+        items, mask = _padded(supports, torch.long)
+        items = torch.where(mask, items, items[:, :1])  # padding repeats a support item
         return self.model.neighbour_index[items].flatten(1).cpu()
 
     def _score_items(self, weights: Weights, table: Tensor | None, items: Tensor) -> Tensor:
@@ -289,3 +276,15 @@ class Engine:
                 scores = self.model.predict_encoded(params, item_x, user_x, items)
             out[:, lo:hi] = scores.cpu()
         return out
+
+
+def _padded(rows: list[tuple], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Request lists -> a zero-padded (B, longest) tensor and its mask (at least one
+    column): building tensors from request lists, not compute."""
+    width = max([1, *(len(r) for r in rows)])
+    out = torch.zeros(len(rows), width, dtype=dtype)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for row, values in enumerate(rows):
+        out[row, : len(values)] = torch.tensor(values, dtype=dtype)
+        mask[row, : len(values)] = True
+    return out, mask
