@@ -32,23 +32,32 @@ __all__ = [
     "read_events_at",
     "read_feedback",
     "scan_feedback",
+    "segment_of",
+    "segment_path",
 ]
 
 log = logging.getLogger(__name__)
 PATTERN = "feedback-*.jsonl"
 
 
+def segment_path(directory: str | os.PathLike, writer: str, k: int) -> Path:
+    """Writer ``writer``'s k-th log file: ``feedback-<writer>.jsonl``, then
+    ``feedback-<writer>+000001.jsonl`` and on (the server starts a new segment when one
+    passes its size)."""
+    return Path(directory) / f"feedback-{writer}{f'+{k:06d}' if k else ''}.jsonl"
+
+
+def segment_of(path: Path) -> tuple[str, int]:
+    """(writer, segment number) of a log file, as ``segment_path`` named it."""
+    stem = path.name.removeprefix("feedback-").removesuffix(".jsonl")
+    writer, _, segment = stem.partition("+")
+    return writer, int(segment) if segment.isdigit() else 0
+
+
 def feedback_files(directory: str | os.PathLike) -> list[Path]:
     """A log directory's files in replay order: writer by writer, each writer's segments
-    in the order written (``feedback-<writer>.jsonl``, then ``feedback-<writer>+000001.jsonl``
-    and on: the server starts a new segment when one passes its size)."""
-
-    def order(path: Path) -> tuple[str, int]:
-        stem = path.name.removeprefix("feedback-").removesuffix(".jsonl")
-        writer, _, segment = stem.partition("+")
-        return writer, int(segment) if segment.isdigit() else 0
-
-    return sorted(Path(directory).glob(PATTERN), key=order)
+    in the order written."""
+    return sorted(Path(directory).glob(PATTERN), key=segment_of)
 
 
 def scan_feedback(

@@ -235,8 +235,8 @@ class Service:
             {
                 "user_id": user_id,
                 "item": self.catalog.raw_ids[i],
-                # an implicit model's strength: what the sessions replay and add up
-                ("rating" if self.catalog.feedback == "explicit" else "strength"): r,
+                # a rating, or an implicit model's strength: what the sessions replay
+                self.sessions.value_key: r,
                 "timestamp": now,
                 "user": features,
                 "model": label,
@@ -253,7 +253,7 @@ class Service:
     ) -> tuple[Job, Session, int]:
         """The session after the logged ``events`` (``logged``: where they were written),
         and the job that re-adapts it."""
-        value = "rating" if self.catalog.feedback == "explicit" else "strength"
+        value = self.sessions.value_key
         items = [self.catalog.index[e["item"]] for e in events]
         features = events[0]["user"]
         session = self.sessions.get(user_id) or Session()

@@ -31,7 +31,14 @@ from typing import Any
 
 from torch import Tensor
 
-from metarec.data.feedback import feedback_files, read_events_at, read_feedback, scan_feedback
+from metarec.data.feedback import (
+    feedback_files,
+    read_events_at,
+    read_feedback,
+    scan_feedback,
+    segment_of,
+    segment_path,
+)
 
 __all__ = ["FeedbackLog", "Session", "Sessions", "read_feedback"]
 
@@ -52,16 +59,12 @@ class FeedbackLog:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.segment_bytes = segment_bytes
         self._base = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-        mine = [p for p in feedback_files(self.directory) if _writer(p) == self._base]
-        self._segment = len(mine) - 1 if mine else 0
-        self.path = self._segment_path(self._segment)
+        segments = (segment_of(p) for p in feedback_files(self.directory))
+        self._segment = max((k for w, k in segments if w == self._base), default=0)
+        self.path = segment_path(self.directory, self._base, self._segment)
         _cut_torn_tail(self.path)
         self._file = open(self.path, "ab")  # noqa: SIM115 (held open for the server's life)
         self._lock = threading.Lock()
-
-    def _segment_path(self, k: int) -> Path:
-        suffix = f"+{k:06d}" if k else ""
-        return self.directory / f"feedback-{self._base}{suffix}.jsonl"
 
     def append(self, events: list[dict[str, Any]]) -> tuple[Path, list[int]]:
         """Write ``events`` and fsync: once this returns, they are on disk. Returns the file
@@ -72,7 +75,7 @@ class FeedbackLog:
             if start >= self.segment_bytes:  # the next segment: files stay bounded
                 self._file.close()
                 self._segment += 1
-                self.path = self._segment_path(self._segment)
+                self.path = segment_path(self.directory, self._base, self._segment)
                 self._file = open(self.path, "ab")  # noqa: SIM115
                 start = 0
             offsets, at = [], start
@@ -86,10 +89,6 @@ class FeedbackLog:
 
     def close(self) -> None:
         self._file.close()
-
-
-def _writer(path: Path) -> str:
-    return path.name.removeprefix("feedback-").removesuffix(".jsonl").partition("+")[0]
 
 
 def _cut_torn_tail(path: Path) -> None:
@@ -152,8 +151,9 @@ class Sessions:
         implicit: bool = False,
     ) -> None:
         self.log_dir = Path(log_dir)
-        # which logged records this model replays: ratings, or implicit strengths
-        self._value, self._add_up = ("strength", True) if implicit else ("rating", False)
+        # the logged record's value this model replays (and the service logs): ratings, or
+        # implicit strengths
+        self.value_key, self._add_up = ("strength", True) if implicit else ("rating", False)
         self.max_sessions, self.max_ratings = max_sessions, max_ratings
         self._index = index
         self._lru: OrderedDict[str, Session] = OrderedDict()
@@ -219,10 +219,10 @@ class Sessions:
 
     def _replay_one(self, session: Session | None, event: dict[str, Any]) -> Session | None:
         item = self._index.get(event["item"])
-        if item is None or self._value not in event:  # another model's catalog or kind
+        if item is None or self.value_key not in event:  # another model's catalog or kind
             return session
         session = session or Session()
         if event.get("user"):
             session.features = event["user"]
-        session.add([item], [float(event[self._value])], self.max_ratings, add_up=self._add_up)
+        session.add([item], [float(event[self.value_key])], self.max_ratings, add_up=self._add_up)
         return session
