@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -90,3 +96,91 @@ def listening_sockets(sid: int) -> list[tuple[str, str, int]]:
 
 def is_loopback(address: str) -> bool:
     return address in ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """{pid: cmdline} of every process under ``pid`` (from /proc; no psutil needed)."""
+    parent: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                parent[int(entry.name)] = int(fields[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    out, frontier = {}, [pid]
+    while frontier:
+        p = frontier.pop()
+        for child, ppid in parent.items():
+            if ppid == p and child not in out:
+                try:
+                    cmd = (Path("/proc") / str(child) / "cmdline").read_bytes()
+                except OSError:
+                    continue
+                out[child] = cmd.replace(b"\0", b" ").decode(errors="replace")
+                frontier.append(child)
+    return out
+
+
+def train_workers(under: int) -> set[int]:
+    """Pids of the Ray Train worker processes under ``under`` (a driver, a raylet)."""
+    return {p for p, cmd in descendants(under).items() if "RayTrainWorker" in cmd}
+
+
+@contextmanager
+def started_ray_head(
+    env: dict[str, str],
+    ready: Callable[[int, int], bool],
+    *,
+    num_cpus: int = 2,
+    extra: tuple[str, ...] = (),
+    grace: float = 60,
+) -> Iterator[tuple[subprocess.Popen, int, int]]:
+    """A `ray start --head --block` on 127.0.0.1 with its own temp dir, stopped by its pid.
+
+    ``env`` must carry ``local_ray_settings`` (every port on loopback). Yields the `ray
+    start` process, its GCS port and its dashboard port once ``ready(gcs, dashboard)``.
+    `ray stop` would end every Ray on the machine, not just this head: on exit the head is
+    terminated, then anything that mentions its temp dir is killed.
+    """
+    temp = tempfile.mkdtemp(prefix="rayt", dir="/tmp")  # short: Ray's socket paths have a limit
+    dash, gcs = free_port(), free_port()
+    head = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--num-cpus={num_cpus}",
+            "--disable-usage-stats",
+            f"--temp-dir={temp}",
+            *extra,
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while not ready(gcs, dash):
+            assert head.poll() is None and time.time() < deadline, "ray head did not start"
+            time.sleep(1)
+        yield head, gcs, dash
+    finally:
+        head.terminate()  # README: stop just this head (its `ray start --block` pid)
+        try:
+            head.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            if session_pids(head.pid):
+                os.killpg(head.pid, signal.SIGKILL)
+                head.wait()
+        for pid in processes_mentioning(temp):  # anything of this head that outlived it
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)

@@ -13,11 +13,8 @@ import json
 import os
 import secrets
 import shlex
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,9 +27,8 @@ from tests.processes import (
     free_port,
     is_loopback,
     listening_sockets,
-    processes_mentioning,
     session_pids,
-    stop_group,
+    started_ray_head,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,8 +44,6 @@ def ray_head(tmp_path):
     dashboard address, the client's environment, the head's MLflow tracking URI, its
     `ray start` process and its GCS port.
     """
-    temp = tempfile.mkdtemp(prefix="rayt", dir="/tmp")  # short: Ray's socket paths have a limit
-    dash, gcs = free_port(), free_port()
     client = {
         **os.environ,
         "RAY_AUTH_MODE": "token",  # be explicit: token auth on for the head and its clients
@@ -65,44 +59,13 @@ def ray_head(tmp_path):
         "MLFLOW_TRACKING_URI": tracking_uri,  # what cluster.yaml's ~/metarec.env does
         "PATH": f"{VENV_BIN}{os.pathsep}{client.get('PATH', '')}",  # a job's `python`
     }
-    head = subprocess.Popen(
-        [
-            str(RAY),
-            "start",
-            "--head",
-            "--block",
-            f"--port={gcs}",
-            "--node-ip-address=127.0.0.1",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash}",
-            "--num-cpus=2",
-            "--disable-usage-stats",
-            f"--temp-dir={temp}",
-        ],
-        env=head_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.time() + 120
-        while subprocess.run(
-            [str(RAY), "job", "list", "--address", address], env=client, capture_output=True
-        ).returncode:
-            assert head.poll() is None and time.time() < deadline, "ray head did not start"
-            time.sleep(1)
-        yield address, client, tracking_uri, head, gcs
-    finally:
-        head.terminate()  # README: stop just this head (its `ray start --block` pid)
-        try:
-            head.wait(timeout=60)
-        finally:
-            if session_pids(head.pid):
-                stop_group(head, timeout=60)
-        for pid in processes_mentioning(temp):  # anything of this head that outlived it
-            os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(temp, ignore_errors=True)
+
+    def answers(gcs: int, dash: int) -> bool:
+        job_list = [str(RAY), "job", "list", "--address", f"http://127.0.0.1:{dash}"]
+        return subprocess.run(job_list, env=client, capture_output=True).returncode == 0
+
+    with started_ray_head(head_env, answers) as (head, gcs, dash):
+        yield f"http://127.0.0.1:{dash}", client, tracking_uri, head, gcs
 
 
 def _submit(env: dict[str, str], entrypoint: str) -> str:

@@ -26,7 +26,7 @@ from metarec.config import apply_overrides
 from metarec.errors import ConfigError, ModelNotFoundError
 from metarec.train_state import TrainState
 from tests.ci import require_module
-from tests.processes import free_port, stop_group
+from tests.processes import free_port, stop_group, train_workers
 
 ray = require_module("ray")
 mlflow = require_module("mlflow")
@@ -244,32 +244,8 @@ def test_checkpoints_are_ordered_by_epoch_not_mtime(quick, tmp_path):
     assert [epochs[p.parent.name] for p in found] == [2, 3, 10]
 
 
-def _descendants(pid: int) -> dict[int, str]:
-    """{pid: cmdline} of every process under ``pid`` (from /proc; no psutil needed)."""
-    parent: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                parent[int(entry.name)] = int(fields[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    out, frontier = {}, [pid]
-    while frontier:
-        p = frontier.pop()
-        for child, ppid in parent.items():
-            if ppid == p and child not in out:
-                try:
-                    cmd = (Path("/proc") / str(child) / "cmdline").read_bytes()
-                except OSError:
-                    continue
-                out[child] = cmd.replace(b"\0", b" ").decode(errors="replace")
-                frontier.append(child)
-    return out
-
-
 def _train_workers() -> set[int]:
-    return {p for p, cmd in _descendants(os.getpid()).items() if "RayTrainWorker" in cmd}
+    return train_workers(under=os.getpid())
 
 
 def test_killed_worker_resumes_from_last_checkpoint_and_still_sees_every_task(

@@ -203,6 +203,11 @@ def add_parsers(sub: Any, commands: dict[str, Command]) -> None:
             "train.cpus_per_worker",
             "logical CPUs per worker; unset: leave one CPU for Ray Data, at most 1",
         ),
+        (
+            "--placement",
+            "train.placement",
+            "workers across nodes: PACK, SPREAD, or STRICT_SPREAD (one node each)",
+        ),
         ALGORITHM,
         EPOCHS,
     )

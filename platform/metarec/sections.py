@@ -40,6 +40,7 @@ Adapt = Literal["head", "mlp", "all"]
 InnerSolver = Literal["gd", "ridge"]
 Dtype = Literal["float32", "float64"]
 Device = Literal["auto", "cpu", "cuda"]
+Placement = Literal["PACK", "SPREAD", "STRICT_SPREAD"]
 SearchAlg = Literal["random", "optuna"]
 RatingScale = Literal["1-5", "0.5-5", "1-10"]
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
@@ -195,6 +196,8 @@ class TrainConfig:
     workers: PositiveInt = 2  # Ray Train workers (metarec train)
     use_gpu: bool | None = None  # one GPU per worker; None: when CUDA is available
     cpus_per_worker: Positive | None = None  # None: leave one CPU for Ray Data, at most 1 each
+    # Ray's placement of the workers across nodes: STRICT_SPREAD puts each on its own node
+    placement: Placement = "PACK"
 
 
 @dataclass

@@ -299,6 +299,7 @@ def build_trainer(
             num_workers=workers,
             use_gpu=use_gpu,
             resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            placement_strategy=cfg.train.placement,
         ),
         run_config=RunConfig(
             name=name,
