@@ -253,6 +253,7 @@ def test_a_frozen_item_table_is_not_all_reduced(quick_cfg, synthetic_prepared):
             all_reduce=lambda t, sent=sent: sent.append(t.numel()),
         )
         sizes[scale] = sent[0]
+        assert loop.allreduce_bytes(optimizer) == sent[0] * table.element_size()  # as logged
         moved = not torch.equal(learner.model.emb["item"], table)
         assert moved == (scale > 0)
     item = learner.model.emb["item"].numel() + learner.model.item_bias.numel()

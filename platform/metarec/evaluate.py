@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from metarec.baselines import MFFoldIn, classic_baselines
-from metarec.batch import TaskBatch, from_table, item_marks
+from metarec.batch import TaskBatch, from_table, item_marks, ragged_from_table
 from metarec.config import MetarecConfig, apply_overrides
 from metarec.data.prepared import PreparedDataset
 from metarec.implicit_metrics import valid_ndcg
@@ -198,7 +198,7 @@ def fit_methods(
             implicit evaluation passes them cut to ``evaluate.max_support``). Early stopping
             always validates on the split's own.
     """
-    train = from_table(ds.tasks(scenario, "train"))
+    train = ragged_from_table(ds.tasks(scenario, "train"))  # flat: baselines read ratings
     if valid is None:
         valid = from_table(ds.tasks(scenario, "valid"))
     n_items = ds.manifest["counts"]["items"]
@@ -249,11 +249,10 @@ def fit_methods(
 
 def _train_pairs(ds: PreparedDataset, scenario: str) -> np.ndarray:
     """Sorted unique ``user * n_items + item`` of every rating in a scenario's train split."""
-    train = from_table(ds.tasks(scenario, "train"))
-    items, _, mask = train.merged()
-    users = train.users
+    train = ragged_from_table(ds.tasks(scenario, "train"))
+    rows, items, _ = train.flat()
     n_items = ds.manifest["counts"]["items"]
-    keys = users[:, None].expand_as(items)[mask] * n_items + items[mask]
+    keys = train.users[rows] * n_items + items
     return np.unique(keys.numpy())
 
 

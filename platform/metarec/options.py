@@ -40,6 +40,7 @@ TRAIN_RESUME_HONOURS = {  # flag -> keyword of metarec.train.resume
     "--workers": ("train.workers", "workers"),
     "--gpu/--no-gpu": ("train.use_gpu", "use_gpu"),
     "--cpus-per-worker": ("train.cpus_per_worker", "cpus_per_worker"),
+    "--placement": ("train.placement", "placement"),
 }
 TUNE_RESUME_REFUSES = {
     **{f: d for f, d in TRAIN_RESUME_REFUSES.items() if f in ("--config", "--set", "--seed")},

@@ -20,7 +20,8 @@ is lost, but a single-file task table (one block) can land entirely on one worke
 the other with nothing, and which worker holds a task changes from run to run. The
 ``rank::world`` split is a partition that depends on the task ids alone: the same for any
 read order, block layout or restart, balanced to one task. The cost is that each worker
-reads the whole task table once (one row per user) before keeping its part. Every epoch
+streams the task table twice: the user ids, then the blocks, each cut to its own rows, so
+it holds its part and one block, never the whole table. Every epoch
 then checks, with one all-reduce of per-task counts, that each of the manifest's training
 tasks was trained on exactly once (``loop.check_coverage``), and fails the run otherwise.
 
@@ -124,6 +125,7 @@ def resume(
     workers: int | None = None,
     use_gpu: bool | None = None,
     cpus_per_worker: float | None = None,
+    placement: str | None = None,
     work_dir: str | os.PathLike = "work",
     tracking_uri: str | None = None,
     max_failures: int = 2,
@@ -134,7 +136,8 @@ def resume(
 
     Args:
         epochs: train until this many epochs in all (default: the run's own count).
-        workers, use_gpu, cpus_per_worker: as ``train``; default: what the run last used.
+        workers, use_gpu, cpus_per_worker, placement: as ``train`` (``train.placement``);
+            default: what the run last used.
     """
     from metarec import tracking
 
@@ -149,6 +152,7 @@ def resume(
         workers=workers,
         use_gpu=use_gpu,
         cpus_per_worker=cpus_per_worker,
+        placement=placement,
     )
     _check_workers(cfg, ds)
     uri = tracking.resolve_tracking_uri(tracking_uri, work_dir)
@@ -227,12 +231,14 @@ def _with_resources(
     use_gpu: bool | None,
     cpus_per_worker: float | None,
     epochs: int | None = None,
+    placement: str | None = None,
 ) -> MetarecConfig:
     """``cfg`` with the given (not None) worker resources and epochs."""
     given = {
         "train.workers": workers,
         "train.use_gpu": use_gpu,
         "train.cpus_per_worker": cpus_per_worker,
+        "train.placement": placement,
         "train.epochs": epochs,
     }
     return apply_overrides(cfg, **{k: v for k, v in given.items() if v is not None})
@@ -362,11 +368,13 @@ def resumed_config(
     workers: int | None = None,
     use_gpu: bool | None = None,
     cpus_per_worker: float | None = None,
+    placement: str | None = None,
 ) -> MetarecConfig:
     """The stopped run's own config, with what may change on resume applied.
 
-    Workers, GPUs and CPUs only change how the same steps are computed (meta-batches are
-    cut from all tasks whatever the worker count: ``loop.Shard``), so they are honoured.
+    Workers, GPUs, CPUs and their placement only change how the same steps are computed
+    (meta-batches are cut from all tasks whatever the worker count: ``loop.Shard``), so
+    they are honoured.
     Epochs change only when asked, and only upwards: a resume without ``epochs`` finishes
     the epochs the run was started with. Anything else (algorithm, learning rates, seed,
     scenario) would continue another experiment's optimizer state and history under this
@@ -394,5 +402,10 @@ def resumed_config(
             f"--epochs: got {epochs}; expected more than the {done} epochs {run_name} has done"
         )
     return _with_resources(
-        cfg, workers=workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, epochs=epochs
+        cfg,
+        workers=workers,
+        use_gpu=use_gpu,
+        cpus_per_worker=cpus_per_worker,
+        epochs=epochs,
+        placement=placement,
     )

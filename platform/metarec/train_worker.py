@@ -3,7 +3,8 @@
 Rebuild the learner from the driver's initial checkpoint, restore the latest checkpoint if
 the group restarted (or a resumed run's), keep this rank's share of the training tasks
 (``loop.rank_rows``), then ``loop.run_epochs`` with one all-reduce of the meta-gradients per
-meta-batch; rank 0 validates, checkpoints and logs every epoch.
+meta-batch; every worker validates its share of the users (all-reduced), and rank 0
+checkpoints and logs every epoch.
 """
 
 from __future__ import annotations
@@ -136,13 +137,31 @@ def worker_loop(config: dict[str, Any]) -> None:
 def _read(
     iterator: Any, *, rank: int = 0, world: int = 1, flat: bool = False
 ) -> TaskBatch | RaggedTasks:
-    """A whole tasks table from Ray Data -> ``rank``'s tasks (``loop.rank_rows``; all of
-    them when ``world`` is 1): padded, or ``flat`` (training: heavy users pad nobody)."""
-    tables = [b for b in iterator.iter_batches(batch_format="pyarrow", batch_size=None)]
+    """``rank``'s tasks (``loop.rank_rows``; all of them when ``world`` is 1) from Ray Data:
+    padded, or ``flat`` (training: heavy users pad nobody).
+
+    Two streaming passes, so a worker never holds more than its share and one block: the
+    user ids of every task (``rank_rows`` needs the global user order), then the blocks,
+    each cut to this rank's rows.
+    """
+    mine = None
+    if world > 1:
+        ids = [b.column("user").to_numpy() for b in _blocks(iterator)]
+        users = torch.as_tensor(np.concatenate(ids).astype(np.int64)) if ids else None
+        mine = None if users is None else users[rank_rows(users, rank, world)].numpy()
+    tables = []
+    for block in _blocks(iterator):
+        if mine is not None:
+            keep = np.isin(block.column("user").to_numpy(), mine)
+            block = block.filter(pa.array(keep))
+        tables.append(block)
     if not tables:
         raise ConfigError("train: a worker received no tasks; use fewer workers")
     table = pa.concat_tables(tables).combine_chunks()
-    if world > 1:
-        users = torch.as_tensor(table.column("user").to_numpy().astype(np.int64))
-        table = table.take(pa.array(rank_rows(users, rank, world).numpy()))
+    if mine is not None:  # user-id order, as rank_rows lists them
+        table = table.take(pa.array(np.argsort(table.column("user").to_numpy(), kind="stable")))
     return ragged_from_table(table) if flat else from_table(table)
+
+
+def _blocks(iterator: Any) -> Any:
+    return iterator.iter_batches(batch_format="pyarrow", batch_size=None)
