@@ -1,0 +1,57 @@
+"""``benchmarks/scale.py --smoke``: the whole pipeline at two tiny sizes, as CI runs it.
+
+Real subprocesses: `metarec prepare`, `metarec train` on its own local Ray (2 workers),
+`metarec evaluate --model`, and ``benchmarks/serve_load.py`` against a real Serve app on
+127.0.0.1. The figures are not checked against targets (the sizes are tiny); what is
+checked is that every stage ran and was measured, and that the measures are consistent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.ci import require_module
+
+require_module("ray")
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _scale():
+    spec = importlib.util.spec_from_file_location("scale", REPO / "benchmarks" / "scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scale_smoke_measures_every_stage_at_both_sizes(tmp_path, capsys):
+    result = _scale().main(["--smoke", "--work", str(tmp_path), "--png", str(tmp_path / "s.png")])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    small, large = result["sizes"]
+    assert small["interactions"] < large["interactions"]
+    for row in (small, large):
+        for stage in ("prepare", "train", "evaluate"):
+            assert "error" not in row[stage], row[stage]["error"]
+            assert row[stage]["s"] > 0 and row[stage]["peak_rss_mb"] > 50
+        manifest = json.loads(
+            (tmp_path / f"data-{row['target_interactions']}" / "manifest.json").read_text()
+        )
+        train = row["train"]
+        assert train["tasks"] == manifest["scenarios"]["user_cold"]["train"]["tasks"]
+        assert train["workers_seen"] == 2 and train["worker_peak_rss_mb"] > 50
+        assert train["tasks_per_s"] > 0 and 0 < train["epoch_s"] < train["s"]
+        assert (tmp_path / f"run-{row['target_interactions']}" / "eval" / "results.json").is_file()
+    # the same network (its item table frozen) sends the same bytes whatever the data size
+    assert (
+        small["train"]["allreduce_bytes_per_step"] == large["train"]["allreduce_bytes_per_step"] > 0
+    )
+    assert set(result["growth_exponent"]) >= {"prepare_s", "train_s", "worker_rss_mb"}
+    assert result["growth_exponent"]["allreduce_bytes_per_step"] == 0.0
+    (served,) = result["serve_c8"]
+    assert 0 < served["p50_ms"] <= served["p99_ms"], served
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
