@@ -212,7 +212,7 @@ def test_validation_sharded_across_workers_sums_to_the_whole(
 ):
     """Each Ray worker validates every world-th user (``rank_rows``); the summed totals give
     the objective one process computes over every user."""
-    from metarec.batch import from_table
+    from metarec.batch import from_table, ragged_from_table
     from metarec.initialise import build_learner
     from metarec.loop import rank_rows, valid_objective, valid_totals
 
@@ -226,6 +226,13 @@ def test_validation_sharded_across_workers_sums_to_the_whole(
     )
     assert totals[1] > 0
     assert float(totals[0] / totals[1]) == pytest.approx(whole, rel=1e-6)
+    # what a Ray worker holds: its share flat, padded chunk by chunk; the same totals
+    table = ds.tasks("user_cold", "valid")
+    for rank in range(3):
+        rows = rank_rows(valid.users, rank, 3)
+        share = ragged_from_table(table.take(rows.numpy()))
+        padded = valid_totals(learner, valid.select(rows), chunk=32)
+        assert torch.equal(valid_totals(learner, share, chunk=32), padded)
     empty = from_table(ds.tasks("user_cold", "valid").slice(0, 0))  # a worker with none
     assert valid_totals(learner, empty).tolist() == [0.0, 0.0]
 

@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from metarec.batch import TaskBatch, Tasks, bucketed_batches, from_table, ragged_from_table
+from metarec.batch import (
+    RaggedTasks,
+    TaskBatch,
+    Tasks,
+    bucketed_batches,
+    from_table,
+    ragged_from_table,
+)
 from metarec.config import MetarecConfig
 from metarec.data.prepared import PreparedDataset
 from metarec.implicit_metrics import score_implicit, valid_ndcg
@@ -341,16 +348,26 @@ def valid_objective(learner: MetaLearner, valid: TaskBatch, *, chunk: int = 256)
     return 1.0 - valid_ndcg(_Adapted(learner, chunk), valid, n)
 
 
-def valid_totals(learner: MetaLearner, valid: TaskBatch, *, chunk: int = 256) -> Tensor:
+def valid_totals(learner: MetaLearner, valid: Tasks, *, chunk: int = 256) -> Tensor:
     """A worker's share of ``valid_objective``: (sum of the per-user values it averages,
     users counted), float64, to be summed across workers: validation sharded like training,
-    so no worker idles while one validates every user."""
+    so no worker idles while one validates every user.
+
+    ``valid`` may be flat (``RaggedTasks``, what a Ray worker holds): on ratings each chunk
+    is padded only as it is scored, the chunks ``predict_items`` would cut.
+    """
     if valid.num_tasks == 0:
         return torch.zeros(2, dtype=torch.float64)
     if learner.loss == "mse":
-        pred = predict_query(learner, valid, chunk=chunk)
-        per_user = task_mae(pred, valid.query_ratings, valid.query_mask)
+        parts = []
+        for idx in row_chunks(valid.lengths()[0], chunk, chunk * PADDED_SUPPORT):
+            part = valid.select(idx)
+            pred = predict_query(learner, part, chunk=chunk)
+            parts.append(task_mae(pred, part.query_ratings, part.query_mask))
+        per_user = torch.cat(parts)
     else:
+        if isinstance(valid, RaggedTasks):  # the ranking metrics score whole tasks
+            valid = valid.select(torch.arange(valid.num_tasks))
         n = learner.model.item_genres.shape[0]
         per_user = 1.0 - score_implicit(_Adapted(learner, chunk), valid, n)[0]["ndcg@10"]
     per_user = per_user.double()
@@ -387,7 +404,7 @@ def run_epochs(
     learner: MetaLearner,
     optimizer: torch.optim.Optimizer,
     shard: Shard,
-    valid: TaskBatch | None,
+    valid: Tasks | None,  # flat only with all_reduce (each worker's share)
     state: TrainState,
     *,
     all_reduce: AllReduce | None = None,

@@ -82,8 +82,9 @@ def worker_loop(config: dict[str, Any]) -> None:
             t.copy_(on_device)
 
     shard = Shard.gathered(tasks, summaries)
-    # each worker validates its share of the users (every world-th, as for training)
-    valid = _read(ray.train.get_dataset_shard("valid"), rank=rank, world=world)
+    # each worker validates its share of the users (every world-th, as for training), flat:
+    # padded only chunk by chunk (``loop.valid_totals``); one worker validates as in process
+    valid = _read(ray.train.get_dataset_shard("valid"), rank=rank, world=world, flat=world > 1)
     key = valid_key(learner.feedback)
     logger = EpochLogger(config["tracking_uri"], config["run_id"], key) if rank == 0 else None
     if logger is not None:
