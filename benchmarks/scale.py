@@ -313,6 +313,24 @@ def draw(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _plot_from(files: list[Path], png: Path | None) -> dict[str, Any]:
+    """Rows of several runs (e.g. the largest size measured on its own), merged by size
+    and stage, drawn, and printed with their growth exponents."""
+    if png is None:
+        sys.exit("--plot-from: expected --png too")
+    merged: dict[int, dict[str, Any]] = {}
+    for f in files:
+        for row in json.loads(f.read_text().strip().splitlines()[-1])["sizes"]:
+            keep = {k: v for k, v in row.items() if not (isinstance(v, dict) and "skipped" in v)}
+            merged.setdefault(row["target_interactions"], {}).update(keep)
+    rows = [merged[k] for k in sorted(merged)]
+    draw(rows, png)
+    result = {"benchmark": "scale", "sizes": rows, "growth_exponent": growth(rows)}
+    result |= {"png": str(png), "from": [str(f) for f in files]}
+    print(json.dumps(result))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=float, nargs="+", default=[1e6, 5e6, 25e6])
@@ -324,7 +342,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument(
         "--evaluate-up-to", type=float, help="skip evaluate above this many interactions"
     )
+    ap.add_argument(
+        "--plot-from",
+        type=Path,
+        nargs="+",
+        help="only draw --png from these runs' JSON (a size in a later file replaces it)",
+    )
     args = ap.parse_args(argv)
+    if args.plot_from:
+        return _plot_from(args.plot_from, args.png)
     sets: tuple[str, ...] = ()
     if args.smoke:
         args.sizes, args.serve_items, sets = [8e3, 24e3], [2000], SMOKE_SETS
