@@ -155,6 +155,8 @@ def started_ray_head(
             "--node-ip-address=127.0.0.1",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
+            # the agent's default port (52365) is one per machine: two heads would collide
+            f"--dashboard-agent-listen-port={free_port()}",
             f"--num-cpus={num_cpus}",
             "--disable-usage-stats",
             f"--temp-dir={temp}",

@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         resources=json.loads(args.resources),
         include_log_monitor=False,
         node_manager_port=0,
+        dashboard_agent_listen_port=None,  # a free one, not the head's (cluster_utils does so)
         min_worker_port=0,
         max_worker_port=0,
     )
