@@ -141,9 +141,9 @@ def _read(
     """``rank``'s tasks (``loop.rank_rows``; all of them when ``world`` is 1) from Ray Data:
     padded, or ``flat`` (training: heavy users pad nobody).
 
-    Two streaming passes, so a worker never holds more than its share and one block: the
-    user ids of every task (``rank_rows`` needs the global user order), then the blocks,
-    each cut to this rank's rows.
+    Two streaming passes: the user ids of every task (``rank_rows`` needs the global user
+    order), then the blocks, each cut to this rank's rows. Blocks come zero-copy from Ray's
+    object store, so what this worker copies into its own memory is its share alone.
     """
     mine = None
     if world > 1:
