@@ -20,9 +20,8 @@ is lost, but a single-file task table (one block) can land entirely on one worke
 the other with nothing, and which worker holds a task changes from run to run. The
 ``rank::world`` split is a partition that depends on the task ids alone: the same for any
 read order, block layout or restart, balanced to one task. The cost is that each worker
-streams the task table twice: the user ids, then the blocks, each cut to its own rows. The
-blocks are read zero-copy from Ray's object store (shared pages), so a worker's own
-memory holds its part, not the whole table. Every epoch
+reads the whole task table's blocks, zero-copy from Ray's object store (shared pages), and
+copies out only its own rows, so a worker's own memory holds its part. Every epoch
 then checks, with one all-reduce of per-task counts, that each of the manifest's training
 tasks was trained on exactly once (``loop.check_coverage``), and fails the run otherwise.
 

@@ -141,28 +141,19 @@ def _read(
     """``rank``'s tasks (``loop.rank_rows``; all of them when ``world`` is 1) from Ray Data:
     padded, or ``flat`` (training: heavy users pad nobody).
 
-    Two streaming passes: the user ids of every task (``rank_rows`` needs the global user
-    order), then the blocks, each cut to this rank's rows. Blocks come zero-copy from Ray's
-    object store, so what this worker copies into its own memory is its share alone.
+    The blocks come zero-copy from Ray's object store; each is cut to this rank's rows
+    (``rank_rows`` needs every block's user ids first), so what this worker copies into its
+    own memory is its share alone.
     """
-    mine = None
-    if world > 1:
-        ids = [b.column("user").to_numpy() for b in _blocks(iterator)]
-        users = torch.as_tensor(np.concatenate(ids).astype(np.int64)) if ids else None
-        mine = None if users is None else users[rank_rows(users, rank, world)].numpy()
-    tables = []
-    for block in _blocks(iterator):
-        if mine is not None:
-            keep = np.isin(block.column("user").to_numpy(), mine)
-            block = block.filter(pa.array(keep))
-        tables.append(block)
-    if not tables:
+    blocks = list(iterator.iter_batches(batch_format="pyarrow", batch_size=None))
+    if not blocks:
         raise ConfigError("train: a worker received no tasks; use fewer workers")
-    table = pa.concat_tables(tables).combine_chunks()
-    if mine is not None:  # user-id order, as rank_rows lists them
+    if world > 1:
+        ids = np.concatenate([b.column("user").to_numpy() for b in blocks]).astype(np.int64)
+        users = torch.as_tensor(ids)
+        mine = users[rank_rows(users, rank, world)].numpy()
+        blocks = [b.filter(pa.array(np.isin(b.column("user").to_numpy(), mine))) for b in blocks]
+    table = pa.concat_tables(blocks).combine_chunks()
+    if world > 1:  # user-id order, as rank_rows lists them
         table = table.take(pa.array(np.argsort(table.column("user").to_numpy(), kind="stable")))
     return ragged_from_table(table) if flat else from_table(table)
-
-
-def _blocks(iterator: Any) -> Any:
-    return iterator.iter_batches(batch_format="pyarrow", batch_size=None)
