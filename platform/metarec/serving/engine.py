@@ -8,16 +8,20 @@ and user ``b`` of the batch is row ``b``. Item representations (the embedding lo
 every catalog item) are computed once at load when embeddings do not adapt.
 
 What a job scores: the items it names (``/v1/predict``, candidates), nothing else; or the
-best ``top`` of the catalogue. Up to ``RetrievalConfig.full_below`` items the network scores
-the whole catalogue (in item blocks, memory bounded); above, two stages: a ``Retriever``
-(inner product over per-item vectors built at load) proposes ``candidates`` items per user
-and the adapted network re-ranks them.
+best ``top`` of the catalogue. An ``explain`` job also gets, for each item it returns, every
+support item's leave-one-out influence: the item's score minus its score after adapting
+without that support item (``_explain``).
+
+Up to ``RetrievalConfig.full_below`` items the network scores the whole catalogue (in item
+blocks, memory bounded); above, two stages: a ``Retriever`` (inner product over per-item
+vectors built at load) proposes ``candidates`` items per user and the adapted network
+re-ranks them.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -46,6 +50,7 @@ class Job:
     weights: Weights | None = None
     score: tuple[int, ...] | None = None
     top: int = 0
+    explain: bool = False  # also each support item's influence on what is returned
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,10 @@ class Result:
     scores: Tensor  # (N,) predicted ratings of ``items``, or (I,) of the whole catalogue
     weights: Weights  # the user's fast weights (cache them to skip adaptation next time)
     items: Tensor | None = None  # (N,) catalogue indices (``top``: best first); None: all
+    # ``explain``: (M, S) influence of each support item (job order) on each of the
+    # ``explained`` items (M,), the ones a top-k answer can return
+    influence: Tensor | None = None
+    explained: Tensor | None = None
 
 
 class Engine:
@@ -154,7 +163,55 @@ class Engine:
                 out = self._two_stage(stacked, table, group)
             for b, (s, items) in zip(rows, out, strict=True):
                 results[b] = Result(s, weights[b], items)
+        if any(j.explain for j in jobs):
+            results = self._explain(jobs, results)  # type: ignore[arg-type]
         return results  # type: ignore[return-value]
+
+    def _explain(self, jobs: list[Job], results: list[Result]) -> list[Result]:
+        """Each explain job's result with every support item's influence on the items it
+        can return: score(item | support) - score(item | support without that item).
+
+        Exact leave-one-out, not a gradient: it is by definition what removing the rating
+        does (the faithfulness an explanation needs), it holds for every adaptation (ridge,
+        gradient steps, implicit supports whose negatives depend on the support), and at
+        serving's support sizes its S extra adaptations are one more padded batch. The
+        full scores are re-scored by the same path as the reduced ones, so an influence
+        carries no difference of summation order.
+        """
+        extra: list[Job] = []
+        spans = []
+        for j, r in zip(jobs, results, strict=True):
+            if not (j.explain and j.items):
+                spans.append(None)
+                continue
+            if r.items is not None:  # what was scored: the asked items or the candidates
+                asked = r.items
+            else:  # the whole catalogue: a top-k answer comes from its best ``top``
+                asked = r.scores.topk(min(max(j.top, 1), len(r.scores))).indices
+            asked_t = tuple(asked.tolist())
+            spans.append((len(extra), len(j.items), asked))
+            extra.append(Job(features=j.features, weights=r.weights, score=asked_t))
+            for s in range(len(j.items)):
+                extra.append(
+                    Job(
+                        features=j.features,
+                        items=j.items[:s] + j.items[s + 1 :],
+                        ratings=j.ratings[:s] + j.ratings[s + 1 :],
+                        score=asked_t,
+                    )
+                )
+        scored = self._run(extra)
+        out = []
+        for r, span in zip(results, spans, strict=True):
+            if span is None:
+                out.append(r)
+                continue
+            lo, n, asked = span
+            full = scored[lo].scores
+            without = torch.stack([x.scores for x in scored[lo + 1 : lo + 1 + n]])  # (S, M)
+            influence = (full[None] - without).T.contiguous()  # (M, S)
+            out.append(replace(r, influence=influence, explained=asked))
+        return out
 
     def _user_table(self, jobs: list[Job]) -> Tensor | None:
         if not self.n_features:

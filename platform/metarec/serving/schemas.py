@@ -81,6 +81,12 @@ class RecommendRequest(_Adapt):
     candidates: list[ItemId] | None = Field(
         None, max_length=HARD_MAX_ITEMS, description="Rank only these items."
     )
+    explain: bool = Field(
+        False,
+        description="Give each item `because`: up to 3 of the given ratings (or events) "
+        "that most raised its score, each with its contribution, the score minus the "
+        "score after adapting without it.",
+    )
 
 
 class PredictRequest(_Adapt):

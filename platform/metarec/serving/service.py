@@ -32,6 +32,7 @@ from metarec.serving.sessions import FeedbackLog, Session, Sessions
 __all__ = ["Service"]
 
 Loc = tuple[str | int, ...]
+MAX_REASONS = 3  # support items named per recommended item (``explain``)
 
 
 class Service:
@@ -132,15 +133,15 @@ class Service:
             candidates = self.catalog.item_index(
                 [str(c) for c in req.candidates], ("body", "candidates")
             )
-            return dataclasses.replace(job, score=tuple(candidates))
-        return _ranking(job, req.k, req.exclude_seen)
+            return dataclasses.replace(job, score=tuple(candidates), explain=req.explain)
+        return dataclasses.replace(_ranking(job, req.k, req.exclude_seen), explain=req.explain)
 
     def recommend_response(self, req: RecommendRequest, job: Job, result: Result) -> dict:
         seen = job.items if req.exclude_seen else ()
         return {
             "model": self.model_info["label"],
             "adapted_on": len(job.items),
-            "items": self.top_k(result, req.k, seen),
+            "items": self.top_k(result, req.k, seen, support=job.items),
         }
 
     def predict_job(self, req: PredictRequest) -> Job:
@@ -188,19 +189,42 @@ class Service:
         return {"query": q, "items": [self.catalog.item(i) for i in found[:n]]}
 
     def top_k(
-        self, result: Result, k: int, exclude: tuple[int, ...] | list[int] = ()
+        self,
+        result: Result,
+        k: int,
+        exclude: tuple[int, ...] | list[int] = (),
+        support: tuple[int, ...] = (),
     ) -> list[dict[str, Any]]:
         """The k best-scored items of a result (every item, or those it scored), never
-        ``exclude``."""
+        ``exclude``; each with ``because`` when the result carries influences of the
+        ``support`` items."""
         s = result.scores.clone()
         items = torch.arange(len(s)) if result.items is None else result.items
         if exclude:
             s[torch.isin(items, torch.tensor(list(exclude), dtype=items.dtype))] = -math.inf
         top = torch.topk(s, min(k, len(s)))
-        return [
-            {**self.catalog.item(i), "score": v}
+        kept = [
+            (v, i)
             for v, i in zip(top.values.tolist(), items[top.indices].tolist(), strict=True)
             if v > -math.inf
+        ]
+        out = [{**self.catalog.item(i), "score": v} for v, i in kept]
+        if result.influence is not None:
+            for entry, (_, i) in zip(out, kept, strict=True):
+                entry["because"] = self._reasons(result, i, support)
+        return out
+
+    def _reasons(self, result: Result, item: int, support: tuple[int, ...]) -> list[dict]:
+        """The (up to) ``MAX_REASONS`` support items whose removal would lower ``item``'s
+        score most, largest first; none that would raise it (an item can be recommended
+        despite the support, from what the model learned of everyone)."""
+        assert result.influence is not None and result.explained is not None
+        row = int((result.explained == item).nonzero()[0, 0])
+        best = result.influence[row].topk(min(MAX_REASONS, len(support)))
+        return [
+            {**self.catalog.item(support[s]), "contribution": c}
+            for c, s in zip(best.values.tolist(), best.indices.tolist(), strict=True)
+            if c > 0
         ]
 
     def onboarding(self, n: int) -> dict[str, Any]:
