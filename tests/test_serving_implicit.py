@@ -16,7 +16,7 @@ from metarec.initialise import build_learner
 from metarec.loop import predict_items
 from metarec.sections import LimitsConfig
 from metarec.serving.engine import Engine, Job
-from metarec.serving.schemas import Event, FeedbackRequest, Rating, RecommendRequest
+from metarec.serving.schemas import Event, FeedbackRequest, PredictRequest, Rating, RecommendRequest
 from metarec.serving.service import Service
 from metarec.serving.sessions import FeedbackLog, Sessions
 
@@ -184,3 +184,28 @@ def _two_stage(served, *, ann: bool):
     assert engine.retriever is not None and (engine.retriever.index is not None) == ann
     two = engine.run([dataclasses.replace(j, top=10) for j in jobs])
     return Engine(loaded).run(jobs), two
+
+
+def test_an_explanation_is_the_drop_without_that_event(served, shop_prepared, tmp_path):
+    """Implicit supports carry negatives drawn by the support itself: a contribution must
+    still be exactly what a request without that event scores (its own negatives)."""
+    service = _service(served, tmp_path)
+    catalog = served[2]
+    tasks = from_table(shop_prepared.tasks("user_cold", "test")).select(torch.arange(4))
+    for t in range(4):
+        m = tasks.support_mask[t]
+        items, values = tasks.support_items[t, m][:6], tasks.support_ratings[t, m][:6]
+        events = [
+            Event(item=catalog.raw_ids[i], value=v)
+            for i, v in zip(items.tolist(), values.tolist(), strict=True)
+        ]
+        req = RecommendRequest(events=events, k=2, explain=True)
+        job = service.recommend_job(req)
+        (result,) = service.engine.run([job])
+        best = service.recommend_response(req, job, result)["items"][0]
+        row = int((result.explained == catalog.index[best["item"]]).nonzero()[0, 0])
+        for s, contribution in enumerate(result.influence[row].tolist()):
+            fewer = PredictRequest(events=events[:s] + events[s + 1 :], items=[best["item"]])
+            again = service.predict_job(fewer)
+            (alone,) = service.engine.run([again])
+            assert best["score"] - float(alone.scores[0]) == pytest.approx(contribution, abs=1e-4)
