@@ -8,7 +8,7 @@ WORK       ?= work
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.metarec-installed
 
-.PHONY: setup demo test test-fast test-all lint bench clean
+.PHONY: setup setup-browser demo test test-fast test-all lint bench clean
 
 setup: $(STAMP)
 
@@ -31,7 +31,16 @@ demo: setup
 # local Ray or server, are built once). Most of an integration test is waiting on process
 # start-up and Ray's polls, so two at once share the two cores well.
 test: setup
+	$(if $(filter true,$(CI)),$(MAKE) setup-browser)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
+
+# Debian's Chromium for the page's browser test (Playwright drives it; it never downloads a
+# browser of its own). CI installs it before `make test`; elsewhere the test skips without it.
+setup-browser:
+	@command -v chromium >/dev/null || { \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$sudo apt-get install -y -q chromium || { $$sudo apt-get update -q && $$sudo apt-get install -y -q chromium; }; }
+	@chromium --version
 
 # Unit tests only: no Ray, servers or subprocesses; one pytest process per core.
 test-fast: setup

@@ -8,37 +8,26 @@ run against the OpenAPI schema, taste following feedback, served numbers equal t
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
 import torch
-import yaml as _yaml
 
 from metarec.batch import TaskBatch, from_table
 from metarec.checkpoint import (
     learner_from_checkpoint,
     load_checkpoint,
     save_checkpoint,
-    standalone_checkpoint,
 )
-from metarec.config import apply_overrides
-from metarec.loop import fit, predict_items
+from metarec.loop import predict_items
 from metarec.serving.sessions import read_feedback
 from tests.ci import require_module
-from tests.processes import free_port, is_loopback, listening_sockets, processes_mentioning
+from tests.processes import is_loopback, listening_sockets
+from tests.serve_process import Server, trained_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
-METAREC = Path(sys.executable).with_name("metarec")
 TOKEN = secrets.token_hex(8)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 pytestmark = pytest.mark.integration  # a `metarec serve` process with its own Ray
@@ -47,81 +36,8 @@ pytestmark = pytest.mark.integration  # a `metarec serve` process with its own R
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, synthetic_cfg, synthetic_prepared):
     """A meta-trained (10 epochs, ~10 s) model with its catalog, as `metarec train` saves."""
-    ds = synthetic_prepared
-    cfg = apply_overrides(synthetic_cfg, **{"train.epochs": 10})
-    result = fit(cfg, ds)
-    train = from_table(ds.tasks("user_cold", "train"))
-    ckpt = standalone_checkpoint(cfg, result.learner, ds, train)
+    ckpt = trained_checkpoint(synthetic_cfg, synthetic_prepared)
     return save_checkpoint(ckpt, tmp_path_factory.mktemp("model"))
-
-
-class Server:
-    """`metarec serve` in its own session and Ray temp dir; stopped by pid, checked gone."""
-
-    def __init__(self, checkpoint: Path, work: Path, *, yaml: bool = False) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.ray_tmp = tempfile.mkdtemp(prefix="rays", dir="/tmp")  # short socket paths
-        env = {**os.environ, "METAREC_API_TOKEN": TOKEN, "RAY_TMPDIR": self.ray_tmp}
-        env.pop("RAY_ADDRESS", None)
-        if yaml:  # the shipped serve/config.yaml, pointed at this model, port and work dir
-            cfg = _yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
-            cfg["http_options"]["port"] = self.port
-            cfg["applications"][0]["args"].update(model=str(checkpoint), work_dir=str(work))
-            (work / "serve.yaml").write_text(_yaml.safe_dump(cfg))
-            command = [str(METAREC.with_name("serve")), "run", str(work / "serve.yaml")]
-        else:
-            command = [
-                *(str(METAREC), "serve", "--model", str(checkpoint), "--port", str(self.port)),
-                *("--work-dir", str(work), "--max-k", "1000", "--max-ratings", "50"),
-            ]
-        self.log = open(work / f"serve-{self.port}.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            command,
-            cwd=work,
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            self._wait_ready(work)
-        except BaseException:
-            self.stop(crash=True)
-            raise
-
-    def _wait_ready(self, work: Path) -> None:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            assert self.proc.poll() is None, (work / f"serve-{self.port}.log").read_text()[-3000:]
-            try:
-                if requests.get(f"{self.url}/healthz", timeout=5).status_code == 200:
-                    return
-            except requests.RequestException:  # not listening yet, or busy starting
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"metarec serve did not come up: {self.log.name}")
-
-    def stop(self, *, crash: bool = False) -> None:
-        """Ctrl-C-like stop of the server process (it shuts Serve and its Ray down in
-        order), or with ``crash`` a SIGKILL of its whole process group."""
-        if not crash:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                crash = True
-        if crash:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.log.close()
-        deadline = time.time() + 30
-        while processes_mentioning(self.ray_tmp) and time.time() < deadline:
-            time.sleep(1)
-        left = processes_mentioning(self.ray_tmp)
-        for pid in left:  # make sure nothing of ours outlives the test, then fail loudly
-            os.kill(pid, 9)
-        assert not left, f"processes of this server's Ray outlived it: {left}"
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +47,7 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint, work):
-    holder = {"server": Server(checkpoint, work)}
+    holder = {"server": Server(checkpoint, work, token=TOKEN)}
     yield holder
     holder["server"].stop()
 
@@ -381,7 +297,7 @@ def test_feedback_survives_a_crash_and_restart(server, checkpoint, work):
     logged = [e for _, _, e in read_feedback(work / "feedback") if e["user_id"] == user]
     assert [e["item"] for e in logged] == raw
 
-    server["server"] = Server(checkpoint, work)  # restart on the same log
+    server["server"] = Server(checkpoint, work, token=TOKEN)  # restart on the same log
     after = get(server, f"/v1/users/{user}/recommendations", params={"k": 10}).json()
     assert after["adapted_on"] == n
     assert [x["item"] for x in after["items"]] == [x["item"] for x in before["items"]]
@@ -392,7 +308,7 @@ def test_feedback_survives_a_crash_and_restart(server, checkpoint, work):
 def test_the_shipped_serve_config_runs_with_serve_run(checkpoint, tmp_path):
     """`serve run serve/config.yaml`: the YAML's args validate, build_app loads the model,
     the deployment's default batching applies, and the token from the environment is enforced."""
-    server = Server(checkpoint, tmp_path, yaml=True)
+    server = Server(checkpoint, tmp_path, token=TOKEN, yaml=True)
     try:
         r = requests.post(f"{server.url}/v1/recommend", json={"k": 3}, headers=AUTH, timeout=30)
         assert r.status_code == 200 and len(r.json()["items"]) == 3

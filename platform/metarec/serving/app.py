@@ -27,7 +27,7 @@ import torch
 from fastapi import Path as PathParam
 from fastapi import Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from ray import serve
 
@@ -52,6 +52,22 @@ __all__ = ["build_app", "load_service", "serve_forever"]
 log = logging.getLogger(__name__)
 TOKEN_ENV = "METAREC_API_TOKEN"
 MAX_BODY_BYTES = 4 << 20
+# The page at GET /: files of the package, read once; no CDN, no build step. Its policy lets
+# only those files run script: markup that slipped into data would not execute either.
+PAGE = {
+    name: (Path(__file__).with_name("page") / name).read_bytes()
+    for name in ("index.html", "app.js", "style.css", "icon.svg")
+}
+PAGE_TYPES = {
+    "html": "text/html; charset=utf-8",
+    "js": "text/javascript",
+    "css": "text/css",
+    "svg": "image/svg+xml",
+}
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 UserId = Annotated[str, PathParam(min_length=1, max_length=128, pattern=r"^[\w.@:-]+$")]
 
 
@@ -116,6 +132,8 @@ def load_service(settings: ServeConfig, *, writer: str) -> Service:
             "items": len(catalog),
             "rating_range": list(catalog.rating_range),
             "dataset": catalog.dataset,
+            "feedback": catalog.feedback,
+            "event_weights": catalog.event_weights,
             "limits": dataclasses.asdict(settings.limits),
         },
         limits=settings.limits,
@@ -128,6 +146,13 @@ def load_service(settings: ServeConfig, *, writer: str) -> Service:
         ),
         feedback=FeedbackLog(feedback_dir, writer),
     )
+
+
+def _page_file(name: str) -> Response:
+    # (above the deployment class: Serve pickles it with the globals defined before it)
+    kind = PAGE_TYPES[name.rsplit(".", 1)[1]]
+    headers = {"Content-Security-Policy": PAGE_POLICY, "X-Content-Type-Options": "nosniff"}
+    return Response(PAGE[name], media_type=kind, headers=headers)
 
 
 def _unprocessable(detail: list[dict[str, Any]]) -> JSONResponse:
@@ -271,6 +296,17 @@ class MetarecServer:
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
         return JSONResponse({"status": "ok"})
+
+    @api.get("/", include_in_schema=False)
+    async def page(self) -> Response:
+        """A page to try the model as a new user: rate, watch the list adapt, see why."""
+        return _page_file("index.html")
+
+    @api.get("/page/{name}", include_in_schema=False)
+    async def page_asset(self, name: str) -> Response:
+        if name == "index.html" or name not in PAGE:
+            return JSONResponse(status_code=404, content={"detail": f"no page file {name!r}"})
+        return _page_file(name)
 
     @api.get("/v1/model")
     async def model(self) -> JSONResponse:
