@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -194,6 +195,11 @@ def main() -> None:
     ap.add_argument("--wait-ms", type=float, default=2.0, help="batch_wait_timeout when on")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per replica")
     ap.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
+    ap.add_argument(
+        "--explain",
+        action="store_true",
+        help="also measure every level with explain: true, alternating with plain requests",
+    )
     args = ap.parse_args()
     if not (args.data / "manifest.json").is_file():
         sys.exit(
@@ -235,16 +241,21 @@ def main() -> None:
         info = json.loads(r.read())
     results: dict[str, Any] = {}
     base = f"http://127.0.0.1:{port}"
+    variants = {"": bodies}
+    if args.explain:
+        variants["_explain"] = [{**b, "explain": True} for b in bodies]
     try:
         for c in args.concurrency:
             # The HTTP stack's own ceiling: the same server, a route that does no work.
             results[f"healthz_c{c}"] = asyncio.run(
                 level(f"{base}/{args.modes[0]}/healthz", [], c, args.requests, args.budget_s)
             )
-            for name in sorted(args.modes, reverse=True):  # off, on: load bursts hit both
+            for name, variant in itertools.product(sorted(args.modes, reverse=True), variants):
+                # off, on (plain, explained): load bursts hit every variant
                 before = engine_stats(f"{base}/{name}/v1/model")
+                asked = variants[variant]
                 r = asyncio.run(
-                    level(f"{base}/{name}/v1/recommend", bodies, c, args.requests, args.budget_s)
+                    level(f"{base}/{name}/v1/recommend", asked, c, args.requests, args.budget_s)
                 )
                 after = engine_stats(f"{base}/{name}/v1/model")
                 jobs = max(1, after["jobs"] - before["jobs"])
@@ -253,9 +264,10 @@ def main() -> None:
                 r["engine_cpu_ms_per_user"] = (
                     1e3 * (after["cpu_seconds"] - before["cpu_seconds"]) / jobs
                 )
-                results[f"{name}_c{c}"] = r
+                results[f"{name}{variant}_c{c}"] = r
                 print(
-                    f"batching {name:<3} c={c:<3} {r['rps']:7.1f} req/s  p50 {r['p50_ms']:6.1f} ms"
+                    f"batching {name:<3}{variant} c={c:<3} {r['rps']:7.1f} req/s  "
+                    f"p50 {r['p50_ms']:6.1f} ms"
                     f"  p99 {r['p99_ms']:6.1f} ms  batch {r['mean_batch']:4.1f}  engine "
                     f"{r['engine_ms_per_user']:.2f} ms/user ({r['engine_cpu_ms_per_user']:.2f} "
                     f"CPU)  [healthz {results[f'healthz_c{c}']['rps']:.0f} req/s]",
@@ -286,6 +298,11 @@ def main() -> None:
         summary[f"throughput_ratio_on_off_c{top}"] = (
             results[f"on_c{top}"]["rps"] / results[f"off_c{top}"]["rps"]
         )
+    for c in args.concurrency if args.explain else ():
+        for name in args.modes:
+            plain, explained = results[f"{name}_c{c}"], results[f"{name}_explain_c{c}"]
+            for q in ("p50", "p99"):
+                summary[f"explain_{q}_ratio_{name}_c{c}"] = explained[f"{q}_ms"] / plain[f"{q}_ms"]
     if "on_c32" in results:
         summary["p99_ms_on_c32"] = results["on_c32"]["p99_ms"]
     print(json.dumps(summary))
