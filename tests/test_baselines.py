@@ -125,3 +125,59 @@ def test_grouped_ridge_equals_one_solve_per_group(monkeypatch, max_padded):
         want = torch.linalg.solve(x.T @ x + 2.0 * torch.eye(4, dtype=torch.float64), x.T @ y)
         torch.testing.assert_close(got[r], want)
     assert (got[n_rows - 5 :] == 0).all()
+
+
+def _low_rank_tasks(users: int = 300, seed: int = 1) -> TaskBatch:
+    g = torch.Generator().manual_seed(seed)
+    u, v = torch.randn(users, 3, generator=g), torch.randn(50, 3, generator=g)
+    full = (3 + u @ v.T).clamp(1, 5)
+    items = torch.stack([torch.randperm(50, generator=g)[:25] for _ in range(users)])
+    r = full.gather(1, items)
+    ones = torch.ones(users, 20, dtype=torch.bool)
+    return TaskBatch(
+        torch.arange(users), items[:, :20], r[:, :20], ones, items[:, 20:], r[:, 20:], ones[:, :5]
+    )
+
+
+def test_the_mf_grid_is_chosen_on_every_user_unless_the_data_is_larger_than_the_cap():
+    from metarec.batch import RaggedTasks
+    from metarec.metrics import masked_mae
+    from metarec.mf import MF_GRID, choose_mf, users_for_grid
+
+    tasks = _low_rank_tasks()
+    train, valid = tasks.select(torch.arange(250)), tasks.select(torch.arange(250, 300))
+    grid = MF_GRID[:4]
+    # under the cap: every point fitted on every training user, the lowest MAE kept
+    chosen = choose_mf(train, valid, 50, grid, seed=3)
+    maes = [masked_mae(MFFoldIn(**hp, seed=3).fit(train, n_items=50).predict(valid), valid)
+            for hp in grid]  # fmt: skip
+    assert [m for _, m in chosen.grid_maes_] == maes
+    best = grid[maes.index(min(maes))]
+    assert (chosen.dim, chosen.reg) == (best["dim"], best["reg"])
+    assert chosen.grid_sample_ == 250
+    # over it: compared on a sample of users, the chosen point then fitted on all of them
+    assert users_for_grid(train, 250 * 25, seed=3) is train
+    sample = users_for_grid(train, 2_000, seed=3)
+    assert sample.num_tasks == 80 and torch.equal(sample.users, sample.users.sort().values)
+    ragged = RaggedTasks(*_ragged(train))
+    assert torch.equal(users_for_grid(ragged, 2_000, seed=3).users, sample.users)
+    small = choose_mf(train, valid, 50, grid, seed=3, max_ratings=2_000)
+    assert small.grid_sample_ == 80
+    sample_maes = [masked_mae(MFFoldIn(**hp, seed=3).fit(sample, n_items=50).predict(valid),
+                              valid) for hp in grid]  # fmt: skip
+    assert [m for _, m in small.grid_maes_] == sample_maes
+    hp = grid[sample_maes.index(min(sample_maes))]
+    again = MFFoldIn(**hp, seed=3).fit(train, n_items=50)
+    assert torch.equal(small.item_factors_, again.item_factors_)
+
+
+def _ragged(tasks: TaskBatch) -> tuple:
+    """The fields of a ``RaggedTasks`` holding ``tasks`` (support then query per task)."""
+    n_s, n_q = tasks.support_mask.sum(1), tasks.query_mask.sum(1)
+    items = torch.cat([torch.cat([tasks.support_items[t, : n_s[t]], tasks.query_items[t, : n_q[t]]])
+                       for t in range(tasks.num_tasks)])  # fmt: skip
+    ratings = torch.cat([torch.cat([tasks.support_ratings[t, : n_s[t]],
+                                    tasks.query_ratings[t, : n_q[t]]])
+                         for t in range(tasks.num_tasks)])  # fmt: skip
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), (n_s + n_q).cumsum(0)])
+    return tasks.users, items, ratings, offsets, n_s

@@ -140,6 +140,13 @@ def test_ragged_tasks_cut_the_same_batches_as_the_padded_split(synthetic_prepare
         ):
             assert torch.equal(x, y)
     assert all(torch.equal(x, y) for x, y in zip(padded.lengths(), ragged.lengths(), strict=True))
+    rows = torch.tensor([9, 2, 40])  # a flat sample cuts what the padded one does
+    taken = ragged.take(rows)
+    assert taken.num_tasks == 3 and taken.items.numel() == int(
+        padded.select(rows).support_mask.sum() + padded.select(rows).query_mask.sum()
+    )
+    a, b = padded.select(rows), taken.select(torch.arange(3))
+    assert all(torch.equal(getattr(a, f.name), getattr(b, f.name)) for f in fields(a))
 
 
 def test_a_window_keeps_at_most_n_support_ratings_and_all_of_a_short_support():

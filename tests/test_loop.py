@@ -9,6 +9,7 @@ import torch
 from metarec.config import apply_overrides
 from metarec.evaluate import BASELINES, REPORTED, evaluate
 from metarec.loop import fit
+from metarec.mf import choose_mf
 from metarec.results import method_rows
 
 
@@ -140,6 +141,14 @@ def test_factor_head_starts_at_the_mf_foldin_chosen_on_validation_users(
         learner.log_precision, best.reg))  # fmt: skip
     fixed = apply_overrides(synthetic_cfg, **{"meta.prior_precision": 4.0})
     assert build_learner(fixed, synthetic_prepared, train, valid).cfg.prior_precision == 4.0
+    # a narrower grid (embeddings of 16) reads the whole grid's comparison when evaluation
+    # made it already: the same factors as comparing the narrower grid here
+    narrow = apply_overrides(auto, **{"model.embedding_dim": 16})
+    whole = choose_mf(train, valid, n_items, seed=auto.seed)
+    reused = build_learner(narrow, synthetic_prepared, train, valid, tuned_mf=whole)
+    fresh = build_learner(narrow, synthetic_prepared, train, valid)
+    assert reused.cfg.prior_precision == fresh.cfg.prior_precision
+    assert torch.equal(reused.model.emb["item"], fresh.model.emb["item"])
 
 
 def test_short_supports_change_training_but_not_the_data(quick_cfg, synthetic_prepared):

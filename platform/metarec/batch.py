@@ -274,6 +274,17 @@ class RaggedTasks:
         keep = (torch.arange(len(rows)) - self.offsets[:-1][rows]) < self.n_support[rows]
         return rows[keep], self.items[keep], self.ratings[keep]
 
+    def take(self, index: Tensor) -> RaggedTasks:
+        """Rows ``index``, still flat: a sample of a split costs its ratings, no padding."""
+        total = (self.offsets[1:] - self.offsets[:-1])[index]
+        offsets = torch.zeros(len(index) + 1, dtype=torch.long)
+        offsets[1:] = total.cumsum(0)
+        shift = torch.repeat_interleave(self.offsets[:-1][index] - offsets[:-1], total)
+        at = torch.arange(int(offsets[-1])) + shift
+        return RaggedTasks(
+            self.users[index], self.items[at], self.ratings[at], offsets, self.n_support[index]
+        )
+
     def select(self, index: Tensor) -> TaskBatch:
         """Rows ``index`` as a padded ``TaskBatch``, trimmed to their longest support and
         query."""

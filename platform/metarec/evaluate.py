@@ -30,6 +30,7 @@ from metarec.implicit_metrics import valid_ndcg
 from metarec.loop import FitResult, fit, valid_key
 from metarec.meta import MetaLearner
 from metarec.metrics import catalog_metrics, masked_mae, mean_metrics, query_metrics
+from metarec.mf import choose_mf
 from metarec.scorers import AdaptedScorer, Scorer, adaptation_grid, relevance_threshold
 from metarec.stats import paired_differences
 
@@ -206,7 +207,9 @@ def fit_methods(
     history = None
     grids = classic_baselines(seed=cfg.seed)
     classic = {  # first: the networks start from the tuned mf_foldin's items (no refit)
-        name: tuned(
+        name: choose_mf(train, valid, n_items, seed=cfg.seed)
+        if name == "mf_foldin"  # large data: its grid is compared on a sample of users
+        else tuned(
             lambda hp, g=grids[name]: g.cls(**hp).fit(train, n_items=n_items),
             grids[name].grid,
             valid,

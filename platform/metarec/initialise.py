@@ -19,10 +19,10 @@ from metarec.config import DEFAULT_PRIOR_PRECISION, MetarecConfig
 from metarec.data.features import USER_FEATURES
 from metarec.data.prepared import PreparedDataset
 from metarec.meta import MetaLearner
-from metarec.metrics import masked_mae
 from metarec.mf import (
     MF_GRID,
     MFFoldIn,
+    choose_mf,
     cosine_neighbours,
     interaction_counts,
     svd_item_factors,
@@ -181,11 +181,14 @@ def _item_factors(
         reg = fixed if fixed is not None and cfg.factor_head else DEFAULT_PRIOR_PRECISION
         return MFFoldIn(dim=dim, reg=reg, seed=cfg.seed).fit(train, n_items=n_items)
     grid = [hp for hp in MF_GRID if hp["dim"] <= dim]
-    if tuned is not None and len(grid) == len(MF_GRID):  # the same choice, on the same users
+    if tuned is None:
+        return choose_mf(train, valid, n_items, grid, seed=cfg.seed)
+    # the grid was compared on these users already: its best point inside this one
+    maes = [m for hp, m in tuned.grid_maes_ if hp in grid]
+    best = grid[maes.index(min(maes))]
+    if best == {"dim": tuned.dim, "reg": tuned.reg}:
         return tuned
-    fits = [MFFoldIn(**hp, seed=cfg.seed).fit(train, n_items=n_items) for hp in grid]
-    maes = [masked_mae(f.predict(valid), valid) for f in fits]
-    return fits[maes.index(min(maes))]
+    return MFFoldIn(**best, seed=cfg.seed).fit(train, n_items=n_items)
 
 
 def _set_item_embeddings(model: Recommender, factors: Tensor, bias: Tensor) -> None:
