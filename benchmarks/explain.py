@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -99,6 +100,7 @@ def main() -> None:
         f"{rand.mean():.4f} (difference CI {ci['ci95']})",
         file=sys.stderr,
     )
+    shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(summary))
 
 

@@ -9,7 +9,9 @@ CLI a user runs, in its own process group, measured from outside:
 * ``train`` (``--epochs 1 --workers 2``): seconds end to end, the epoch's seconds and
   tasks/s (from the run's history), bytes all-reduced per meta-batch, peak RSS of the
   driver and of each Ray Train worker (every process under the driver, sampled from /proc);
-* ``evaluate --model`` of the trained checkpoint, one seed: seconds, peak RSS;
+* ``evaluate --model`` of the trained checkpoint, one seed, test users scored by
+  ``--evaluate-workers`` Ray Data actors (0: in the evaluating process): seconds, peak RSS
+  of the driver and of each scoring actor;
 * ``serve``: ``benchmarks/serve_load.py`` (real HTTP, 8 concurrent ``/v1/recommend`` with
   20 events) over synthetic shops of ``--serve-items`` items: p50 and p99 ms.
 
@@ -76,10 +78,13 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+WORKER_TITLES = ("RayTrainWorker", "MapWorker")  # Ray's process titles of Train and Data workers
+
+
 def run_measured(cmd: list[str], *, timeout: float, env: dict[str, str] | None = None) -> dict:
     """Run ``cmd``; its seconds, exit code, output, and peak RSS (MiB) of it and of each Ray
-    Train worker under it, sampled every 0.2 s (the kernel's ru_maxrss cannot tell the
-    workers, which are grandchildren, apart)."""
+    worker under it (a Train worker, a Ray Data actor), sampled every 0.2 s (the kernel's
+    ru_maxrss cannot tell the workers, which are grandchildren, apart)."""
     out = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (read back after the run)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -96,7 +101,7 @@ def run_measured(cmd: list[str], *, timeout: float, env: dict[str, str] | None =
                 rss, anon = _rss_kb(pid)
                 peak[pid] = max(peak.get(pid, 0), rss)
                 private[pid] = max(private.get(pid, 0), anon)
-                if pid not in workers and "RayTrainWorker" in _cmdline(pid):
+                if pid not in workers and any(w in _cmdline(pid) for w in WORKER_TITLES):
                     workers.add(pid)
                 frontier.extend(tree.get(pid, []))
             done.wait(0.2)
@@ -142,6 +147,7 @@ def one_size(
     extra_sets: tuple[str, ...],
     timeout: float,
     evaluate: bool = True,
+    evaluate_workers: int = 2,
 ) -> dict[str, Any]:
     """prepare -> train (1 epoch, 2 workers) -> evaluate --model, at one size."""
     users = max(64, round(BASE_USERS * interactions / BASE_RATINGS))
@@ -197,10 +203,19 @@ def one_size(
             *metarec,
             *("evaluate", "--data", str(data), "--model", str(checkpoints[-1])),
             *("--seeds", "0", "--work-dir", str(run), "--out", str(run / "eval")),
+            *("--workers", str(evaluate_workers)),
         ],
         timeout=timeout,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
     )
-    row["evaluate"] = _stage("evaluate", res, work / f"evaluate-{interactions}.log")
+    row["evaluate"] = _stage(
+        "evaluate",
+        res,
+        work / f"evaluate-{interactions}.log",
+        workers=evaluate_workers,
+        worker_peak_rss_mb=max(res["worker_peak_rss_mb"], default=None),
+        workers_seen=len(res["worker_peak_rss_mb"]),
+    )
     return row
 
 
@@ -343,6 +358,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--evaluate-up-to", type=float, help="skip evaluate above this many interactions"
     )
     ap.add_argument(
+        "--evaluate-workers",
+        type=int,
+        default=2,
+        help="Ray Data actors scoring test users (evaluate --workers; 0: in process)",
+    )
+    ap.add_argument(
         "--plot-from",
         type=Path,
         nargs="+",
@@ -361,7 +382,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for size in args.sizes:
             print(f"{int(size):,} interactions", file=sys.stderr)
             evaluate = args.evaluate_up_to is None or size <= args.evaluate_up_to
-            rows.append(one_size(int(size), work, sets, args.timeout, evaluate))
+            rows.append(
+                one_size(int(size), work, sets, args.timeout, evaluate, args.evaluate_workers)
+            )
         serve = [serve_at(i, work, args.timeout, args.smoke) for i in args.serve_items]
     result = {
         "benchmark": "scale",

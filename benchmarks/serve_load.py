@@ -46,6 +46,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -148,7 +149,8 @@ def engine_alone(model: str, bodies: list[dict], batch: int, threads: int) -> di
     from metarec.serving.schemas import RecommendRequest
 
     torch.set_num_threads(threads)
-    svc = load_service(ServeConfig(model=model, work_dir=tempfile.mkdtemp()), writer="bench")
+    work = tempfile.mkdtemp(prefix="serve-load-alone-")
+    svc = load_service(ServeConfig(model=model, work_dir=work), writer="bench")
     jobs = [svc.recommend_job(RecommendRequest.model_validate(b)) for b in bodies]
     jobs = (jobs * (1 + batch // len(jobs)))[:batch]
 
@@ -164,6 +166,7 @@ def engine_alone(model: str, bodies: list[dict], batch: int, threads: int) -> di
         return best
 
     alone, batched = ms_per_user(1), ms_per_user(batch)
+    shutil.rmtree(work, ignore_errors=True)
     return {
         "ms_per_user_alone": alone,
         f"ms_per_user_batch{batch}": batched,
@@ -277,6 +280,7 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
     alone = engine_alone(model, bodies, args.batch, args.threads)
+    shutil.rmtree(tmp, ignore_errors=True)  # an untrained 1M-item model is gigabytes
     print(f"engine alone: {alone}", file=sys.stderr)
     top = max(args.concurrency)
     summary = {

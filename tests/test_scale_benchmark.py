@@ -1,7 +1,7 @@
 """``benchmarks/scale.py --smoke``: the whole pipeline at two tiny sizes, as CI runs it.
 
 Real subprocesses: `metarec prepare`, `metarec train` on its own local Ray (2 workers),
-`metarec evaluate --model`, and ``benchmarks/serve_load.py`` against a real Serve app on
+`metarec evaluate --model --workers 2` (test users scored by Ray Data actors), and ``benchmarks/serve_load.py`` against a real Serve app on
 127.0.0.1. The figures are not checked against targets (the sizes are tiny); what is
 checked is that every stage ran and was measured, and that the measures are consistent.
 """
@@ -46,6 +46,9 @@ def test_scale_smoke_measures_every_stage_at_both_sizes(tmp_path, capsys):
         assert train["workers_seen"] == 2 and train["worker_peak_rss_mb"] > 50
         assert train["tasks_per_s"] > 0 and 0 < train["epoch_s"] < train["s"]
         assert (tmp_path / f"run-{row['target_interactions']}" / "eval" / "results.json").is_file()
+        scored = row["evaluate"]  # test users scored by two Ray Data actors
+        assert scored["workers"] == 2 and scored["workers_seen"] == 2, scored
+        assert scored["worker_peak_rss_mb"] > 50
     # the same network (its item table frozen) sends the same bytes whatever the data size
     assert (
         small["train"]["allreduce_bytes_per_step"] == large["train"]["allreduce_bytes_per_step"] > 0

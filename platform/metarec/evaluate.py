@@ -37,6 +37,7 @@ from metarec.stats import paired_differences
 __all__ = [
     "BASELINES",
     "REPORTED",
+    "ScoreMethods",
     "SeedFit",
     "SeedScores",
     "Split",
@@ -44,6 +45,8 @@ __all__ = [
     "fit_methods",
     "fit_with_bar",
     "model_fits",
+    "score_chunk",
+    "score_methods",
     "score_tasks",
     "tuned",
     "valid_objective_for",
@@ -82,15 +85,16 @@ def score_tasks(
     with tqdm(total=tasks.num_tasks, desc=desc, unit="user", disable=None, leave=False) as bar:
         for lo in range(0, tasks.num_tasks, chunk):
             part = tasks.select(torch.arange(lo, min(lo + chunk, tasks.num_tasks)))
-            for k, v in _score_chunk(scorer, part, n_items, relevance_threshold).items():
+            for k, v in score_chunk(scorer, part, n_items, relevance_threshold).items():
                 out.setdefault(k, []).append(v)
             bar.update(part.num_tasks)
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def _score_chunk(
+def score_chunk(
     scorer: Scorer, tasks: TaskBatch, n_items: int | None, threshold: float
 ) -> dict[str, Tensor]:
+    """One chunk of ``score_tasks``: every user of ``tasks`` scored at once."""
     pred = scorer.predict_items(tasks, tasks.query_items)
     metrics = query_metrics(
         pred.double(),
@@ -106,6 +110,29 @@ def _score_chunk(
     relevant = tasks.query_mask & (tasks.query_ratings >= threshold)
     positives = item_marks(tasks.query_items, relevant, n_items)
     return metrics | catalog_metrics(scores.double(), positives, exclude, k=10)
+
+
+# Every method's per-task metrics on a split's test tasks (an Arrow task table): in this
+# process (``score_methods``), or spread over Ray workers by a shell (``ray_scoring``).
+ScoreMethods = Callable[..., dict[str, dict[str, Tensor]]]
+
+
+def score_methods(
+    scorers: dict[str, Scorer],
+    table: Any,
+    *,
+    n_items: int,
+    relevance_threshold: float,
+    desc: str = "",
+) -> dict[str, dict[str, Tensor]]:
+    """``{method: score_tasks(...)}`` over the test tasks of ``table``, in this process."""
+    tasks = from_table(table)
+    return {
+        m: score_tasks(
+            sc, tasks, n_items, relevance_threshold=relevance_threshold, desc=f"{desc}: {m}"
+        )
+        for m, sc in scorers.items()
+    }
 
 
 Objective = Callable[[Scorer, TaskBatch], float]  # lower is better
@@ -309,6 +336,7 @@ def evaluate(
     threshold: float | None = None,
     tune_adaptation: bool = True,
     resamples: int = 2000,
+    score: ScoreMethods = score_methods,
 ) -> dict[str, dict[str, Any]]:
     """``{scenario: {method: {metric: mean, "std": {...}, "per_split": {...}},
     "_paired": {...}, "_protocol": {...}}}``.
@@ -331,6 +359,8 @@ def evaluate(
         threshold: relevance threshold (default ``relevance_threshold(manifest)``).
         tune_adaptation: see ``fit_methods``.
         resamples: bootstrap resamples of the paired CIs.
+        score: how the test users are scored (``score_methods``'s signature): in this
+            process by default; the CLI's ``--workers`` passes Ray Data workers.
     """
     out: dict[str, dict[str, Any]] = {}
     seeds = list(seeds)
@@ -351,7 +381,8 @@ def evaluate(
                 )
                 given = None
             sources.append("model" if given is not None else "fit")
-            test = from_table(view.tasks(scenario, "test"))
+            table = view.tasks(scenario, "test")
+            test = from_table(table)
             runs = []
             for s in seeds:
                 fitted = fit_methods(
@@ -364,16 +395,13 @@ def evaluate(
                     extra=extra,
                     tune_adaptation=tune_adaptation,
                 )
-                per_task = {
-                    m: score_tasks(
-                        sc,
-                        test,
-                        n_items,
-                        relevance_threshold=threshold,
-                        desc=f"{scenario} split {label} seed {s}: {m}",
-                    )
-                    for m, sc in fitted.scorers.items()
-                }
+                per_task = score(
+                    fitted.scorers,
+                    table,
+                    n_items=n_items,
+                    relevance_threshold=threshold,
+                    desc=f"{scenario} split {label} seed {s}",
+                )
                 runs.append(per_task)
                 fits.append({"split": label, "seed": s, **fitted.adapt})
                 if on_seed is not None:

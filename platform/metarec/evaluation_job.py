@@ -58,9 +58,16 @@ class _Evaluation:
     splits: list[Any] | None = None  # (label, dataset) per user split
 
     def run(self, on_seed: Any = None) -> dict[str, dict[str, Any]]:
-        from metarec.evaluate import evaluate
+        from metarec.evaluate import evaluate, score_methods
 
         settings = self.cfg.evaluate
+        score = score_methods
+        if settings.workers:
+            from metarec.ray_cluster import connect_ray
+            from metarec.ray_scoring import ray_score_methods
+
+            connect_ray()
+            score = ray_score_methods(settings.workers)
         return evaluate(
             self.cfg,
             self.ds,
@@ -75,6 +82,7 @@ class _Evaluation:
             threshold=settings.relevance_threshold,
             tune_adaptation=settings.tune_adaptation,
             resamples=settings.bootstrap,
+            score=score,
         )
 
 

@@ -361,6 +361,13 @@ def _evaluation_parser(p: argparse.ArgumentParser, *flags: Flag, scenario: str) 
         ),
         ("--bootstrap", "evaluate.bootstrap", "resamples of the paired CIs", {"metavar": "B"}),
         ("--baselines", "evaluate.baselines", "comma-separated subset of baselines, all, none"),
+        (
+            "--workers",
+            "evaluate.workers",
+            "score test users with Ray Data across this many workers, joining or starting Ray "
+            "(0: in this process)",
+            {"metavar": "N"},
+        ),
         ALGORITHM,
         EPOCHS,
     )

@@ -244,6 +244,9 @@ class EvaluateConfig:
     # interactions (a new customer's first few); their other ones are neither ranked nor
     # positives. None: the whole support
     max_support: PositiveInt | None = None
+    # score test users with Ray Data (map_batches) on this many actors, joining or starting
+    # Ray; 0: in this process. Only scoring moves: fits and choices stay in the driver
+    workers: NonNegativeInt = 0
 
 
 @dataclass
