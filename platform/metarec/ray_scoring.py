@@ -2,16 +2,17 @@
 
 The driver fits and tunes every method (``evaluate.fit_methods``); what grows with the test
 users and the catalogue is scoring them, every method against every item. That part is
-spread here: the test split's task table becomes a Ray Dataset, ``map_batches`` runs
-``ScoreBatch`` actors (each holds every method's scorer, sent once as its constructor
-argument) over chunks of users, and each chunk comes back as per-task metric columns. The
-driver puts the rows back in split order by a row number, so the results are those of
-``evaluate.score_methods`` in one process (equal to float rounding: a chunk pads to its own
-longest support).
+spread here: the test split's task table becomes a Ray Dataset of chunks of users (at least
+one per worker), ``map_batches`` runs ``ScoreBatch`` actors (each holds every method's
+scorer, put once in the object store), and each chunk comes back as per-task metric
+columns. The driver puts the rows back in split order by a row number, so the results are
+those of ``evaluate.score_methods`` in one process (equal to float rounding: a chunk pads
+to its own longest support).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -31,9 +32,14 @@ CHUNK = 1024  # users scored at once by a worker (``evaluate.score_tasks``'s chu
 class ScoreBatch:
     """One Ray Data actor: every method's per-task metrics for a chunk of test tasks."""
 
-    def __init__(self, scorers: dict[str, Any], n_items: int, threshold: float, threads: int):
+    def __init__(self, scorers: list[Any], n_items: int, threshold: float, threads: int):
+        import ray
+
         torch.set_num_threads(threads)  # the workers share the node's cores
-        self.scorers, self.n_items, self.threshold = scorers, n_items, threshold
+        # [ObjectRef]: put once by the driver, read by every actor (a ref inside a list is
+        # not resolved by Ray, so the actor's constructor arguments stay small)
+        self.scorers: dict[str, Any] = ray.get(scorers[0])
+        self.n_items, self.threshold = n_items, threshold
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         tasks = from_table(batch)
@@ -59,19 +65,22 @@ def ray_score_methods(workers: int, *, chunk: int = CHUNK) -> ScoreMethods:
 
         cpus = ray.cluster_resources().get("CPU", 1.0)
         share = min(1.0, cpus / workers)  # < 1 on a small node: the actors still start
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # evaluate logs its own ETA
+        ray.data.DataContext.get_current().enable_progress_bars = False
         rows = table.append_column(ROW, pa.array(np.arange(table.num_rows)))
-        blocks = [rows.slice(lo, chunk) for lo in range(0, rows.num_rows, chunk)]  # to spread
+        size = max(1, min(chunk, -(-rows.num_rows // workers)))  # every worker gets a block
+        blocks = [rows.slice(lo, size) for lo in range(0, rows.num_rows, size)]
         out = (
             ray.data.from_arrow(blocks)
             .map_batches(
                 ScoreBatch,
                 fn_constructor_kwargs={
-                    "scorers": scorers,  # large arguments travel through the object store
+                    "scorers": [ray.put(scorers)],
                     "n_items": n_items,
                     "threshold": relevance_threshold,
                     "threads": max(1, int(share)),
                 },
-                batch_size=chunk,
+                batch_size=size,
                 batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(size=workers),
                 num_cpus=share,
