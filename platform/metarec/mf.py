@@ -48,7 +48,7 @@ MF_GRID: tuple[dict[str, Any], ...] = tuple(
 )
 
 # Above this many training ratings, the grid is compared on a random subset of training
-# users holding about this many, and only the chosen point is fitted on all of them: nine
+# users holding at most this many, and only the chosen point is fitted on all of them: nine
 # full ALS fits were most of an evaluation's time at a million ratings and more.
 MF_GRID_MAX_RATINGS = 2_000_000
 
@@ -279,10 +279,10 @@ class MFFoldIn(Estimator):
 def users_for_grid(tasks: Tasks, max_ratings: int, seed: int) -> Tasks:
     """``tasks`` when they hold at most ``max_ratings`` ratings; else a random subset of
     the users (seeded), in their original order, holding at most that many."""
-    _, _, ratings = tasks.flat()
-    if len(ratings) <= max_ratings:
+    rows, _, _ = tasks.flat()
+    if len(rows) <= max_ratings:
         return tasks
-    total = torch.bincount(tasks.flat()[0], minlength=tasks.num_tasks)
+    total = torch.bincount(rows, minlength=tasks.num_tasks)
     order = torch.randperm(tasks.num_tasks, generator=torch.Generator().manual_seed(seed))
     keep = order[total[order].cumsum(0) <= max_ratings].sort().values
     return tasks.take(keep) if isinstance(tasks, RaggedTasks) else tasks.select(keep)
