@@ -47,6 +47,7 @@ def test_removing_the_top_reason_drops_the_score_more_than_a_random_rating(
     assert 0 < report["mean_reasons_per_item"] <= 3
 
 
+@pytest.mark.slow  # its own Ray and Serve (~45 s): `make test-all`; make test stays in budget
 def test_serve_load_measures_explained_beside_plain_requests(model, synthetic_prepared):
     report = _run(
         "benchmarks/serve_load.py", "--data", str(synthetic_prepared.root), "--model",

@@ -1,9 +1,10 @@
 """``benchmarks/scale.py --smoke``: the whole pipeline at two tiny sizes, as CI runs it.
 
 Real subprocesses: `metarec prepare`, `metarec train` on its own local Ray (2 workers),
-`metarec evaluate --model --workers 2` (test users scored by Ray Data actors), and ``benchmarks/serve_load.py`` against a real Serve app on
-127.0.0.1. The figures are not checked against targets (the sizes are tiny); what is
-checked is that every stage ran and was measured, and that the measures are consistent.
+`metarec evaluate --model --workers 2` (test users scored by Ray Data actors), and
+``benchmarks/serve_load.py`` against a real Serve app on 127.0.0.1. The figures are not
+checked against targets (the sizes are tiny); what is checked is that every stage ran and
+was measured, and that the measures are consistent.
 """
 
 from __future__ import annotations
