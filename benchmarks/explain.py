@@ -21,14 +21,42 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import sys
-import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from serve_load import request_bodies
+from serve_load import in_process_service, request_bodies
+
+
+def user_drops(service: Any, body: dict, k: int, rng: random.Random) -> list[tuple]:
+    """One user's top ``k``, explained; per item (score drop without the top reason, drop
+    without a random rating, the stated contribution, reasons named), each drop measured
+    by a separate request without that rating."""
+    from metarec.serving.schemas import PredictRequest, RecommendRequest
+
+    field = "events" if service.catalog.feedback == "implicit" else "ratings"
+    req = RecommendRequest(**{**body, "k": k, "explain": True})
+    job = service.recommend_job(req)
+    (result,) = service.engine.run([job])
+    answer = service.recommend_response(req, job, result)["items"]
+    support = body[field]
+    asks, stated = [], []
+    for entry in answer:
+        row = int((result.explained == service.catalog.index[entry["item"]]).nonzero()[0, 0])
+        influence = result.influence[row]
+        top = int(influence.argmax())
+        for s in (top, rng.randrange(len(support))):
+            fewer = {**body, field: support[:s] + support[s + 1 :], "items": [entry["item"]]}
+            fewer.pop("k")
+            asks.append(service.predict_job(PredictRequest(**fewer)))
+        stated.append((entry["score"], float(influence[top]), len(entry["because"])))
+    scores = [float(r.scores[0]) for r in service.engine.run(asks)]
+    return [
+        (full - scores[2 * n], full - scores[2 * n + 1], contribution, reasons)
+        for n, (full, contribution, reasons) in enumerate(stated)
+    ]
 
 
 def main() -> None:
@@ -41,49 +69,24 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    from metarec.config import ServeConfig
-    from metarec.serving.app import load_service
-    from metarec.serving.schemas import PredictRequest, RecommendRequest
     from metarec.stats import paired_differences
 
-    work = tempfile.mkdtemp(prefix="explain-")
-    service = load_service(ServeConfig(model=args.model, work_dir=work), writer="bench")
-    field = "events" if service.catalog.feedback == "implicit" else "ratings"
     rng = random.Random(args.seed)
-    top_drops, random_drops, wins, gap, reasons_per_item = [], [], [], 0.0, []
-    for body in request_bodies(args.data, args.ratings, limit=args.users):
-        req = RecommendRequest(**{**body, "k": args.k, "explain": True})
-        job = service.recommend_job(req)
-        (result,) = service.engine.run([job])
-        answer = service.recommend_response(req, job, result)["items"]
-        support = body[field]
-        asks, pairs = [], []
-        for entry in answer:
-            row = int((result.explained == service.catalog.index[entry["item"]]).nonzero()[0, 0])
-            influence = result.influence[row]
-            top, other = int(influence.argmax()), rng.randrange(len(support))
-            for s in (top, other):
-                fewer = {**body, field: support[:s] + support[s + 1 :], "items": [entry["item"]]}
-                fewer.pop("k")
-                asks.append(service.predict_job(PredictRequest(**fewer)))
-            pairs.append((entry["score"], float(influence[top])))
-            reasons_per_item.append(len(entry["because"]))
-        scores = [float(r.scores[0]) for r in service.engine.run(asks)]
-        drops = [
-            (full - scores[2 * n], full - scores[2 * n + 1], stated)
-            for n, (full, stated) in enumerate(pairs)
-        ]
-        gap = max([gap, *(abs(d - stated) for d, _, stated in drops)])
-        top_drops.append(float(np.mean([d for d, _, _ in drops])))
-        random_drops.append(float(np.mean([r for _, r, _ in drops])))
-        wins.append(float(np.mean([d > r for d, r, _ in drops])))
-    top, rand = np.array(top_drops), np.array(random_drops)
+    bodies = request_bodies(args.data, args.ratings, limit=args.users)
+    with in_process_service(args.model) as service:
+        users = [user_drops(service, body, args.k, rng) for body in bodies]
+        info = {
+            "model": service.model_info["label"],
+            "dataset": service.catalog.dataset.get("source"),
+            "catalog_items": len(service.catalog),
+        }
+    top = np.array([np.mean([d[0] for d in u]) for u in users])
+    rand = np.array([np.mean([d[1] for d in u]) for u in users])
+    items = [d for u in users for d in u]
     ci = paired_differences([{"drop": top}], [{"drop": rand}], ["drop"], seed=args.seed)["drop"]
     summary = {
         "benchmark": "explain",
-        "model": service.model_info["label"],
-        "dataset": service.catalog.dataset.get("source"),
-        "catalog_items": len(service.catalog),
+        **info,
         "users": len(top),
         "ratings_per_request": args.ratings,
         "k": args.k,
@@ -91,16 +94,17 @@ def main() -> None:
         "mean_drop_random_support": float(rand.mean()),
         "difference": ci["diff"],
         "difference_ci95": ci["ci95"],
-        "share_items_top_beats_random": float(np.mean(wins)),
-        "mean_reasons_per_item": float(np.mean(reasons_per_item)),
-        "max_abs_stated_minus_measured": gap,
+        "share_items_top_beats_random": float(
+            np.mean([np.mean([d[0] > d[1] for d in u]) for u in users])
+        ),
+        "mean_reasons_per_item": float(np.mean([d[3] for d in items])),
+        "max_abs_stated_minus_measured": max(abs(d[0] - d[2]) for d in items),
     }
     print(
         f"drop without the top reason {top.mean():.4f}, without a random rating "
         f"{rand.mean():.4f} (difference CI {ci['ci95']})",
         file=sys.stderr,
     )
-    shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(summary))
 
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -51,6 +52,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -140,17 +142,29 @@ async def level(
     }
 
 
+@contextlib.contextmanager
+def in_process_service(model: str) -> Iterator[Any]:
+    """The served ``Service`` of ``model`` in this process, no HTTP (its work dir, where a
+    feedback log would go, removed after)."""
+    from metarec.config import ServeConfig
+    from metarec.serving.app import load_service
+
+    with tempfile.TemporaryDirectory(prefix="serve-load-") as work:
+        yield load_service(ServeConfig(model=model, work_dir=work), writer="bench")
+
+
 def engine_alone(model: str, bodies: list[dict], batch: int, threads: int) -> dict[str, float]:
     """The engine with no HTTP around it: ms per user adapting alone vs in a batch."""
     import torch
 
-    from metarec.config import ServeConfig
-    from metarec.serving.app import load_service
+    torch.set_num_threads(threads)
+    with in_process_service(model) as svc:
+        return _engine_alone(svc, bodies, batch)
+
+
+def _engine_alone(svc: Any, bodies: list[dict], batch: int) -> dict[str, float]:
     from metarec.serving.schemas import RecommendRequest
 
-    torch.set_num_threads(threads)
-    work = tempfile.mkdtemp(prefix="serve-load-alone-")
-    svc = load_service(ServeConfig(model=model, work_dir=work), writer="bench")
     jobs = [svc.recommend_job(RecommendRequest.model_validate(b)) for b in bodies]
     jobs = (jobs * (1 + batch // len(jobs)))[:batch]
 
@@ -166,7 +180,6 @@ def engine_alone(model: str, bodies: list[dict], batch: int, threads: int) -> di
         return best
 
     alone, batched = ms_per_user(1), ms_per_user(batch)
-    shutil.rmtree(work, ignore_errors=True)
     return {
         "ms_per_user_alone": alone,
         f"ms_per_user_batch{batch}": batched,

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from metarec.batch import from_table
 from metarec.config import apply_overrides
 from metarec.evaluate import fit_methods, score_methods
 from metarec.scorers import relevance_threshold
@@ -38,8 +39,9 @@ def test_ray_data_scoring_equals_scoring_in_process(local_ray, synthetic_cfg, sy
         "n_items": ds.manifest["counts"]["items"],
         "relevance_threshold": relevance_threshold(ds.manifest),
     }
-    here = score_methods(fitted.scorers, table, **kw)
-    spread = ray_score_methods(2, chunk=8)(fitted.scorers, table, **kw)  # many chunks
+    tasks = from_table(table)
+    here = score_methods(fitted.scorers, tasks, table, **kw)
+    spread = ray_score_methods(2, chunk=8)(fitted.scorers, tasks, table, **kw)  # many chunks
     assert table.num_rows > 8 * 4
     assert list(spread) == list(here) and len(here) == 3  # the meta-learner and two baselines
     for method, metrics in here.items():

@@ -112,21 +112,23 @@ def score_chunk(
     return metrics | catalog_metrics(scores.double(), positives, exclude, k=10)
 
 
-# Every method's per-task metrics on a split's test tasks (an Arrow task table): in this
-# process (``score_methods``), or spread over Ray workers by a shell (``ray_scoring``).
+# Every method's per-task metrics on a split's test tasks, given padded and as their Arrow
+# table: in this process (``score_methods``, which reads the padded ones), or spread over
+# Ray workers by a shell (``ray_scoring``, which ships the table).
 ScoreMethods = Callable[..., dict[str, dict[str, Tensor]]]
 
 
 def score_methods(
     scorers: dict[str, Scorer],
-    table: Any,
+    tasks: TaskBatch,
+    table: Any = None,
     *,
     n_items: int,
     relevance_threshold: float,
     desc: str = "",
 ) -> dict[str, dict[str, Tensor]]:
-    """``{method: score_tasks(...)}`` over the test tasks of ``table``, in this process."""
-    tasks = from_table(table)
+    """``{method: score_tasks(...)}`` over the test ``tasks``, in this process (``table``,
+    the same tasks as Arrow, is for scorers that ship them elsewhere)."""
     return {
         m: score_tasks(
             sc, tasks, n_items, relevance_threshold=relevance_threshold, desc=f"{desc}: {m}"
@@ -397,6 +399,7 @@ def evaluate(
                 )
                 per_task = score(
                     fitted.scorers,
+                    test,
                     table,
                     n_items=n_items,
                     relevance_threshold=threshold,

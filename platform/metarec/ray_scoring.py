@@ -32,10 +32,10 @@ CHUNK = 1024  # users scored at once by a worker (``evaluate.score_tasks``'s chu
 class ScoreBatch:
     """One Ray Data actor: every method's per-task metrics for a chunk of test tasks."""
 
-    def __init__(self, scorers: list[Any], n_items: int, threshold: float, threads: int):
+    def __init__(self, scorers: list[Any], n_items: int, threshold: float):
         import ray
 
-        torch.set_num_threads(threads)  # the workers share the node's cores
+        torch.set_num_threads(1)  # one CPU (or less, on a small node) per actor
         # [ObjectRef]: put once by the driver, read by every actor (a ref inside a list is
         # not resolved by Ray, so the actor's constructor arguments stay small)
         self.scorers: dict[str, Any] = ray.get(scorers[0])
@@ -51,10 +51,12 @@ class ScoreBatch:
 
 
 def ray_score_methods(workers: int, *, chunk: int = CHUNK) -> ScoreMethods:
-    """``evaluate.score_methods`` on ``workers`` Ray Data actors (Ray already connected)."""
+    """``evaluate.score_methods`` on ``workers`` Ray Data actors (Ray already connected):
+    they read the Arrow ``table``; the padded ``tasks`` stay in the driver."""
 
     def score(
         scorers: dict[str, Any],
+        tasks: Any,
         table: pa.Table,
         *,
         n_items: int,
@@ -78,7 +80,6 @@ def ray_score_methods(workers: int, *, chunk: int = CHUNK) -> ScoreMethods:
                     "scorers": [ray.put(scorers)],
                     "n_items": n_items,
                     "threshold": relevance_threshold,
-                    "threads": max(1, int(share)),
                 },
                 batch_size=size,
                 batch_format="pyarrow",
