@@ -121,6 +121,26 @@ def test_three_workers_take_exactly_the_steps_of_one(synthetic_cfg, uneven_prepa
         assert torch.equal(sum(per_rank), torch.ones(n, dtype=torch.int64))
 
 
+def test_a_training_item_table_syncs_its_touched_rows_with_the_dense_sums(
+    synthetic_cfg, uneven_prepared
+):
+    """``train.item_sync: sparse`` sends a row mask and the rows any worker touched: the
+    same sums as the whole table, so the same steps bit for bit, and as one worker's."""
+    cfg = apply_overrides(
+        synthetic_cfg, **{"train.epochs": 2, "meta.inner_steps": 2, "meta.item_lr_scale": 0.1}
+    )
+    one, _, _ = _run(cfg, uneven_prepared, 1)
+    sparse, _, _ = _run(cfg, uneven_prepared, 3)
+    dense, _, _ = _run(apply_overrides(cfg, **{"train.item_sync": "dense"}), uneven_prepared, 3)
+    for a, b, c in zip(one, sparse, dense, strict=True):
+        assert b["train/query_loss"] == c["train/query_loss"] and b["valid/mae"] == c["valid/mae"]
+        assert abs(a["train/query_loss"] - b["train/query_loss"]) < 1e-9
+        assert abs(a["valid/mae"] - b["valid/mae"]) < 1e-9
+        assert c["train/allreduce_bytes"] == c["train/allreduce_bytes_dense"]
+        assert b["train/allreduce_bytes"] < c["train/allreduce_bytes"]
+        assert a["train/allreduce_bytes"] == 0  # one process sends nothing
+
+
 @pytest.mark.parametrize(("tasks", "world"), [(481, 2), (480, 7), (5, 5), (1, 1), (10, 3)])
 def test_rank_rows_partition_any_count_for_any_worker_count(tasks, world):
     users = torch.randperm(10 * tasks, generator=torch.Generator().manual_seed(tasks))[:tasks]

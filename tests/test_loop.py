@@ -25,6 +25,10 @@ def test_fit_is_deterministic_under_a_seed_and_keeps_the_best_epoch(quick_cfg, s
     b = fit(quick_cfg, synthetic_prepared)
     assert [r["valid/mae"] for r in a.history] == [r["valid/mae"] for r in b.history]
     assert a.best_valid_mae == min(r["valid/mae"] for r in a.history)
+    for row in a.history:  # where an epoch's time went (in process: no all-reduce to wait on)
+        assert row["train/pass_s"] > 0 and row["train/valid_s"] > 0
+        assert row["train/sync_s"] < row["train/pass_s"] / 10
+        assert row["train/pass_tasks_per_s"] == row["train/tasks"] / row["train/pass_s"]
     c = fit(apply_overrides(quick_cfg, seed=1, **{"train.epochs": 1}), synthetic_prepared)
     assert a.history[0]["valid/mae"] != c.history[0]["valid/mae"]
 
@@ -186,8 +190,8 @@ def test_a_flat_split_trains_as_the_padded_one_and_a_window_bounds_supports(
         learner = build_learner(cfg, synthetic_prepared, padded)
         optimizer = loop.build_optimizer(learner, cfg)
         shard = loop.Shard.whole(tasks)
-        loss, seen = loop.train_epoch(learner, optimizer, shard, torch.Generator().manual_seed(0))
-        return loss, seen, [p.detach().clone() for p in learner.parameters()]
+        done = loop.train_epoch(learner, optimizer, shard, torch.Generator().manual_seed(0))
+        return done.loss, done.seen, [p.detach().clone() for p in learner.parameters()]
 
     a, b = epoch(quick_cfg, padded), epoch(quick_cfg, ragged_from_table(table))
     assert a[0] == b[0] and torch.equal(a[1], b[1])
@@ -248,29 +252,41 @@ def test_validation_sharded_across_workers_sums_to_the_whole(
 
 def test_a_frozen_item_table_is_not_all_reduced(quick_cfg, synthetic_prepared):
     """``meta.item_lr_scale: 0`` (the default) freezes the pretrained item table: the one
-    all-reduce per meta-batch carries only what the step moves (and the loss)."""
+    all-reduce per meta-batch carries only what the step moves (and the loss). A training
+    table syncs the rows a batch touched (after a uint8 mask of them), or all of it."""
     from metarec import loop
     from metarec.batch import from_table
     from metarec.initialise import build_learner
 
     train = from_table(synthetic_prepared.tasks("user_cold", "train"))
-    sizes = {}
-    for scale in (0.0, 0.1):
+    sizes, tables = {}, {}
+    for scale, sync in ((0.0, "sparse"), (0.1, "dense"), (0.1, "sparse")):
         cfg = apply_overrides(quick_cfg, **{"meta.item_lr_scale": scale})
         learner = build_learner(cfg, synthetic_prepared, train)
         optimizer = loop.build_optimizer(learner, cfg)
         table = learner.model.emb["item"].detach().clone()
         sent = []
-        loop.train_epoch(
+        done = loop.train_epoch(
             learner,
             optimizer,
             loop.Shard.whole(train),
             torch.Generator().manual_seed(0),
-            all_reduce=lambda t, sent=sent: sent.append(t.numel()),
+            all_reduce=lambda t, sent=sent: sent.append((t.dtype, t.numel())),
+            item_sync=sync,
         )
-        sizes[scale] = sent[0]
-        assert loop.allreduce_bytes(optimizer) == sent[0] * table.element_size()  # as logged
+        sizes[scale, sync] = sent
+        tables[scale, sync] = learner.model.emb["item"].detach().clone()
         moved = not torch.equal(learner.model.emb["item"], table)
         assert moved == (scale > 0)
+        per_step = sum(n * (1 if d == torch.uint8 else 4) for d, n in sent) / done.steps
+        assert done.sent_bytes == per_step  # as logged
+    dense_step = loop.allreduce_bytes(optimizer)
+    assert [n * 4 for _, n in sizes[0.1, "dense"]] == [dense_step] * len(sizes[0.1, "dense"])
+    assert all(d == torch.float32 for d, _ in sizes[0.0, "sparse"])  # frozen: no mask
     item = learner.model.emb["item"].numel() + learner.model.item_bias.numel()
-    assert sizes[0.1] - sizes[0.0] == item
+    assert sizes[0.1, "dense"][0][1] - sizes[0.0, "sparse"][0][1] == item
+    masks = [n for d, n in sizes[0.1, "sparse"] if d == torch.uint8]
+    assert masks == [len(learner.model.emb["item"]) + len(learner.model.item_bias)] * len(masks)
+    values = [n for d, n in sizes[0.1, "sparse"] if d != torch.uint8]
+    assert len(values) == len(masks) and max(values) < sizes[0.1, "dense"][0][1]
+    assert torch.equal(tables[0.1, "sparse"], tables[0.1, "dense"])  # the same sums

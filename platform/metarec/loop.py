@@ -9,6 +9,7 @@ torch's global RNG for the parameter initialisation only.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,6 +36,7 @@ from metarec.train_state import TrainState
 
 __all__ = [
     "VALID_KEYS",
+    "EpochPass",
     "FitResult",
     "Shard",
     "TaskCoverageError",
@@ -42,6 +44,7 @@ __all__ = [
     "best_key",
     "check_coverage",
     "fit",
+    "item_tables",
     "predict_items",
     "predict_query",
     "rank_rows",
@@ -121,6 +124,7 @@ def shard_summary(tasks: Tasks) -> tuple[Tensor, Tensor, int]:
 
 
 AllReduce = Callable[[Tensor], None]  # in-place sum across workers
+ITEM_PARAMETERS = ("model.emb.item", "model.item_bias")  # one row per item
 
 
 class TaskCoverageError(RuntimeError):
@@ -158,27 +162,70 @@ def synced_parameters(optimizer: torch.optim.Optimizer) -> list[Tensor]:
 
 
 def allreduce_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes each worker sends into the one all-reduce of a meta-batch (gradients + loss)."""
+    """Bytes a worker sends into a meta-batch's all-reduce with every gradient dense (and
+    the loss): what ``train.item_sync: dense`` sends, and the sparse sync's upper bound."""
     params = synced_parameters(optimizer)
     if not params:
         return 0
     return (sum(p.numel() for p in params) + 1) * params[0].element_size()
 
 
-def _sum_across_workers(params: list[Tensor], loss: Tensor, all_reduce: AllReduce) -> Tensor:
-    """Sum every gradient and the loss over workers in one collective; returns the loss.
+def item_tables(learner: MetaLearner) -> list[Tensor]:
+    """The item-id parameters: one row per item, so a meta-batch's gradient touches only
+    the rows of the items its tasks hold (and their negatives)."""
+    named = dict(learner.named_parameters())
+    return [named[n] for n in ITEM_PARAMETERS if n in named]
+
+
+def _sum_across_workers(
+    params: list[Tensor], loss: Tensor, all_reduce: AllReduce, sparse: list[bool]
+) -> tuple[Tensor, int]:
+    """Sum every gradient and the loss over workers; returns the loss and the bytes sent.
 
     Gradients a batch did not produce become zeros (as on a worker that held none of the
-    batch), so Adam sees the same thing in 1 or N processes.
+    batch), so Adam sees the same thing in 1 or N processes. A ``sparse`` parameter (an item
+    table) travels as the rows any worker touched: one all-reduce of a uint8 mask per row
+    (the union: a count of the workers that touched it) and then, in the one collective of
+    the rest, those rows alone, scattered back into zeros. The sums are the dense ones bit
+    for bit (an untouched row is exactly zero everywhere); what shrinks is (rows x dim) to
+    (rows + touched x dim).
     """
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(1).to(grads[0])])
+    rows: dict[int, Tensor] = {}
+    sent = 0
+    if any(sparse):
+        tables = [i for i, s in enumerate(sparse) if s]
+        touched = torch.cat([(grads[i].reshape(len(grads[i]), -1) != 0).any(1) for i in tables])
+        touched = touched.to(torch.uint8)
+        all_reduce(touched)
+        sent += touched.numel()
+        for i, part in zip(tables, touched.split([len(grads[i]) for i in tables]), strict=True):
+            rows[i] = part.nonzero().squeeze(1)
+    parts = [grads[i][rows[i]] if i in rows else g for i, g in enumerate(grads)]
+    flat = torch.cat([g.reshape(-1) for g in parts] + [loss.reshape(1).to(grads[0])])
     all_reduce(flat)
+    sent += flat.numel() * flat.element_size()
     offset = 0
-    for p in params:
-        p.grad = flat[offset : offset + p.numel()].view_as(p)
-        offset += p.numel()
-    return flat[-1]
+    for i, (p, part) in enumerate(zip(params, parts, strict=True)):
+        values = flat[offset : offset + part.numel()].view_as(part)
+        if i in rows:
+            p.grad = torch.zeros_like(p).index_copy_(0, rows[i], values)
+        else:
+            p.grad = values
+        offset += part.numel()
+    return flat[-1], sent
+
+
+@dataclass(frozen=True)
+class EpochPass:
+    """What ``train_epoch`` returns: the loss, the coverage, and where the time went."""
+
+    loss: float  # mean query loss over every task of the epoch
+    seen: Tensor  # (N,) int64: this worker's visits to each task (``check_coverage`` sums)
+    seconds: float  # the pass alone: no validation, checkpoint or report
+    sync_s: float  # inside the all-reduce: the transfer plus waiting for the slowest worker
+    sent_bytes: float  # a meta-batch's mean bytes into the collectives (0 in one process)
+    steps: int  # meta-batches
 
 
 def train_epoch(
@@ -188,23 +235,30 @@ def train_epoch(
     generator: torch.Generator,
     *,
     all_reduce: AllReduce | None = None,
-) -> tuple[float, Tensor]:
+    item_sync: str = "sparse",
+) -> EpochPass:
     """One pass over every task in bucketed meta-batches.
 
-    Every worker runs the same sequence of batches (and of ``all_reduce`` calls, one per
-    meta-batch: gradients and loss in one flat tensor); a worker holding none of a batch
-    contributes zeros.
-
-    Returns:
-        The mean query loss, and (N,) int64: how often this worker trained on each task of
-        the canonical list (``check_coverage`` sums it over workers).
+    Every worker runs the same sequence of batches (and of ``all_reduce`` calls: per
+    meta-batch the gradients and loss in one flat tensor, after the touched-row mask when a
+    training item table syncs ``sparse``); a worker holding none of a batch contributes
+    zeros.
     """
     cfg = learner.cfg
     device = _device(learner)
     params = synced_parameters(optimizer)
+    moved = {id(p) for p in params}
+    # a frozen group's gradients (the pretrained item table): dropped before the step, so
+    # Adam, which skips a parameter without one, does no work on what lr 0 cannot move
+    frozen = [p for p in learner.parameters() if p.requires_grad and id(p) not in moved]
+    sparse = [False] * len(params)
+    if all_reduce is not None and item_sync == "sparse":
+        tables = {id(t) for t in item_tables(learner)}
+        sparse = [id(p) in tables for p in params]
     longest = int(shard.lengths.max())
     total = torch.zeros((), dtype=torch.float64)
     seen = torch.zeros(len(shard.lengths), dtype=torch.int64)
+    start, sync_s, sent, steps = time.perf_counter(), 0.0, 0, 0
     for index in bucketed_batches(shard.lengths, cfg.meta_batch_size, generator):
         keys = torch.rand(len(index), longest, generator=generator) if cfg.resample_query else None
         short = None
@@ -233,11 +287,17 @@ def train_epoch(
                 batch = batch.with_negatives(*zip(neg.chunk(2, 1), ok.chunk(2, 1), strict=True))
             metrics = meta_gradients(learner, batch.to(device), denominator=len(index))
             loss = metrics["query_loss"]
-        loss = _sum_across_workers(params, loss, all_reduce or (lambda _: None))
+        before = time.perf_counter()
+        loss, size = _sum_across_workers(params, loss, all_reduce or (lambda _: None), sparse)
+        sync_s, sent, steps = sync_s + time.perf_counter() - before, sent + size, steps + 1
+        for p in frozen:
+            p.grad = None
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         total += float(loss) * len(index)
-    return float(total / len(shard.lengths)), seen
+    seconds = time.perf_counter() - start
+    sent_bytes = sent / max(steps, 1) if all_reduce is not None else 0.0
+    return EpochPass(float(total / len(shard.lengths)), seen, seconds, sync_s, sent_bytes, steps)
 
 
 def _device(learner: MetaLearner) -> torch.device:
@@ -386,9 +446,18 @@ class _Adapted:
 
 def build_optimizer(learner: MetaLearner, cfg: MetarecConfig) -> torch.optim.Optimizer:
     """Adam over the meta-parameters; item-id parameters get ``item_lr_scale`` x the lr
-    (0 freezes pretrained item factors and biases, see ``model.pretrain_items``)."""
-    item = {"model.emb.item", "model.item_bias"}
+    (0 freezes pretrained item factors and biases, see ``model.pretrain_items``).
+
+    A frozen table no task adapts also stops taking gradients: its backward (a dense
+    items x dim tensor every meta-batch) and Adam's pass over it would move nothing.
+    """
+    item = set(ITEM_PARAMETERS)
     named = list(learner.named_parameters())
+    if cfg.meta.item_lr_scale == 0:
+        adapted = {f"model.{n}" for n in learner.personal}
+        for n, p in named:
+            if n in item and n not in adapted:
+                p.requires_grad_(False)
     groups = [
         {"params": [p for n, p in named if n not in item], "lr": cfg.meta.outer_lr},
         {
@@ -437,9 +506,16 @@ def run_epochs(
         if state.stopped:
             break
         learner.train()
-        loss, seen = train_epoch(learner, optimizer, shard, generator, all_reduce=all_reduce)
-        tasks = check_coverage(seen, expected, epoch=epoch, all_reduce=all_reduce)
-        chunk = cfg.train.eval_batch_size
+        done = train_epoch(
+            learner,
+            optimizer,
+            shard,
+            generator,
+            all_reduce=all_reduce,
+            item_sync=cfg.train.item_sync,
+        )
+        tasks = check_coverage(done.seen, expected, epoch=epoch, all_reduce=all_reduce)
+        chunk, validated = cfg.train.eval_batch_size, time.perf_counter()
         if all_reduce is not None:  # every worker's share, summed
             totals = torch.zeros(2, dtype=torch.float64)
             if valid is not None:
@@ -450,10 +526,15 @@ def run_epochs(
             mae = valid_objective(learner, valid, chunk=chunk) if valid is not None else 0.0
         row = {
             "epoch": epoch,
-            "train/query_loss": loss,
+            "train/query_loss": done.loss,
             valid_key(learner.feedback): mae,
             "train/tasks": tasks,
-            "train/allreduce_bytes": float(allreduce_bytes(optimizer)),
+            "train/allreduce_bytes": done.sent_bytes,
+            "train/allreduce_bytes_dense": float(allreduce_bytes(optimizer)),
+            "train/pass_s": done.seconds,
+            "train/pass_tasks_per_s": tasks / done.seconds,
+            "train/sync_s": done.sync_s,
+            "train/valid_s": time.perf_counter() - validated,
         }
         state.history.append(row)
         state.epoch, state.rng = epoch + 1, generator.get_state()

@@ -198,6 +198,9 @@ class TrainConfig:
     cpus_per_worker: Positive | None = None  # None: leave one CPU for Ray Data, at most 1 each
     # Ray's placement of the workers across nodes: STRICT_SPREAD puts each on its own node
     placement: Placement = "PACK"
+    # a training item table's gradient across workers: "sparse" sends the rows a meta-batch
+    # touched (a union mask, then those rows); "dense" the whole table. Same sums, bit for bit
+    item_sync: Literal["sparse", "dense"] = "sparse"
 
 
 @dataclass
