@@ -163,3 +163,33 @@ def test_a_window_keeps_at_most_n_support_ratings_and_all_of_a_short_support():
     assert cut.support_items.tolist() == [[1, 2, 3], [5, 6, 0]]
     assert cut.support_mask.sum(1).tolist() == [3, 2]
     assert tasks.windowed(4) is tasks
+
+
+def test_a_share_of_blocks_is_written_flat_as_the_concatenated_sorted_table(synthetic_prepared):
+    """``ragged_from_blocks`` (a Ray worker's read: its users' tasks out of many blocks, in
+    user-id order) equals filtering, concatenating and sorting the table first, then
+    flattening it; without users or sorting it is the table as it comes."""
+    import itertools
+
+    import numpy as np
+
+    from metarec.batch import ragged_from_blocks, ragged_from_table
+
+    table = synthetic_prepared.tasks("user_cold", "train")
+    order = np.random.default_rng(0).permutation(table.num_rows)
+    shuffled = table.take(pa.array(order))  # blocks hold users in no particular order
+    cuts = [0, 1, 1, 57, 200, shuffled.num_rows]  # an empty block and a one-row block
+    blocks = [shuffled.slice(a, b - a) for a, b in itertools.pairwise(cuts)]
+    users = shuffled.column("user").to_numpy()
+    mine = np.sort(users)[1::3]
+    expected = shuffled.filter(pa.array(np.isin(users, mine)))
+    expected = expected.take(pa.array(np.argsort(expected.column("user").to_numpy())))
+
+    def same(a, b):
+        return all(torch.equal(getattr(a, f.name), getattr(b, f.name)) for f in fields(a))
+
+    got = ragged_from_blocks(blocks, mine, by_user=True)
+    assert got.num_tasks == len(mine) and same(got, ragged_from_table(expected))
+    assert same(got.select(torch.arange(len(mine))), from_table(expected))  # the padded path
+    assert same(ragged_from_blocks(blocks), ragged_from_table(shuffled))
+    assert ragged_from_blocks(blocks, mine[:0], by_user=True).num_tasks == 0

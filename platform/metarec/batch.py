@@ -10,10 +10,12 @@ ratings themselves, so users with thousands of ratings pad nobody but their own 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch import Tensor
 
@@ -25,6 +27,7 @@ __all__ = [
     "bucketed_batches",
     "from_table",
     "item_marks",
+    "ragged_from_blocks",
     "ragged_from_table",
 ]
 
@@ -310,33 +313,60 @@ Tasks = TaskBatch | RaggedTasks  # a whole split: padded, or flat
 
 
 def ragged_from_table(table: pa.Table) -> RaggedTasks:
-    """A prepared tasks table -> ``RaggedTasks`` (vectorized: offsets and one scatter)."""
-    parts = {}
-    for side in ("support", "query"):
-        items = table.column(f"{side}_items").combine_chunks()
-        ratings = table.column(f"{side}_ratings").combine_chunks()
-        offsets = items.offsets.to_numpy().astype(np.int64)
-        parts[side] = (
-            np.diff(offsets),
-            offsets[:-1] - offsets[0],
-            items.flatten().to_numpy(zero_copy_only=False),
-            ratings.flatten().to_numpy(zero_copy_only=False),
-        )
-    s_len, q_len = parts["support"][0], parts["query"][0]
-    total = s_len + q_len
-    offsets = np.concatenate([[0], np.cumsum(total)]).astype(np.int64)
+    """A prepared tasks table -> ``RaggedTasks`` in the table's row order."""
+    return ragged_from_blocks([table])
+
+
+def ragged_from_blocks(
+    blocks: Sequence[pa.Table], users: np.ndarray | None = None, *, by_user: bool = False
+) -> RaggedTasks:
+    """The tasks of ``blocks`` (those of ``users`` only, when given) as one ``RaggedTasks``,
+    in block order or, ``by_user``, in user-id order.
+
+    Written straight into the final arrays in two passes (the rows and their lengths, then
+    each block's ratings to their places), so the peak is the result plus one block's rows:
+    a worker that concatenated, sorted and then flattened its share held about three more
+    copies of it at once, which is most of what its memory grew by with the data.
+    """
+    picks, ids, lengths = [], [], {"support": [], "query": []}
+    for block in blocks:
+        user = block.column("user").to_numpy()
+        rows = np.arange(len(user)) if users is None else np.flatnonzero(np.isin(user, users))
+        picks.append(rows)
+        ids.append(user[rows].astype(np.int64))
+        for side, out in lengths.items():
+            n = pc.list_value_length(block.column(f"{side}_items")).to_numpy()
+            out.append(n[rows].astype(np.int64))
+    user_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    s_len, q_len = (np.concatenate(v) if v else np.zeros(0, np.int64) for v in lengths.values())
+    order = np.argsort(user_ids, kind="stable") if by_user else np.arange(len(user_ids))
+    place = np.empty_like(order)
+    place[order] = np.arange(len(order))  # the output row of each gathered row
+    offsets = np.concatenate([[0], np.cumsum((s_len + q_len)[order])]).astype(np.int64)
     items = np.zeros(int(offsets[-1]), dtype=np.int64)
     ratings = np.zeros(int(offsets[-1]), dtype=np.float32)
-    for side, shift in (("support", offsets[:-1]), ("query", offsets[:-1] + s_len)):
-        lengths, starts, its, rs = parts[side]
-        dest = np.repeat(shift - starts, lengths) + np.arange(len(its))
-        items[dest], ratings[dest] = its, rs
+    done = 0
+    for block, rows in zip(blocks, picks, strict=True):
+        here = slice(done, done + len(rows))
+        done += len(rows)
+        if not len(rows):
+            continue
+        part = block.take(pa.array(rows)) if users is not None else block
+        start = offsets[place[here]]
+        for side, shift in (("support", start), ("query", start + s_len[here])):
+            its = part.column(f"{side}_items").combine_chunks()
+            rs = part.column(f"{side}_ratings").combine_chunks()
+            begin = its.offsets.to_numpy().astype(np.int64)
+            values = its.flatten().to_numpy(zero_copy_only=False)
+            dest = np.repeat(shift - (begin[:-1] - begin[0]), np.diff(begin))
+            dest += np.arange(len(values))
+            items[dest], ratings[dest] = values, rs.flatten().to_numpy(zero_copy_only=False)
     return RaggedTasks(
-        users=torch.as_tensor(table.column("user").to_numpy().astype(np.int64)),
+        users=torch.from_numpy(user_ids[order]),
         items=torch.from_numpy(items),
         ratings=torch.from_numpy(ratings),
         offsets=torch.from_numpy(offsets),
-        n_support=torch.from_numpy(s_len.astype(np.int64)),
+        n_support=torch.from_numpy(s_len[order]),
     )
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from metarec.batch import RaggedTasks, TaskBatch, from_table, ragged_from_table
+from metarec.batch import RaggedTasks, TaskBatch, from_table, ragged_from_blocks
 from metarec.checkpoint import (
     learner_from_checkpoint,
     load_checkpoint,
@@ -141,19 +141,23 @@ def _read(
     """``rank``'s tasks (``loop.rank_rows``; all of them when ``world`` is 1) from Ray Data:
     padded, or ``flat`` (training: heavy users pad nobody).
 
-    The blocks come zero-copy from Ray's object store; each is cut to this rank's rows
-    (``rank_rows`` needs every block's user ids first), so what this worker copies into its
-    own memory is its share alone.
+    The blocks come zero-copy from Ray's object store; this rank's rows of each (``rank_rows``
+    needs every block's user ids first) are copied straight into the flat store
+    (``batch.ragged_from_blocks``), so what this worker holds is its share, once.
     """
     blocks = list(iterator.iter_batches(batch_format="pyarrow", batch_size=None))
     if not blocks:
         raise ConfigError("train: a worker received no tasks; use fewer workers")
+    mine = None
     if world > 1:
         ids = np.concatenate([b.column("user").to_numpy() for b in blocks]).astype(np.int64)
         users = torch.as_tensor(ids)
         mine = users[rank_rows(users, rank, world)].numpy()
+    if flat:  # user-id order, as rank_rows lists them
+        return ragged_from_blocks(blocks, mine, by_user=world > 1)
+    if mine is not None:
         blocks = [b.filter(pa.array(np.isin(b.column("user").to_numpy(), mine))) for b in blocks]
     table = pa.concat_tables(blocks).combine_chunks()
-    if world > 1:  # user-id order, as rank_rows lists them
+    if mine is not None:  # user-id order, as rank_rows lists them
         table = table.take(pa.array(np.argsort(table.column("user").to_numpy(), kind="stable")))
-    return ragged_from_table(table) if flat else from_table(table)
+    return from_table(table)
