@@ -55,7 +55,23 @@ class BarrierSum:
         return all_reduce
 
 
-def _run(cfg, ds, n_workers: int, *, drop: int = 0):
+class Deferred:
+    """A worker's all-reduce whose ``start`` sums only when waited on, as a background
+    collective may: whatever ``train_epoch`` does between the two (cutting the next
+    meta-batch) must not read the sum."""
+
+    def __init__(self, all_reduce) -> None:
+        self.all_reduce, self.started = all_reduce, 0
+
+    def __call__(self, t: torch.Tensor) -> None:
+        self.all_reduce(t)
+
+    def start(self, t: torch.Tensor):
+        self.started += 1
+        return lambda: self.all_reduce(t)
+
+
+def _run(cfg, ds, n_workers: int, *, drop: int = 0, deferred: list | None = None):
     """Train ``n_workers`` threads; ``drop`` tasks are withheld from the last worker (a
     lossy split). Returns rank 0's history, the per-rank users and the visit counts."""
     train = from_table(ds.tasks("user_cold", "train"))
@@ -66,6 +82,10 @@ def _run(cfg, ds, n_workers: int, *, drop: int = 0):
         parts[-1] = parts[-1].select(torch.arange(parts[-1].num_tasks - drop))
     summaries = [shard_summary(p) for p in parts]
     sync = BarrierSum(n_workers)
+    reducers = [sync.for_rank(rank) if n_workers > 1 else None for rank in range(n_workers)]
+    if deferred is not None:  # collects the Deferred reducers it used
+        reducers = [Deferred(r) for r in reducers]
+        deferred.extend(reducers)
     histories: list = [None] * n_workers
     errors: list = [None] * n_workers
 
@@ -81,7 +101,7 @@ def _run(cfg, ds, n_workers: int, *, drop: int = 0):
                 shard,
                 valid.to("cpu", next(learner.parameters()).dtype) if rank == 0 else None,
                 TrainState(),
-                all_reduce=sync.for_rank(rank) if n_workers > 1 else None,
+                all_reduce=reducers[rank],
                 expected_tasks=train.num_tasks,
             )
             histories[rank] = state.history
@@ -104,6 +124,12 @@ def test_three_workers_take_exactly_the_steps_of_one(synthetic_cfg, uneven_prepa
     cfg = apply_overrides(synthetic_cfg, **{"train.epochs": 2, "meta.inner_steps": 2})
     one, _, _ = _run(cfg, uneven_prepared, 1)
     three, users, counts = _run(cfg, uneven_prepared, 3)  # 481 tasks: 161, 160, 160
+    # the next meta-batch is cut while a step's sum runs in the background: the same steps
+    used: list = []
+    later = _run(cfg, uneven_prepared, 3, deferred=used)[0]
+    steps = ("train/query_loss", "valid/mae")
+    assert [[r[k] for k in steps] for r in later] == [[r[k] for k in steps] for r in three]
+    assert all(d.started > 2 * 5 for d in used)  # every meta-batch of both epochs started
     for a, b in zip(one, three, strict=True):
         assert abs(a["train/query_loss"] - b["train/query_loss"]) < 1e-9
         assert abs(a["valid/mae"] - b["valid/mae"]) < 1e-9

@@ -10,7 +10,7 @@ torch's global RNG for the parameter initialisation only.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -123,7 +123,9 @@ def shard_summary(tasks: Tasks) -> tuple[Tensor, Tensor, int]:
     return tasks.users, support + query, int(query.max()) if tasks.num_tasks else 0
 
 
-AllReduce = Callable[[Tensor], None]  # in-place sum across workers
+# in-place sum across workers; one with a ``start(t)`` method, which returns what waits for
+# the sum, lets a step's collective run while the next meta-batch is cut
+AllReduce = Callable[[Tensor], None]
 ITEM_PARAMETERS = ("model.emb.item", "model.item_bias")  # one row per item
 
 
@@ -177,11 +179,14 @@ def item_tables(learner: MetaLearner) -> list[Tensor]:
     return [named[n] for n in ITEM_PARAMETERS if n in named]
 
 
-def _sum_across_workers(
+def _start_sum(
     params: list[Tensor], loss: Tensor, all_reduce: AllReduce, sparse: list[bool]
-) -> tuple[Tensor, int]:
-    """Sum every gradient and the loss over workers; returns the loss and the bytes sent.
+) -> Callable[[], tuple[Tensor, int]]:
+    """Start summing every gradient and the loss over workers; returns what finishes it
+    (writes the summed gradients, returns the loss and the bytes sent).
 
+    The flat collective runs in the background where ``all_reduce`` can (its ``start``
+    method returns what waits for it), so the caller cuts the next meta-batch meanwhile.
     Gradients a batch did not produce become zeros (as on a worker that held none of the
     batch), so Adam sees the same thing in 1 or N processes. A ``sparse`` parameter (an item
     table) travels as the rows any worker touched: one all-reduce of a uint8 mask per row
@@ -203,17 +208,27 @@ def _sum_across_workers(
             rows[i] = part.nonzero().squeeze(1)
     parts = [grads[i][rows[i]] if i in rows else g for i, g in enumerate(grads)]
     flat = torch.cat([g.reshape(-1) for g in parts] + [loss.reshape(1).to(grads[0])])
-    all_reduce(flat)
+    start, wait = getattr(all_reduce, "start", None), None
+    if start is not None:
+        wait = start(flat)
+    else:
+        all_reduce(flat)
     sent += flat.numel() * flat.element_size()
-    offset = 0
-    for i, (p, part) in enumerate(zip(params, parts, strict=True)):
-        values = flat[offset : offset + part.numel()].view_as(part)
-        if i in rows:
-            p.grad = torch.zeros_like(p).index_copy_(0, rows[i], values)
-        else:
-            p.grad = values
-        offset += part.numel()
-    return flat[-1], sent
+
+    def finish() -> tuple[Tensor, int]:
+        if wait is not None:
+            wait()
+        offset = 0
+        for i, (p, part) in enumerate(zip(params, parts, strict=True)):
+            values = flat[offset : offset + part.numel()].view_as(part)
+            if i in rows:
+                p.grad = torch.zeros_like(p).index_copy_(0, rows[i], values)
+            else:
+                p.grad = values
+            offset += part.numel()
+        return flat[-1], sent
+
+    return finish
 
 
 @dataclass(frozen=True)
@@ -255,10 +270,51 @@ def train_epoch(
     if all_reduce is not None and item_sync == "sparse":
         tables = {id(t) for t in item_tables(learner)}
         sparse = [id(p) in tables for p in params]
-    longest = int(shard.lengths.max())
     total = torch.zeros((), dtype=torch.float64)
     seen = torch.zeros(len(shard.lengths), dtype=torch.int64)
     start, sync_s, sent, steps = time.perf_counter(), 0.0, 0, 0
+    batches = _cut_batches(learner, shard, generator, seen)
+    upcoming = next(batches, None)
+    while upcoming is not None:
+        size, batch = upcoming
+        optimizer.zero_grad(set_to_none=False)
+        loss = torch.zeros((), device=device)
+        if batch is not None:
+            loss = meta_gradients(learner, batch, denominator=size)["query_loss"]
+        began = time.perf_counter()
+        finish = _start_sum(params, loss, all_reduce or _alone, sparse)
+        cut = time.perf_counter()
+        upcoming = next(batches, None)  # cut while the collective runs: it reads no weights
+        waited = time.perf_counter()
+        loss, size_sent = finish()
+        sync_s += (cut - began) + (time.perf_counter() - waited)
+        sent, steps = sent + size_sent, steps + 1
+        for p in frozen:
+            p.grad = None
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        total += float(loss) * size
+    seconds = time.perf_counter() - start
+    sent_bytes = sent / max(steps, 1) if all_reduce is not None else 0.0
+    return EpochPass(float(total / len(shard.lengths)), seen, seconds, sync_s, sent_bytes, steps)
+
+
+def _alone(_: Tensor) -> None:
+    """One process: nothing to sum."""
+
+
+def _cut_batches(
+    learner: MetaLearner, shard: Shard, generator: torch.Generator, seen: Tensor
+) -> Iterator[tuple[int, TaskBatch | None]]:
+    """The epoch's meta-batches as this worker computes them: (the batch's size over all
+    workers, this worker's part of it on the learner's device, or None if it holds none).
+
+    Every draw comes from ``generator`` in batch order and none reads the weights, so a
+    batch can be cut while the previous step's collective runs. Counts each task this
+    worker trains on into ``seen``.
+    """
+    cfg, device = learner.cfg, _device(learner)
+    longest = int(shard.lengths.max())
     for index in bucketed_batches(shard.lengths, cfg.meta_batch_size, generator):
         keys = torch.rand(len(index), longest, generator=generator) if cfg.resample_query else None
         short = None
@@ -270,34 +326,22 @@ def train_epoch(
             cand = learner.negative_candidates(len(index), 2 * cfg.negatives, generator)
         rows = shard.local[index]
         mine = rows >= 0
-        optimizer.zero_grad(set_to_none=False)
-        loss = torch.zeros((), device=device)
-        if bool(mine.any()):
-            batch = shard.tasks.select(rows[mine])
-            seen.index_add_(0, index[mine], torch.ones(len(batch.users), dtype=torch.int64))
-            if keys is not None:
-                batch = batch.resampled(shard.query_size, keys[mine])
-            if cfg.support_window is not None:
-                batch = batch.windowed(cfg.support_window)
-            if short is not None:
-                batch = batch.shortened(short[mine])
-            if cand is not None:  # half of each task's negatives to its support, half to its query
-                items, _, mask = batch.merged()
-                neg, ok = keep_negatives(cand[mine], items, mask, 2 * cfg.negatives)
-                batch = batch.with_negatives(*zip(neg.chunk(2, 1), ok.chunk(2, 1), strict=True))
-            metrics = meta_gradients(learner, batch.to(device), denominator=len(index))
-            loss = metrics["query_loss"]
-        before = time.perf_counter()
-        loss, size = _sum_across_workers(params, loss, all_reduce or (lambda _: None), sparse)
-        sync_s, sent, steps = sync_s + time.perf_counter() - before, sent + size, steps + 1
-        for p in frozen:
-            p.grad = None
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        total += float(loss) * len(index)
-    seconds = time.perf_counter() - start
-    sent_bytes = sent / max(steps, 1) if all_reduce is not None else 0.0
-    return EpochPass(float(total / len(shard.lengths)), seen, seconds, sync_s, sent_bytes, steps)
+        if not bool(mine.any()):
+            yield len(index), None
+            continue
+        batch = shard.tasks.select(rows[mine])
+        seen.index_add_(0, index[mine], torch.ones(len(batch.users), dtype=torch.int64))
+        if keys is not None:
+            batch = batch.resampled(shard.query_size, keys[mine])
+        if cfg.support_window is not None:
+            batch = batch.windowed(cfg.support_window)
+        if short is not None:
+            batch = batch.shortened(short[mine])
+        if cand is not None:  # half of each task's negatives to its support, half to its query
+            items, _, mask = batch.merged()
+            neg, ok = keep_negatives(cand[mine], items, mask, 2 * cfg.negatives)
+            batch = batch.with_negatives(*zip(neg.chunk(2, 1), ok.chunk(2, 1), strict=True))
+        yield len(index), batch.to(device)
 
 
 def _device(learner: MetaLearner) -> torch.device:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -75,11 +76,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     if world > 1:
         summaries = [None] * world
         dist.all_gather_object(summaries, shard_summary(tasks))
-
-        def all_reduce(t: torch.Tensor) -> None:
-            on_device = t.to(device)
-            dist.all_reduce(on_device)
-            t.copy_(on_device)
+        all_reduce = _Collective(device)
 
     shard = Shard.gathered(tasks, summaries)
     # each worker validates its share of the users (every world-th, as for training), flat:
@@ -133,6 +130,31 @@ def worker_loop(config: dict[str, Any]) -> None:
         on_epoch=on_epoch,
         expected_tasks=config["expected_tasks"],
     )
+
+
+class _Collective:
+    """Sum a tensor across the workers in place (gloo on CPU, NCCL on GPU); ``start``
+    begins it in the background and returns what waits for it (``loop.train_epoch`` cuts
+    the next meta-batch meanwhile)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __call__(self, t: torch.Tensor) -> None:
+        self.start(t)()
+
+    def start(self, t: torch.Tensor) -> Callable[[], None]:
+        import torch.distributed as dist
+
+        on_device = t.to(self.device)
+        work = dist.all_reduce(on_device, async_op=True)
+
+        def wait() -> None:
+            work.wait()
+            if on_device is not t:
+                t.copy_(on_device)
+
+        return wait
 
 
 def _read(
