@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -238,7 +239,7 @@ class EpochPass:
     loss: float  # mean query loss over every task of the epoch
     seen: Tensor  # (N,) int64: this worker's visits to each task (``check_coverage`` sums)
     seconds: float  # the pass alone: no validation, checkpoint or report
-    sync_s: float  # inside the all-reduce: the transfer plus waiting for the slowest worker
+    sync_s: float  # blocked in the collectives: the transfer plus waiting for the slowest
     sent_bytes: float  # a meta-batch's mean bytes into the collectives (0 in one process)
     steps: int  # meta-batches
 
@@ -250,7 +251,7 @@ def train_epoch(
     generator: torch.Generator,
     *,
     all_reduce: AllReduce | None = None,
-    item_sync: str = "sparse",
+    item_sync: Literal["sparse", "dense"] = "sparse",
 ) -> EpochPass:
     """One pass over every task in bucketed meta-batches.
 
