@@ -130,6 +130,9 @@ def test_two_workers_follow_the_one_worker_trajectory(runs):
         assert b["valid/mae"] == pytest.approx(a["valid/mae"], rel=1e-7)
     # Every task once per epoch (each worker checked it, or the run would have failed).
     assert [r["train/tasks"] for r in h2] == [TASKS] * 3
+    # the largest worker's memory, once it held its data and so far (never falling)
+    peaks = [r["train/worker_peak_mb"] for r in h2]
+    assert 50 < h2[0]["train/worker_read_peak_mb"] <= peaks[0] and peaks == sorted(peaks)
 
 
 def test_run_is_tracked_on_a_real_mlflow_server(runs, quick, mlflow_server, tmp_path):

@@ -9,6 +9,7 @@ checkpoints and logs every epoch.
 
 from __future__ import annotations
 
+import resource
 import tempfile
 import time
 from collections.abc import Callable
@@ -82,6 +83,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     # each worker validates its share of the users (every world-th, as for training), flat:
     # padded only chunk by chunk (``loop.valid_totals``); one worker validates as in process
     valid = _read(ray.train.get_dataset_shard("valid"), rank=rank, world=world, flat=world > 1)
+    read_peak = _largest_peak_rss_mb(world)
     key = valid_key(learner.feedback)
     logger = EpochLogger(config["tracking_uri"], config["run_id"], key) if rank == 0 else None
     if logger is not None:
@@ -92,6 +94,9 @@ def worker_loop(config: dict[str, Any]) -> None:
         now = time.perf_counter()
         row["train/epoch_s"] = now - clock[0]
         row["train/tasks_per_s"] = len(shard.lengths) / row["train/epoch_s"]
+        # the largest worker's peak RSS once it held its data, and so far
+        row["train/worker_read_peak_mb"] = read_peak
+        row["train/worker_peak_mb"] = _largest_peak_rss_mb(world)
         clock[0] = now
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
@@ -130,6 +135,17 @@ def worker_loop(config: dict[str, Any]) -> None:
         on_epoch=on_epoch,
         expected_tasks=config["expected_tasks"],
     )
+
+
+def _largest_peak_rss_mb(world: int) -> float:
+    """The largest peak resident memory (MB) of any worker so far (``ru_maxrss``; all
+    workers must call it together)."""
+    import torch.distributed as dist
+
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])
+    if world > 1:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return float(peak)
 
 
 class _Collective:
