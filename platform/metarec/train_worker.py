@@ -16,10 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 
-from metarec.batch import RaggedTasks, TaskBatch, from_table, ragged_from_blocks
+from metarec.batch import RaggedTasks, TaskBatch, ragged_from_blocks
 from metarec.checkpoint import (
     learner_from_checkpoint,
     load_checkpoint,
@@ -177,7 +176,8 @@ def _read(
     iterator: Any, *, rank: int = 0, world: int = 1, flat: bool = False
 ) -> TaskBatch | RaggedTasks:
     """``rank``'s tasks (``loop.rank_rows``; all of them when ``world`` is 1) from Ray Data:
-    padded, or ``flat`` (training: heavy users pad nobody).
+    padded (the same tensors ``batch.from_table`` gives), or ``flat`` (training: heavy
+    users pad nobody).
 
     The blocks come zero-copy from Ray's object store; this rank's rows of each (``rank_rows``
     needs every block's user ids first) are copied straight into the flat store
@@ -191,11 +191,6 @@ def _read(
         ids = np.concatenate([b.column("user").to_numpy() for b in blocks]).astype(np.int64)
         users = torch.as_tensor(ids)
         mine = users[rank_rows(users, rank, world)].numpy()
-    if flat:  # user-id order, as rank_rows lists them
-        return ragged_from_blocks(blocks, mine, by_user=world > 1)
-    if mine is not None:
-        blocks = [b.filter(pa.array(np.isin(b.column("user").to_numpy(), mine))) for b in blocks]
-    table = pa.concat_tables(blocks).combine_chunks()
-    if mine is not None:  # user-id order, as rank_rows lists them
-        table = table.take(pa.array(np.argsort(table.column("user").to_numpy(), kind="stable")))
-    return from_table(table)
+    # user-id order when split, as rank_rows lists them
+    tasks = ragged_from_blocks(blocks, mine, by_user=world > 1)
+    return tasks if flat else tasks.select(torch.arange(tasks.num_tasks))
