@@ -15,8 +15,9 @@ from metarec.batch import TaskBatch
 from metarec.config import MetaConfig
 from metarec.implicit_baselines import ItemKNN
 from metarec.loop import predict_items
-from metarec.meta import MetaLearner, meta_loss, task_loss
+from metarec.meta import SPARSE_NEIGHBOURS, MetaLearner, meta_loss, task_loss
 from metarec.mf import cosine_neighbours
+from metarec.model import sparse_lookup
 from metarec.negatives import fixed_candidates, keep_negatives
 from tests.test_meta import N_ITEMS, _grads, tiny_model
 
@@ -217,6 +218,37 @@ def test_ridge_head_fits_the_neighbour_weight_with_the_rest_of_the_head(implicit
     torch.testing.assert_close(
         gradient(fast), torch.zeros(len(gradient(fast))).double(), atol=1e-7, rtol=0
     )
+
+
+def test_sparse_neighbour_scores_are_the_dense_ones_without_the_catalogue(implicit_tasks):
+    """Serving's form of the neighbourhood term: each reached item once, sorted, with its
+    dense score; every other item the dense score of an item nothing reaches; and a
+    ridge head adapted with it solves the same head (the weight then multiplies it)."""
+    b = implicit_tasks
+    positive = (b.support_ratings > 0) & b.support_mask
+    catalogue = torch.arange(N_ITEMS).expand(b.num_tasks, -1)
+    for graph in (cosine_neighbours(_train(), N_ITEMS, 3), _knn()[1]):  # some items, all
+        model = tiny_model(factor_head=True, graph=graph)
+        dense = model.neighbour_scores(b.support_items, positive)
+        reached, scores, rest = model.sparse_neighbour_scores(b.support_items, positive)
+        torch.testing.assert_close(sparse_lookup(reached, scores, rest, catalogue), dense)
+        for t in range(b.num_tasks):
+            real = reached[t][reached[t] < N_ITEMS]
+            own = graph[0][b.support_items[t][positive[t]]]  # negatives reach nothing
+            assert real.tolist() == sorted(set(own.flatten().tolist()))
+            assert (reached[t][len(real) :] == N_ITEMS).all()  # padding: the catalogue size
+            assert len(real) < N_ITEMS or graph[0].shape[1] > 3  # 3 a support item: some
+    cfg = MetaConfig(adapt="head", inner_solver="ridge", prior_precision=0.7)
+    learner = MetaLearner(model, cfg, feedback="implicit").double()
+    params = {n: p.detach() for n, p in learner.params().items()}
+    support = (b.users, b.support_items, b.support_ratings, b.support_mask)
+    want = learner.adapt(params, support)
+    got = learner.adapt(params, support, sparse_neighbours=True)
+    assert "neighbour.items" not in want and got["item_bias"] is params["item_bias"]
+    for n in ("head.weight", "head.factor", "head.neighbour", "head.bias"):
+        torch.testing.assert_close(got[n], want[n])
+    term = got["head.neighbour"] * sparse_lookup(*(got[n] for n in SPARSE_NEIGHBOURS), catalogue)
+    torch.testing.assert_close(params["item_bias"] + term, want["item_bias"])
 
 
 def test_the_learner_contains_item_knn(implicit_tasks):

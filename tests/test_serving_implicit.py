@@ -70,8 +70,16 @@ def test_engine_equals_evaluation_with_the_same_negatives(served, shop_prepared)
                 ratings=tuple(tasks.support_ratings[t, m].tolist()),
             )
         )
-    got = torch.stack([r.scores for r in Engine(loaded).run(jobs[::-1])])  # another order
+    results = Engine(loaded).run(jobs[::-1])  # another order
+    got = torch.stack([r.scores for r in results])
     torch.testing.assert_close(got.flip(0), expected, rtol=1e-5, atol=1e-5)
+    # A user's weights are their support's reach, never a tensor of the catalogue's size.
+    graph = loaded.model.neighbour_index
+    for job, r in zip(jobs[::-1], results, strict=True):
+        assert "item_bias" not in r.weights
+        reach = graph[list(job.items)].flatten().unique()
+        assert torch.equal(r.weights["neighbour.items"], reach)
+        assert max(w.numel() for w in r.weights.values()) == len(reach) < n
 
 
 def test_events_become_strengths_and_the_other_kind_is_refused(served, tmp_path):

@@ -39,11 +39,13 @@ from metarec.model import (
     Recommender,
     SupportSet,
     call_with,
+    sparse_lookup,
 )
 from metarec.negatives import draw_candidates, fixed_candidates, keep_negatives
 
 __all__ = [
     "LOSSES",
+    "SPARSE_NEIGHBOURS",
     "MetaLearner",
     "adapt",
     "implicit_targets",
@@ -59,6 +61,10 @@ __all__ = [
 # binary cross-entropy or BPR on positives (target = interaction strength > 0) against
 # sampled negatives (target 0) in the same padded row.
 LOSSES = ("mse", "bce", "bpr")
+# A ridge head's fast weights with ``sparse_neighbours``: instead of the per-user item
+# biases, ``Recommender.sparse_neighbour_scores`` (the items reached, their scores, the
+# rest's), which ``head.neighbour`` multiplies.
+SPARSE_NEIGHBOURS = ("neighbour.items", "neighbour.scores", "neighbour.rest")
 
 
 class MetaLearner(nn.Module):
@@ -120,10 +126,12 @@ class MetaLearner(nn.Module):
         support_prior: float | None = None,
         prior_scale: float = 1.0,
         create_graph: bool = False,
+        sparse_neighbours: bool = False,
     ) -> Params:
         """``adapt`` with this learner's settings (training, evaluation and serving); the
         keyword arguments override them (evaluation tunes them on validation users).
-        ``prior_scale`` multiplies the ridge solver's learned prior precision."""
+        ``prior_scale`` multiplies the ridge solver's learned prior precision;
+        ``sparse_neighbours``: see ``ridge_head``."""
         cfg = self.cfg
         precision = None
         if self.log_precision is not None:
@@ -142,6 +150,7 @@ class MetaLearner(nn.Module):
             solver=cfg.inner_solver if steps > 0 else "gd",
             precision=precision,
             loss=self.loss,
+            sparse_neighbours=sparse_neighbours,
         )
 
     def negative_candidates(self, tasks: int, count: int, generator: torch.Generator) -> Tensor:
@@ -240,6 +249,7 @@ def adapt(
     solver: str = "gd",
     precision: Tensor | None = None,
     loss: str = "mse",
+    sparse_neighbours: bool = False,
 ) -> Params:
     """Fast weights after ``steps`` gradient steps on each task's support set, all at once.
 
@@ -255,6 +265,7 @@ def adapt(
             prior of mean θ and diagonal ``precision`` (default: ``proximal``), see
             ``ridge_head``.
         loss: the support loss, one of ``LOSSES`` (implicit supports carry their negatives).
+        sparse_neighbours: see ``ridge_head``.
     Returns:
         A full parameter dict; adapted entries have shape (T, *param.shape).
     """
@@ -262,7 +273,13 @@ def adapt(
         if precision is None:
             precision = torch.tensor(proximal)
         return ridge_head(
-            model, params, support, precision=precision, create_graph=create_graph, loss=loss
+            model,
+            params,
+            support,
+            precision=precision,
+            create_graph=create_graph,
+            loss=loss,
+            sparse_neighbours=sparse_neighbours,
         )
     users, items, ratings, mask = support
     t = users.shape[0]
@@ -374,6 +391,7 @@ def ridge_head(
     precision: Tensor,
     create_graph: bool = True,
     loss: str = "mse",
+    sparse_neighbours: bool = False,
 ) -> Params:
     """Closed-form inner loop for the head: the posterior mean of a Bayesian linear model.
 
@@ -399,6 +417,12 @@ def ridge_head(
     each row weighted by its confidence (a positive's strength, 1 for a negative): the
     fold-in of implicit ALS (Hu, Koren & Volinsky, ICDM 2008) with sampled negatives in
     place of the whole catalogue, and the same learned prior.
+
+    With a neighbour graph the solved weight multiplies the support's item-KNN scores of
+    every item, and by default those are folded into per-user item biases, (T, I). With
+    ``sparse_neighbours`` they are returned as ``SPARSE_NEIGHBOURS`` instead, so a user
+    costs their support's neighbours, not the catalogue (serving a million items); the
+    same scores to rounding (``tests/test_implicit_meta.py``).
     """
     users, items, ratings, mask = support
     h, offset = call_with(model, params, "head_inputs", items, users)
@@ -412,8 +436,14 @@ def ridge_head(
         m = m * confidence.sqrt()
     columns = [h]
     if model.has_neighbours:  # the support's item-KNN scores, one more head input
-        neighbours = model.neighbour_scores(items, (ratings > 0) & mask).to(h.dtype)  # (T, I)
-        columns.append(neighbours.gather(1, items).unsqueeze(-1))
+        positive = (ratings > 0) & mask
+        if sparse_neighbours:
+            reached, scores, rest = model.sparse_neighbour_scores(items, positive)
+            at = sparse_lookup(reached, scores, rest, items)
+        else:
+            neighbours = model.neighbour_scores(items, positive)  # (T, I)
+            at = neighbours.gather(1, items)
+        columns.append(at.to(h.dtype).unsqueeze(-1))
     columns.append(torch.ones_like(h[..., :1]))
     x = torch.cat(columns, -1) * m.unsqueeze(-1)  # (T, S, F)
     y = (target - offset) * m  # (T, S)
@@ -430,8 +460,10 @@ def ridge_head(
     out = {**params, "head.weight": w[:, :lo, None], "head.bias": w[:, -1:]}
     for n in vectors:  # slices (a split rounds float32 gradients differently)
         out[n], lo = w[:, lo : lo + params[n].numel()], lo + params[n].numel()
-    if model.has_neighbours:  # spent: the user's item biases now carry weight x scores
-        out["item_bias"] = params["item_bias"] + out["head.neighbour"] * neighbours
+    if sparse_neighbours and model.has_neighbours:  # the scores the weight multiplies
+        out |= dict(zip(SPARSE_NEIGHBOURS, (reached, scores, rest), strict=True))
+    elif model.has_neighbours:  # spent: the user's item biases now carry weight x scores
+        out["item_bias"] = params["item_bias"] + out["head.neighbour"] * neighbours.to(h.dtype)
     return out
 
 

@@ -38,7 +38,7 @@ from metarec.layers import (
     gather_bias,
 )
 
-__all__ = ["ADAPT_GROUPS", "Features", "Params", "Recommender", "call_with"]
+__all__ = ["ADAPT_GROUPS", "Features", "Params", "Recommender", "call_with", "sparse_lookup"]
 
 Params = dict[str, Tensor]
 # support_grads() keys of the first layer's item-input and user-input row blocks
@@ -223,18 +223,51 @@ class Recommender(nn.Module):
             items: (T, S) support items; positive: (T, S) bool, which of them count.
         """
         t, n = items.shape[0], self.item_genres.shape[0]
-        index = self.neighbour_index[items]  # (T, S, k)
-        sim = self.neighbour_sim[items] * positive.unsqueeze(-1).to(self.neighbour_sim.dtype)
-        rows = torch.arange(t, device=items.device).view(t, 1, 1) * n
+        index, sim, mean = self._neighbour_terms(items, positive)
+        rows = torch.arange(t, device=items.device).view(t, 1) * n
         raw = torch.zeros(t * n, dtype=sim.dtype, device=items.device)
         raw.index_add_(0, (rows + index).flatten(), sim.flatten())
         raw = raw.view(t, n)
         # The moments from one pass over the (T, I) scores, the sum from the sparse terms:
         # at a million items each dense pass costs as much as the rest of an adaptation.
-        mean = sim.sum((1, 2)) / n
-        var = (torch.linalg.vector_norm(raw, dim=1).square() - n * mean.square()) / (n - 1)
-        scale = var.clamp_min(0.0).sqrt().clamp_min(1e-12).reciprocal()
+        scale = _unit_scale(torch.linalg.vector_norm(raw, dim=1), mean, n)
         return raw.mul_(scale[:, None]).sub_((mean * scale)[:, None])
+
+    def sparse_neighbour_scores(
+        self, items: Tensor, positive: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``neighbour_scores`` without its (T, I) tensor: what serving a large catalogue
+        needs, where a user's cost must follow their support, not the catalogue.
+
+        Every item the positive supports do not reach scores the same, so the scores are
+        (T, M) reached items (sorted, each once, padded with I, the catalogue size), (T, M)
+        their scores and (T,) every other item's (``sparse_lookup`` reads them). Negatives
+        and padding reach nothing.
+        """
+        n = self.item_genres.shape[0]
+        index, sim, mean = self._neighbour_terms(items, positive)
+        index = torch.where(
+            positive.repeat_interleave(index.shape[1] // positive.shape[1], 1), index, n
+        )
+        index, order = index.sort(dim=1, stable=True)
+        sim = sim.gather(1, order)
+        first = torch.ones_like(index, dtype=torch.bool)
+        first[:, 1:] = index[:, 1:] != index[:, :-1]
+        slot = first.cumsum(1) - 1  # each entry's place among its row's distinct items
+        raw = torch.zeros_like(sim).scatter_add_(1, slot, sim)
+        reached = torch.full_like(index, n).scatter_(1, slot, index)
+        scale = _unit_scale(torch.linalg.vector_norm(raw, dim=1), mean, n)
+        rest = (mean * scale)[:, None]
+        return reached, raw.mul_(scale[:, None]).sub_(rest), -rest.squeeze(1)
+
+    def _neighbour_terms(self, items: Tensor, positive: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(T, S k) the items the support's graph reaches and the similarities that reach
+        them (0 from a support item not ``positive``), and (T,) the raw scores' mean over
+        the catalogue."""
+        index = self.neighbour_index[items]  # (T, S, k)
+        sim = self.neighbour_sim[items] * positive.unsqueeze(-1).to(self.neighbour_sim.dtype)
+        mean = sim.sum((1, 2)) / self.item_genres.shape[0]
+        return index.flatten(1), sim.flatten(1), mean
 
     def item_factors(self, item_x: Tensor) -> Tensor:
         """q_i, the item-id embedding, from the item-side inputs (its last D columns)."""
@@ -480,3 +513,18 @@ class Recommender(nn.Module):
         head = {n for n, _ in self.named_parameters() if n.startswith("head.")}
         mlp = {n for n, _ in self.named_parameters() if n.startswith("mlp.")}
         return set(names) in (head, head | mlp)
+
+
+def _unit_scale(norm: Tensor, mean: Tensor, n: int) -> Tensor:
+    """1 / the standard deviation over n values with this L2 norm and mean (1e12 when
+    they are all equal: a task without positives scores 0)."""
+    var = (norm.square() - n * mean.square()) / (n - 1)
+    return var.clamp_min(0.0).sqrt().clamp_min(1e-12).reciprocal()
+
+
+def sparse_lookup(reached: Tensor, scores: Tensor, rest: Tensor, items: Tensor) -> Tensor:
+    """(T, N) scores of ``items`` (T, N) under ``sparse_neighbour_scores``'s (reached,
+    scores, rest): a reached item's own score, any other's ``rest``."""
+    at = torch.searchsorted(reached, items.contiguous()).clamp_max(reached.shape[1] - 1)
+    hit = reached.gather(1, at) == items
+    return torch.where(hit, scores.gather(1, at), rest[:, None])

@@ -28,8 +28,8 @@ from torch import Tensor
 from torch.func import functional_call
 
 from metarec.batch import append_negatives
-from metarec.meta import MetaLearner
-from metarec.model import call_with
+from metarec.meta import SPARSE_NEIGHBOURS, MetaLearner
+from metarec.model import call_with, sparse_lookup
 from metarec.sections import RetrievalConfig
 from metarec.serving.retrieval import Retriever
 
@@ -96,6 +96,9 @@ class Engine:
         lrs = learner.lrs()
         self.lrs = {n: v.detach() for n, v in lrs.items()} if isinstance(lrs, dict) else lrs
         self.n_items = int(self.model.item_genres.shape[0])
+        # What a user's adaptation sets; a neighbour model's item-KNN term stays sparse
+        # (the items the support reaches), so a user costs their support, not the catalogue.
+        self.personal = learner.adapted + list(SPARSE_NEIGHBOURS) * self.model.has_neighbours
         # Served batches, jobs and engine seconds: mean batch size and time per user are
         # what tell whether micro-batching works (reported at GET /v1/model).
         self.stats = {"batches": 0, "jobs": 0, "seconds": 0.0, "cpu_seconds": 0.0}
@@ -137,7 +140,7 @@ class Engine:
         # Per-user (I,) tensors of a large catalogue, a batch at a time: past a few users
         # they outgrow the caches, and every fresh allocation is an mmap that page-faults.
         chunk = max(1, self.max_user_items // self.n_items)
-        if len(jobs) > chunk:
+        if len(jobs) > chunk and any(self._whole_catalogue(j) for j in jobs):
             return [
                 r for lo in range(0, len(jobs), chunk) for r in self._run(jobs[lo : lo + chunk])
             ]
@@ -153,7 +156,7 @@ class Engine:
             if not rows:
                 continue
             group = [jobs[b] for b in rows]
-            stacked = {n: torch.stack([weights[b][n] for b in rows]) for n in weights[0]}
+            stacked = self._stack([weights[b] for b in rows])
             table = self._user_table(group)
             if kind == "all":
                 out = [(s, None) for s in self._score(stacked, table)]
@@ -166,6 +169,13 @@ class Engine:
         if any(j.explain for j in jobs):
             results = self._explain(jobs, results)  # type: ignore[arg-type]
         return results  # type: ignore[return-value]
+
+    def _whole_catalogue(self, job: Job) -> bool:
+        """Whether scoring ``job`` holds a per-user tensor of every catalogue item: all
+        its scores, or an exact search's per-user term (an index's search does not)."""
+        if job.score is not None:
+            return False
+        return not (job.top and self.retriever is not None and self.retriever.index is not None)
 
     def _explain(self, jobs: list[Job], results: list[Result]) -> list[Result]:
         """Each explain job's result with every support item's influence on the items it
@@ -234,10 +244,23 @@ class Engine:
             items, ratings, mask = append_negatives(items, ratings, mask, negatives)
         support = (users, items.to(dev), ratings.to(dev, dtype), mask.to(dev))
         params = self._with_users(self.params, self._user_table(jobs))
-        fast = self.learner.adapt(params, support, steps=self.steps, inner_lr=self.lrs)
-        adapted = {n: fast[n] for n in self.learner.personal}
-        # Clones: a cached user must not keep the whole batch's tensors alive.
-        return [{n: w[row].clone() for n, w in adapted.items()} for row in range(b)]
+        fast = self.learner.adapt(
+            params, support, steps=self.steps, inner_lr=self.lrs, sparse_neighbours=True
+        )
+        adapted = {n: fast[n] for n in self.personal if n in fast}  # 0 steps: no neighbours
+        # Clones: a cached user must not keep the whole batch's tensors alive; and of the
+        # batch's sparse neighbour scores, only the user's (one padding slot if none).
+        reached = adapted.get(SPARSE_NEIGHBOURS[0])
+        width = (
+            [None] * b if reached is None else (reached < self.n_items).sum(1).clamp_min(1).tolist()
+        )
+        return [
+            {
+                n: (w[row, : width[row]] if n in SPARSE_NEIGHBOURS[:2] else w[row]).clone()
+                for n, w in adapted.items()
+            }
+            for row in range(b)
+        ]
 
     def _score_asked(
         self, weights: Weights, table: Tensor | None, asked: list[tuple[int, ...]]
@@ -252,15 +275,22 @@ class Engine:
     ) -> list[tuple[Tensor, Tensor]]:
         """Retrieve candidates by inner product, re-rank them with the adapted network."""
         assert self.retriever is not None
-        params = {**self.params, **weights}
+        params = self._params(weights)
         b, tops = len(jobs), [j.top for j in jobs]
         w = params["head.weight"].expand(b, -1, 1).squeeze(-1)
         parts = [w, params["head.factor"].expand(b, -1)] if self.model.has_factor_head else [w]
         queries = torch.cat([*parts, torch.ones(b, 1, dtype=w.dtype, device=w.device)], 1)
         n = max(self.retrieval.candidates, *tops)
         extra = also = None
-        if self.retriever.index is not None and self.model.has_neighbours:
-            also = self._neighbours_of([j.items for j in jobs])
+        if SPARSE_NEIGHBOURS[0] in weights:  # the items whose neighbourhood term is not the rest's
+            reached = weights[SPARSE_NEIGHBOURS[0]]
+            if self.retriever.index is not None:  # an index has no per-user term: add them
+                also = torch.where(reached < self.n_items, reached, -1).cpu()  # -1: none
+            else:  # exact: the term's excess over the rest's, added to every block
+                extra = torch.zeros(b, self.n_items + 1, device=reached.device)
+                excess = weights[SPARSE_NEIGHBOURS[1]] - weights[SPARSE_NEIGHBOURS[2]][:, None]
+                extra.scatter_(1, reached, excess * weights["head.neighbour"])
+                extra = extra[:, : self.n_items].cpu()
         elif params["item_bias"].dim() == 2:  # per-user biases: their change from the shared
             extra = (params["item_bias"] - self.params["item_bias"]).cpu()
         found, valid = self.retriever.search(queries.cpu(), n, extra, also)
@@ -272,18 +302,35 @@ class Engine:
             out.append((best.values, found[row, best.indices]))
         return out
 
-    def _neighbours_of(self, supports: list[tuple[int, ...]]) -> Tensor:
-        """(B, M) every item the supports' neighbour graph reaches (repeats allowed): the
-        only items whose neighbourhood term differs from the user's constant for the rest,
-        so with them among the candidates an index needs no per-user term."""
-        items, mask = _padded(supports, torch.long)
-        items = torch.where(mask, items, items[:, :1])  # padding repeats a support item
-        return self.model.neighbour_index[items].flatten(1).cpu()
+    def _stack(self, weights: list[Weights]) -> Weights:
+        """Users' weights as one batch; sparse neighbour scores padded with the catalogue
+        size (an item no lookup asks for)."""
+        out = {}
+        for n in weights[0]:
+            rows = [w[n] for w in weights]
+            if n in SPARSE_NEIGHBOURS[:2]:
+                pad = self.n_items if n == SPARSE_NEIGHBOURS[0] else 0
+                out[n] = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)
+            else:
+                out[n] = torch.stack(rows)
+        return out
+
+    def _neighbour_term(self, weights: Weights, items: Tensor) -> Tensor | float:
+        """(B, N) the neighbourhood term of each user's score of ``items`` (B, N): its
+        weight times the support's item-KNN score (0 without a neighbour graph)."""
+        if SPARSE_NEIGHBOURS[0] not in weights:
+            return 0.0
+        scores = sparse_lookup(*(weights[n] for n in SPARSE_NEIGHBOURS), items)
+        return weights["head.neighbour"] * scores
 
     def _score_items(self, weights: Weights, table: Tensor | None, items: Tensor) -> Tensor:
         """(B, N) scores of each user's own ``items`` (B, N) under the adapted network."""
+        return self._network_scores(weights, table, items) + self._neighbour_term(weights, items)
+
+    def _network_scores(self, weights: Weights, table: Tensor | None, items: Tensor) -> Tensor:
+        """``_score_items`` but for the neighbourhood term."""
         b = items.shape[0]
-        params = self._with_users({**self.params, **weights}, table)
+        params = self._with_users(self._params(weights), table)
         if self.model.shares_item_side(params):
             return self.model.predict_shared(params, items, self._item_side())
         users = torch.arange(b, device=self.device)
@@ -291,6 +338,11 @@ class Engine:
             return functional_call(self.model, params, (items, users))
         user_x = call_with(self.model, params, "encode_parts", items[:, :1], users)[1]
         return self.model.predict_encoded(params, self.item_x[items], user_x, items)
+
+    def _params(self, weights: Weights) -> Weights:
+        """The network's parameters under a user's weights (the model does not know the
+        sparse neighbour scores, ``_neighbour_term`` adds them)."""
+        return {**self.params, **{n: w for n, w in weights.items() if n not in SPARSE_NEIGHBOURS}}
 
     def _item_side(self) -> tuple[Tensor, Tensor | None]:
         """``Recommender.item_side`` of the catalogue under the shared weights, computed
@@ -315,10 +367,11 @@ class Engine:
     def _score(self, weights: Weights, table: Tensor | None) -> Tensor:
         """(B, I) ratings of every catalog item under each user's fast weights."""
         b = next(iter(weights.values())).shape[0]
-        params = self._with_users({**self.params, **weights}, table)
+        params = self._with_users(self._params(weights), table)
         if self.model.shares_item_side(params):  # the MLP once per item, heads as a matmul
             items = torch.arange(self.n_items, device=self.device).expand(b, -1)
-            return self.model.predict_shared(params, items, self._item_side()).cpu()
+            scores = self.model.predict_shared(params, items, self._item_side())
+            return (scores + self._neighbour_term(weights, items)).cpu()
         users = torch.arange(b, device=self.device)
         out = torch.empty(b, self.n_items)
         block = max(1, self.max_rows // b)
@@ -331,7 +384,7 @@ class Engine:
                 user_x = call_with(self.model, params, "encode_parts", items[:, :1], users)[1]
                 item_x = self.item_x[lo:hi].expand(b, hi - lo, -1)
                 scores = self.model.predict_encoded(params, item_x, user_x, items)
-            out[:, lo:hi] = scores.cpu()
+            out[:, lo:hi] = (scores + self._neighbour_term(weights, items)).cpu()
         return out
 
 

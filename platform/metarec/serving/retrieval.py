@@ -76,7 +76,7 @@ class Retriever:
         Args:
             queries: (B, F) user queries.
             extra: (B, I) per-user additive term of the score (None: zero).
-            also: (B, K) items to add to the candidates whatever their score.
+            also: (B, K) items to add to the candidates whatever their score (-1: none).
         """
         n = min(n, len(self))
         queries = queries.float()
