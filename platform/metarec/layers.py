@@ -20,6 +20,7 @@ __all__ = [
     "init_emb",
     "init_linear",
     "lookup",
+    "take_rows",
     "unit_rms",
 ]
 
@@ -69,6 +70,13 @@ def bag(table: Tensor, weights: Tensor) -> Tensor:
 def dot(q: Tensor, p: Tensor) -> Tensor:
     """q (..., N, D) · p, with p (D,) shared or (T, D) per task: (..., N)."""
     return (q @ p.unsqueeze(-1)).squeeze(-1)
+
+
+def take_rows(table: Tensor, index: Tensor) -> Tensor:
+    """``table[index]`` (index of any shape) by ``index_select``: on CPU several times
+    faster than advanced indexing with a 2-D index, and gathering candidate rows of a large
+    catalogue is most of serving's scoring."""
+    return table.index_select(0, index.flatten()).view(*index.shape, *table.shape[1:])
 
 
 def gather_bias(bias: Tensor, items: Tensor) -> Tensor:

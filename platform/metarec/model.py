@@ -36,6 +36,7 @@ from metarec.layers import (
     affine,
     dot,
     gather_bias,
+    take_rows,
 )
 
 __all__ = ["ADAPT_GROUPS", "Features", "Params", "Recommender", "call_with", "sparse_lookup"]
@@ -264,8 +265,9 @@ class Recommender(nn.Module):
         """(T, S k) the items the support's graph reaches and the similarities that reach
         them (0 from a support item not ``positive``), and (T,) the raw scores' mean over
         the catalogue."""
-        index = self.neighbour_index[items]  # (T, S, k)
-        sim = self.neighbour_sim[items] * positive.unsqueeze(-1).to(self.neighbour_sim.dtype)
+        index = take_rows(self.neighbour_index, items)  # (T, S, k)
+        weight = positive.unsqueeze(-1).to(self.neighbour_sim.dtype)
+        sim = take_rows(self.neighbour_sim, items) * weight
         mean = sim.sum((1, 2)) / self.item_genres.shape[0]
         return index.flatten(1), sim.flatten(1), mean
 
@@ -280,8 +282,10 @@ class Recommender(nn.Module):
         layer multiplies it once per task instead of once per rating, and its gradient is
         one outer product — on MeLU's sizes that is more than half of layer 1's FLOPs.
         """
-        ids = self.item_id_index[items] if self.item_id_embedding else None
-        item_x = self.emb.encode_items(self.item_genres[items], self.item_year[items], ids)
+        ids = take_rows(self.item_id_index, items) if self.item_id_embedding else None
+        item_x = self.emb.encode_items(
+            take_rows(self.item_genres, items), take_rows(self.item_year, items), ids
+        )
         user_x = self.emb.encode_users(self.user_table[users]) if self.use_user else None
         return item_x, user_x
 
@@ -359,9 +363,9 @@ class Recommender(nn.Module):
         w = weight.expand(t, *weight.shape[-2:])  # (T, H, 1)
         offset = gather_bias(params["item_bias"], items) + self.global_mean
         if items.numel() < z.shape[0]:  # few items a task: only theirs, gathered
-            score = (z[items] @ w).squeeze(-1) * z.shape[-1] ** -0.5  # (T, N)
+            score = (take_rows(z, items) @ w).squeeze(-1) * z.shape[-1] ** -0.5  # (T, N)
             if q is not None:
-                score = score + dot(q[items], params["head.factor"])
+                score = score + dot(take_rows(q, items), params["head.factor"])
             return score + params["head.bias"] + offset
         per_item = (w.squeeze(-1) @ z.T) * z.shape[-1] ** -0.5
         if q is not None:

@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from metarec.batch import append_negatives
+from metarec.layers import take_rows
 from metarec.meta import SPARSE_NEIGHBOURS, MetaLearner
 from metarec.model import call_with, sparse_lookup
 from metarec.sections import RetrievalConfig
@@ -337,7 +338,7 @@ class Engine:
         if self.item_x is None:  # embeddings adapt: the general forward
             return functional_call(self.model, params, (items, users))
         user_x = call_with(self.model, params, "encode_parts", items[:, :1], users)[1]
-        return self.model.predict_encoded(params, self.item_x[items], user_x, items)
+        return self.model.predict_encoded(params, take_rows(self.item_x, items), user_x, items)
 
     def _params(self, weights: Weights) -> Weights:
         """The network's parameters under a user's weights (the model does not know the
