@@ -287,11 +287,8 @@ class Engine:
             reached = weights[SPARSE_NEIGHBOURS[0]]
             if self.retriever.index is not None:  # an index has no per-user term: add them
                 also = torch.where(reached < self.n_items, reached, -1).cpu()  # -1: none
-            else:  # exact: the term's excess over the rest's, added to every block
-                extra = torch.zeros(b, self.n_items + 1, device=reached.device)
-                excess = weights[SPARSE_NEIGHBOURS[1]] - weights[SPARSE_NEIGHBOURS[2]][:, None]
-                extra.scatter_(1, reached, excess * weights["head.neighbour"])
-                extra = extra[:, : self.n_items].cpu()
+            else:  # exact: the term added to every block
+                extra = self._catalogue_neighbour_term(weights).cpu()
         elif params["item_bias"].dim() == 2:  # per-user biases: their change from the shared
             extra = (params["item_bias"] - self.params["item_bias"]).cpu()
         found, valid = self.retriever.search(queries.cpu(), n, extra, also)
@@ -323,6 +320,15 @@ class Engine:
             return 0.0
         scores = sparse_lookup(*(weights[n] for n in SPARSE_NEIGHBOURS), items)
         return weights["head.neighbour"] * scores
+
+    def _catalogue_neighbour_term(self, weights: Weights) -> Tensor:
+        """``_neighbour_term`` of every catalogue item, (B, I): the rest's term, and the
+        reached items' scattered over it (a lookup per item would search each user's
+        reached items a million times)."""
+        reached, scores, rest = (weights[n] for n in SPARSE_NEIGHBOURS)
+        weight = weights["head.neighbour"]
+        term = (weight * rest[:, None]).expand(-1, self.n_items + 1).clone()
+        return term.scatter_(1, reached, weight * scores)[:, : self.n_items]  # padding: col I
 
     def _score_items(self, weights: Weights, table: Tensor | None, items: Tensor) -> Tensor:
         """(B, N) scores of each user's own ``items`` (B, N) under the adapted network."""
@@ -372,7 +378,9 @@ class Engine:
         if self.model.shares_item_side(params):  # the MLP once per item, heads as a matmul
             items = torch.arange(self.n_items, device=self.device).expand(b, -1)
             scores = self.model.predict_shared(params, items, self._item_side())
-            return (scores + self._neighbour_term(weights, items)).cpu()
+            if SPARSE_NEIGHBOURS[0] in weights:
+                scores += self._catalogue_neighbour_term(weights)
+            return scores.cpu()
         users = torch.arange(b, device=self.device)
         out = torch.empty(b, self.n_items)
         block = max(1, self.max_rows // b)
