@@ -210,6 +210,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="max_batch_size when batching is on")
     ap.add_argument("--wait-ms", type=float, default=2.0, help="batch_wait_timeout when on")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per replica")
+    ap.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="Serve replicas per mode (above 1, mean_batch and engine_* are the counters of "
+        "whichever replica answered GET /v1/model, not the deployment's)",
+    )
     ap.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
     ap.add_argument(
         "--explain",
@@ -247,7 +254,8 @@ def main() -> None:
             continue
         app = MetarecServer.options(
             name=f"metarec-{name}",
-            ray_actor_options={"num_cpus": 0.5},
+            num_replicas=args.replicas,
+            ray_actor_options={"num_cpus": 0.5 / args.replicas},
             user_config={"max_batch_size": batch, "batch_wait_timeout_s": wait},
         ).bind(dataclasses.asdict(settings))
         serve.run(app, name=name, route_prefix=f"/{name}")
@@ -306,6 +314,7 @@ def main() -> None:
         "max_batch_size": args.batch,
         "batch_wait_ms": args.wait_ms,
         "torch_threads": args.threads,
+        "replicas": args.replicas,
         "cpus": os.cpu_count(),
         "loadavg": os.getloadavg(),
         "results": results,
