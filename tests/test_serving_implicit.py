@@ -217,3 +217,29 @@ def test_an_explanation_is_the_drop_without_that_event(served, shop_prepared, tm
             again = service.predict_job(fewer)
             (alone,) = service.engine.run([again])
             assert best["score"] - float(alone.scores[0]) == pytest.approx(contribution, abs=1e-4)
+
+
+def test_a_batch_in_parts_scores_as_one_batch(served):
+    """A catalogue too large for a batch's per-user rows is scored a few users at a time;
+    a top from an index holds no such row and is not split. Either way each user's answer
+    is the one a batch of one gives, with supports of different reach stacked together."""
+    from metarec.sections import RetrievalConfig
+
+    _, loaded, catalog = served
+    a, b, c, d = (catalog.index[i] for i in catalog.raw_ids[:4])
+    jobs = [
+        Job(items=(a, b, c), ratings=(5.0, 1.0, 2.0)),
+        Job(),
+        Job(items=(d,), ratings=(3.0,)),
+        Job(items=(a, d), ratings=(1.0, 1.0)),
+    ]
+    ann = RetrievalConfig(full_below=0, ann_above=0, candidates=10, nprobe=10**6)
+    one_user = len(catalog)  # max_user_items: parts of one user where a part holds rows
+    for retrieval, top, most in ((None, 0, 1 << 22), (None, 0, one_user), (ann, 10, one_user)):
+        asked = [dataclasses.replace(j, top=top) for j in jobs]
+        alone = [Engine(loaded, retrieval=retrieval).run([j])[0] for j in asked]
+        parts = Engine(loaded, retrieval=retrieval, max_user_items=most).run(asked)
+        for one, part in zip(alone, parts, strict=True):
+            torch.testing.assert_close(part.scores, one.scores, rtol=1e-5, atol=1e-5)
+            if top:
+                assert part.items.tolist() == one.items.tolist()
