@@ -258,8 +258,8 @@ class Recommender(nn.Module):
         raw = torch.zeros_like(sim).scatter_add_(1, slot, sim)
         reached = torch.full_like(index, n).scatter_(1, slot, index)
         scale = _unit_scale(torch.linalg.vector_norm(raw, dim=1), mean, n)
-        rest = (mean * scale)[:, None]
-        return reached, raw.mul_(scale[:, None]).sub_(rest), -rest.squeeze(1)
+        shift = (mean * scale)[:, None]  # as neighbour_scores centres them
+        return reached, raw.mul_(scale[:, None]).sub_(shift), -shift.squeeze(1)
 
     def _neighbour_terms(self, items: Tensor, positive: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(T, S k) the items the support's graph reaches and the similarities that reach

@@ -373,14 +373,18 @@ class Engine:
 
     def _score(self, weights: Weights, table: Tensor | None) -> Tensor:
         """(B, I) ratings of every catalog item under each user's fast weights."""
+        scores = self._network_catalogue(weights, table)
+        if SPARSE_NEIGHBOURS[0] in weights:
+            scores += self._catalogue_neighbour_term(weights).cpu()
+        return scores
+
+    def _network_catalogue(self, weights: Weights, table: Tensor | None) -> Tensor:
+        """``_score`` but for the neighbourhood term."""
         b = next(iter(weights.values())).shape[0]
         params = self._with_users(self._params(weights), table)
         if self.model.shares_item_side(params):  # the MLP once per item, heads as a matmul
             items = torch.arange(self.n_items, device=self.device).expand(b, -1)
-            scores = self.model.predict_shared(params, items, self._item_side())
-            if SPARSE_NEIGHBOURS[0] in weights:
-                scores += self._catalogue_neighbour_term(weights)
-            return scores.cpu()
+            return self.model.predict_shared(params, items, self._item_side()).cpu()
         users = torch.arange(b, device=self.device)
         out = torch.empty(b, self.n_items)
         block = max(1, self.max_rows // b)
@@ -393,7 +397,7 @@ class Engine:
                 user_x = call_with(self.model, params, "encode_parts", items[:, :1], users)[1]
                 item_x = self.item_x[lo:hi].expand(b, hi - lo, -1)
                 scores = self.model.predict_encoded(params, item_x, user_x, items)
-            out[:, lo:hi] = (scores + self._neighbour_term(weights, items)).cpu()
+            out[:, lo:hi] = scores.cpu()
         return out
 
 
