@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import functools
 import json
 import sys
 from pathlib import Path
@@ -82,7 +81,9 @@ def _mae(scorer, valid) -> np.ndarray:
     return task_mae(pred, valid.query_ratings, valid.query_mask).numpy()
 
 
-def _variant_curve(variant: str, ds, train, valid, full, hp, epochs: int) -> dict:
+def _variant_curve(
+    variant: str, ds, train, valid, full, hp, epochs: int, overrides: dict | None = None
+) -> dict:
     """Per epoch: the variant's mean validation MAE minus MF fold-in's (``full``)."""
     from metarec import loop
     from metarec.config import apply_overrides, load_config
@@ -92,7 +93,7 @@ def _variant_curve(variant: str, ds, train, valid, full, hp, epochs: int) -> dic
     from metarec.train_state import TrainState
 
     baseline = _mae(full, valid)
-    cfg = load_config(None)
+    cfg = apply_overrides(load_config(None), **(overrides or {}))
     if "fixed_queries" in variant or "honest" in variant:
         cfg = apply_overrides(cfg, **{"meta.resample_query": False})
     mf = full
@@ -110,7 +111,7 @@ def _variant_curve(variant: str, ds, train, valid, full, hp, epochs: int) -> dic
         if "honest" in variant:
             swapped = copy.deepcopy(learner)
             with torch.no_grad():
-                _set_item_embeddings(swapped.model, full)
+                _set_item_embeddings(swapped.model, full.item_factors_, full.item_bias_)
             diff = _mae(AdaptedScorer(swapped), valid) - baseline
             rows.setdefault(f"{variant}@full", []).append(float(diff.mean()))
 
@@ -124,23 +125,25 @@ def _variant_curve(variant: str, ds, train, valid, full, hp, epochs: int) -> dic
     return rows
 
 
-def curves(data: str, splits: list[int], epochs: int, variants: list[str]) -> dict:
-    from metarec.baselines import classic_baselines
+def curves(
+    data: str, splits: list[int], epochs: int, variants: list[str], overrides: dict | None = None
+) -> dict:
     from metarec.batch import from_table
     from metarec.data.prepared import open_prepared
     from metarec.data.splits import resplit
-    from metarec.evaluate import _tuned
+    from metarec.mf import choose_mf
 
     out: dict[str, list[list[float]]] = {}
     for split in splits:
         ds = resplit(open_prepared(data), split)
         train, valid = (from_table(ds.tasks("user_cold", s)) for s in ("train", "valid"))
         n_items = ds.manifest["counts"]["items"]
-        grid = classic_baselines(seed=0)["mf_foldin"]
-        fit = functools.partial(_fit, grid.cls, train, n_items)
-        full, hp, _ = _tuned(fit, grid.grid, valid)
+        full = choose_mf(train, valid, n_items)  # as evaluation tunes mf_foldin
+        hp = {"dim": full.dim, "reg": full.reg}
         for variant in variants:
-            for name, curve in _variant_curve(variant, ds, train, valid, full, hp, epochs).items():
+            for name, curve in _variant_curve(
+                variant, ds, train, valid, full, hp, epochs, overrides
+            ).items():
                 out.setdefault(name, []).append(curve)
         print(f"split {split}: done", file=sys.stderr, flush=True)
     return {
@@ -154,8 +157,10 @@ def main() -> None:
     ap.add_argument("--split-seeds", type=int, nargs="+", default=list(range(100, 110)))
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    ap.add_argument("--try", dest="overrides", type=json.loads, default={}, help="JSON overrides")
     args = ap.parse_args()
-    print(json.dumps(curves(args.data, args.split_seeds, args.epochs, args.variants)))
+    out = curves(args.data, args.split_seeds, args.epochs, args.variants, args.overrides)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

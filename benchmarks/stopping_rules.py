@@ -50,7 +50,7 @@ def collect(
     from metarec.config import apply_overrides, load_config
     from metarec.data.prepared import open_prepared
     from metarec.data.splits import resplit
-    from metarec.evaluate import _tuned
+    from metarec.evaluate import tuned
     from metarec.initialise import build_learner
     from metarec.scorers import AdaptedScorer
     from metarec.train_state import TrainState
@@ -63,7 +63,7 @@ def collect(
         n_items = ds.manifest["counts"]["items"]
         grids = classic_baselines(seed=cfg.seed)
         fitted = {
-            name: _tuned(
+            name: tuned(
                 lambda hp, g=grids[name], t=train, n=n_items: g.cls(**hp).fit(t, n_items=n),
                 grids[name].grid,
                 valid,

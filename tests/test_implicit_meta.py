@@ -6,11 +6,14 @@ from the textbook definitions, unpadded; the ridge head must minimise its confid
 weighted objective; and negatives are never a positive of their task.
 """
 
+import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from metarec import mf
 from metarec.batch import TaskBatch
 from metarec.config import MetaConfig
 from metarec.implicit_baselines import ItemKNN
@@ -173,6 +176,41 @@ def test_the_neighbour_graph_keeps_each_items_k_most_similar_others():
     torch.testing.assert_close(sim.double(), want.clamp_min(0), atol=1e-6, rtol=0)
     assert not (index == torch.arange(N_ITEMS)[:, None]).any()
     torch.testing.assert_close(dense.gather(1, index), sim.double(), atol=1e-6, rtol=0)
+
+
+def test_the_graph_built_a_few_items_at_a_time_is_the_graph(monkeypatch):
+    """Blocks of items (how a 60,000-item catalogue fits in memory) change nothing, the
+    order of tied neighbours (lowest index first) included: binary data ties often."""
+    train = _train()
+    x = mf.interaction_matrix(train, N_ITEMS, support_only=False, binary=True)
+    x.data[:] = 1.0
+    x = torch.as_tensor(x.toarray())
+    x = x / x.norm(dim=0).clamp_min(1e-12)  # cosine over the binary matrix
+    dense = (x.T @ x).fill_diagonal_(0.0)
+    for blocks in (None, 2 * N_ITEMS, 5 * N_ITEMS):  # whole, 2 and 5 items at a time
+        if blocks:
+            monkeypatch.setattr(mf, "BLOCK_ENTRIES", blocks)
+        index, sim = cosine_neighbours(train, N_ITEMS, 3)
+        for i in range(N_ITEMS):
+            ranked = sorted(range(N_ITEMS), key=lambda j: -dense[i, j])  # stable: ties by index
+            want = [j for j in ranked if dense[i, j] > 0][:3]
+            assert index[i][: len(want)].tolist() == want
+            torch.testing.assert_close(sim[i][: len(want)], dense[i, want])
+            assert (sim[i][len(want) :] == 0).all()
+
+
+def test_a_heavy_user_gives_the_graph_a_random_cap_of_their_interactions():
+    g = torch.Generator().manual_seed(3)
+    lengths = [2, 7, 5, 9]
+    rows = np.repeat(np.arange(4), lengths)
+    cols = np.concatenate([torch.randperm(N_ITEMS, generator=g)[:n].numpy() for n in lengths])
+    x = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(4, N_ITEMS))
+    cut = mf._at_most(x, cap=5)
+    assert np.diff(cut.indptr).tolist() == [2, 5, 5, 5]
+    for r in range(4):  # a subset of the row, the rows under the cap whole
+        own, kept = set(x[r].indices), set(cut[r].indices)
+        assert kept <= own and (len(own) > 5 or kept == own)
+    assert mf._at_most(x, cap=9) is x
 
 
 def test_neighbour_scores_are_item_knn_scores_standardised(implicit_tasks):

@@ -73,6 +73,10 @@ def tiny_model(
 
 @pytest.fixture
 def tiny_tasks() -> TaskBatch:
+    return make_tiny_tasks()
+
+
+def make_tiny_tasks() -> TaskBatch:
     """4 tasks, support sizes 2/5/3/6 and query sizes 3/1/2/3, padded with garbage."""
     g = torch.Generator().manual_seed(1)
     s_len, q_len = [2, 5, 3, 6], [3, 1, 2, 3]

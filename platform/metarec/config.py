@@ -101,12 +101,13 @@ class MetarecConfig:
             return self.model.factor_head
         return self.meta.inner_solver == "ridge" and self.model.item_id_embedding
 
-    def neighbours(self, feedback: str) -> int:
-        """``model.neighbours`` resolved for a dataset's feedback kind."""
+    @property
+    def neighbours(self) -> int:
+        """``model.neighbours`` resolved: its ``None`` means on exactly when the ridge
+        solver is there to fit the term's weight."""
         if self.model.neighbours is not None:
             return self.model.neighbours
-        implicit_ridge = feedback == "implicit" and self.meta.inner_solver == "ridge"
-        return DEFAULT_NEIGHBOURS if implicit_ridge else 0
+        return DEFAULT_NEIGHBOURS if self.meta.inner_solver == "ridge" else 0
 
     def validate(self) -> MetarecConfig:
         """Check the constraints that span several keys (single keys check themselves)."""

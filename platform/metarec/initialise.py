@@ -121,7 +121,8 @@ def build_learner(
     ``train``. With a factor head and ``meta.prior_precision: null`` (the default), the ALS
     dimension and penalty are chosen on ``valid`` users from the ``mf_foldin`` baseline's
     grid, and the penalty becomes the head prior's initial precision: the untrained model
-    is then the tuned MF fold-in, whatever the data's scale or taste dynamics.
+    is then the tuned MF fold-in, whatever the data's scale or taste dynamics, plus
+    item-KNN's estimate from the support (``model.neighbours``), weighed per user.
     ``tuned_mf``: that choice, already made on these ``train`` and ``valid`` users
     (evaluation tunes the ``mf_foldin`` baseline on the same grid), so that it is not
     fitted twice.
@@ -131,6 +132,9 @@ def build_learner(
     seen[train.flat()[1]] = True
     m, meta = cfg.model, cfg.meta
     features = dataset_features(ds, seen_items=seen)
+    if cfg.neighbours:  # the neighbourhood term's graph: item-KNN's, from the training users
+        index, sim = cosine_neighbours(train, len(seen), cfg.neighbours)
+        features = dataclasses.replace(features, neighbour_index=index, neighbour_sim=sim)
     if ds.feedback == "implicit":
         return _implicit_learner(cfg, features, train)
     model = build_recommender(cfg, features, train_ratings_mean(train))
@@ -146,10 +150,6 @@ def build_learner(
 
 def _implicit_learner(cfg: MetarecConfig, features: Features, train: Tasks) -> MetaLearner:
     n_items = features.item_genres.shape[0]
-    k = cfg.neighbours("implicit")
-    if k:  # the neighbourhood term's graph: item-KNN's, from the training users
-        index, sim = cosine_neighbours(train, n_items, k)
-        features = dataclasses.replace(features, neighbour_index=index, neighbour_sim=sim)
     model = build_recommender(cfg, features, 0.0)
     counts = interaction_counts(train, n_items)
     with torch.no_grad():

@@ -396,9 +396,10 @@ def ridge_head(
     """Closed-form inner loop for the head: the posterior mean of a Bayesian linear model.
 
     argmin_w sum_S (x.w - y)² + (w - θ)ᵀ Λ (w - θ), with x = [h, q_i, n_i, 1] the head
-    inputs (unit-norm MLP features, the item factors when the model has a factor head, the
-    support's standardised item-KNN score of i when it has a neighbour graph, a bias
-    column), y the rating minus the item bias and μ, θ the meta-learned head (the prior
+    inputs (unit-norm MLP features, the item factors when the model has a factor head,
+    with a neighbour graph item-KNN's estimate of i from the support: its rating estimate
+    from the other support ratings on explicit data, its standardised score on implicit
+    data; a bias column), y the rating minus the item bias and μ, θ the meta-learned head (the prior
     mean a user starts from) and Λ = diag(``precision``). A *sum* over ratings, not a mean:
     the prior weighs as much as Λ ratings whatever the support size, so a user with one
     rating stays near θ and one with a hundred follows the data. With θ = 0, Λ = λI and
@@ -436,12 +437,17 @@ def ridge_head(
         m = m * confidence.sqrt()
     columns = [h]
     if model.has_neighbours:  # the support's item-KNN scores, one more head input
-        positive = (ratings > 0) & mask
+        if loss == "mse":  # ratings: item-KNN's estimate from the support's residuals
+            residual = ((target - offset) * m).detach()
+            mean = residual.sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1.0)
+            kind, args = "rating_neighbour_scores", (items, residual - mean, mask)
+        else:
+            kind, args = "neighbour_scores", (items, (ratings > 0) & mask)
         if sparse_neighbours:
-            reached, scores, rest = model.sparse_neighbour_scores(items, positive)
+            reached, scores, rest = getattr(model, f"sparse_{kind}")(*args)
             at = sparse_lookup(reached, scores, rest, items)
         else:
-            neighbours = model.neighbour_scores(items, positive)  # (T, I)
+            neighbours = getattr(model, kind)(*args)  # (T, I)
             at = neighbours.gather(1, items)
         columns.append(at.to(h.dtype).unsqueeze(-1))
     columns.append(torch.ones_like(h[..., :1]))

@@ -105,6 +105,28 @@ def interaction_matrix(
     return sp.csr_matrix((data, (rows.numpy(), items.numpy())), shape=(tasks.num_tasks, n_items))
 
 
+BLOCK_ENTRIES = 1 << 24  # similarities held at once while the graph is built (64 MB)
+GRAPH_USER_CAP = 500  # interactions a user contributes to the graph, at most
+
+
+def _at_most(x: sp.csr_matrix, cap: int = GRAPH_USER_CAP, seed: int = 0) -> sp.csr_matrix:
+    """``x`` with each row cut to a random ``cap`` of its entries (seeded). The graph's cost
+    is the sum over users of their interactions squared, so a user with 8,000 would cost
+    as much as 256 users with 500; a heavy user's co-occurrences are also the weakest
+    evidence of similarity (item-KNN weighs them down for that reason)."""
+    import scipy.sparse as sp
+
+    lengths = np.diff(x.indptr)
+    if lengths.max(initial=0) <= cap:
+        return x
+    rows = np.repeat(np.arange(x.shape[0]), lengths)  # sorted, so rows[order] is rows
+    order = np.lexsort((np.random.default_rng(seed).random(x.nnz), rows))
+    keep = np.zeros(x.nnz, bool)
+    keep[order[np.arange(x.nnz) - x.indptr[rows] < cap]] = True
+    indptr = np.r_[0, np.cumsum(np.minimum(lengths, cap))]
+    return sp.csr_matrix((x.data[keep], x.indices[keep], indptr), shape=x.shape)
+
+
 def cosine_neighbours(tasks: Tasks, n_items: int, k: int) -> tuple[Tensor, Tensor]:
     """Each item's ``k`` most similar items by cosine over the binary user x item matrix
     (item-KNN's similarity), an item never its own neighbour: indices ``(n_items, k)``
@@ -117,13 +139,30 @@ def cosine_neighbours(tasks: Tasks, n_items: int, k: int) -> tuple[Tensor, Tenso
     """
     import scipy.sparse as sp
 
-    x = interaction_matrix(tasks, n_items, support_only=False, binary=True)
+    x = _at_most(interaction_matrix(tasks, n_items, support_only=False, binary=True))
     x.data[:] = 1.0  # binary: a repeated interaction counts once
     norm = np.sqrt(np.asarray(x.sum(0)).ravel())
-    x = x @ sp.diags(1.0 / np.maximum(norm, 1e-12))
-    sim = (x.T @ x).tocoo()
-    keep = sim.row != sim.col
-    row, col, val = sim.row[keep], sim.col[keep], sim.data[keep]
+    x = (x @ sp.diags(1.0 / np.maximum(norm, 1e-12))).tocsr()
+    xt = x.T.tocsr()
+    # x.T @ x is all but dense on a popular catalogue (3.6e9 entries at 60,000 items), so
+    # it is formed a block of items at a time, keeping each row's top k and its ties.
+    block = max(1, BLOCK_ENTRIES // max(n_items, 1))
+    parts = []
+    for lo in range(0, n_items, block):
+        dense = torch.from_numpy((xt[lo : lo + block] @ x).toarray())
+        rows = torch.arange(dense.shape[0])
+        dense[rows, rows + lo] = 0.0  # never its own neighbour
+        kth = dense.topk(min(k, n_items), dim=1).values[:, -1:].clamp_min(1e-30)
+        above = dense > kth
+        # of the ties at the k-th value, the lowest-indexed, as many as the row has room for
+        tie_r, tie_c = (dense == kth).nonzero(as_tuple=True)
+        starts = torch.searchsorted(tie_r, torch.arange(dense.shape[0]))
+        room = k - above.sum(1)
+        keep = (torch.arange(len(tie_r)) - starts[tie_r]) < room[tie_r]
+        above[tie_r[keep], tie_c[keep]] = True
+        r, c = above.nonzero(as_tuple=True)
+        parts.append((r.numpy() + lo, c.numpy(), dense[r, c].numpy()))
+    row, col, val = (np.concatenate(p) for p in zip(*parts, strict=True))
     order = np.lexsort((col, -val, row))  # per row: most similar first, ties by index
     row, col, val = row[order], col[order], val[order]
     starts = np.searchsorted(row, np.arange(n_items))

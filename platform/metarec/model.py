@@ -223,15 +223,12 @@ class Recommender(nn.Module):
         Args:
             items: (T, S) support items; positive: (T, S) bool, which of them count.
         """
-        t, n = items.shape[0], self.item_genres.shape[0]
-        index, sim, mean = self._neighbour_terms(items, positive)
-        rows = torch.arange(t, device=items.device).view(t, 1) * n
-        raw = torch.zeros(t * n, dtype=sim.dtype, device=items.device)
-        raw.index_add_(0, (rows + index).flatten(), sim.flatten())
-        raw = raw.view(t, n)
+        index, sim = self._neighbour_terms(items, positive)
+        raw = self._dense_sum(index, sim)
+        mean = sim.sum(1) / raw.shape[1]
         # The moments from one pass over the (T, I) scores, the sum from the sparse terms:
         # at a million items each dense pass costs as much as the rest of an adaptation.
-        scale = _unit_scale(torch.linalg.vector_norm(raw, dim=1), mean, n)
+        scale = _unit_scale(torch.linalg.vector_norm(raw, dim=1), mean, raw.shape[1])
         return raw.mul_(scale[:, None]).sub_((mean * scale)[:, None])
 
     def sparse_neighbour_scores(
@@ -246,30 +243,83 @@ class Recommender(nn.Module):
         and padding reach nothing.
         """
         n = self.item_genres.shape[0]
-        index, sim, mean = self._neighbour_terms(items, positive)
-        index = torch.where(
-            positive.repeat_interleave(index.shape[1] // positive.shape[1], 1), index, n
-        )
-        index, order = index.sort(dim=1, stable=True)
-        sim = sim.gather(1, order)
-        first = torch.ones_like(index, dtype=torch.bool)
-        first[:, 1:] = index[:, 1:] != index[:, :-1]
-        slot = first.cumsum(1) - 1  # each entry's place among its row's distinct items
-        raw = torch.zeros_like(sim).scatter_add_(1, slot, sim)
-        reached = torch.full_like(index, n).scatter_(1, slot, index)
+        index, sim = self._neighbour_terms(items, positive)
+        mean = sim.sum(1) / n
+        reached, (raw,) = self._sparse_sum(index, sim)
         scale = _unit_scale(torch.linalg.vector_norm(raw, dim=1), mean, n)
         shift = (mean * scale)[:, None]  # as neighbour_scores centres them
         return reached, raw.mul_(scale[:, None]).sub_(shift), -shift.squeeze(1)
 
-    def _neighbour_terms(self, items: Tensor, positive: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def rating_neighbour_scores(self, items: Tensor, residual: Tensor, mask: Tensor) -> Tensor:
+        """Each task's item-KNN rating estimate of the whole catalogue, for explicit ratings:
+        (T, I), item j's sum_k s_jk e_k / (sum_k s_jk + 1) over the support items k that reach
+        j, with e_k the support's ``residual``s (the ratings minus the item baseline, centred
+        on the user); 0 for an item the support does not reach.
+
+        Koren's neighbourhood model (KDD 2008) in the form the ridge head can weigh per user.
+        An item is never its own neighbour, so a support item's estimate comes from the rest
+        of the support only: the head's weight is fitted on leave-one-out values. The +1
+        shrinks estimates resting on little similarity towards 0. Not differentiable.
+
+        Args:
+            items: (T, S) support items; residual: (T, S); mask: (T, S) bool, which count.
+        """
+        index, sim, weighted = self._rating_terms(items, residual, mask)
+        return self._dense_sum(index, weighted).div_(self._dense_sum(index, sim).add_(1.0))
+
+    def sparse_rating_neighbour_scores(
+        self, items: Tensor, residual: Tensor, mask: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``rating_neighbour_scores`` as ``sparse_neighbour_scores`` gives its scores:
+        (reached, scores, rest), the rest 0."""
+        index, sim, weighted = self._rating_terms(items, residual, mask)
+        reached, (num, den) = self._sparse_sum(index, weighted, sim)
+        return reached, num.div_(den.add_(1.0)), num.new_zeros(num.shape[0])
+
+    def _neighbour_terms(self, items: Tensor, positive: Tensor) -> tuple[Tensor, Tensor]:
         """(T, S k) the items the support's graph reaches and the similarities that reach
-        them (0 from a support item not ``positive``), and (T,) the raw scores' mean over
-        the catalogue."""
+        them; a support item not ``positive`` reaches nothing (index I, similarity 0)."""
+        index, sim = self._reach(items, positive)
+        return index, sim.flatten(1)
+
+    def _rating_terms(
+        self, items: Tensor, residual: Tensor, mask: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``_neighbour_terms`` of the ``mask``ed items, and the similarities times the
+        residual of the support item they come from."""
+        index, sim = self._reach(items, mask)
+        weighted = sim * residual.unsqueeze(-1).to(sim.dtype)
+        return index, sim.flatten(1), weighted.flatten(1)
+
+    def _reach(self, items: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+        """(T, S k) reached items, I where a support item is not ``keep``, and (T, S, k)
+        the similarities, 0 there."""
         index = take_rows(self.neighbour_index, items)  # (T, S, k)
-        weight = positive.unsqueeze(-1).to(self.neighbour_sim.dtype)
-        sim = take_rows(self.neighbour_sim, items) * weight
-        mean = sim.sum((1, 2)) / self.item_genres.shape[0]
-        return index.flatten(1), sim.flatten(1), mean
+        sim = take_rows(self.neighbour_sim, items) * keep.unsqueeze(-1).to(self.neighbour_sim.dtype)
+        index = torch.where(keep.unsqueeze(-1), index, self.item_genres.shape[0])
+        return index.flatten(1), sim
+
+    def _dense_sum(self, index: Tensor, values: Tensor) -> Tensor:
+        """(T, I): per task, ``values`` (T, M) summed into the items ``index`` (T, M) names
+        (index I, the padding, dropped)."""
+        t, n = index.shape[0], self.item_genres.shape[0]
+        rows = torch.arange(t, device=index.device).view(t, 1) * (n + 1)
+        out = torch.zeros(t * (n + 1), dtype=values.dtype, device=index.device)
+        out.index_add_(0, (rows + index).flatten(), values.flatten())
+        return out.view(t, n + 1)[:, :n]
+
+    def _sparse_sum(self, index: Tensor, *values: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """``_dense_sum`` of each of ``values`` without the (T, I) tensor: (T, M) the
+        distinct items of each row of ``index`` (sorted, padded with I) and each value's
+        sums over them."""
+        n = self.item_genres.shape[0]
+        index, order = index.sort(dim=1, stable=True)
+        first = torch.ones_like(index, dtype=torch.bool)
+        first[:, 1:] = index[:, 1:] != index[:, :-1]
+        slot = first.cumsum(1) - 1  # each entry's place among its row's distinct items
+        reached = torch.full_like(index, n).scatter_(1, slot, index)
+        sums = [torch.zeros_like(v).scatter_add_(1, slot, v.gather(1, order)) for v in values]
+        return reached, sums
 
     def item_factors(self, item_x: Tensor) -> Tensor:
         """q_i, the item-id embedding, from the item-side inputs (its last D columns)."""

@@ -70,7 +70,7 @@ def dataclass(cls: type) -> type:
 
 
 DEFAULT_PRIOR_PRECISION = 10.0  # ridge prior precision / ALS penalty when nothing chooses
-DEFAULT_NEIGHBOURS = 200  # model.neighbours on implicit data with the ridge solver
+DEFAULT_NEIGHBOURS = 200  # model.neighbours with the ridge solver
 
 
 @dataclass
@@ -134,9 +134,9 @@ class ModelConfig:
     user_features: bool = True  # embed user features when the dataset has them
     # the head also weighs q_i (p_u . q_i of MF); None: whenever the ridge solver can use it
     factor_head: bool | None = None
-    # neighbours per item of the neighbourhood term (the support's item-KNN scores, their
-    # weight fitted per user by the ridge head); 0: none. None: 200 on implicit data with
-    # the ridge solver, else 0 (chosen on validation users: defaults-log §9)
+    # neighbours per item of the neighbourhood term (item-KNN's estimate from the support,
+    # its weight fitted per user by the ridge head); 0: none. None: 200 with the ridge
+    # solver, else 0 (chosen on validation users: defaults-log §9, §10)
     neighbours: Annotated[int, Field(ge=0)] | None = None
 
 

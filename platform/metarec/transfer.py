@@ -7,7 +7,8 @@ the other has), so every feature is mapped by name through the manifests' ``voca
 (``data.features``): B's code -> the name -> A's code, and a name A never saw -> A's
 "unknown" code 0. Item ids do not carry over: every B item takes A's shared *unseen item*
 row (zero) and a zero item bias, exactly like an item that appeared after A's training,
-so B's items are scored from their features and the user's support ratings alone.
+so B's items are scored from their features and the user's support ratings alone. A's
+neighbourhood term goes too: its graph links A's items, and B's have none to carry.
 
 The transferred network is A's, unchanged, reading B's side tables translated into A's
 codes; adaptation then runs the same ``meta.adapt`` as everywhere else.
@@ -140,7 +141,11 @@ def transfer_learner(
     )
     out = MetaLearner(model, learner.cfg)
     state = out.state_dict()
-    for name, value in learner.state_dict().items():
+    source = learner.state_dict()
+    if src.has_neighbours:  # the prior precision of the neighbour weight, second to last
+        keep = torch.arange(len(source["log_precision"])) != len(source["log_precision"]) - 2
+        source["log_precision"] = source["log_precision"][keep]
+    for name, value in source.items():
         if name.startswith(ITEM_PARAMS):
             continue
         if name.startswith("log_inner_lrs.") and name.endswith(("emb__item", "item_bias")):
