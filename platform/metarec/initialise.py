@@ -2,7 +2,8 @@
 
 The one place a ``Recommender`` is built from a config (training, and checkpoints rebuilt
 without their dataset), and the one place its item factors start from MF (ALS on the
-training users, ``metarec.mf``), so that the untrained model is MF fold-in.
+training users, ``metarec.mf``), so that the untrained model is MF fold-in (plus, with
+``model.neighbours``, item-KNN's estimate from the support, weighed per user).
 """
 
 from __future__ import annotations
