@@ -114,3 +114,30 @@ def test_the_learner_contains_mf_foldin_and_the_neighbourhood_model(tiny_tasks, 
         knn = _estimate(index, sim.double(), tasks.support_items, residual, tasks.support_mask)
         want = base + knn
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_a_long_support_reaches_through_its_last_ratings_only(tiny_tasks, monkeypatch):
+    """Past ``NEIGHBOUR_SUPPORT`` kept ratings, the term reads the last ones (what bounds a
+    heavy user's cost): the same scores as a support holding only those."""
+    from metarec import model as model_module
+
+    b = tiny_tasks
+    model = tiny_model(factor_head=True, graph=_graph(3, b))
+    residual = torch.randn(b.support_items.shape, dtype=torch.float64)
+    mask = b.support_mask.clone()
+    mask[3, 1] = False  # a gap: "last" counts kept entries, not positions
+    monkeypatch.setattr(model_module, "NEIGHBOUR_SUPPORT", 3)
+    cut = mask & (mask.flip(1).cumsum(1).flip(1) <= 3)
+    assert cut.sum(1).tolist() == [min(int(n), 3) for n in mask.sum(1)]
+    for dense, args, short in (
+        ("rating_neighbour_scores", (residual, mask), (residual, cut)),
+        ("neighbour_scores", (mask,), (cut,)),
+    ):
+        got = getattr(model, dense)(b.support_items, *args)
+        monkeypatch.setattr(model_module, "NEIGHBOUR_SUPPORT", 6)  # nothing cut
+        want = getattr(model, dense)(b.support_items, *short)
+        monkeypatch.setattr(model_module, "NEIGHBOUR_SUPPORT", 3)
+        torch.testing.assert_close(got, want)
+        sparse = getattr(model, f"sparse_{dense}")(b.support_items, *args)
+        catalogue = torch.arange(N_ITEMS).expand(b.num_tasks, -1)
+        torch.testing.assert_close(sparse_lookup(*sparse, catalogue), want)

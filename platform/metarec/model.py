@@ -283,6 +283,7 @@ class Recommender(nn.Module):
         """(T, S k) the items the support's graph reaches and the similarities that reach
         them; a support item not ``positive`` reaches with similarity 0 (``padded``: and
         reaches item I, so that the sparse form lists only what is reached)."""
+        items, positive = _last_kept(items, positive)
         index, sim = self._reach(items, positive, padded=padded)
         return index, sim.flatten(1)
 
@@ -291,6 +292,7 @@ class Recommender(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``_neighbour_terms`` of the ``mask``ed items, and the similarities times the
         residual of the support item they come from."""
+        items, mask, residual = _last_kept(items, mask, residual)
         index, sim = self._reach(items, mask, padded=padded)
         weighted = sim * residual.unsqueeze(-1).to(sim.dtype)
         return index, sim.flatten(1), weighted.flatten(1)
@@ -572,6 +574,23 @@ class Recommender(nn.Module):
         head = {n for n, _ in self.named_parameters() if n.startswith("head.")}
         mlp = {n for n, _ in self.named_parameters() if n.startswith("mlp.")}
         return set(names) in (head, head | mlp)
+
+
+NEIGHBOUR_SUPPORT = 256  # support items the neighbourhood term reads at most: the last ones
+
+
+def _last_kept(items: Tensor, keep: Tensor, *more: Tensor) -> tuple[Tensor, ...]:
+    """``items``, ``keep`` (T, S) and ``more`` cut to each task's last ``NEIGHBOUR_SUPPORT``
+    kept entries when S is longer. The term costs S x k per task: a user with 8,000
+    ratings would cost as much as 30 with 256, and a few hundred ratings already reach
+    most of what k neighbours each can."""
+    if items.shape[1] <= NEIGHBOUR_SUPPORT:
+        return (items, keep, *more)
+    later = keep.flip(1).cumsum(1).flip(1)  # kept entries at or after each position
+    keep = keep & (later <= NEIGHBOUR_SUPPORT)
+    order = keep.to(torch.int8).argsort(dim=1, descending=True, stable=True)
+    order = order[:, :NEIGHBOUR_SUPPORT]
+    return tuple(x.gather(1, order) for x in (items, keep, *more))
 
 
 def _unit_scale(norm: Tensor, mean: Tensor, n: int) -> Tensor:
