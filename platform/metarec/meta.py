@@ -399,11 +399,12 @@ def ridge_head(
     inputs (unit-norm MLP features, the item factors when the model has a factor head,
     with a neighbour graph item-KNN's estimate of i from the support: its rating estimate
     from the other support ratings on explicit data, its standardised score on implicit
-    data; a bias column), y the rating minus the item bias and μ, θ the meta-learned head (the prior
-    mean a user starts from) and Λ = diag(``precision``). A *sum* over ratings, not a mean:
-    the prior weighs as much as Λ ratings whatever the support size, so a user with one
-    rating stays near θ and one with a hundred follows the data. With θ = 0, Λ = λI and
-    ALS item factors, this is exactly MF fold-in; meta-training θ, Λ, the MLP and q_i on
+    data; a bias column), y the rating minus the item bias and μ, θ the meta-learned head
+    (the prior mean a user starts from) and Λ = diag(``precision``). A *sum* over
+    ratings, not a mean: the prior weighs as much as Λ ratings whatever the support size,
+    so a user with one rating stays near θ and one with a hundred follows the data. With
+    θ = 0 (the neighbour weight's included), Λ = λI and ALS item factors, this is exactly
+    MF fold-in; meta-training θ, Λ, the MLP and q_i on
     query loss moves away from it only where that helps.
 
     One batched (T, F, F) solve replaces the inner steps; gradients flow through it exactly

@@ -113,7 +113,7 @@ def _at_most(x: sp.csr_matrix, cap: int = GRAPH_USER_CAP, seed: int = 0) -> sp.c
     """``x`` with each row cut to a random ``cap`` of its entries (seeded). The graph's cost
     is the sum over users of their interactions squared, so a user with 8,000 would cost
     as much as 256 users with 500; a heavy user's co-occurrences are also the weakest
-    evidence of similarity (item-KNN weighs them down for that reason)."""
+    evidence of similarity (inverse user frequency weighs them down for that reason)."""
     import scipy.sparse as sp
 
     lengths = np.diff(x.indptr)

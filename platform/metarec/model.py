@@ -316,9 +316,8 @@ class Recommender(nn.Module):
         )
 
     def _sparse_sum(self, index: Tensor, *values: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """``_dense_sum`` without the (T, I) tensors: (T, M) the
-        distinct items of each row of ``index`` (sorted, padded with I) and each value's
-        sums over them."""
+        """``_dense_sum`` without the (T, I) tensors: (T, M) the distinct items of each row
+        of ``index`` (sorted, padded with I) and each value's sums over them."""
         n = self.item_genres.shape[0]
         index, order = index.sort(dim=1, stable=True)
         first = torch.ones_like(index, dtype=torch.bool)
