@@ -404,8 +404,8 @@ def ridge_head(
     ratings, not a mean: the prior weighs as much as Λ ratings whatever the support size,
     so a user with one rating stays near θ and one with a hundred follows the data. With
     θ = 0 (the neighbour weight's included), Λ = λI and ALS item factors, this is exactly
-    MF fold-in; meta-training θ, Λ, the MLP and q_i on
-    query loss moves away from it only where that helps.
+    MF fold-in; meta-training θ, Λ, the MLP and q_i on query loss moves away from it only
+    where that helps.
 
     One batched (T, F, F) solve replaces the inner steps; gradients flow through it exactly
     (implicit MAML's fixed point, computed directly). Without ``create_graph`` the inputs
@@ -441,14 +441,16 @@ def ridge_head(
         if loss == "mse":  # ratings: item-KNN's estimate from the support's residuals
             residual = ((target - offset) * m).detach()
             mean = residual.sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1.0)
-            kind, args = "rating_neighbour_scores", (items, residual - mean, mask)
+            args = (items, residual - mean, mask)
+            dense, sparse = model.rating_neighbour_scores, model.sparse_rating_neighbour_scores
         else:
-            kind, args = "neighbour_scores", (items, (ratings > 0) & mask)
+            args = (items, (ratings > 0) & mask)
+            dense, sparse = model.neighbour_scores, model.sparse_neighbour_scores
         if sparse_neighbours:
-            reached, scores, rest = getattr(model, f"sparse_{kind}")(*args)
+            reached, scores, rest = sparse(*args)
             at = sparse_lookup(reached, scores, rest, items)
         else:
-            neighbours = getattr(model, kind)(*args)  # (T, I)
+            neighbours = dense(*args)  # (T, I)
             at = neighbours.gather(1, items)
         columns.append(at.to(h.dtype).unsqueeze(-1))
     columns.append(torch.ones_like(h[..., :1]))

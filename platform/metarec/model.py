@@ -223,7 +223,7 @@ class Recommender(nn.Module):
         Args:
             items: (T, S) support items; positive: (T, S) bool, which of them count.
         """
-        index, sim = self._neighbour_terms(items, positive, padded=False)
+        index, sim = self._reach(items, positive, padded=False)
         (raw,) = self._dense_sum(index, sim)
         mean = sim.sum(1) / raw.shape[1]
         # The moments from one pass over the (T, I) scores, the sum from the sparse terms:
@@ -243,7 +243,7 @@ class Recommender(nn.Module):
         and padding reach nothing.
         """
         n = self.item_genres.shape[0]
-        index, sim = self._neighbour_terms(items, positive, padded=True)
+        index, sim = self._reach(items, positive, padded=True)
         mean = sim.sum(1) / n
         reached, (raw,) = self._sparse_sum(index, sim)
         scale = _unit_scale(torch.linalg.vector_norm(raw, dim=1), mean, n)
@@ -264,7 +264,7 @@ class Recommender(nn.Module):
         Args:
             items: (T, S) support items; residual: (T, S); mask: (T, S) bool, which count.
         """
-        index, sim, weighted = self._rating_terms(items, residual, mask, padded=False)
+        index, sim, weighted = self._reach(items, mask, residual, padded=False)
         num, den = self._dense_sum(index, weighted, sim)
         return num / (den + 1.0)
 
@@ -273,38 +273,25 @@ class Recommender(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``rating_neighbour_scores`` as ``sparse_neighbour_scores`` gives its scores:
         (reached, scores, rest), the rest 0."""
-        index, sim, weighted = self._rating_terms(items, residual, mask, padded=True)
+        index, sim, weighted = self._reach(items, mask, residual, padded=True)
         reached, (num, den) = self._sparse_sum(index, weighted, sim)
         return reached, num.div_(den.add_(1.0)), num.new_zeros(num.shape[0])
 
-    def _neighbour_terms(
-        self, items: Tensor, positive: Tensor, *, padded: bool
-    ) -> tuple[Tensor, Tensor]:
-        """(T, S k) the items the support's graph reaches and the similarities that reach
-        them; a support item not ``positive`` reaches with similarity 0 (``padded``: and
-        reaches item I, so that the sparse form lists only what is reached)."""
-        items, positive = _last_kept(items, positive)
-        index, sim = self._reach(items, positive, padded=padded)
-        return index, sim.flatten(1)
-
-    def _rating_terms(
-        self, items: Tensor, residual: Tensor, mask: Tensor, *, padded: bool
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """``_neighbour_terms`` of the ``mask``ed items, and the similarities times the
-        residual of the support item they come from."""
-        items, mask, residual = _last_kept(items, mask, residual)
-        index, sim = self._reach(items, mask, padded=padded)
-        weighted = sim * residual.unsqueeze(-1).to(sim.dtype)
-        return index, sim.flatten(1), weighted.flatten(1)
-
-    def _reach(self, items: Tensor, keep: Tensor, *, padded: bool) -> tuple[Tensor, Tensor]:
-        """(T, S k) reached items (``padded``: I where a support item is not ``keep``) and
-        (T, S, k) the similarities, 0 where it is not."""
+    def _reach(
+        self, items: Tensor, keep: Tensor, *residuals: Tensor, padded: bool
+    ) -> tuple[Tensor, ...]:
+        """(T, S k) the items the support's graph reaches, the similarities that reach them
+        (0 from a support item not ``keep``; ``padded``: it reaches item I too, so that the
+        sparse form lists only what is reached) and, per ``residuals`` (T, S), the
+        similarities times the residual of the support item they come from. A support
+        longer than ``NEIGHBOUR_SUPPORT`` reaches through its last kept items only."""
+        items, keep, *residuals = _last_kept(items, keep, *residuals)
         index = take_rows(self.neighbour_index, items)  # (T, S, k)
         sim = take_rows(self.neighbour_sim, items) * keep.unsqueeze(-1).to(self.neighbour_sim.dtype)
         if padded:
             index = torch.where(keep.unsqueeze(-1), index, self.item_genres.shape[0])
-        return index.flatten(1), sim
+        weighted = ((sim * r.unsqueeze(-1).to(sim.dtype)).flatten(1) for r in residuals)
+        return index.flatten(1), sim.flatten(1), *weighted
 
     def _dense_sum(self, index: Tensor, *values: Tensor) -> tuple[Tensor, ...]:
         """(T, I) each: per task, each of ``values`` (T, M) summed into the items ``index``
