@@ -95,15 +95,19 @@ def run_measured(cmd: list[str], *, timeout: float, env: dict[str, str] | None =
 
     def sample() -> None:
         while not done.is_set():
-            tree, frontier = _children(), [proc.pid]
+            tree, frontier = _children(), [(proc.pid, False)]
             while frontier:
-                pid = frontier.pop()
+                pid, in_worker = frontier.pop()
                 rss, anon = _rss_kb(pid)
                 peak[pid] = max(peak.get(pid, 0), rss)
                 private[pid] = max(private.get(pid, 0), anon)
-                if pid not in workers and any(w in _cmdline(pid) for w in WORKER_TITLES):
+                # a worker's own fork (a subprocess before its exec) carries the worker's
+                # title for a moment: it is not another worker
+                titled = not in_worker and pid not in workers
+                if titled and any(w in _cmdline(pid) for w in WORKER_TITLES):
                     workers.add(pid)
-                frontier.extend(tree.get(pid, []))
+                in_worker = in_worker or pid in workers
+                frontier.extend((child, in_worker) for child in tree.get(pid, []))
             done.wait(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,27 @@ def _scale():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_a_workers_own_fork_is_not_counted_as_another_worker():
+    """A subprocess a worker starts carries the worker's title until it execs; counting it
+    made a 2-worker run read as 3. Two titled siblings, one of which forks: 2 workers."""
+    worker = (
+        "import os, sys, time\n"
+        "if sys.argv[1] == 'fork' and os.fork() == 0:\n"
+        "    time.sleep(1.0); os._exit(0)\n"
+        "time.sleep(1.5)\n"
+    )
+    launch = (  # its own command line must not carry the title
+        "import subprocess, sys\n"
+        f"w, title = {worker!r}, 'RayTrain' + 'Worker'\n"
+        "ps = [subprocess.Popen([sys.executable, '-c', w, m, title]) for m in ('fork', 'no')]\n"
+        "sys.exit(sum(p.wait() for p in ps))\n"
+    )
+    cmd = [sys.executable, "-c", launch]
+    res = _scale().run_measured(cmd, timeout=30)
+    assert res["code"] == 0, res["output"]
+    assert len(res["worker_peak_rss_mb"]) == 2, res
 
 
 def test_scale_smoke_measures_every_stage_at_both_sizes(tmp_path, capsys):
