@@ -123,8 +123,10 @@ def descendants(pid: int) -> dict[int, str]:
 
 
 def train_workers(under: int) -> set[int]:
-    """Pids of the Ray Train worker processes under ``under`` (a driver, a raylet)."""
-    return {p for p, cmd in descendants(under).items() if "RayTrainWorker" in cmd}
+    """Pids of the Ray Train worker processes under ``under`` (a driver, a raylet); not a
+    worker's own fork, which carries the worker's title until it execs."""
+    titled = {p for p, cmd in descendants(under).items() if "RayTrainWorker" in cmd}
+    return titled - {child for p in titled for child in descendants(p)}
 
 
 @contextmanager
