@@ -141,6 +141,8 @@ def test_factor_head_starts_at_the_mf_foldin_chosen_on_validation_users(
     torch.testing.assert_close(table[:, : best.dim], best.item_factors_.float())
     assert not table[:, best.dim :].any()  # fewer factors than dimensions: zero-padded
     assert learner.cfg.prior_precision == best.reg
+    # Huber's δ is in units of the training ratings' spread: a 1-10 scale gets a wider one
+    assert float(learner.rating_std) == pytest.approx(float(train.flat()[2].std()), rel=1e-5)
     torch.testing.assert_close(learner.log_precision.exp().detach(), torch.full_like(
         learner.log_precision, best.reg))  # fmt: skip
     fixed = apply_overrides(synthetic_cfg, **{"meta.prior_precision": 4.0})

@@ -93,6 +93,14 @@ def make_tiny_tasks() -> TaskBatch:
     )
 
 
+def outer_loss(learner: MetaLearner, err: torch.Tensor) -> torch.Tensor:
+    """One task's outer loss on ratings from its query errors: the squared error within δ =
+    ``cfg.huber`` rating standard deviations, ``2 δ |err| - δ²`` beyond (written out)."""
+    d = learner.cfg.huber * float(learner.rating_std)
+    a = err.abs()
+    return torch.where(a <= d, err**2, 2 * d * a - d * d).mean() if d > 0 else (err**2).mean()
+
+
 def reference_meta_loss(learner: MetaLearner, tasks: TaskBatch, *, second_order: bool):
     """The textbook loop: adapt each task alone on its unpadded support set."""
     cfg, model = learner.cfg, learner.model
@@ -118,7 +126,7 @@ def reference_meta_loss(learner: MetaLearner, tasks: TaskBatch, *, second_order:
                 for (n, f), gr in zip(fast.items(), grads, strict=True)
             }
         pred = functional_call(model, {**params, **fast}, (tasks.query_items[t][q], user))
-        losses.append(((pred - tasks.query_ratings[t][q]) ** 2).mean())
+        losses.append(outer_loss(learner, pred - tasks.query_ratings[t][q]))
     return torch.stack(losses).mean()
 
 
@@ -283,13 +291,33 @@ def test_unseen_items_share_the_zero_id_row():
     assert model.emb["item"].shape[0] == N_ITEMS + 1
 
 
+def test_the_outer_loss_on_ratings_is_squared_within_delta_and_linear_beyond():
+    """δ = ``meta.huber`` training-rating standard deviations: errors within it cost their
+    square (as before), errors beyond it 2 δ |e| - δ², so the loss and its slope are
+    continuous at δ and a far-off rating pulls no harder than one at δ."""
+    learner = MetaLearner(tiny_model(), MetaConfig(huber=2.0)).double()
+    learner.rating_std.fill_(0.5)  # δ = 1 rating point
+    err = torch.tensor([[0.5, -1.0, 3.0, -4.0, 9.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True, True, False]])
+    got = learner.query_loss(err, torch.zeros_like(err), mask)
+    torch.testing.assert_close(got, torch.tensor([(0.25 + 1.0 + 5.0 + 7.0) / 4], dtype=err.dtype))
+    e = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)  # the slope at δ: 2 δ
+    zero = torch.zeros(1, 1, dtype=e.dtype)
+    (grad,) = torch.autograd.grad(learner.query_loss(e[None], zero, mask[:, :1]), e)
+    assert float(grad) == pytest.approx(2.0)
+    squared = MetaLearner(tiny_model(), MetaConfig(huber=0.0)).double()
+    torch.testing.assert_close(
+        squared.query_loss(err, torch.zeros_like(err), mask), (err[:, :4] ** 2).mean(1)
+    )
+
+
 def test_zero_inner_steps_is_plain_regression_on_all_ratings(tiny_tasks):
     learner = MetaLearner(tiny_model(), MetaConfig(inner_solver="gd", inner_steps=0)).double()
     loss, _ = meta_loss(learner, tiny_tasks)
     items, ratings, mask = tiny_tasks.merged()
     pred = learner.model(items, tiny_tasks.users)
-    per_task = ((pred - ratings) ** 2 * mask).sum(1) / mask.sum(1)
-    torch.testing.assert_close(loss, per_task.mean())
+    per_task = [outer_loss(learner, (pred - ratings)[t][mask[t]]) for t in range(len(pred))]
+    torch.testing.assert_close(loss, torch.stack(per_task).mean())
 
 
 def test_unknown_algorithm_is_rejected_by_the_config_itself():
@@ -387,7 +415,7 @@ def test_ridge_meta_gradient_matches_per_task_solves(tiny_tasks, factor):
         w = torch.linalg.solve(x.T @ x + torch.diag(lam), x.T @ y + lam * theta)
         hq, offq = call_with(learner.model, params, "head_inputs", tiny_tasks.query_items[t][q], u)
         pred = hq @ w[:-1] + w[-1] + offq
-        losses.append(((pred - tiny_tasks.query_ratings[t][q]) ** 2).mean())
+        losses.append(outer_loss(learner, pred - tiny_tasks.query_ratings[t][q]))
     ref = torch.stack(losses).mean()
     torch.testing.assert_close(loss, ref)
     got, want = _grads(learner, loss), _grads(learner, ref)

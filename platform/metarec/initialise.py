@@ -35,7 +35,6 @@ __all__ = [
     "build_learner",
     "build_recommender",
     "dataset_features",
-    "train_ratings_mean",
 ]
 
 
@@ -98,10 +97,6 @@ def build_recommender(
     )
 
 
-def train_ratings_mean(train: Tasks) -> float:
-    return float(train.flat()[2].mean())
-
-
 def build_learner(
     cfg: MetarecConfig,
     ds: PreparedDataset,
@@ -138,7 +133,8 @@ def build_learner(
         features = dataclasses.replace(features, neighbour_index=index, neighbour_sim=sim)
     if ds.feedback == "implicit":
         return _implicit_learner(cfg, features, train)
-    model = build_recommender(cfg, features, train_ratings_mean(train))
+    ratings = train.flat()[2]
+    model = build_recommender(cfg, features, float(ratings.mean()))
     with torch.no_grad():  # start item biases at shrunk item means: hours of Adam saved
         model.item_bias.copy_(_item_bias_init(train, len(seen), model.global_mean))
         if m.pretrain_items and m.item_id_embedding:
@@ -146,7 +142,10 @@ def build_learner(
             _set_item_embeddings(model, mf.item_factors_, mf.item_bias_)
             if cfg.factor_head:  # the ALS penalty is the head prior's initial precision
                 meta = dataclasses.replace(meta, prior_precision=mf.reg)
-    return MetaLearner(model, meta)
+    learner = MetaLearner(model, meta)
+    spread = float(ratings.float().std()) if len(ratings) > 1 else 0.0
+    learner.rating_std.fill_(spread if spread > 0 else 1.0)  # one rating value: any δ works
+    return learner
 
 
 def _implicit_learner(cfg: MetarecConfig, features: Features, train: Tasks) -> MetaLearner:

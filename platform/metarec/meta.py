@@ -86,6 +86,8 @@ class MetaLearner(nn.Module):
         self.cfg = cfg
         self.feedback = feedback
         self.loss = "mse" if feedback == "explicit" else cfg.implicit_loss
+        if feedback == "explicit":  # the training ratings' spread: Huber's δ is cfg.huber of it
+            self.register_buffer("rating_std", torch.ones(()))
         if feedback == "implicit":
             self.register_buffer("item_popularity", torch.zeros(model.item_genres.shape[0]))
         groups = ADAPT_GROUPS["head" if cfg.algorithm == "anil" else cfg.adapt]
@@ -109,6 +111,14 @@ class MetaLearner(nn.Module):
 
     def params(self) -> Params:
         return dict(self.model.named_parameters())
+
+    def query_loss(self, pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        """Per-task outer loss, (T, N) -> (T,): ``task_loss`` of this learner's kind, on
+        ratings Huber's with δ = ``cfg.huber`` training-rating standard deviations."""
+        delta = None
+        if self.loss == "mse" and self.cfg.huber > 0:
+            delta = self.cfg.huber * float(self.rating_std)
+        return task_loss(pred, target, mask, loss=self.loss, delta=delta)
 
     @property
     def personal(self) -> list[str]:
@@ -204,9 +214,18 @@ def implicit_targets(target: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def task_loss(
-    pred: Tensor, target: Tensor, mask: Tensor, *, loss: str = "mse", prior: float = 0.0
+    pred: Tensor,
+    target: Tensor,
+    mask: Tensor,
+    *,
+    loss: str = "mse",
+    prior: float = 0.0,
+    delta: float | None = None,
 ) -> Tensor:
     """Per-task loss over valid entries, (T, N) -> (T,); ``loss`` one of ``LOSSES``.
+
+    ``mse`` with a ``delta``: twice Huber's loss, the squared error where it is within
+    ``delta`` and ``2 delta |error| - delta²`` beyond (the same value and slope at ``delta``).
 
     Implicit targets are interaction strengths, 0 for a sampled negative. ``bce`` weighs a
     positive's log-loss by its strength (a purchase counts more than a view) and a
@@ -214,6 +233,10 @@ def task_loss(
     strength-weighted mean of -log sigmoid(pred_pos - pred_neg) over every (positive,
     negative) pair of a task: a ranking loss, blind to a shift of all of a task's scores.
     """
+    if loss == "mse" and delta is not None:
+        m = mask.to(pred.dtype)
+        per = 2.0 * F.huber_loss(pred, target, reduction="none", delta=delta)
+        return (per * m).sum(-1) / (m.sum(-1) + prior).clamp_min(1.0)
     if loss == "mse":
         return masked_mse(pred, target, mask, prior=prior)
     m = mask.to(pred.dtype)
@@ -499,7 +522,7 @@ def meta_loss(
     if cfg.inner_steps == 0:
         items, ratings, mask = batch.merged()
         pred = predict(learner.model, params, items, batch.users)
-        loss = task_loss(pred, ratings, mask, loss=learner.loss)
+        loss = learner.query_loss(pred, ratings, mask)
         return loss.sum() / n, {"query_loss": loss.sum().detach() / n}
     fast = learner.adapt(
         params,
@@ -507,7 +530,7 @@ def meta_loss(
         create_graph=cfg.algorithm in ("maml", "metasgd", "anil"),
     )
     pred = predict(learner.model, fast, batch.query_items, batch.users)
-    loss = task_loss(pred, batch.query_ratings, batch.query_mask, loss=learner.loss).sum() / n
+    loss = learner.query_loss(pred, batch.query_ratings, batch.query_mask).sum() / n
     return loss, {"query_loss": loss.detach()}
 
 
@@ -535,7 +558,7 @@ def _reptile_gradients(learner: MetaLearner, batch: TaskBatch, n: int) -> dict[s
     if not metrics:
         with torch.no_grad():
             pred = predict(learner.model, phi, batch.query_items, batch.users)
-            loss = task_loss(pred, batch.query_ratings, batch.query_mask, loss=learner.loss)
+            loss = learner.query_loss(pred, batch.query_ratings, batch.query_mask)
             metrics = {"query_loss": loss.sum() / n}
     return metrics
 

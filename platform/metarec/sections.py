@@ -163,6 +163,11 @@ class MetaConfig:
     # outer lr multiplier for item-id embeddings and biases; 0 keeps the ALS-pretrained ones
     item_lr_scale: float = 0.0
     grad_clip: float = 10.0  # max norm of the meta-gradient (guards against rare spikes)
+    # ratings: the outer (query) loss is Huber's, squared error within this many standard
+    # deviations of the training ratings and linear beyond, so a few far-off ratings do not
+    # steer the prior; 0: squared error throughout (chosen on validation users: defaults-log
+    # §11). The ridge inner solve stays least squares.
+    huber: NonNegative = 1.0
     meta_batch_size: PositiveInt = 32  # tasks per meta-update
     resample_query: bool = True  # re-split each training user's ratings every epoch
     # a training task adapts on at most this many support ratings, a random window of its
