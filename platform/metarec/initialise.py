@@ -77,7 +77,7 @@ def blank_features(spec: dict[str, Any]) -> Features:
         user_table=torch.zeros(n_users, len(USER_FEATURES), dtype=torch.long) if n_users else None,
         vocab_sizes=sizes,
         user_names=USER_FEATURES if n_users else (),
-        neighbour_index=torch.zeros(n_items, k, dtype=torch.long) if k else None,
+        neighbour_index=torch.zeros(n_items, k, dtype=torch.int32) if k else None,
         neighbour_sim=torch.zeros(n_items, k) if k else None,
     )
 

@@ -130,7 +130,8 @@ def _at_most(x: sp.csr_matrix, cap: int = GRAPH_USER_CAP, seed: int = 0) -> sp.c
 def cosine_neighbours(tasks: Tasks, n_items: int, k: int) -> tuple[Tensor, Tensor]:
     """Each item's ``k`` most similar items by cosine over the binary user x item matrix
     (item-KNN's similarity), an item never its own neighbour: indices ``(n_items, k)``
-    and similarities ``(n_items, k)``, zero-padded where an item has fewer.
+    (int32: half the bytes of a million-item graph) and similarities ``(n_items, k)``,
+    zero-padded where an item has fewer.
 
     The graph of the implicit meta-learner's neighbourhood term
     (``Recommender.neighbour_scores``). It lives here, below both, for the reason MF
@@ -169,9 +170,9 @@ def cosine_neighbours(tasks: Tasks, n_items: int, k: int) -> tuple[Tensor, Tenso
     rank = np.arange(len(row)) - starts[row]
     top = rank < k
     width = max(1, min(k, int(rank.max(initial=-1)) + 1))
-    index = torch.zeros(n_items, width, dtype=torch.long)
+    index = torch.zeros(n_items, width, dtype=torch.int32)  # half of int64's bytes
     value = torch.zeros(n_items, width)
-    index[row[top], rank[top]] = torch.from_numpy(col[top].astype(np.int64))
+    index[row[top], rank[top]] = torch.from_numpy(col[top].astype(np.int32))
     value[row[top], rank[top]] = torch.from_numpy(val[top].astype(np.float32))
     return index, value
 

@@ -286,7 +286,7 @@ class Recommender(nn.Module):
         similarities times the residual of the support item they come from. A support
         longer than ``NEIGHBOUR_SUPPORT`` reaches through its last kept items only."""
         items, keep, *residuals = _last_kept(items, keep, *residuals)
-        index = take_rows(self.neighbour_index, items)  # (T, S, k)
+        index = take_rows(self.neighbour_index, items).long()  # (T, S, k); scatter wants int64
         sim = take_rows(self.neighbour_sim, items) * keep.unsqueeze(-1).to(self.neighbour_sim.dtype)
         if padded:
             index = torch.where(keep.unsqueeze(-1), index, self.item_genres.shape[0])
