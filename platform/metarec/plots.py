@@ -30,6 +30,10 @@ COLOURS = {
     "bpr": "C5",
     "global_model": "C6",
     "popularity": "C7",
+    "bias": "C8",
+    "item_mean": "C9",
+    "user_mean": "C5",
+    "global_mean": "C7",
 }
 LABELS = {
     "finetune": "fine-tune (global model)",
@@ -41,6 +45,10 @@ LABELS = {
     "bpr": "BPR",
     "global_model": "global model",
     "popularity": "popularity",
+    "bias": "bias",
+    "item_mean": "item mean",
+    "user_mean": "user mean",
+    "global_mean": "global mean",
 }
 
 
@@ -198,7 +206,7 @@ def learning_curves(
             axes[1].plot(epochs, [r[valid] for r in run["rows"]], label=label, **style)
             drawn += 1
     ratings = valid == "valid/mae"
-    axes[0].set_ylabel("train query loss (MSE, stars²)" if ratings else "train query loss")
+    axes[0].set_ylabel("train query loss (stars²)" if ratings else "train query loss")
     axes[1].set_ylabel("validation MAE (stars)" if ratings else "validation 1 - NDCG@10")
     for ax in axes:
         ax.set_xlabel("epoch")
