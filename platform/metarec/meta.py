@@ -503,7 +503,8 @@ def meta_loss(
     learner: MetaLearner, batch: TaskBatch, *, denominator: int | None = None
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Outer objective of the gradient-based algorithms: the query loss after adaptation
-    (``learner.loss``: MSE on ratings, BCE or BPR on implicit positives and negatives).
+    (``learner.query_loss``: Huber's on ratings, ``meta.huber``, squared error where it is 0;
+    BCE or BPR on implicit positives and negatives).
 
     With ``inner_steps == 0`` there is no adaptation and the loss covers all of a task's
     ratings (support and query): that is the plain global regressor, the same network
