@@ -210,10 +210,13 @@ def loop_step(learner: MetaLearner, tasks: list[Task], second_order: bool) -> No
     lr = cfg.inner_lr
     losses = []
 
-    def one(pred: Tensor, target: Tensor) -> Tensor:  # the learner's loss of one task
+    def one(pred: Tensor, target: Tensor) -> Tensor:  # the learner's inner loss of one task
         return task_loss(
             pred[None], target[None], torch.ones_like(target[None]).bool(), loss=learner.loss
         )[0]
+
+    def outer(pred: Tensor, target: Tensor) -> Tensor:  # its outer loss (Huber's on ratings)
+        return learner.query_loss(pred[None], target[None], torch.ones_like(target[None]).bool())[0]
 
     for task in tasks:
         fast = {n: params[n] for n in learner.adapted}
@@ -223,7 +226,7 @@ def loop_step(learner: MetaLearner, tasks: list[Task], second_order: bool) -> No
             grads = torch.autograd.grad(loss, list(fast.values()), create_graph=second_order)
             fast = {n: f - lr * gr for (n, f), gr in zip(fast.items(), grads, strict=True)}
         pred = functional_call(model, {**params, **fast}, (task.query_items, task.user))
-        losses.append(one(pred, task.query_ratings))
+        losses.append(outer(pred, task.query_ratings))
     torch.stack(losses).mean().backward()
 
 
@@ -239,7 +242,9 @@ def higher_step(learner: MetaLearner, tasks: list[Task]) -> None:
                 pred = fmodel(task.support_items, task.user)
                 diffopt.step(((pred - task.support_ratings) ** 2).mean())
             pred = fmodel(task.query_items, task.user)
-            (((pred - task.query_ratings) ** 2).mean() / len(tasks)).backward()
+            ones = torch.ones_like(task.query_ratings[None]).bool()
+            loss = learner.query_loss(pred[None], task.query_ratings[None], ones)[0]
+            (loss / len(tasks)).backward()
 
 
 def make_candidates(

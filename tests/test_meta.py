@@ -305,6 +305,10 @@ def test_the_outer_loss_on_ratings_is_squared_within_delta_and_linear_beyond():
     zero = torch.zeros(1, 1, dtype=e.dtype)
     (grad,) = torch.autograd.grad(learner.query_loss(e[None], zero, mask[:, :1]), e)
     assert float(grad) == pytest.approx(2.0)
+    # a float64 learner reads float32 batches (train.dtype: float64): no dtype error backwards
+    e = err.clone().requires_grad_()
+    learner.query_loss(e, torch.zeros(err.shape), mask).sum().backward()
+    assert e.grad is not None and e.grad.dtype == torch.float64
     squared = MetaLearner(tiny_model(), MetaConfig(huber=0.0)).double()
     torch.testing.assert_close(
         squared.query_loss(err, torch.zeros_like(err), mask), (err[:, :4] ** 2).mean(1)

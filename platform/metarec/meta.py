@@ -235,7 +235,7 @@ def task_loss(
     """
     if loss == "mse" and delta is not None:
         m = mask.to(pred.dtype)
-        per = 2.0 * F.huber_loss(pred, target, reduction="none", delta=delta)
+        per = 2.0 * F.huber_loss(pred, target.to(pred.dtype), reduction="none", delta=delta)
         return (per * m).sum(-1) / (m.sum(-1) + prior).clamp_min(1.0)
     if loss == "mse":
         return masked_mse(pred, target, mask, prior=prior)
