@@ -41,6 +41,17 @@ def test_checkpoint_round_trips_the_model_without_the_dataset(
     assert path.name == "checkpoint.pt"
 
 
+def test_a_checkpoint_from_before_the_rating_spread_still_loads(synthetic_cfg, trained):
+    """Checkpoints written before ``meta.huber`` lack ``rating_std``, which only training
+    reads: they still load, with the rest of their weights."""
+    learner, optimizer, state = trained
+    ckpt = make_checkpoint(synthetic_cfg, learner, optimizer, state, dataset_hash="h")
+    del ckpt["learner"]["rating_std"]
+    rebuilt = learner_from_checkpoint(ckpt, best=False)
+    assert float(rebuilt.rating_std) == 1.0 != float(learner.rating_std)
+    torch.testing.assert_close(rebuilt.log_precision, learner.log_precision)
+
+
 def test_checkpoint_of_another_dataset_is_refused(tmp_path, synthetic_cfg, trained):
     learner, _, state = trained
     ckpt = make_checkpoint(synthetic_cfg, learner, None, state, dataset_hash="a")

@@ -142,5 +142,8 @@ def learner_from_checkpoint(ckpt: dict[str, Any], *, best: bool = True) -> MetaL
     model = build_recommender(cfg, blank_features(spec))
     learner = MetaLearner(model, cfg.meta, feedback=spec.get("feedback", "explicit"))
     state = ckpt["state"]["best_params"] if best and ckpt["state"]["best_params"] else None
-    learner.load_state_dict(state or ckpt["learner"])
+    state = dict(state or ckpt["learner"])
+    if hasattr(learner, "rating_std"):  # written before meta.huber: only training reads it
+        state.setdefault("rating_std", learner.rating_std)
+    learner.load_state_dict(state)
     return learner.eval()
