@@ -202,6 +202,11 @@ def vectorized_step(learner: MetaLearner, batch: TaskBatch) -> None:
     meta_gradients(learner, batch)
 
 
+def outer_loss(learner: MetaLearner, pred: Tensor, target: Tensor) -> Tensor:
+    """One task's outer loss (the learner's ``query_loss``: Huber's on ratings)."""
+    return learner.query_loss(pred[None], target[None], torch.ones_like(target[None]).bool())[0]
+
+
 def loop_step(learner: MetaLearner, tasks: list[Task], second_order: bool) -> None:
     """The per-task reference loop (tests/test_meta.py: reference_meta_loss), then backward."""
     learner.zero_grad()
@@ -215,9 +220,6 @@ def loop_step(learner: MetaLearner, tasks: list[Task], second_order: bool) -> No
             pred[None], target[None], torch.ones_like(target[None]).bool(), loss=learner.loss
         )[0]
 
-    def outer(pred: Tensor, target: Tensor) -> Tensor:  # its outer loss (Huber's on ratings)
-        return learner.query_loss(pred[None], target[None], torch.ones_like(target[None]).bool())[0]
-
     for task in tasks:
         fast = {n: params[n] for n in learner.adapted}
         for _ in range(cfg.inner_steps):
@@ -226,7 +228,7 @@ def loop_step(learner: MetaLearner, tasks: list[Task], second_order: bool) -> No
             grads = torch.autograd.grad(loss, list(fast.values()), create_graph=second_order)
             fast = {n: f - lr * gr for (n, f), gr in zip(fast.items(), grads, strict=True)}
         pred = functional_call(model, {**params, **fast}, (task.query_items, task.user))
-        losses.append(outer(pred, task.query_ratings))
+        losses.append(outer_loss(learner, pred, task.query_ratings))
     torch.stack(losses).mean().backward()
 
 
@@ -242,9 +244,7 @@ def higher_step(learner: MetaLearner, tasks: list[Task]) -> None:
                 pred = fmodel(task.support_items, task.user)
                 diffopt.step(((pred - task.support_ratings) ** 2).mean())
             pred = fmodel(task.query_items, task.user)
-            ones = torch.ones_like(task.query_ratings[None]).bool()
-            loss = learner.query_loss(pred[None], task.query_ratings[None], ones)[0]
-            (loss / len(tasks)).backward()
+            (outer_loss(learner, pred, task.query_ratings) / len(tasks)).backward()
 
 
 def make_candidates(

@@ -125,7 +125,8 @@ def build_learner(
     """
     torch.manual_seed(cfg.seed)  # parameter init only; batching uses its own generator
     seen = torch.zeros(ds.manifest["counts"]["items"], dtype=torch.bool)
-    seen[train.flat()[1]] = True
+    _, items, ratings = train.flat()
+    seen[items] = True
     m, meta = cfg.model, cfg.meta
     features = dataset_features(ds, seen_items=seen)
     if cfg.neighbours:  # the neighbourhood term's graph: item-KNN's, from the training users
@@ -133,7 +134,6 @@ def build_learner(
         features = dataclasses.replace(features, neighbour_index=index, neighbour_sim=sim)
     if ds.feedback == "implicit":
         return _implicit_learner(cfg, features, train)
-    ratings = train.flat()[2]
     model = build_recommender(cfg, features, float(ratings.mean()))
     with torch.no_grad():  # start item biases at shrunk item means: hours of Adam saved
         model.item_bias.copy_(_item_bias_init(train, len(seen), model.global_mean))

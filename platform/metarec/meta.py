@@ -196,14 +196,22 @@ def _key(name: str) -> str:
     return name.replace(".", "__")  # ParameterDict keys cannot contain dots
 
 
-def masked_mse(pred: Tensor, target: Tensor, mask: Tensor, *, prior: float = 0.0) -> Tensor:
+def masked_mse(
+    pred: Tensor, target: Tensor, mask: Tensor, *, prior: float = 0.0, delta: float | None = None
+) -> Tensor:
     """Per-task mean squared error over valid entries: (T, N) -> (T,).
 
     With ``prior`` > 0 the sum is divided by (n + prior): the inner loss of
-    ``meta.support_prior``, whose gradient shrinks with few ratings.
+    ``meta.support_prior``, whose gradient shrinks with few ratings. With a ``delta``:
+    twice Huber's loss, the squared error where it is within ``delta`` and
+    ``2 delta |error| - delta²`` beyond (the same value and slope at ``delta``).
     """
     m = mask.to(pred.dtype)
-    return ((pred - target) ** 2 * m).sum(-1) / (m.sum(-1) + prior).clamp_min(1.0)
+    if delta is None:
+        per = (pred - target) ** 2
+    else:  # huber_loss does not promote: a float64 learner reads float32 batches
+        per = 2.0 * F.huber_loss(pred, target.to(pred.dtype), reduction="none", delta=delta)
+    return (per * m).sum(-1) / (m.sum(-1) + prior).clamp_min(1.0)
 
 
 def implicit_targets(target: Tensor) -> tuple[Tensor, Tensor]:
@@ -224,8 +232,7 @@ def task_loss(
 ) -> Tensor:
     """Per-task loss over valid entries, (T, N) -> (T,); ``loss`` one of ``LOSSES``.
 
-    ``mse`` with a ``delta``: twice Huber's loss, the squared error where it is within
-    ``delta`` and ``2 delta |error| - delta²`` beyond (the same value and slope at ``delta``).
+    ``mse`` with a ``delta``: Huber's instead (``masked_mse``).
 
     Implicit targets are interaction strengths, 0 for a sampled negative. ``bce`` weighs a
     positive's log-loss by its strength (a purchase counts more than a view) and a
@@ -233,12 +240,8 @@ def task_loss(
     strength-weighted mean of -log sigmoid(pred_pos - pred_neg) over every (positive,
     negative) pair of a task: a ranking loss, blind to a shift of all of a task's scores.
     """
-    if loss == "mse" and delta is not None:
-        m = mask.to(pred.dtype)
-        per = 2.0 * F.huber_loss(pred, target.to(pred.dtype), reduction="none", delta=delta)
-        return (per * m).sum(-1) / (m.sum(-1) + prior).clamp_min(1.0)
     if loss == "mse":
-        return masked_mse(pred, target, mask, prior=prior)
+        return masked_mse(pred, target, mask, prior=prior, delta=delta)
     m = mask.to(pred.dtype)
     positive, confidence = implicit_targets(target)
     weight = confidence * m
