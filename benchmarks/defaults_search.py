@@ -8,6 +8,10 @@ MAE/RMSE/nDCG@3 over splits and the paired difference to each baseline.
 
     python benchmarks/defaults_search.py --data work/ml100k --split-seeds 100 101 102 \
         --try '{}' --try '{"meta.item_lr_scale": 0.1}'
+
+``--ensemble N`` also meta-trains seeds ``seed + 1`` ... ``seed + N - 1`` of each candidate
+and scores the mean prediction of the first n of them (``<method>_mean<n>``, n = 2..N): what
+averaging runs that differ only in their seed would buy (defaults-log §12).
 """
 
 from __future__ import annotations
@@ -17,16 +21,27 @@ import json
 import time
 
 import numpy as np
+from torch import Tensor
 
-from metarec.batch import from_table
-from metarec.config import load_config
+from metarec.batch import TaskBatch, from_table
+from metarec.config import apply_overrides, load_config
 from metarec.data.prepared import open_prepared
 from metarec.data.splits import resplit
 from metarec.evaluate import fit_methods, score_tasks
 from metarec.report import support_keys, truncate_support
-from metarec.scorers import relevance_threshold
+from metarec.scorers import Scorer, relevance_threshold
 
 METRICS = ("mae", "rmse", "ndcg@3")
+
+
+class MeanScorer:
+    """The mean prediction of several scorers (a seed ensemble, for comparison only)."""
+
+    def __init__(self, scorers: list[Scorer]) -> None:
+        self.scorers = scorers
+
+    def predict_items(self, tasks: TaskBatch, items: Tensor) -> Tensor:
+        return sum(s.predict_items(tasks, items) for s in self.scorers) / len(self.scorers)
 
 
 def main() -> None:
@@ -43,6 +58,13 @@ def main() -> None:
         metavar="K",
         help="also report validation MAE with each user's support cut to K ratings",
     )
+    ap.add_argument(
+        "--ensemble",
+        type=int,
+        default=1,
+        metavar="N",
+        help="also score the mean prediction of N meta-learners (seeds seed..seed+N-1)",
+    )
     args = ap.parse_args()
     base = open_prepared(args.data)
     threshold = relevance_threshold(base.manifest)
@@ -54,6 +76,14 @@ def main() -> None:
         for seed in args.split_seeds:
             ds = resplit(base, seed)
             fit = fit_methods(cfg, ds, "user_cold", ("bias", "mf_foldin"))
+            members = [fit.scorers[fit.method]] + [
+                fit_methods(apply_overrides(cfg, seed=cfg.seed + i), ds, "user_cold", ()).scorers[
+                    fit.method
+                ]
+                for i in range(1, args.ensemble)
+            ]
+            for n in range(2, args.ensemble + 1):
+                fit.scorers[f"{fit.method}_mean{n}"] = MeanScorer(members[:n])
             valid = from_table(ds.tasks("user_cold", "valid"))
             keys = support_keys(valid, seed)
             cuts = {k: truncate_support(valid, k, keys) for k in args.shots}

@@ -67,3 +67,14 @@ def test_defaults_search_compares_candidates_on_the_same_baselines(synthetic_pre
     # the same baselines on the same validation users, whatever the candidate
     assert rows[0]["mf_foldin"] == rows[1]["mf_foldin"]
     assert rows[0]["maml"] != rows[1]["maml"]
+
+
+def test_defaults_search_scores_the_mean_of_several_seeds(synthetic_prepared):
+    stdout = _run(
+        "benchmarks/defaults_search.py", "--data", str(synthetic_prepared.root),
+        "--split-seeds", "100", "--ensemble", "2", "--try", '{"train.epochs": 1}',
+    )  # fmt: skip
+    (row,) = [json.loads(line) for line in stdout.strip().splitlines()]
+    one, mean = row["maml"], row["maml_mean2"]
+    assert mean != one  # another seed's model went into it
+    assert 0 < mean["mae"] < mean["rmse"] and row["mf_foldin"]["mae"] > 0

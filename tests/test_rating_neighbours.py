@@ -12,7 +12,7 @@ import torch
 from metarec.baselines import MFFoldIn
 from metarec.config import MetaConfig
 from metarec.loop import predict_items
-from metarec.meta import SPARSE_NEIGHBOURS, MetaLearner
+from metarec.meta import SPARSE_NEIGHBOURS, MetaLearner, predict
 from metarec.mf import cosine_neighbours
 from metarec.model import sparse_lookup
 from tests.test_meta import N_ITEMS, make_tiny_tasks, tiny_model
@@ -60,6 +60,9 @@ def test_rating_neighbour_scores_are_the_neighbourhood_estimate(tiny_tasks, k):
     catalogue = torch.arange(N_ITEMS).expand(b.num_tasks, -1)
     assert (rest == 0).all()
     torch.testing.assert_close(sparse_lookup(reached, scores, rest, catalogue).double(), want)
+    at = torch.cat([b.query_items, b.support_items, b.query_items.flip(1)], 1)  # repeats
+    there = model.rating_neighbour_scores_at(b.support_items, residual, b.support_mask, at)
+    assert torch.equal(there, got.gather(1, at))  # bit for bit: the same sums, divided alike
 
 
 def test_sparse_adaptation_on_ratings_is_the_dense_one(tiny_tasks):
@@ -77,6 +80,39 @@ def test_sparse_adaptation_on_ratings_is_the_dense_one(tiny_tasks):
     catalogue = torch.arange(N_ITEMS).expand(b.num_tasks, -1)
     term = got["head.neighbour"] * sparse_lookup(*(got[n] for n in SPARSE_NEIGHBOURS), catalogue)
     torch.testing.assert_close(params["item_bias"] + term, want["item_bias"])
+
+
+def test_adapting_at_the_query_items_is_the_dense_adaptation(tiny_tasks):
+    """Training's and validation's form (``at=``): the same head and the same predictions
+    of the items asked for, bit for bit, no per-user catalogue biases; the same loss and,
+    to rounding (sums over other orders), the same meta-gradients; and weights adapted at
+    some items refuse to score others."""
+    b = tiny_tasks
+    model = tiny_model(factor_head=True, graph=_graph(3, b))
+    cfg = MetaConfig(adapt="head", inner_solver="ridge", prior_precision=0.7, huber=0.0)
+    learner = MetaLearner(model, cfg).double()
+    support = (b.users, b.support_items, b.support_ratings, b.support_mask)
+
+    def loss_and_grads(at):
+        learner.zero_grad()
+        fast = learner.adapt(learner.params(), support, create_graph=True, at=at)
+        pred = predict(model, fast, b.query_items, b.users)
+        loss = learner.query_loss(pred, b.query_ratings, b.query_mask).sum()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in learner.named_parameters() if p.grad is not None}
+        return fast, pred, loss.detach(), grads
+
+    dense, want, want_loss, want_grads = loss_and_grads(None)
+    fast, got, loss, grads = loss_and_grads(b.query_items)
+    assert fast["item_bias"].dim() == 1 and dense["item_bias"].dim() == 2
+    for n in ("head.weight", "head.factor", "head.neighbour", "head.bias"):
+        assert torch.equal(fast[n], dense[n])
+    assert torch.equal(got, want) and torch.equal(loss, want_loss)
+    assert grads.keys() == want_grads.keys()
+    for n, g in grads.items():
+        torch.testing.assert_close(g, want_grads[n], rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="at="):
+        predict(model, fast, b.support_items, b.users)
 
 
 @pytest.mark.parametrize("neighbour", [0.0, 1.0])

@@ -29,7 +29,7 @@ from metarec.config import MetarecConfig
 from metarec.data.prepared import PreparedDataset
 from metarec.implicit_metrics import score_implicit, valid_ndcg
 from metarec.initialise import build_learner
-from metarec.meta import MetaLearner, meta_gradients, predict
+from metarec.meta import MetaLearner, meta_gradients, predict, split_shift
 from metarec.metrics import masked_mae, task_mae
 from metarec.mf import MFFoldIn
 from metarec.negatives import keep_negatives
@@ -383,6 +383,7 @@ def predict_items(
     for idx in row_chunks(tasks.support_mask.sum(1), chunk, chunk * PADDED_SUPPORT):
         b = with_support_negatives(learner, tasks.select(idx)).to(device)
         support = (b.users, b.support_items, b.support_ratings, b.support_mask)
+        chunk_items = items[idx].to(device)
         with torch.no_grad():  # inference: gradient-based adaptation re-enables what it needs
             fast = learner.adapt(
                 params,
@@ -391,10 +392,11 @@ def predict_items(
                 inner_lr=lrs,
                 support_prior=support_prior,
                 prior_scale=prior_scale,
+                at=chunk_items,
             )
-            chunk_items = items[idx].to(device)
             if learner.model.shares_item_side(fast):  # the MLP once per item, not per pair
-                out.append(learner.model.predict_shared(fast, chunk_items).cpu())
+                fast, shift = split_shift(fast, chunk_items)
+                out.append(learner.model.predict_shared(fast, chunk_items, shift=shift).cpu())
             else:
                 out.append(predict(learner.model, fast, chunk_items, b.users).cpu())
     return torch.cat(out)

@@ -45,6 +45,7 @@ from metarec.negatives import draw_candidates, fixed_candidates, keep_negatives
 
 __all__ = [
     "LOSSES",
+    "NEIGHBOUR_SHIFT",
     "SPARSE_NEIGHBOURS",
     "MetaLearner",
     "adapt",
@@ -54,6 +55,7 @@ __all__ = [
     "meta_loss",
     "predict",
     "ridge_head",
+    "split_shift",
     "task_loss",
 ]
 
@@ -65,6 +67,9 @@ LOSSES = ("mse", "bce", "bpr")
 # biases, ``Recommender.sparse_neighbour_scores`` (the items reached, their scores, the
 # rest's), which ``head.neighbour`` multiplies.
 SPARSE_NEIGHBOURS = ("neighbour.items", "neighbour.scores", "neighbour.rest")
+# ... and adapted for the items ``at`` alone (ratings): the term there, (T, N), which
+# ``predict`` adds to those items' biases; the item biases stay shared.
+NEIGHBOUR_SHIFT = "neighbour.shift"
 
 
 class MetaLearner(nn.Module):
@@ -137,11 +142,12 @@ class MetaLearner(nn.Module):
         prior_scale: float = 1.0,
         create_graph: bool = False,
         sparse_neighbours: bool = False,
+        at: Tensor | None = None,
     ) -> Params:
         """``adapt`` with this learner's settings (training, evaluation and serving); the
         keyword arguments override them (evaluation tunes them on validation users).
         ``prior_scale`` multiplies the ridge solver's learned prior precision;
-        ``sparse_neighbours``: see ``ridge_head``."""
+        ``sparse_neighbours``, ``at``: see ``ridge_head``."""
         cfg = self.cfg
         precision = None
         if self.log_precision is not None:
@@ -161,6 +167,7 @@ class MetaLearner(nn.Module):
             precision=precision,
             loss=self.loss,
             sparse_neighbours=sparse_neighbours,
+            at=at,
         )
 
     def negative_candidates(self, tasks: int, count: int, generator: torch.Generator) -> Tensor:
@@ -257,8 +264,24 @@ def task_loss(
 
 
 def predict(model: Recommender, params: Params, items: Tensor, users: Tensor) -> Tensor:
-    """Ratings of ``items`` (T, N) for ``users`` (T,) under (possibly fast) ``params``."""
-    return functional_call(model, params, (items, users))
+    """Ratings of ``items`` (T, N) for ``users`` (T,) under (possibly fast) ``params``;
+    weights adapted ``at`` some items score those items, in that order, and no others."""
+    params, shift = split_shift(params, items)
+    return functional_call(model, params, (items, users), {"shift": shift})
+
+
+def split_shift(params: Params, items: Tensor) -> tuple[Params, Tensor | None]:
+    """``params`` without ``NEIGHBOUR_SHIFT``, and the shift (None without one), checked
+    to belong to ``items``: the term was estimated at the items adaptation was told of."""
+    if NEIGHBOUR_SHIFT not in params:
+        return params, None
+    shift = params[NEIGHBOUR_SHIFT]
+    if shift.shape != items.shape:
+        raise ValueError(
+            f"these fast weights were adapted to score {tuple(shift.shape)} items "
+            f"(adapt's at=), not {tuple(items.shape)}"
+        )
+    return {n: p for n, p in params.items() if n != NEIGHBOUR_SHIFT}, shift
 
 
 def adapt(
@@ -276,6 +299,7 @@ def adapt(
     precision: Tensor | None = None,
     loss: str = "mse",
     sparse_neighbours: bool = False,
+    at: Tensor | None = None,
 ) -> Params:
     """Fast weights after ``steps`` gradient steps on each task's support set, all at once.
 
@@ -291,7 +315,7 @@ def adapt(
             prior of mean θ and diagonal ``precision`` (default: ``proximal``), see
             ``ridge_head``.
         loss: the support loss, one of ``LOSSES`` (implicit supports carry their negatives).
-        sparse_neighbours: see ``ridge_head``.
+        sparse_neighbours, at: see ``ridge_head``.
     Returns:
         A full parameter dict; adapted entries have shape (T, *param.shape).
     """
@@ -306,6 +330,7 @@ def adapt(
             create_graph=create_graph,
             loss=loss,
             sparse_neighbours=sparse_neighbours,
+            at=at,
         )
     users, items, ratings, mask = support
     t = users.shape[0]
@@ -418,6 +443,7 @@ def ridge_head(
     create_graph: bool = True,
     loss: str = "mse",
     sparse_neighbours: bool = False,
+    at: Tensor | None = None,
 ) -> Params:
     """Closed-form inner loop for the head: the posterior mean of a Bayesian linear model.
 
@@ -450,7 +476,11 @@ def ridge_head(
     every item, and by default those are folded into per-user item biases, (T, I). With
     ``sparse_neighbours`` they are returned as ``SPARSE_NEIGHBOURS`` instead, so a user
     costs their support's neighbours, not the catalogue (serving a million items); the
-    same scores to rounding (``tests/test_implicit_meta.py``).
+    same scores to rounding (``tests/test_implicit_meta.py``). On ratings, ``at`` (T, N)
+    names the only items the weights will score (training's and validation's query
+    items): the term is estimated there alone and returned as ``NEIGHBOUR_SHIFT``, the
+    same predictions bit for bit without the (T, I) biases, their product and their
+    gradients.
     """
     users, items, ratings, mask = support
     h, offset = call_with(model, params, "head_inputs", items, users)
@@ -463,6 +493,7 @@ def ridge_head(
         target = positive.to(h.dtype)
         m = m * confidence.sqrt()
     columns = [h]
+    targeted = at is not None and loss == "mse" and model.has_neighbours
     if model.has_neighbours:  # the support's item-KNN scores, one more head input
         if loss == "mse":  # ratings: item-KNN's estimate from the support's residuals
             residual = ((target - offset) * m).detach()
@@ -472,13 +503,17 @@ def ridge_head(
         else:
             args = (items, (ratings > 0) & mask)
             dense, sparse = model.neighbour_scores, model.sparse_neighbour_scores
-        if sparse_neighbours:
+        if targeted:
+            assert at is not None
+            both = model.rating_neighbour_scores_at(*args, torch.cat([items, at], 1))
+            own, there = both[:, : items.shape[1]], both[:, items.shape[1] :]
+        elif sparse_neighbours:
             reached, scores, rest = sparse(*args)
-            at = sparse_lookup(reached, scores, rest, items)
+            own = sparse_lookup(reached, scores, rest, items)
         else:
             neighbours = dense(*args)  # (T, I)
-            at = neighbours.gather(1, items)
-        columns.append(at.to(h.dtype).unsqueeze(-1))
+            own = neighbours.gather(1, items)
+        columns.append(own.to(h.dtype).unsqueeze(-1))
     columns.append(torch.ones_like(h[..., :1]))
     x = torch.cat(columns, -1) * m.unsqueeze(-1)  # (T, S, F)
     y = (target - offset) * m  # (T, S)
@@ -495,7 +530,9 @@ def ridge_head(
     out = {**params, "head.weight": w[:, :lo, None], "head.bias": w[:, -1:]}
     for n in vectors:  # slices (a split rounds float32 gradients differently)
         out[n], lo = w[:, lo : lo + params[n].numel()], lo + params[n].numel()
-    if sparse_neighbours and model.has_neighbours:  # the scores the weight multiplies
+    if targeted:  # the term at the items asked for, added to their biases by ``predict``
+        out[NEIGHBOUR_SHIFT] = out["head.neighbour"] * there.to(h.dtype)
+    elif sparse_neighbours and model.has_neighbours:  # the scores the weight multiplies
         out |= dict(zip(SPARSE_NEIGHBOURS, (reached, scores, rest), strict=True))
     elif model.has_neighbours:  # spent: the user's item biases now carry weight x scores
         out["item_bias"] = params["item_bias"] + out["head.neighbour"] * neighbours.to(h.dtype)
@@ -532,6 +569,7 @@ def meta_loss(
         params,
         (batch.users, batch.support_items, batch.support_ratings, batch.support_mask),
         create_graph=cfg.algorithm in ("maml", "metasgd", "anil"),
+        at=batch.query_items,
     )
     pred = predict(learner.model, fast, batch.query_items, batch.users)
     loss = learner.query_loss(pred, batch.query_ratings, batch.query_mask).sum() / n

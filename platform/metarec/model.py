@@ -176,6 +176,7 @@ class Recommender(nn.Module):
         users: Tensor,
         *,
         encoded: tuple[Tensor, Tensor | None] | None = None,
+        shift: Tensor | None = None,
     ) -> Tensor:
         """Predicted ratings, (..., N): the reference path every fast path is tested against.
 
@@ -184,10 +185,12 @@ class Recommender(nn.Module):
             With fast weights of a leading task dim T, ``...`` must be (T,).
             encoded: ``encode_parts(items, users)`` computed earlier: the inner loop encodes
                 once when no embedding adapts, instead of at every step.
+            shift: (..., N) added to these items' biases: a user's neighbourhood term
+                where it was estimated at ``items`` alone (``meta.NEIGHBOUR_SHIFT``).
         """
         parts = self.encode_parts(items, users) if encoded is None else encoded
         z = self.mlp.features(*parts)  # (..., N, H), zero mean and unit RMS per row
-        offset = gather_bias(self.item_bias, items) + self.global_mean  # (..., N)
+        offset = _offset(self.item_bias, items, shift) + self.global_mean  # (..., N)
         q = self.item_factors(parts[0]) if self.has_factor_head else None
         return self.head.predict(z, q, offset)
 
@@ -267,6 +270,17 @@ class Recommender(nn.Module):
         index, sim, weighted = self._reach(items, mask, residual, padded=False)
         num, den = self._dense_sum(index, weighted, sim)
         return num / (den + 1.0)
+
+    def rating_neighbour_scores_at(
+        self, items: Tensor, residual: Tensor, mask: Tensor, at: Tensor
+    ) -> Tensor:
+        """``rating_neighbour_scores`` of the items ``at`` (T, N) alone, (T, N), the same
+        values bit for bit: training and validation score each task's own few items, and
+        dividing (and later weighing and adding) catalogue-wide rows to read a few hundred
+        of them was most of the term's cost at 60,000 items."""
+        index, sim, weighted = self._reach(items, mask, residual, padded=False)
+        num, den = self._dense_sum(index, weighted, sim)
+        return num.gather(1, at) / (den.gather(1, at) + 1.0)
 
     def sparse_rating_neighbour_scores(
         self, items: Tensor, residual: Tensor, mask: Tensor
@@ -384,6 +398,7 @@ class Recommender(nn.Module):
         params: Params,
         items: Tensor,
         side: tuple[Tensor, Tensor | None] | None = None,
+        shift: Tensor | None = None,
     ) -> Tensor:
         """``forward`` for T tasks' fast weights when ``shares_item_side``: (T, N).
 
@@ -397,6 +412,7 @@ class Recommender(nn.Module):
             items: (T, N) item indices.
             side: ``item_side`` of the whole catalogue under ``params``, computed earlier
                 (the serving engine keeps it: the shared weights never change there).
+            shift: as ``forward``'s.
         """
         if side is None:
             catalogue = torch.arange(self.item_genres.shape[0], device=items.device)
@@ -404,7 +420,7 @@ class Recommender(nn.Module):
         z, q = side  # (I, H), (I, D) or None
         t, weight = items.shape[0], params["head.weight"]
         w = weight.expand(t, *weight.shape[-2:])  # (T, H, 1)
-        offset = gather_bias(params["item_bias"], items) + self.global_mean
+        offset = _offset(params["item_bias"], items, shift) + self.global_mean
         if items.numel() < z.shape[0]:  # few items a task: only theirs, gathered
             score = (take_rows(z, items) @ w).squeeze(-1) * z.shape[-1] ** -0.5  # (T, N)
             if q is not None:
@@ -577,6 +593,13 @@ def _last_kept(items: Tensor, keep: Tensor, *more: Tensor) -> tuple[Tensor, ...]
     order = keep.to(torch.int8).argsort(dim=1, descending=True, stable=True)
     order = order[:, :NEIGHBOUR_SUPPORT]
     return tuple(x.gather(1, order) for x in (items, keep, *more))
+
+
+def _offset(bias: Tensor, items: Tensor, shift: Tensor | None) -> Tensor:
+    """The biases of ``items``, plus ``shift`` where given: in this order, so that a shift
+    equals folding it into per-user biases first, to the last bit."""
+    own = gather_bias(bias, items)
+    return own if shift is None else own + shift
 
 
 def _unit_scale(norm: Tensor, mean: Tensor, n: int) -> Tensor:
