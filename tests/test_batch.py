@@ -3,6 +3,7 @@
 from dataclasses import fields
 
 import pyarrow as pa
+import pytest
 import torch
 
 from metarec.batch import TaskBatch, bucketed_batches, from_table
@@ -165,15 +166,22 @@ def test_a_window_keeps_at_most_n_support_ratings_and_all_of_a_short_support():
     assert tasks.windowed(4) is tasks
 
 
-def test_a_share_of_blocks_is_written_flat_as_the_concatenated_sorted_table(synthetic_prepared):
+@pytest.mark.parametrize("copy_rows", [4096, 7])
+def test_a_share_of_blocks_is_written_flat_as_the_concatenated_sorted_table(
+    synthetic_prepared, monkeypatch, copy_rows
+):
     """``ragged_from_blocks`` (a Ray worker's read: its users' tasks out of many blocks, in
     user-id order) equals filtering, concatenating and sorting the table first, then
-    flattening it; without users or sorting it is the table as it comes."""
+    flattening it; without users or sorting it is the table as it comes. Copied a few
+    tasks at a time (``COPY_ROWS``), blocks larger than a slice come out the same."""
     import itertools
 
     import numpy as np
 
+    from metarec import batch
     from metarec.batch import ragged_from_blocks, ragged_from_table
+
+    monkeypatch.setattr(batch, "COPY_ROWS", copy_rows)
 
     table = synthetic_prepared.tasks("user_cold", "train")
     order = np.random.default_rng(0).permutation(table.num_rows)

@@ -317,6 +317,12 @@ def ragged_from_table(table: pa.Table) -> RaggedTasks:
     return ragged_from_blocks([table])
 
 
+# Tasks ``ragged_from_blocks`` copies out of a block at once: Ray Data hands a worker the
+# driver's whole table as one block, and copying a worker's share of it in one piece held
+# several transient copies of that share (taken rows, combined chunks, destinations).
+COPY_ROWS = 4096
+
+
 def ragged_from_blocks(
     blocks: Sequence[pa.Table], users: np.ndarray | None = None, *, by_user: bool = False
 ) -> RaggedTasks:
@@ -324,7 +330,8 @@ def ragged_from_blocks(
     in block order or, ``by_user``, in user-id order.
 
     Written straight into the final arrays in two passes (the rows and their lengths, then
-    each block's ratings to their places), so the peak is the result plus one block's rows:
+    each block's ratings to their places, ``COPY_ROWS`` tasks at a time), so the peak is
+    the result plus one slice's rows:
     a worker that concatenated, sorted and then flattened its share held about three more
     copies of it at once, which is most of what its memory grew by with the data.
     """
@@ -347,20 +354,20 @@ def ragged_from_blocks(
     ratings = np.zeros(int(offsets[-1]), dtype=np.float32)
     done = 0
     for block, rows in zip(blocks, picks, strict=True):
-        here = slice(done, done + len(rows))
-        done += len(rows)
-        if not len(rows):
-            continue
-        part = block.take(pa.array(rows)) if users is not None else block
-        start = offsets[place[here]]
-        for side, shift in (("support", start), ("query", start + s_len[here])):
-            its = part.column(f"{side}_items").combine_chunks()
-            rs = part.column(f"{side}_ratings").combine_chunks()
-            begin = its.offsets.to_numpy().astype(np.int64)
-            values = its.flatten().to_numpy(zero_copy_only=False)
-            dest = np.repeat(shift - (begin[:-1] - begin[0]), np.diff(begin))
-            dest += np.arange(len(values))
-            items[dest], ratings[dest] = values, rs.flatten().to_numpy(zero_copy_only=False)
+        for lo in range(0, len(rows), COPY_ROWS):  # a slice's copies at a time, not a block's
+            cut = rows[lo : lo + COPY_ROWS]
+            here = slice(done, done + len(cut))
+            done += len(cut)
+            part = block.take(pa.array(cut))
+            start = offsets[place[here]]
+            for side, shift in (("support", start), ("query", start + s_len[here])):
+                its = part.column(f"{side}_items").combine_chunks()
+                rs = part.column(f"{side}_ratings").combine_chunks()
+                begin = its.offsets.to_numpy().astype(np.int64)
+                values = its.flatten().to_numpy(zero_copy_only=False)
+                dest = np.repeat(shift - (begin[:-1] - begin[0]), np.diff(begin))
+                dest += np.arange(len(values))
+                items[dest], ratings[dest] = values, rs.flatten().to_numpy(zero_copy_only=False)
     return RaggedTasks(
         users=torch.from_numpy(user_ids[order]),
         items=torch.from_numpy(items),
