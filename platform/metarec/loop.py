@@ -402,7 +402,10 @@ def predict_items(
     return torch.cat(out)
 
 
-PADDED_SUPPORT = 512  # support rows per task a chunk may pad to, on average
+# Support rows per task a chunk may pad to, on average. Sets the peak of a validating
+# worker (and of evaluation) once heavy users exist: a chunk of a few long supports costs
+# as much as 256 short ones. Every chunk of supports this short or shorter is whole.
+PADDED_SUPPORT = 128
 
 
 def row_chunks(lengths: Tensor, most: int, max_rows: int) -> list[Tensor]:
