@@ -61,7 +61,7 @@ def test_rating_neighbour_scores_are_the_neighbourhood_estimate(tiny_tasks, k):
     assert (rest == 0).all()
     torch.testing.assert_close(sparse_lookup(reached, scores, rest, catalogue).double(), want)
     at = torch.cat([b.query_items, b.support_items, b.query_items.flip(1)], 1)  # repeats
-    there = model.rating_neighbour_scores_at(b.support_items, residual, b.support_mask, at)
+    there = model.rating_neighbour_scores(b.support_items, residual, b.support_mask, at=at)
     assert torch.equal(there, got.gather(1, at))  # bit for bit: the same sums, divided alike
 
 

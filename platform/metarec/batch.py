@@ -358,7 +358,7 @@ def ragged_from_blocks(
             cut = rows[lo : lo + COPY_ROWS]
             here = slice(done, done + len(cut))
             done += len(cut)
-            part = block.take(pa.array(cut))
+            part = block.take(pa.array(cut)) if users is not None else block.slice(lo, len(cut))
             start = offsets[place[here]]
             for side, shift in (("support", start), ("query", start + s_len[here])):
                 its = part.column(f"{side}_items").combine_chunks()

@@ -505,7 +505,7 @@ def ridge_head(
             dense, sparse = model.neighbour_scores, model.sparse_neighbour_scores
         if targeted:
             assert at is not None
-            both = model.rating_neighbour_scores_at(*args, torch.cat([items, at], 1))
+            both = model.rating_neighbour_scores(*args, at=torch.cat([items, at], 1))
             own, there = both[:, : items.shape[1]], both[:, items.shape[1] :]
         elif sparse_neighbours:
             reached, scores, rest = sparse(*args)

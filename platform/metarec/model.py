@@ -253,7 +253,9 @@ class Recommender(nn.Module):
         shift = (mean * scale)[:, None]  # as neighbour_scores centres them
         return reached, raw.mul_(scale[:, None]).sub_(shift), -shift.squeeze(1)
 
-    def rating_neighbour_scores(self, items: Tensor, residual: Tensor, mask: Tensor) -> Tensor:
+    def rating_neighbour_scores(
+        self, items: Tensor, residual: Tensor, mask: Tensor, at: Tensor | None = None
+    ) -> Tensor:
         """Each task's item-KNN rating estimate of the whole catalogue, for explicit ratings:
         (T, I), item j's sum_k s_jk e_k / (sum_k s_jk + 1) over the support items k that reach
         j, with e_k the support's ``residual``s (the ratings minus the item baseline, centred
@@ -266,21 +268,16 @@ class Recommender(nn.Module):
 
         Args:
             items: (T, S) support items; residual: (T, S); mask: (T, S) bool, which count.
+            at: (T, N) the only items wanted: their estimates, (T, N), the same values bit
+                for bit. Training and validation score each task's own few items, and
+                dividing (and later weighing and adding) catalogue-wide rows to read a few
+                hundred of them was most of the term's cost at 60,000 items.
         """
         index, sim, weighted = self._reach(items, mask, residual, padded=False)
         num, den = self._dense_sum(index, weighted, sim)
+        if at is not None:
+            num, den = num.gather(1, at), den.gather(1, at)
         return num / (den + 1.0)
-
-    def rating_neighbour_scores_at(
-        self, items: Tensor, residual: Tensor, mask: Tensor, at: Tensor
-    ) -> Tensor:
-        """``rating_neighbour_scores`` of the items ``at`` (T, N) alone, (T, N), the same
-        values bit for bit: training and validation score each task's own few items, and
-        dividing (and later weighing and adding) catalogue-wide rows to read a few hundred
-        of them was most of the term's cost at 60,000 items."""
-        index, sim, weighted = self._reach(items, mask, residual, padded=False)
-        num, den = self._dense_sum(index, weighted, sim)
-        return num.gather(1, at) / (den.gather(1, at) + 1.0)
 
     def sparse_rating_neighbour_scores(
         self, items: Tensor, residual: Tensor, mask: Tensor
