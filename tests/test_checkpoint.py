@@ -8,8 +8,10 @@ from metarec.checkpoint import (
     learner_from_checkpoint,
     load_checkpoint,
     make_checkpoint,
+    restart_point,
     save_checkpoint,
 )
+from metarec.config import apply_overrides
 from metarec.errors import DataError
 from metarec.initialise import build_learner
 from metarec.loop import build_optimizer, predict_query
@@ -50,6 +52,20 @@ def test_a_checkpoint_from_before_the_rating_spread_still_loads(synthetic_cfg, t
     rebuilt = learner_from_checkpoint(ckpt, best=False)
     assert float(rebuilt.rating_std) == 1.0 != float(learner.rating_std)
     torch.testing.assert_close(rebuilt.log_precision, learner.log_precision)
+
+
+def test_a_resumed_run_starts_from_the_checkpoints_network_under_its_new_config(
+    synthetic_cfg, trained
+):
+    learner, optimizer, state = trained
+    ckpt = make_checkpoint(synthetic_cfg, learner, optimizer, state, dataset_hash="h")
+    cfg = apply_overrides(synthetic_cfg, **{"train.epochs": 9, "train.workers": 2})
+    start = restart_point(ckpt, cfg)
+    assert start["config"] == cfg.to_dict() != ckpt["config"]
+    assert start["optimizer"] is None and TrainState.from_dict(start["state"]) == TrainState()
+    rebuilt = learner_from_checkpoint(start, best=False).state_dict()
+    assert rebuilt.keys() == learner.state_dict().keys()
+    assert all(torch.equal(rebuilt[k], v) for k, v in learner.state_dict().items())
 
 
 def test_checkpoint_of_another_dataset_is_refused(tmp_path, synthetic_cfg, trained):

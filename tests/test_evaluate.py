@@ -6,13 +6,15 @@ import json
 import pytest
 import torch
 
-from metarec.baselines import Bias
-from metarec.batch import from_table
+from metarec.baselines import Bias, classic_baselines
+from metarec.batch import from_table, ragged_from_table
 from metarec.config import apply_overrides
 from metarec.data.splits import resplit
-from metarec.evaluate import evaluate, fit_methods, model_fits, score_tasks
+from metarec.evaluate import evaluate, fit_methods, model_fits, score_tasks, tuned_fit
+from metarec.initialise import build_learner
 from metarec.loop import fit
 from metarec.metrics import masked_mae
+from metarec.mf import users_for_grid
 from metarec.results import method_rows
 from metarec.scorers import AdaptedScorer, adaptation_grid, relevance_threshold
 
@@ -74,6 +76,47 @@ def test_adaptation_is_chosen_on_validation_users(quick, synthetic_cfg, syntheti
     assert len(set(maes)) == len(maes)  # every knob changes the prediction
     chosen = grid[maes.index(min(maes))]
     assert {k: fitted.adapt[k] for k in chosen} == chosen
+
+
+def test_on_large_data_the_knobs_are_chosen_on_a_sample_of_validation_users(
+    synthetic_cfg, synthetic_prepared
+):
+    ds = synthetic_prepared
+    valid = from_table(ds.tasks("user_cold", "valid"))
+    budget = len(valid.flat()[0]) // 3
+    cfg = apply_overrides(synthetic_cfg, **{"evaluate.tune_ratings": budget, "seed": 4})
+    learner = build_learner(cfg, ds, ragged_from_table(ds.tasks("user_cold", "train")), valid)
+    fitted = fit_methods(cfg, ds, "user_cold", (), learner=learner)
+    sample = users_for_grid(valid, budget, seed=4)
+    assert 0 < sample.num_tasks < valid.num_tasks / 2
+    maes = [
+        masked_mae(AdaptedScorer(learner, **hp).predict_items(sample, sample.query_items), sample)
+        for hp in adaptation_grid(cfg.meta)
+    ]
+    assert fitted.adapt["valid_mae"] == pytest.approx(min(maes))
+    everyone = apply_overrides(cfg, **{"evaluate.tune_ratings": None})
+    on_all = fit_methods(everyone, ds, "user_cold", (), learner=learner).adapt["valid_mae"]
+    assert on_all != pytest.approx(fitted.adapt["valid_mae"])
+
+
+def test_a_baselines_grid_is_compared_on_a_sample_of_large_training_data(synthetic_prepared):
+    ds = synthetic_prepared
+    train = ragged_from_table(ds.tasks("user_cold", "train"))
+    valid = from_table(ds.tasks("user_cold", "valid"))
+    grid, n = classic_baselines()["bias"], ds.manifest["counts"]["items"]
+    budget = len(train.flat()[0]) // 4
+    sample = users_for_grid(train, budget, seed=1)
+    maes = [
+        masked_mae(grid.cls(**hp).fit(sample, n_items=n).predict(valid), valid) for hp in grid.grid
+    ]
+    chosen = grid.grid[maes.index(min(maes))]
+    got = tuned_fit(grid, train, valid, n, seed=1, max_ratings=budget)
+    assert {k: got.get_params()[k] for k in chosen} == chosen
+    on_all = grid.cls(**chosen).fit(train, n_items=n)  # the chosen point refitted on everyone
+    assert torch.equal(got.predict(valid), on_all.predict(valid))
+    assert not torch.equal(
+        got.predict(valid), grid.cls(**chosen).fit(sample, n_items=n).predict(valid)
+    )
 
 
 @pytest.mark.integration  # whole evaluations over 3 splits

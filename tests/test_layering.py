@@ -46,6 +46,7 @@ CORE = [
     "metarec.initialise",
     "metarec.mf",
     "metarec.train_state",
+    "metarec.heap",
     "metarec.evaluation_job",
     "metarec.commands",
     "metarec.options",

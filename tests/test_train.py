@@ -172,12 +172,18 @@ def test_run_is_tracked_on_a_real_mlflow_server(runs, quick, mlflow_server, tmp_
 
 
 def test_resume_trains_further_on_another_worker_count_into_the_same_mlflow_run(
-    runs, local_ray, uneven_prepared
+    runs, local_ray, uneven_prepared, monkeypatch
 ):
     from mlflow.tracking import MlflowClient
 
+    import metarec.train
     from metarec.train import resume
 
+    def refit(*_, **__):
+        raise AssertionError("a resumed run refitted its initial checkpoint")
+
+    # the workers start from the checkpoint's network: no ALS or graph refit on the driver
+    monkeypatch.setattr(metarec.train, "initial_checkpoint", refit)
     one, _ = runs
     work = one.checkpoint.parents[2]
     before = _history(one)  # (the resumed run rewrites this checkpoint)

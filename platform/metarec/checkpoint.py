@@ -31,6 +31,7 @@ __all__ = [
     "learner_from_checkpoint",
     "load_checkpoint",
     "make_checkpoint",
+    "restart_point",
     "save_checkpoint",
     "standalone_checkpoint",
 ]
@@ -82,6 +83,16 @@ def standalone_checkpoint(
         dataset_hash=ds.manifest["dataset_hash"],
         catalog=catalog_dict(ds, train),
     )
+
+
+def restart_point(ckpt: dict[str, Any], cfg: MetarecConfig) -> dict[str, Any]:
+    """What a resumed run's workers start from: ``ckpt``'s network, graph and catalog under
+    the resumed ``cfg``, without its optimizer or run state (each worker restores those
+    from the checkpoint itself).
+
+    Rebuilding the initial checkpoint instead would refit the driver's ALS item factors and
+    neighbour graph only for the workers to overwrite them: minutes at the 25M scale."""
+    return {**ckpt, "config": cfg.to_dict(), "optimizer": None, "state": TrainState().to_dict()}
 
 
 def save_checkpoint(ckpt: dict[str, Any], directory: str | os.PathLike) -> Path:

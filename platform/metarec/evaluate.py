@@ -22,15 +22,15 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from metarec.baselines import MFFoldIn, classic_baselines
-from metarec.batch import TaskBatch, from_table, item_marks, ragged_from_table
+from metarec.baselines import Grid, MFFoldIn, classic_baselines
+from metarec.batch import TaskBatch, Tasks, from_table, item_marks, ragged_from_table
 from metarec.config import MetarecConfig, apply_overrides
 from metarec.data.prepared import PreparedDataset
 from metarec.implicit_metrics import valid_ndcg
 from metarec.loop import FitResult, fit, valid_key
 from metarec.meta import MetaLearner
 from metarec.metrics import catalog_metrics, masked_mae, mean_metrics, query_metrics
-from metarec.mf import choose_mf
+from metarec.mf import MF_GRID_MAX_RATINGS, choose_mf, users_for_grid
 from metarec.scorers import AdaptedScorer, Scorer, adaptation_grid, relevance_threshold
 from metarec.stats import paired_differences
 
@@ -49,6 +49,7 @@ __all__ = [
     "score_methods",
     "score_tasks",
     "tuned",
+    "tuned_fit",
     "valid_objective_for",
 ]
 
@@ -171,6 +172,25 @@ def tuned(
     return best[1], best[2], best[0]
 
 
+def tuned_fit(
+    grid: Grid,
+    train: Tasks,
+    valid: TaskBatch,
+    n_items: int,
+    *,
+    seed: int = 0,
+    max_ratings: int = MF_GRID_MAX_RATINGS,
+) -> Scorer:
+    """``grid``'s estimator at the point with the lowest validation MAE, fitted on every
+    training user. As for MF's grid (``mf.choose_mf``), the points are compared on
+    ``users_for_grid(train, max_ratings, seed)``: all of ``train`` up to that size, so only
+    larger data is chosen on a sample (the bias model's twelve points are twelve ALS-like
+    fits over every rating otherwise)."""
+    sample = users_for_grid(train, max_ratings, seed) if len(grid.grid) > 1 else train
+    best, hp, _ = tuned(lambda hp: grid.cls(**hp).fit(sample, n_items=n_items), grid.grid, valid)
+    return best if sample is train else grid.cls(**hp).fit(train, n_items=n_items)
+
+
 def fit_with_bar(
     cfg: MetarecConfig,
     ds: PreparedDataset,
@@ -225,24 +245,23 @@ def fit_methods(
         tune_adaptation: choose the meta-learner's test-time steps, step size and support
             prior on validation users (``adaptation_grid``); else score the trained ones.
         valid: the validation tasks everything here is chosen on (default: the split's;
-            implicit evaluation passes them cut to ``evaluate.max_support``). Early stopping
-            always validates on the split's own.
+            implicit evaluation passes them cut to ``evaluate.max_support``), or the
+            sample of them ``evaluate.tune_ratings`` allows. Early stopping always
+            validates on the split's own, all of them.
     """
     train = ragged_from_table(ds.tasks(scenario, "train"))  # flat: baselines read ratings
     if valid is None:
         valid = from_table(ds.tasks(scenario, "valid"))
+    if cfg.evaluate.tune_ratings is not None:  # large data: choose on a sample of users
+        valid = users_for_grid(valid, cfg.evaluate.tune_ratings, cfg.seed)
     n_items = ds.manifest["counts"]["items"]
     method = cfg.meta.algorithm
     history = None
     grids = classic_baselines(seed=cfg.seed)
     classic = {  # first: the networks start from the tuned mf_foldin's items (no refit)
         name: choose_mf(train, valid, n_items, seed=cfg.seed)
-        if name == "mf_foldin"  # large data: its grid is compared on a sample of users
-        else tuned(
-            lambda hp, g=grids[name]: g.cls(**hp).fit(train, n_items=n_items),
-            grids[name].grid,
-            valid,
-        )[0]
+        if name == "mf_foldin"  # it keeps every point's MAE (build_learner reads them)
+        else tuned_fit(grids[name], train, valid, n_items, seed=cfg.seed)
         for name in baselines
         if name in grids
     }

@@ -27,6 +27,7 @@ from metarec.batch import (
 )
 from metarec.config import MetarecConfig
 from metarec.data.prepared import PreparedDataset
+from metarec.heap import HeapCeiling
 from metarec.implicit_metrics import score_implicit, valid_ndcg
 from metarec.initialise import build_learner
 from metarec.meta import MetaLearner, meta_gradients, predict, split_shift
@@ -470,10 +471,13 @@ def valid_totals(learner: MetaLearner, valid: Tasks, *, chunk: int = 256) -> Ten
         return torch.zeros(2, dtype=torch.float64)
     if learner.loss == "mse":
         parts = []
+        ceiling = HeapCeiling()  # chunks of every shape: their freed pages go back
         for idx in row_chunks(valid.lengths()[0], chunk, chunk * PADDED_SUPPORT):
             part = valid.select(idx)
             pred = predict_query(learner, part, chunk=chunk)
             parts.append(task_mae(pred, part.query_ratings, part.query_mask))
+            del part, pred
+            ceiling.check()
         per_user = torch.cat(parts)
     else:
         if isinstance(valid, RaggedTasks):  # the ranking metrics score whole tasks

@@ -252,6 +252,10 @@ class EvaluateConfig:
     # interactions (a new customer's first few); their other ones are neither ranked nor
     # positives. None: the whole support
     max_support: PositiveInt | None = None
+    # the knobs and every baseline's grid are chosen on validation users holding at most
+    # this many ratings in all: on larger data, a random sample of them (per init seed),
+    # as MF's grid is compared on a sample of training users. None: every validation user
+    tune_ratings: PositiveInt | None = 500_000
     # score test users with Ray Data (map_batches) on this many actors, joining or starting
     # Ray; 0: in this process. Only scoring moves: fits and choices stay in the driver
     workers: NonNegativeInt = 0

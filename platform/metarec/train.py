@@ -47,6 +47,7 @@ import torch
 from metarec.batch import from_table, ragged_from_table
 from metarec.checkpoint import (
     load_checkpoint,
+    restart_point,
     save_checkpoint,
     standalone_checkpoint,
 )
@@ -157,7 +158,7 @@ def resume(
     _check_workers(cfg, ds)
     uri = tracking.resolve_tracking_uri(tracking_uri, work_dir)
     run_id = tracking.find_run(uri, run_name)
-    init = initial_checkpoint(cfg, ds)
+    init = restart_point(ckpt, cfg)
     connect_ray()
     tracking.reopen_run(uri, run_id)
     return _run(cfg, ds, init, run_name, run_id, uri, work_dir, str(latest), max_failures)

@@ -56,6 +56,8 @@ def worker_loop(config: dict[str, Any]) -> None:
     cfg = MetarecConfig.from_dict(init["config"], where="run config")
     device = ray.train.torch.get_device()
     learner = learner_from_checkpoint(init, best=False).to(device, cfg_dtype(cfg)).train()
+    # the weights now live in the learner: held for the whole run, a copy would only cost RSS
+    config["init"] = init = {k: v for k, v in init.items() if k != "learner"}
     optimizer = build_optimizer(learner, cfg)
     state = TrainState()
     if (restored := ray.train.get_checkpoint()) is not None:
@@ -69,6 +71,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         learner.load_state_dict(ckpt["learner"])
         optimizer.load_state_dict(ckpt["optimizer"])
         state = TrainState.from_dict(ckpt["state"])
+        del ckpt  # (its weights' copy, as above)
 
     tasks = _read(ray.train.get_dataset_shard("train"), rank=rank, world=world, flat=True)
     summaries = [shard_summary(tasks)]
