@@ -26,6 +26,7 @@ from metarec.implicit_metrics import (
     score_implicit,
 )
 from metarec.meta import MetaLearner
+from metarec.mf import users_for_grid
 from metarec.stats import paired_differences, verdict
 
 __all__ = [
@@ -179,6 +180,8 @@ def _split_scores(
     test = whole
     if cut:
         valid, test = valid.cut_support(cut), whole.cut_support(cut)
+    if cfg.evaluate.tune_ratings is not None:  # as fit_methods: large data, a sample
+        valid = users_for_grid(valid, cfg.evaluate.tune_ratings, cfg.seed)
     pct = popularity_percentile(Popularity().fit(train, n_items=n_items).counts_)
     objective = valid_objective_for(ds)
     scorers: dict[str, tuple[Any, dict[str, Any], float]] = {}  # scorer, params, valid
