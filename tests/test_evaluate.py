@@ -10,7 +10,14 @@ from metarec.baselines import Bias, classic_baselines
 from metarec.batch import from_table, ragged_from_table
 from metarec.config import apply_overrides
 from metarec.data.splits import resplit
-from metarec.evaluate import evaluate, fit_methods, model_fits, score_tasks, tuned_fit
+from metarec.evaluate import (
+    evaluate,
+    fit_methods,
+    model_fits,
+    score_tasks,
+    tuned_fit,
+    valid_objective_for,
+)
 from metarec.initialise import build_learner
 from metarec.loop import fit
 from metarec.metrics import masked_mae
@@ -117,6 +124,28 @@ def test_a_baselines_grid_is_compared_on_a_sample_of_large_training_data(synthet
     assert not torch.equal(
         got.predict(valid), grid.cls(**chosen).fit(sample, n_items=n).predict(valid)
     )
+
+
+def test_implicit_evaluation_chooses_every_method_on_one_validation_sample(shop_cfg, shop_prepared):
+    """The implicit baselines' grids, the network's knobs and the validation NDCG@10 that
+    picks the reference all read the same sample of validation users."""
+    from metarec.implicit_evaluate import _split_scores
+
+    ds = shop_prepared
+    valid = from_table(ds.tasks("user_cold", "valid"))
+    budget = len(valid.flat()[0]) // 3
+    cfg = apply_overrides(shop_cfg, **{"evaluate.tune_ratings": budget})
+    learner = build_learner(cfg, ds, ragged_from_table(ds.tasks("user_cold", "train")), valid)
+    seen = []
+    out = _split_scores(
+        cfg, ds, "user_cold", ("item_knn",), None, lambda _: None, learner, seen.append
+    )
+    sample, objective = users_for_grid(valid, budget, cfg.seed), valid_objective_for(ds)
+    assert 0 < sample.num_tasks < valid.num_tasks / 2
+    assert set(out) == {"item_knn", cfg.meta.algorithm}
+    for name, scorer in seen[0].scorers.items():
+        assert out[name]["valid"] == pytest.approx(1.0 - objective(scorer, sample))
+        assert out[name]["valid"] != pytest.approx(1.0 - objective(scorer, valid))
 
 
 @pytest.mark.integration  # whole evaluations over 3 splits
