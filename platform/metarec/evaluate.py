@@ -50,6 +50,7 @@ __all__ = [
     "score_tasks",
     "tuned",
     "tuned_fit",
+    "tuning_users",
     "valid_objective_for",
 ]
 
@@ -172,6 +173,16 @@ def tuned(
     return best[1], best[2], best[0]
 
 
+def tuning_users(cfg: MetarecConfig, valid: TaskBatch) -> TaskBatch:
+    """The validation users every choice is made on: all of them up to
+    ``evaluate.tune_ratings`` ratings in all, else a random sample (per init seed) holding
+    at most that many, as MF's grid compares on a sample of training users. The one place
+    ratings and implicit evaluation draw it."""
+    if cfg.evaluate.tune_ratings is None:
+        return valid
+    return users_for_grid(valid, cfg.evaluate.tune_ratings, cfg.seed)
+
+
 def tuned_fit(
     grid: Grid,
     train: Tasks,
@@ -252,8 +263,7 @@ def fit_methods(
     train = ragged_from_table(ds.tasks(scenario, "train"))  # flat: baselines read ratings
     if valid is None:
         valid = from_table(ds.tasks(scenario, "valid"))
-    if cfg.evaluate.tune_ratings is not None:  # large data: choose on a sample of users
-        valid = users_for_grid(valid, cfg.evaluate.tune_ratings, cfg.seed)
+    valid = tuning_users(cfg, valid)
     n_items = ds.manifest["counts"]["items"]
     method = cfg.meta.algorithm
     history = None

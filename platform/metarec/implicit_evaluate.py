@@ -26,7 +26,6 @@ from metarec.implicit_metrics import (
     score_implicit,
 )
 from metarec.meta import MetaLearner
-from metarec.mf import users_for_grid
 from metarec.stats import paired_differences, verdict
 
 __all__ = [
@@ -173,15 +172,14 @@ def _split_scores(
 ) -> dict[str, dict[str, Any]]:
     """Every method fitted and tuned on one split (the meta-learner unless ``learner`` is
     given), and its test users' metrics."""
-    from metarec.evaluate import fit_methods, tuned, valid_objective_for
+    from metarec.evaluate import fit_methods, tuned, tuning_users, valid_objective_for
 
     n_items = ds.manifest["counts"]["items"]
     train, valid, whole = (from_table(ds.tasks(scenario, s)) for s in ("train", "valid", "test"))
     test = whole
     if cut:
         valid, test = valid.cut_support(cut), whole.cut_support(cut)
-    if cfg.evaluate.tune_ratings is not None:  # as fit_methods: large data, a sample
-        valid = users_for_grid(valid, cfg.evaluate.tune_ratings, cfg.seed)
+    valid = tuning_users(cfg, valid)  # the sample fit_methods chooses on (it is one)
     pct = popularity_percentile(Popularity().fit(train, n_items=n_items).counts_)
     objective = valid_objective_for(ds)
     scorers: dict[str, tuple[Any, dict[str, Any], float]] = {}  # scorer, params, valid
